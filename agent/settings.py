@@ -1,0 +1,154 @@
+"""Every tunable, declared once: name, environment variable, type, default, validator and help.
+
+The README's settings table is printed by ``torchbay settings``, so it cannot drift from
+this file. Values are read from an environment mapping exactly once, by
+:func:`read_settings`, into a frozen :class:`Settings` object; nothing else reads the
+environment for a setting.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from agent.errors import ConfigError
+
+__all__ = ["Setting", "Settings", "ALL_SETTINGS", "read_settings", "parse_bool"]
+
+
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` and ``0/false/no/off`` (any case); anything else is a ValueError."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _positive(value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _non_negative(value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError("must be 0 or more")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tunable. ``env`` is its environment variable (a list: the first one set wins)."""
+
+    name: str
+    env: Sequence[str]
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    section: str
+    validator: Optional[Callable[[Any], None]] = None
+
+    def parse(self, raw: str) -> Any:
+        try:
+            value = self.type(raw)
+            if self.validator is not None:
+                self.validator(value)
+        except ValueError as err:
+            raise ConfigError(f"setting {self.env[0]}={raw!r} is invalid: {err}; see `torchbay settings`") from err
+        return value
+
+
+def _s(name: str, env: Sequence[str] | str, type_: Callable[[str], Any], default: Any, help_: str, section: str,
+       validator: Optional[Callable[[Any], None]] = None) -> Setting:
+    return Setting(name, (env,) if isinstance(env, str) else tuple(env), type_, default, help_, section, validator)
+
+
+def _opt_str(text: str) -> Optional[str]:
+    return text or None
+
+
+# --- general ---------------------------------------------------------------------------------
+_GENERAL = (
+    _s("root", ("TORCHBAY_ROOT", "SAGEMAKER_BASE_DIR"), str, "/opt/ml",
+       "Root of the SageMaker layout (input/, model/, output/, code/, checkpoints/).", "general"),
+    _s("job", "TORCHBAY_JOB", _opt_str, None,
+       "The job spec: a path to a CreateTrainingJob-shaped JSON file, or the JSON itself.", "general"),
+    _s("log_level", "TORCHBAY_LOG_LEVEL", str, "INFO", "The agent's log level (DEBUG, INFO, WARNING, ERROR).",
+       "general"),
+    _s("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL"), _opt_str, None,
+       "S3-compatible endpoint for every s3:// URI (the standard AWS settings).", "general"),
+)
+
+# --- train lifecycle (issue 2) -----------------------------------------------------------------
+_TRAIN = (
+    _s("grace_period", "TORCHBAY_GRACE_PERIOD", float, 30.0,
+       "Seconds between SIGTERM to the user's processes and SIGKILL.", "train", _positive),
+)
+
+# --- data agent (issue 3) ----------------------------------------------------------------------
+_DATA: tuple = ()
+
+# --- log/metric agent (issue 4) ----------------------------------------------------------------
+_TELEMETRY: tuple = ()
+
+# --- distributed bootstrap (issue 5) -----------------------------------------------------------
+_DISTRIBUTED: tuple = ()
+
+# --- serving (issue 6) -------------------------------------------------------------------------
+_SERVING: tuple = ()
+
+# --- live sync (issue 8) -----------------------------------------------------------------------
+_SYNC: tuple = ()
+
+ALL_SETTINGS: tuple = _GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC
+
+
+class Settings:
+    """Frozen values of every setting, read once; attribute access by setting name."""
+
+    __slots__ = ("_values", "_sources")
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+        object.__setattr__(self, "_values", types.MappingProxyType(dict(values)))
+        object.__setattr__(self, "_sources", types.MappingProxyType(dict(sources)))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting named {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings are frozen")
+
+    def source(self, name: str) -> str:
+        """The environment variable a value came from, or ``default``."""
+        return self._sources.get(name, "default")
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some values changed (for tests and command-line flags)."""
+        values = dict(self._values)
+        for key in changes:
+            if key not in values:
+                raise AttributeError(f"no setting named {key!r}")
+        values.update(changes)
+        return Settings(values, self._sources)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def read_settings(env: Mapping[str, str], declared: Iterable[Setting] = ALL_SETTINGS) -> Settings:
+    """Read every declared setting from ``env``; raises ConfigError naming a bad variable and value."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in declared:
+        values[setting.name] = setting.default
+        for var in setting.env:
+            raw = env.get(var)
+            if raw is not None and raw != "":
+                values[setting.name] = setting.parse(raw)
+                sources[setting.name] = var
+                break
+    return Settings(values, sources)
