@@ -1,0 +1,196 @@
+"""The job contract, parsed once into frozen, typed objects.
+
+The shapes here are shared by every part of the agent (data, telemetry, distributed,
+checkpoints, training). ``load_job`` is the only reader of the config files, the
+job spec and the environment.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from agent.settings import Settings
+
+__all__ = ["Layout", "Channel", "Resource", "MetricDefinition", "Job"]
+
+
+def _frozen_map(data: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(data or {}))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The SageMaker folder layout under one root (``/opt/ml`` by default)."""
+
+    root: Path
+
+    @property
+    def input_dir(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "input" / "config"
+
+    @property
+    def hyperparameters_file(self) -> Path:
+        return self.config_dir / "hyperparameters.json"
+
+    @property
+    def inputdataconfig_file(self) -> Path:
+        return self.config_dir / "inputdataconfig.json"
+
+    @property
+    def resourceconfig_file(self) -> Path:
+        return self.config_dir / "resourceconfig.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "input" / "data"
+
+    def channel_dir(self, name: str) -> Path:
+        """``input/data/<name>``: where a File-mode channel is staged."""
+        return self.data_dir / name
+
+    def pipe_path(self, name: str, epoch: int) -> Path:
+        """``input/data/<name>_<epoch>``: a Pipe-mode FIFO."""
+        return self.data_dir / f"{name}_{epoch}"
+
+    @property
+    def code_dir(self) -> Path:
+        return self.root / "code"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def output_data_dir(self) -> Path:
+        return self.root / "output" / "data"
+
+    @property
+    def intermediate_dir(self) -> Path:
+        return self.root / "output" / "intermediate"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "output" / "tensorboard"
+
+    @property
+    def failure_file(self) -> Path:
+        return self.root / "output" / "failure"
+
+    @property
+    def success_file(self) -> Path:
+        return self.root / "output" / "success"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def agent_dir(self) -> Path:
+        """Private working space of the agent (rank logs, state files): ``output/torchbay``."""
+        return self.root / "output" / "torchbay"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One input channel, as CreateTrainingJob's ``InputDataConfig[]`` and inputdataconfig.json describe it.
+
+    ``uri`` is None when the platform (SageMaker) already put the data in place.
+    """
+
+    name: str
+    uri: Optional[str] = None
+    s3_data_type: str = "S3Prefix"  # S3Prefix | ManifestFile | AugmentedManifestFile
+    distribution: str = "FullyReplicated"  # FullyReplicated | ShardedByS3Key
+    input_mode: str = "File"  # File | Pipe | FastFile
+    content_type: Optional[str] = None
+    compression: str = "None"  # None | Gzip
+    record_wrapper: str = "None"  # None | RecordIO
+    shuffle_seed: Optional[int] = None
+
+    def inputdataconfig(self) -> dict[str, Any]:
+        """This channel's entry in inputdataconfig.json, as SageMaker writes it."""
+        entry: dict[str, Any] = {}
+        if self.content_type:
+            entry["ContentType"] = self.content_type
+        entry["RecordWrapperType"] = self.record_wrapper
+        entry["S3DistributionType"] = self.distribution
+        entry["TrainingInputMode"] = self.input_mode
+        if self.compression != "None":
+            entry["CompressionType"] = self.compression
+        return entry
+
+
+@dataclass(frozen=True)
+class Resource:
+    """resourceconfig.json: the hosts of the job and which one this is."""
+
+    current_host: str
+    hosts: tuple[str, ...]
+    network_interface_name: str = "eth0"
+    current_instance_type: str = "local"
+    current_group_name: str = "homogeneousCluster"
+    instance_groups: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def host_index(self) -> int:
+        return self.hosts.index(self.current_host)
+
+    @property
+    def host_count(self) -> int:
+        return len(self.hosts)
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    """A SageMaker-style metric definition: the first capture group of ``regex`` is the value."""
+
+    name: str
+    regex: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a train run needs to know, read once."""
+
+    name: str
+    layout: Layout
+    settings: Settings
+    resource: Resource
+    hyperparameters: Mapping[str, Any] = field(default_factory=_frozen_map)  # JSON-decoded, sagemaker_* included
+    channels: tuple[Channel, ...] = ()
+    input_mode: str = "File"
+    output_path: Optional[str] = None  # OutputDataConfig.S3OutputPath
+    checkpoint_uri: Optional[str] = None
+    checkpoint_local_path: Optional[Path] = None
+    tensorboard_uri: Optional[str] = None
+    tensorboard_local_path: Optional[Path] = None
+    instance_count: int = 1
+    max_runtime: Optional[float] = None  # seconds
+    environment: Mapping[str, str] = field(default_factory=_frozen_map)  # the spec's Environment
+    metric_definitions: tuple[MetricDefinition, ...] = ()
+    on_sagemaker: bool = False  # the platform already wrote the config and staged the data
+    base_env: Mapping[str, str] = field(default_factory=_frozen_map)  # the agent's own environment, read once
+
+    def channel(self, name: str) -> Channel:
+        for channel in self.channels:
+            if channel.name == name:
+                return channel
+        raise KeyError(name)
+
+    @property
+    def job_output_uri(self) -> Optional[str]:
+        """``<S3OutputPath>/<job>/output``: where model.tar.gz, output.tar.gz and logs go."""
+        if not self.output_path:
+            return None
+        return f"{self.output_path.rstrip('/')}/{self.name}/output"
