@@ -90,7 +90,38 @@ _TRAIN = (
 _DATA: tuple = ()
 
 # --- log/metric agent (issue 4) ----------------------------------------------------------------
-_TELEMETRY: tuple = ()
+def _opt_port(text: str) -> Optional[int]:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a TCP port (0 to 65535; 0 picks a free one)")
+    return port
+
+
+_TELEMETRY = (
+    _s("log_tag", "TORCHBAY_LOG_TAG", str, "[{host}:{rank}] ",
+       "Prefix of every captured line; fields {host}, {rank} (global) and {stream} (stdout or stderr).",
+       "telemetry"),
+    _s("log_json", "TORCHBAY_LOG_JSON", parse_bool, False,
+       "Write captured lines as JSON objects (time, host, rank, stream, line) instead of tagged text.",
+       "telemetry"),
+    _s("log_max_line", "TORCHBAY_LOG_MAX_LINE", int, 65536,
+       "Bytes after which a line is cut into pieces marked [...] (never dropped).", "telemetry", _positive),
+    _s("log_poll_interval", "TORCHBAY_LOG_POLL_INTERVAL", float, 0.05,
+       "Seconds between polls of the ranks' log files when they are idle.", "telemetry", _positive),
+    _s("metric_definitions", "TORCHBAY_METRIC_DEFINITIONS", _opt_str, None,
+       'Extra metric definitions, SageMaker-style JSON: [{"Name": "train:loss", "Regex": "loss=(\\S+)"}].',
+       "telemetry"),
+    _s("sample_interval", "TORCHBAY_SAMPLE_INTERVAL", float, 5.0,
+       "Seconds between system metric samples (CPU, memory, disk, network, GPU); 0 turns sampling off.",
+       "telemetry", _non_negative),
+    _s("prometheus_port", "TORCHBAY_PROMETHEUS_PORT", _opt_port, None,
+       "Serve the system metrics for Prometheus on this port (unset: no endpoint).", "telemetry"),
+    _s("prometheus_addr", "TORCHBAY_PROMETHEUS_ADDR", str, "127.0.0.1",
+       "Address the Prometheus endpoint binds to.", "telemetry"),
+    _s("upload_interval", "TORCHBAY_LOG_UPLOAD_INTERVAL", float, 60.0,
+       "Seconds between uploads of the job log and metrics file to the job's output prefix (and at the end).",
+       "telemetry", _positive),
+)
 
 # --- distributed bootstrap (issue 5) -----------------------------------------------------------
 _DISTRIBUTED: tuple = ()
