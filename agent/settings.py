@@ -124,7 +124,45 @@ _TELEMETRY = (
 )
 
 # --- distributed bootstrap (issue 5) -----------------------------------------------------------
-_DISTRIBUTED: tuple = ()
+def _dist_opt_int(text: str) -> Optional[int]:
+    return int(text) if text.strip() else None
+
+
+def _dist_port(value: Any) -> None:
+    if value is not None and not 0 < value < 65536:
+        raise ValueError("must be a TCP port, 1-65535")
+
+
+_DISTRIBUTED = (
+    _s("torchrun", "TORCHBAY_TORCHRUN", parse_bool, False,
+       "Launch through torch.distributed.run even without the hyperparameter sagemaker_torch_distributed_enabled.",
+       "distributed"),
+    _s("nproc_per_node", "TORCHBAY_NPROC_PER_NODE", _dist_opt_int, None,
+       "Processes per host under torch.distributed.run (default: PET_NPROC_PER_NODE, else one per GPU, else 1); "
+       "above 1 it implies TORCHBAY_TORCHRUN.", "distributed", _positive),
+    _s("master_port", "TORCHBAY_MASTER_PORT", _dist_opt_int, None,
+       "The master's port (default: MASTER_PORT, Slurm 15000+job id, 7777 for SageMaker-style host lists).",
+       "distributed", _dist_port),
+    _s("socket_ifname", "TORCHBAY_SOCKET_IFNAME", _opt_str, None,
+       "Network interface for NCCL/Gloo sockets (default: resourceconfig's if present, else the default route's).",
+       "distributed"),
+    _s("nccl_debug", "TORCHBAY_NCCL_DEBUG", _opt_str, "WARN", "NCCL_DEBUG for the ranks (empty: unset).",
+       "distributed"),
+    _s("host_wait_timeout", "TORCHBAY_HOST_WAIT_TIMEOUT", float, 300.0,
+       "Seconds to wait for every host name to resolve and, on workers, for the master to accept connections.",
+       "distributed", _positive),
+    _s("rdzv_timeout", "TORCHBAY_RDZV_TIMEOUT", int, 300,
+       "Seconds torch.distributed.run waits for every host to join the rendezvous.", "distributed", _positive),
+    _s("monitor_interval", "TORCHBAY_MONITOR_INTERVAL", float, 0.1,
+       "Seconds between torch.distributed.run's checks of its ranks (a dead rank is seen within this).",
+       "distributed", _positive),
+    _s("max_restarts", "TORCHBAY_MAX_RESTARTS", int, 3,
+       "Restarts of an elastic (PET_RDZV_ENDPOINT) job's ranks before it fails (PET_MAX_RESTARTS wins).",
+       "distributed", _non_negative),
+    _s("nccl_timeout", "TORCHBAY_NCCL_TIMEOUT", _dist_opt_int, 600,
+       "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC: seconds before NCCL's watchdog ends a rank stuck in a collective.",
+       "distributed", _positive),
+)
 
 # --- serving (issue 6) -------------------------------------------------------------------------
 _SERVING: tuple = ()
