@@ -168,7 +168,27 @@ _DISTRIBUTED = (
 _SERVING: tuple = ()
 
 # --- live sync (issue 8) -----------------------------------------------------------------------
-_SYNC: tuple = ()
+_SYNC = (
+    _s("sync_delete", "TORCHBAY_SYNC_DELETE", parse_bool, True,
+       "Delete the S3 copy when a synced file (checkpoint, intermediate output) is deleted locally.", "sync"),
+    _s("sync_workers", "TORCHBAY_SYNC_WORKERS", int, 4,
+       "Uploads the live sync runs at once (each large file also sends up to 4 parts at once).", "sync",
+       _positive),
+    _s("sync_settle", "TORCHBAY_SYNC_SETTLE", float, 0.1,
+       "Seconds a closed file must stay untouched before it is uploaded (bursts of writes become one upload).",
+       "sync", _non_negative),
+    _s("sync_stable", "TORCHBAY_SYNC_STABLE", float, 2.0,
+       "Seconds a file still open (TensorBoard events) must keep its size and mtime before it is uploaded.",
+       "sync", _positive),
+    _s("sync_part_size", "TORCHBAY_SYNC_PART_SIZE", int, 16 * 1024 * 1024,
+       "Bytes per multipart part; files this size or larger go multipart (at least 5 MiB on S3).", "sync",
+       _positive),
+    _s("sync_retry_max", "TORCHBAY_SYNC_RETRY_MAX", float, 30.0,
+       "Longest pause in seconds between retries of an upload while the endpoint is unreachable.", "sync",
+       _positive),
+    _s("sync_ignore", "TORCHBAY_SYNC_IGNORE", str, "*.tmp,*.part,*.partial,*.swp,*~",
+       "Comma-separated name patterns never uploaded (write checkpoints to such a name, then rename).", "sync"),
+)
 
 ALL_SETTINGS: tuple = _GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC
 

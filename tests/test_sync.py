@@ -1,0 +1,375 @@
+"""LiveSync against the real moto server: restore, live uploads, no half-written objects, outages."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from agent.errors import UnsafePathError
+from agent.job import Job, Layout, Resource
+from agent.settings import read_settings
+from agent.sync import LiveSync
+
+LOG = logging.getLogger("test-sync")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_job(root: Path, endpoint: str, **fields: Any) -> Job:
+    settings = read_settings({"AWS_ENDPOINT_URL": endpoint})
+    overrides = {k[len("setting_"):]: fields.pop(k) for k in list(fields) if k.startswith("setting_")}
+    if overrides:
+        settings = settings.replace(**overrides)
+    return Job(name="job-1", layout=Layout(root), settings=settings,
+               resource=Resource("algo-1", ("algo-1",)), **fields)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(every)
+
+
+def keys(s3, bucket: str, prefix: str = "") -> dict[str, int]:
+    resp = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return {item["Key"]: item["Size"] for item in resp.get("Contents", ())}
+
+
+def body(s3, bucket: str, key: str, version: str | None = None) -> bytes:
+    kwargs = {"VersionId": version} if version else {}
+    return s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
+
+
+def all_versions(s3, bucket: str) -> list[tuple[str, str]]:
+    resp = s3.list_object_versions(Bucket=bucket)
+    return [(v["Key"], v["VersionId"]) for v in resp.get("Versions", ())]
+
+
+def checked_blob(payload_size: int, seed: int) -> bytes:
+    """``payload`` + sha256(payload): a blob that proves it is whole."""
+    payload = hashlib.sha256(str(seed).encode()).digest() * (payload_size // 32)
+    return payload + hashlib.sha256(payload).digest()
+
+
+def is_whole(blob: bytes) -> bool:
+    return len(blob) > 32 and hashlib.sha256(blob[:-32]).digest() == blob[-32:]
+
+
+def spawn(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def versioned(s3, bucket: str) -> str:
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket
+
+
+# --- restore ------------------------------------------------------------------------------------------
+
+
+def test_restore_finds_checkpoints_and_does_not_send_them_back(tmp_path, s3_server, s3, versioned):
+    s3.put_object(Bucket=versioned, Key="ckpt/epoch-1.pt", Body=b"one" * 1000)
+    s3.put_object(Bucket=versioned, Key="ckpt/sub/epoch-2.pt", Body=b"two" * 1000)
+    s3.put_object(Bucket=versioned, Key="ckpt2/other.pt", Body=b"not mine")  # a sibling prefix
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
+    sync = LiveSync(job, log=LOG)
+    assert sync.restore() == 2
+    local = tmp_path / "checkpoints"
+    assert (local / "epoch-1.pt").read_bytes() == b"one" * 1000
+    assert (local / "sub" / "epoch-2.pt").read_bytes() == b"two" * 1000
+    assert not (local / "other.pt").exists()
+    sync.start()
+    assert sync.close(time.monotonic() + 60) == []
+    assert len(all_versions(s3, versioned)) == 3  # nothing uploaded again
+    assert sync.counters.uploads == 0
+
+
+def test_restore_into_an_empty_prefix_restores_nothing(tmp_path, s3_server, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/none")
+    assert LiveSync(job, log=LOG).restore() == 0
+
+
+def test_restore_refuses_a_key_that_escapes_the_folder(tmp_path, s3_server, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="ckpt/../../evil", Body=b"x")
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
+    with pytest.raises(UnsafePathError, match="evil"):
+        LiveSync(job, log=LOG).restore()
+    assert not (tmp_path.parent / "evil").exists()
+
+
+# --- live uploads -------------------------------------------------------------------------------------
+
+CHECKPOINTER = """
+    import hashlib, os, sys, time
+    folder, size = sys.argv[1], int(sys.argv[2])
+    n = 0
+    while True:
+        n += 1
+        payload = hashlib.sha256(str(n).encode()).digest() * (size // 32)
+        blob = payload + hashlib.sha256(payload).digest()
+        tmp = os.path.join(folder, f"ckpt-{n:04d}.pt.tmp")
+        with open(tmp, "wb") as out:          # written in pieces, as a big torch.save would be
+            for i in range(0, len(blob), 65536):
+                out.write(blob[i:i + 65536])
+                out.flush()
+                time.sleep(0.002)
+        os.replace(tmp, os.path.join(folder, f"ckpt-{n:04d}.pt"))
+        print("saved", n, flush=True)
+        time.sleep(1.0)
+"""
+
+
+def test_checkpoints_every_second_then_sigterm_last_one_arrives_whole(tmp_path, s3_server, s3, versioned):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
+    sync = LiveSync(job, log=LOG)
+    sync.restore()
+    sync.start()
+    local = tmp_path / "checkpoints"
+    child = spawn(CHECKPOINTER, str(local), str(2 * 1024 * 1024))
+    try:
+        wait_for(lambda: "ckpt/ckpt-0002.pt" in keys(s3, versioned, "ckpt/"), timeout=90)
+        wait_for(lambda: len(list(local.glob("ckpt-*.pt"))) >= 4, timeout=90)
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)  # the spot-instance stop: no warning, mid-write
+        child.wait(30)
+    left = sync.close(time.monotonic() + 60)
+    assert left == []
+    finals = sorted(p.name for p in local.glob("ckpt-*.pt"))
+    remote = keys(s3, versioned, "ckpt/")
+    assert f"ckpt/{finals[-1]}" in remote  # the last complete checkpoint is in S3
+    assert set(remote) == {f"ckpt/{name}" for name in finals}  # and no .tmp, nothing partial
+    for key, version in all_versions(s3, versioned):  # every version the server ever held is whole
+        assert is_whole(body(s3, versioned, key, version)), key
+
+
+SLOW_WRITER = """
+    import sys, time
+    path, blob_path = sys.argv[1], sys.argv[2]
+    blob = open(blob_path, "rb").read()
+    pieces = [blob[i:i + len(blob) // 8] for i in range(0, len(blob), len(blob) // 8)]
+    with open(path, "wb") as out:
+        for i, piece in enumerate(pieces):
+            out.write(piece)
+            out.flush()
+            print("piece", i, flush=True)
+            time.sleep(3.0 if i == 3 else 0.3)   # one pause longer than the stability window
+"""
+
+
+def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(tmp_path, s3_server, s3, versioned):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt",
+                   setting_sync_stable=0.5)
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    blob = checked_blob(3 * 1024 * 1024, 7)
+    (tmp_path / "blob").write_bytes(blob)
+    child = spawn(SLOW_WRITER, str(tmp_path / "checkpoints" / "model.pt"), str(tmp_path / "blob"))
+    try:
+        while child.poll() is None:  # look at what the server holds while the file is being written
+            for key, version in all_versions(s3, versioned):
+                assert is_whole(body(s3, versioned, key, version)), "a half-written object was uploaded"
+            time.sleep(0.2)
+        assert child.returncode == 0, child.stdout.read()
+        data = wait_for(lambda: "ckpt/model.pt" in keys(s3, versioned) and body(s3, versioned, "ckpt/model.pt"))
+        assert data == blob
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        sync.close(time.monotonic() + 60)
+    assert [key for key, _ in all_versions(s3, versioned)] == ["ckpt/model.pt"]
+
+
+def test_deletes_are_mirrored_and_bursts_become_few_uploads(tmp_path, s3_server, s3, versioned):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt",
+                   setting_sync_settle=0.5)
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    local = tmp_path / "checkpoints"
+    (local / "old.pt").write_bytes(b"old")
+    wait_for(lambda: "ckpt/old.pt" in keys(s3, versioned))
+    (local / "old.pt").unlink()
+    wait_for(lambda: "ckpt/old.pt" not in keys(s3, versioned))
+    for i in range(50):  # 50 open-append-close cycles in a burst
+        with open(local / "log.txt", "ab") as out:
+            out.write(b"line %d\n" % i)
+    wait_for(lambda: body(s3, versioned, "ckpt/log.txt").count(b"\n") == 50 if "ckpt/log.txt" in
+             keys(s3, versioned) else False)
+    assert sync.close(time.monotonic() + 60) == []
+    log_versions = [k for k, _ in all_versions(s3, versioned) if k == "ckpt/log.txt"]
+    assert 1 <= len(log_versions) <= 10, len(log_versions)
+
+
+def test_unchanged_file_is_not_uploaded_again(tmp_path, s3_server, s3, versioned):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    path = tmp_path / "checkpoints" / "a.pt"
+    path.write_bytes(b"a" * 100)
+    wait_for(lambda: "ckpt/a.pt" in keys(s3, versioned))
+    with open(path, "rb") as handle:  # read, not written: no upload
+        handle.read()
+    with open(path, "ab"):  # opened for writing, closed, nothing changed: no upload
+        pass
+    time.sleep(1.0)
+    assert sync.close(time.monotonic() + 60) == []
+    assert len(all_versions(s3, versioned)) == 1
+
+
+def test_large_file_goes_multipart_and_arrives_whole(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt",
+                   setting_sync_part_size=5 * 1024 * 1024)
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    blob = checked_blob(12 * 1024 * 1024, 3)
+    (tmp_path / "checkpoints" / "big.pt").write_bytes(blob)
+    wait_for(lambda: "ckpt/big.pt" in keys(s3, bucket))
+    assert sync.close(time.monotonic() + 60) == []
+    head = s3.head_object(Bucket=bucket, Key="ckpt/big.pt")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts
+    assert body(s3, bucket, "ckpt/big.pt") == blob
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_intermediate_outputs_go_under_the_job_output_prefix(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, output_path=f"s3://{bucket}/out")
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    folder = tmp_path / "output" / "intermediate" / "plots"
+    folder.mkdir(parents=True)
+    (folder / "loss.png").write_bytes(b"png")
+    wait_for(lambda: "out/job-1/output/intermediate/plots/loss.png" in keys(s3, bucket))
+    assert sync.close(time.monotonic() + 60) == []
+
+
+def test_close_uploads_files_written_before_start(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/c")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "early.pt").write_bytes(b"e")
+    sync = LiveSync(job, log=LOG)
+    assert sync.close(time.monotonic() + 60) == []
+    assert keys(s3, bucket) == {"c/early.pt": 1}
+
+
+def test_file_uri_destination(tmp_path, s3_server):
+    dest = tmp_path / "remote"
+    job = make_job(tmp_path / "root", s3_server.endpoint, checkpoint_uri=f"file://{dest}")
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    (tmp_path / "root" / "checkpoints" / "x.pt").write_bytes(b"xyz")
+    wait_for(lambda: (dest / "x.pt").exists())
+    assert sync.close(time.monotonic() + 60) == []
+    assert (dest / "x.pt").read_bytes() == b"xyz"
+    assert sorted(os.listdir(dest)) == ["x.pt"]
+
+
+# --- TensorBoard --------------------------------------------------------------------------------------
+
+TB_WRITER = """
+    import sys, time
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(sys.argv[1], flush_secs=1)
+    step = 0
+    while True:
+        writer.add_scalar("loss", 1.0 / (step + 1), step)
+        writer.flush()
+        step += 1
+        time.sleep(0.2)
+"""
+
+
+def count_records(blob: bytes) -> int:
+    """TFRecord framing: u64 length, u32 crc, data, u32 crc; a cut-off last record is not counted."""
+    count, at = 0, 0
+    while at + 12 <= len(blob):
+        (length,) = struct.unpack("<Q", blob[at:at + 8])
+        if at + 12 + length + 4 > len(blob):
+            break
+        at += 12 + length + 4
+        count += 1
+    return count
+
+
+def test_tensorboard_events_visible_while_the_writer_runs(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb",
+                   setting_sync_stable=0.3)
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    child = spawn(TB_WRITER, str(tmp_path / "output" / "tensorboard"))
+    try:
+        def grown() -> bool:
+            found = [k for k in keys(s3, bucket, "tb/") if "tfevents" in k]
+            return bool(found) and count_records(body(s3, bucket, found[0])) >= 5
+
+        wait_for(grown, timeout=120, every=0.3)
+        assert child.poll() is None, child.stdout.read()  # the writer is still running
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(30)
+    assert sync.close(time.monotonic() + 60) == []
+    [event_file] = list((tmp_path / "output" / "tensorboard").glob("*tfevents*"))
+    assert body(s3, bucket, f"tb/{event_file.name}") == event_file.read_bytes()
+
+
+# --- faults -------------------------------------------------------------------------------------------
+
+
+def test_server_stopped_and_restarted_everything_arrives(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt",
+                   setting_sync_retry_max=1.0)
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    local = tmp_path / "checkpoints"
+    (local / "before.pt").write_bytes(checked_blob(100_000, 1))
+    wait_for(lambda: "ckpt/before.pt" in keys(s3, bucket))
+    s3_server.stop()
+    try:
+        (local / "during.pt").write_bytes(checked_blob(100_000, 2))
+        (local / "big-during.pt").write_bytes(checked_blob(17 * 1024 * 1024, 3))
+        wait_for(lambda: sync.counters.retries >= 2, timeout=60)
+        assert sync.counters.uploads == 1  # nothing reported as uploaded that was not
+    finally:
+        s3_server.start()
+        s3.create_bucket(Bucket=bucket)  # moto forgets its buckets on restart
+    (local / "after.pt").write_bytes(checked_blob(100_000, 4))
+    assert sync.close(time.monotonic() + 120) == []
+    remote = keys(s3, bucket, "ckpt/")
+    # before.pt was lost with the server's memory; close() saw that in the listing and sent it again
+    assert set(remote) == {"ckpt/before.pt", "ckpt/during.pt", "ckpt/big-during.pt", "ckpt/after.pt"}
+    for key in remote:
+        assert body(s3, bucket, key) == (local / key.split("/")[1]).read_bytes()
+
+
+def test_close_reports_what_it_could_not_send(tmp_path, s3_server, s3, bucket, caplog):
+    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    s3_server.stop()
+    try:
+        (tmp_path / "checkpoints" / "stuck.pt").write_bytes(b"s" * 1000)
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            left = sync.close(time.monotonic() + 5)
+    finally:
+        s3_server.start()
+    assert left == [str(tmp_path / "checkpoints" / "stuck.pt")]
+    assert "stuck.pt was not uploaded" in caplog.text
+    assert "testing-secret" not in caplog.text
