@@ -87,7 +87,30 @@ _TRAIN = (
 )
 
 # --- data agent (issue 3) ----------------------------------------------------------------------
-_DATA: tuple = ()
+_DATA = (
+    _s("data_threads", "TORCHBAY_DATA_THREADS", int, 16,
+       "File mode: parallel GETs per staging process.", "data", _positive),
+    _s("data_processes", "TORCHBAY_DATA_PROCESSES", int, 0,
+       "File mode: staging worker processes, each with its own S3 client (0: pick from the listing, up to one "
+       "per core for many small objects).", "data", _non_negative),
+    _s("data_range_threshold", "TORCHBAY_DATA_RANGE_THRESHOLD", int, 1024 ** 3,
+       "File mode: objects of this many bytes or more are fetched in parallel ranges (one stream each below).",
+       "data", _positive),
+    _s("data_range_size", "TORCHBAY_DATA_RANGE_SIZE", int, 64 * 1024 ** 2,
+       "File mode: bytes per ranged GET for objects at or above the range threshold.", "data", _positive),
+    _s("data_attempts", "TORCHBAY_DATA_ATTEMPTS", int, 5,
+       "Attempts per object (short reads, dropped connections, 5xx) before staging fails.", "data", _positive),
+    _s("data_progress_interval", "TORCHBAY_DATA_PROGRESS_INTERVAL", float, 5.0,
+       "Seconds between staging progress lines (files, bytes, rate, ETA).", "data", _positive),
+    _s("data_verify_md5", "TORCHBAY_DATA_VERIFY_MD5", parse_bool, True,
+       "Check each whole-object download against its ETag when the ETag is a plain MD5.", "data"),
+    _s("pipe_epochs", "TORCHBAY_PIPE_EPOCHS", int, 100,
+       "Pipe mode: FIFOs <channel>_0 .. _<N-1> are offered, each after the previous one was read to its end.",
+       "data", _positive),
+    _s("pipe_prefetch", "TORCHBAY_PIPE_PREFETCH", int, 4,
+       "Pipe mode: objects fetched ahead in parallel while the FIFO is written in order (each held in memory).",
+       "data", _positive),
+)
 
 # --- log/metric agent (issue 4) ----------------------------------------------------------------
 def _opt_port(text: str) -> Optional[int]:

@@ -1,0 +1,573 @@
+"""File mode: download a channel's objects into its folder, in parallel, verified and resumable.
+
+Every object goes to ``<name>.part`` and is renamed into place only once its byte count (and its
+MD5 where the ETag is one, and the CRC botocore checks where S3 returns one) is right, so a crash
+never leaves a truncated file under its real name. A rerun skips files that are already complete
+(same size, and the same ETag recorded in the ``user.torchbay.etag`` extended attribute when the
+filesystem has them). Short reads and transient errors are retried with backoff; a full disk raises
+DiskFullError naming the folder; a key that would escape the folder raises UnsafePathError before
+anything is written.
+
+Small objects cost a Python process about 2 ms of CPU each, so large lists are spread over a few
+worker processes, each with its own client and threads. Objects at or above a size threshold are
+fetched in parallel ranges.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import queue as queue_mod
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import agent.errors as errors_mod
+from agent.data.listing import Entry
+from agent.errors import (
+    BucketMissing,
+    ChannelError,
+    DiskFullError,
+    ObjectMissing,
+    StorageError,
+    TorchBayError,
+    UnsafePathError,
+)
+from agent.safety import safe_join
+from agent.storage import parse_uri
+
+__all__ = ["StageOptions", "StageResult", "stage"]
+
+ETAG_XATTR = "user.torchbay.etag"
+_CHUNK = 1024 * 1024
+_NO_RETRY_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "403", "404", "NotFound",
+                             "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState"})
+_LOCAL_ERRNOS = frozenset({errno.EACCES, errno.EROFS, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """How to stage: threads per process, worker processes (0 = pick from the list), ranged GETs for objects
+    of ``range_threshold`` bytes or more in ``range_size`` parts, attempts per object, progress interval."""
+
+    threads: int = 16
+    processes: int = 0
+    range_threshold: int = 1024 ** 3
+    range_size: int = 64 * 1024 ** 2
+    attempts: int = 5
+    progress_interval: float = 5.0
+    verify_md5: bool = True
+    endpoint_url: Optional[str] = None
+    backoff: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "StageOptions":
+        return cls(
+            threads=settings.data_threads,
+            processes=settings.data_processes,
+            range_threshold=settings.data_range_threshold,
+            range_size=settings.data_range_size,
+            attempts=settings.data_attempts,
+            progress_interval=settings.data_progress_interval,
+            verify_md5=settings.data_verify_md5,
+            endpoint_url=settings.endpoint_url,
+        )
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one ``stage`` call did."""
+
+    files: int  # objects now in place
+    bytes: int
+    fetched: int  # objects downloaded by this call
+    skipped: int  # objects already complete from an earlier run
+    seconds: float
+    processes: int = 1
+
+
+@dataclass
+class _Counters:
+    files: int = 0
+    bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, nbytes: int) -> None:
+        with self.lock:
+            self.files += 1
+            self.bytes += nbytes
+
+
+@dataclass(frozen=True)
+class _Job:
+    uri: str
+    target: str
+    size: Optional[int]
+    etag: Optional[str]
+
+
+def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = StageOptions(),
+          log: logging.Logger, channel: str = "?") -> StageResult:
+    """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all are in place.
+
+    Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for one path),
+    DiskFullError, or StorageError once retries are spent. Never returns with a file missing.
+    """
+    start = time.monotonic()
+    dest = Path(dest)
+    _make_dir(dest)
+    jobs = _plan(entries, dest, channel)
+    todo = [job for job in jobs if not _complete(job)]
+    skipped = len(jobs) - len(todo)
+    todo_set = set(todo)
+    skipped_bytes = sum(os.path.getsize(job.target) for job in jobs if job not in todo_set) if skipped else 0
+    known = [job.size for job in jobs]
+    total_bytes = sum(size for size in known if size is not None) if None not in known else None
+    for job in jobs:
+        if job not in todo_set and skipped:
+            try:
+                os.unlink(job.target + ".part")  # left by a crash after the file itself was complete
+            except FileNotFoundError:
+                pass
+    if skipped:
+        log.info("channel %r: %d of %d files already complete in %s; fetching the other %d",
+                 channel, skipped, len(jobs), dest, len(todo))
+    processes = _pick_processes(todo, options)
+    progress = _Progress(channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log)
+    if todo:
+        if processes > 1:
+            _run_processes(todo, options, processes, progress)
+        else:
+            counters = _Counters()
+            _run_in_process(todo, options, counters, progress.tick)
+    fetched_bytes = sum(os.path.getsize(job.target) for job in todo)
+    seconds = time.monotonic() - start
+    result = StageResult(len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes)
+    rate = fetched_bytes / seconds / 2 ** 20 if seconds > 0 else 0.0
+    log.info("channel %r: staged %d files (%s) into %s in %.1f s: fetched %d (%.1f MiB/s, %.0f files/s, "
+             "%d process(es)), skipped %d already complete", channel, result.files, _mib(result.bytes), dest,
+             seconds, len(todo), rate, len(todo) / seconds if seconds > 0 else 0.0, processes, skipped)
+    return result
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise DiskFullError(f"disk full creating {path}; free space there or use a bigger volume") from err
+        raise ChannelError(f"cannot create {path}: {err.strerror}; check the path and permissions") from err
+
+
+def _plan(entries: Sequence[Entry], dest: Path, channel: str) -> list[_Job]:
+    jobs = []
+    owner: dict[str, str] = {}
+    for entry in entries:
+        target = safe_join(dest, entry.relative, what=f"channel {channel!r}: object key")
+        text = str(target)
+        if text in owner:
+            raise ChannelError(f"channel {channel!r}: {owner[text]} and {entry.uri} both map to {text}; "
+                               "rename one of the objects")
+        owner[text] = entry.uri
+        jobs.append(_Job(entry.uri, text, entry.size, entry.etag))
+    for text, uri in owner.items():
+        parent = os.path.dirname(text)
+        while len(parent) > len(str(dest)):
+            if parent in owner:
+                raise ChannelError(f"channel {channel!r}: {owner[parent]} is a file but {uri} needs it as a "
+                                   "folder; rename one of the objects")
+            parent = os.path.dirname(parent)
+    return jobs
+
+
+def _complete(job: _Job) -> bool:
+    try:
+        st = os.stat(job.target)
+    except OSError:
+        return False
+    if job.size is None or st.st_size != job.size:
+        return False
+    if job.etag:
+        try:
+            return os.getxattr(job.target, ETAG_XATTR).decode() == job.etag
+        except OSError:
+            return False
+    return True
+
+
+def _pick_processes(jobs: Sequence[_Job], options: StageOptions) -> int:
+    if options.processes > 0:
+        return max(1, min(options.processes, len(jobs)))
+    if len(jobs) < 256:
+        return 1
+    sizes = [job.size for job in jobs if job.size is not None]
+    if sizes and sum(sizes) / len(sizes) > 4 * 1024 ** 2:
+        return 1  # large objects are bound by the network and the disk, not by Python
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 4, len(jobs) // 128))
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+class _Progress:
+    """One log line every ``interval`` seconds: files, bytes, rate, ETA."""
+
+    def __init__(self, channel: str, total_files: int, total_bytes: Optional[int], done_files: int,
+                 done_bytes: int, interval: float, log: logging.Logger) -> None:
+        self._channel = channel
+        self._total_files = total_files
+        self._total_bytes = total_bytes
+        self._base_files = done_files
+        self._base_bytes = done_bytes
+        self._interval = interval
+        self._log = log
+        self._start = time.monotonic()
+        self._next = self._start + interval
+
+    def tick(self, files: int, nbytes: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + self._interval
+        elapsed = max(now - self._start, 1e-6)
+        rate = nbytes / elapsed
+        done_files, done_bytes = self._base_files + files, self._base_bytes + nbytes
+        if self._total_bytes:
+            eta = (self._total_bytes - done_bytes) / rate if rate > 0 else float("inf")
+            of_bytes = f"{_mib(done_bytes)}/{_mib(self._total_bytes)}"
+        else:
+            per_file = elapsed / files if files else float("inf")
+            eta = (self._total_files - done_files) * per_file
+            of_bytes = _mib(done_bytes)
+        eta_text = f"{eta:.0f} s" if eta != float("inf") else "unknown"
+        self._log.info("channel %r: %d/%d files, %s, %.1f MiB/s, %.0f files/s, ETA %s", self._channel,
+                       done_files, self._total_files, of_bytes, rate / 2 ** 20, files / elapsed, eta_text)
+
+
+# --- downloading in this process ----------------------------------------------------------------
+
+def _run_in_process(jobs: Sequence[_Job], options: StageOptions, counters: _Counters,
+                    tick: Optional[Callable[..., None]], cancel: Optional[threading.Event] = None) -> None:
+    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the others."""
+    fetcher = _Fetcher(jobs[0].uri, options)
+    cancel = cancel or threading.Event()
+    failures: list[BaseException] = []
+    pending = iter(jobs)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not cancel.is_set():
+            with lock:
+                job = next(pending, None)
+            if job is None:
+                return
+            try:
+                counters.add(fetcher.fetch(job, cancel))
+            except BaseException as err:  # handed to the caller below
+                with lock:
+                    failures.append(err)
+                cancel.set()
+                return
+
+    threads = [threading.Thread(target=work, name=f"stage-{i}", daemon=True)
+               for i in range(max(1, min(options.threads, len(jobs))))]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            threads[0].join(0.2) if threads[0].is_alive() else time.sleep(0.2)
+            if tick is not None:
+                tick(counters.files, counters.bytes)
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+
+
+class _Fetcher:
+    """Downloads one job at a time into ``<target>.part``, verifies it and renames it into place."""
+
+    def __init__(self, any_uri: str, options: StageOptions) -> None:
+        self._options = options
+        self._scheme = parse_uri(any_uri).scheme
+        self._client: Any = None
+        if self._scheme == "s3":
+            from agent.storage import make_s3_client
+
+            self._client = make_s3_client(options.endpoint_url, max_pool_connections=max(10, options.threads + 4))
+
+    def fetch(self, job: _Job, cancel: threading.Event) -> int:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._fetch_once(job)
+            except TorchBayError as err:
+                if not _retryable(err) or attempt >= self._options.attempts or cancel.is_set():
+                    raise
+                last: BaseException = err
+            except Exception as err:
+                if isinstance(err, OSError) and not isinstance(err, ConnectionError):
+                    raise _local_error(err, job) from err
+                if not _retryable(err) or attempt >= self._options.attempts or cancel.is_set():
+                    raise self._translate(err, job) from err
+                last = err
+            delay = min(self._options.backoff * 2 ** (attempt - 1), 10.0) * (0.5 + random.random())
+            logging.getLogger(__name__).debug("retrying %s in %.1f s after %s", job.uri, delay, type(last).__name__)
+            if cancel.wait(delay):
+                raise self._translate(last, job) if not isinstance(last, TorchBayError) else last
+
+    def _translate(self, err: BaseException, job: _Job) -> TorchBayError:
+        if isinstance(err, TorchBayError):
+            return err
+        if self._client is not None:
+            from agent.storage import translate_s3_error
+
+            where = str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint"))
+            return translate_s3_error(err, job.uri, where)  # type: ignore[arg-type]
+        return StorageError(f"reading {job.uri} failed: {type(err).__name__}: {err}; check the source")
+
+    def _fetch_once(self, job: _Job) -> int:
+        part = job.target + ".part"
+        os.makedirs(os.path.dirname(job.target), exist_ok=True)
+        try:
+            if self._scheme == "s3" and job.size is not None and job.size >= self._options.range_threshold:
+                etag = self._get_ranged(job, part)
+            else:
+                etag = self._get_whole(job, part)
+            if etag:
+                try:
+                    os.setxattr(part, ETAG_XATTR, etag.encode())
+                except OSError:
+                    pass  # no xattrs here: a rerun trusts the size alone
+            os.replace(part, job.target)
+        except BaseException:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+            raise
+        return job.size if job.size is not None else os.path.getsize(job.target)
+
+    def _open(self, job: _Job, byte_range: Optional[tuple[int, int]] = None) -> tuple[Any, int, Optional[str], bool]:
+        """(stream, length, etag, etag_is_md5)."""
+        if self._scheme == "s3":
+            loc = parse_uri(job.uri)
+            kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+            if byte_range is not None:
+                kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+            resp = self._client.get_object(**kwargs)
+            etag = (resp.get("ETag") or "").strip('"') or None
+            plain = bool(etag) and "-" not in etag and len(etag) == 32 and \
+                resp.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in resp
+            return resp["Body"], int(resp["ContentLength"]), etag, plain
+        path = parse_uri(job.uri).key
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError as err:
+            raise ObjectMissing(f"{job.uri} does not exist; check the path") from err
+        except OSError as err:
+            raise StorageError(f"cannot read {job.uri}: {err.strerror}; check the path and permissions") from err
+        return handle, os.fstat(handle.fileno()).st_size, None, False
+
+    def _get_whole(self, job: _Job, part: str) -> Optional[str]:
+        stream, length, etag, plain = self._open(job)
+        try:
+            if job.size is not None and length != job.size:
+                raise _ShortRead(f"{job.uri} is {length} bytes but the listing said {job.size}; "
+                                 "the object changed while staging, or the server is misbehaving")
+            digest = hashlib.md5() if (plain and self._options.verify_md5) else None
+            written = 0
+            with _open_part(part, job) as out:
+                while True:
+                    chunk = stream.read(_CHUNK)
+                    if not chunk:
+                        break
+                    _write(out, chunk, job)
+                    written += len(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+        finally:
+            stream.close()
+        if written != length:
+            raise _ShortRead(f"short read: {job.uri} gave {written} of {length} bytes")
+        if digest is not None and digest.hexdigest() != etag:
+            raise _ShortRead(f"checksum mismatch: {job.uri} has MD5 {digest.hexdigest()}, its ETag says {etag}")
+        return etag
+
+    def _get_ranged(self, job: _Job, part: str) -> Optional[str]:
+        size = int(job.size or 0)
+        step = max(1, self._options.range_size)
+        ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
+        etags: set[Optional[str]] = set()
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, size)
+            except OSError as err:
+                raise _local_error(err, job) from err
+
+            def one(byte_range: tuple[int, int]) -> None:
+                stream, length, etag, _ = self._open(job, byte_range)
+                etags.add(etag)
+                offset, want = byte_range[0], byte_range[1] - byte_range[0]
+                try:
+                    if length != want:
+                        raise _ShortRead(f"{job.uri} range {byte_range} gave {length} bytes, wanted {want}")
+                    while True:
+                        chunk = stream.read(_CHUNK)
+                        if not chunk:
+                            break
+                        try:
+                            os.pwrite(fd, chunk, offset)
+                        except OSError as err:
+                            raise _local_error(err, job) from err
+                        offset += len(chunk)
+                finally:
+                    stream.close()
+                if offset != byte_range[1]:
+                    raise _ShortRead(f"short read: {job.uri} range {byte_range} stopped at byte {offset}")
+
+            with ThreadPoolExecutor(max(1, min(len(ranges), self._options.threads))) as pool:
+                for future in [pool.submit(one, r) for r in ranges]:
+                    future.result()
+        finally:
+            os.close(fd)
+        if len(etags) > 1:
+            raise _ShortRead(f"{job.uri} changed while its ranges were fetched (ETags {sorted(map(str, etags))})")
+        return etags.pop() if etags else None
+
+
+class _ShortRead(StorageError):
+    """A read that gave fewer (or other) bytes than promised: always retried, never accepted."""
+
+
+def _open_part(part: str, job: _Job) -> Any:
+    try:
+        return open(part, "wb")
+    except OSError as err:
+        raise _local_error(err, job) from err
+
+
+def _write(out: Any, chunk: bytes, job: _Job) -> None:
+    try:
+        out.write(chunk)
+    except OSError as err:
+        raise _local_error(err, job) from err
+
+
+def _local_error(err: OSError, job: _Job) -> TorchBayError:
+    folder = os.path.dirname(job.target)
+    if err.errno in _DISK_FULL:
+        return DiskFullError(f"disk full while staging {job.uri} into {folder}; free space there or give the "
+                             "job a bigger volume (nothing was marked staged)")
+    return ChannelError(f"cannot write {job.target} for {job.uri}: {err.strerror}; check the folder and "
+                        "its permissions")
+
+
+def _retryable(err: BaseException) -> bool:
+    if isinstance(err, _ShortRead):
+        return True
+    if isinstance(err, (DiskFullError, UnsafePathError, ObjectMissing, BucketMissing, ChannelError)):
+        return False
+    if isinstance(err, TorchBayError):
+        return False
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in _NO_RETRY_CODES:
+            return False
+    return not isinstance(err, (TypeError, ValueError, AttributeError, KeyError))
+
+
+# --- worker processes ----------------------------------------------------------------------------
+
+def _run_processes(jobs: Sequence[_Job], options: StageOptions, processes: int, progress: _Progress) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results: Any = ctx.Queue()
+    # Largest first, dealt round-robin, so every worker gets a similar share of bytes.
+    ordered = sorted(jobs, key=lambda job: -(job.size or 0))
+    threads = max(4, options.threads // processes)
+    worker_options = StageOptions(**{**options.__dict__, "threads": threads, "processes": 1})
+    workers = [ctx.Process(target=_worker_main, args=(index, ordered[index::processes], worker_options, results),
+                           name=f"torchbay-stage-{index}", daemon=True) for index in range(processes)]
+    for worker in workers:
+        worker.start()
+    files = [0] * processes
+    nbytes = [0] * processes
+    finished: set[int] = set()
+    error: Optional[TorchBayError] = None
+    try:
+        while len(finished) < processes and error is None:
+            try:
+                message = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                for index, worker in enumerate(workers):
+                    if index not in finished and not worker.is_alive() and results.empty():
+                        error = StorageError(f"staging worker {index} died with exit code {worker.exitcode} "
+                                             "before reporting; see the log above")
+                progress.tick(sum(files), sum(nbytes))
+                continue
+            kind, index = message[0], message[1]
+            if kind == "progress":
+                files[index], nbytes[index] = message[2], message[3]
+            elif kind == "done":
+                files[index], nbytes[index] = message[2], message[3]
+                finished.add(index)
+            else:
+                cls = getattr(errors_mod, message[2], StorageError)
+                if not (isinstance(cls, type) and issubclass(cls, TorchBayError)):
+                    cls = StorageError
+                error = cls(message[3])
+            progress.tick(sum(files), sum(nbytes))
+    finally:
+        for worker in workers:
+            if worker.is_alive() and (error is not None or len(finished) < processes):
+                worker.terminate()
+        for worker in workers:
+            worker.join(30)
+        results.close()
+    if error is not None:
+        raise error
+
+
+def _worker_main(index: int, jobs: Sequence[_Job], options: StageOptions, results: Any) -> None:
+    counters = _Counters()
+    cancel = threading.Event()
+    last = [0.0]
+
+    def tick(files: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            results.put(("progress", index, files, nbytes))
+
+    try:
+        _run_in_process(jobs, options, counters, tick, cancel)
+    except TorchBayError as err:
+        name = "StorageError" if isinstance(err, _ShortRead) else type(err).__name__
+        results.put(("error", index, name, str(err)))
+        return
+    except Exception as err:  # top level of a worker process: report, the parent raises
+        results.put(("error", index, "StorageError", f"staging worker {index} failed: {type(err).__name__}: {err}"))
+        return
+    results.put(("done", index, counters.files, counters.bytes))
