@@ -84,6 +84,16 @@ _GENERAL = (
 _TRAIN = (
     _s("grace_period", "TORCHBAY_GRACE_PERIOD", float, 30.0,
        "Seconds between SIGTERM to the user's processes and SIGKILL.", "train", _positive),
+    _s("hosts", "TORCHBAY_HOSTS", _opt_str, None,
+       "Comma-separated hosts of a job run from a spec (default algo-1..algo-N for InstanceCount N).", "train"),
+    _s("current_host", "TORCHBAY_CURRENT_HOST", _opt_str, None,
+       "This host's name among TORCHBAY_HOSTS (default the first host).", "train"),
+    _s("network_interface", "TORCHBAY_NETWORK_INTERFACE", str, "eth0",
+       "network_interface_name written to resourceconfig.json for a job run from a spec.", "train"),
+    _s("pip_timeout", "TORCHBAY_PIP_TIMEOUT", float, 1800.0,
+       "Seconds `pip install` of the user's requirements may take before the job fails.", "train", _positive),
+    _s("upload_timeout", "TORCHBAY_UPLOAD_TIMEOUT", float, 600.0,
+       "Seconds the end-of-job uploads (model, outputs, checkpoints) may take.", "train", _positive),
 )
 
 # --- data agent (issue 3) ----------------------------------------------------------------------
