@@ -1,0 +1,81 @@
+"""``torchbay``: one command, subcommands dispatched lazily so ``train`` never loads serving (or torch).
+
+    torchbay train [--job SPEC]     run a training job (agent.training)
+    torchbay serve [...]            serve a model (agent.serving)
+    torchbay settings [--section S] print every setting as a Markdown table (the README's table)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["main", "run", "settings_table", "SUBCOMMANDS"]
+
+# name -> (module with main(argv) -> int, one-line help)
+SUBCOMMANDS = {
+    "train": ("agent.training", "run a training job (the SageMaker train contract)"),
+    "serve": ("agent.serving", "serve a model (the SageMaker serve contract)"),
+    "settings": (None, "print every setting as a Markdown table"),
+}
+EXIT_USAGE = 64  # EX_USAGE
+
+
+def _usage() -> str:
+    lines = ["usage: torchbay {" + ",".join(SUBCOMMANDS) + "} [args...]", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "torchbay SUBCOMMAND --help shows a subcommand's options; torchbay --version the version."]
+    return "\n".join(lines)
+
+
+def settings_table(section: Optional[str] = None) -> str:
+    """Every declared setting as a Markdown table: setting, variable(s), default, meaning."""
+    from agent.settings import ALL_SETTINGS
+
+    rows = ["| setting | environment variable | default | meaning |", "|---|---|---|---|"]
+    for setting in ALL_SETTINGS:
+        if section and setting.section != section:
+            continue
+        variables = ", ".join(f"`{v}`" for v in setting.env)
+        default = "(unset)" if setting.default is None else f"`{setting.default}`"
+        meaning = setting.help.replace("|", "\\|")
+        rows.append(f"| {setting.name} ({setting.section}) | {variables} | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _settings_main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="torchbay settings", description="Print every setting as Markdown.")
+    parser.add_argument("--section", default=None, help="only this section (general, train, data, ...)")
+    args = parser.parse_args(list(argv))
+    sys.stdout.write(settings_table(args.section))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Dispatch ``argv[0]`` to its subcommand's ``main(rest)``; returns its exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else EXIT_USAGE
+    if args[0] == "--version":
+        from agent import __version__
+
+        print(f"torchbay {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"torchbay: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    if name == "settings":
+        return _settings_main(rest)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    entry: Callable[[Sequence[str]], int] = getattr(module, "main")
+    return int(entry(rest))
+
+
+def run() -> None:
+    """The console script: ``sys.exit(main())``."""
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The user's code: fetch ``sagemaker_submit_directory`` into ``code/`` safely, then pip-install what it needs.
+
+Both steps remember what they did in the agent's folder (``output/torchbay``), so a job restarted on
+the same machine neither downloads an unchanged source again nor reinstalls an unchanged
+``requirements.txt`` or package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from agent.errors import InstallError, StorageError
+from agent.job import Job
+from agent.process import ProcessGroup, StopRequest, supervise
+from agent.safety import safe_extract_tar
+from agent.storage import Storage, open_storage, parse_uri, redact
+
+__all__ = ["fetch_code", "install_requirements", "FETCHED", "KEPT", "SKIPPED", "INSTALLED", "NOTHING"]
+
+FETCHED, KEPT, SKIPPED, INSTALLED, NOTHING = "fetched", "kept", "skipped", "installed", "nothing"
+_TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_PIP_TAIL_LINES = 15
+_HASH_SKIP_DIRS = {"__pycache__", "build", ".git"}
+_HASH_MAX_FILES = 5000
+
+
+def _state(job: Job, name: str) -> Path:
+    return job.layout.agent_dir / name
+
+
+def _read_stamp(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _clear(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def fetch_code(job: Job, *, log: logging.Logger,
+               storage_for: Callable[[str], Storage] = open_storage) -> str:
+    """Put ``sagemaker_submit_directory`` (an s3:// or file:// tar.gz, a folder or a file) into ``code/``.
+
+    Returns FETCHED, SKIPPED (same source as last time), KEPT (code/ already held files we did not put
+    there, as on SageMaker images with baked-in code) or NOTHING (no source named). Archives are extracted
+    with every member checked (UnsafePathError names a member that would land outside code/).
+    """
+    code_dir = job.layout.code_dir
+    source = job.hyperparameters.get("sagemaker_submit_directory")
+    if not source:
+        return NOTHING
+    source = str(source)
+    if source.startswith("/"):
+        source = "file://" + source
+    location = parse_uri(source)
+    storage = storage_for(source)
+    info = storage.head(source)
+    is_dir = location.scheme == "file" and Path(location.key).is_dir()
+    if info is None and not is_dir:
+        raise StorageError(f"sagemaker_submit_directory {redact(source)} does not exist; upload the source "
+                           "archive (tar -czf sourcedir.tar.gz -C src .) or fix the URI")
+    identity = None if is_dir else [source, info.size, info.etag, info.mtime]
+    stamp_path = _state(job, "code.json")
+    code_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _read_stamp(stamp_path)
+    has_files = any(code_dir.iterdir())
+    if has_files and stamp is None:
+        log.info("code/ already holds files that TorchBay did not put there; keeping them and not fetching %s",
+                 redact(source))
+        return KEPT
+    if has_files and identity is not None and stamp == identity:
+        log.info("code/ already holds %s (unchanged since the last run); not fetching it again", redact(source))
+        return SKIPPED
+    if has_files:
+        _clear(code_dir)
+    stamp_path.unlink(missing_ok=True)
+    if is_dir:
+        shutil.copytree(location.key, code_dir, dirs_exist_ok=True)
+    elif location.key.endswith(_TARBALL_SUFFIXES):
+        archive = _state(job, "sourcedir.tar.gz")
+        storage.get_file(source, archive, expected_size=info.size)
+        try:
+            count = safe_extract_tar(archive, code_dir, what=f"source archive {redact(source)}")
+        except BaseException:
+            _clear(code_dir)
+            raise
+        finally:
+            archive.unlink(missing_ok=True)
+        log.info("fetched %s into %s (%d members)", redact(source), code_dir, count)
+    else:
+        name = location.key.rstrip("/").rsplit("/", 1)[-1]
+        storage.get_file(source, code_dir / name, expected_size=info.size)
+    _write_stamp(stamp_path, identity if identity is not None else [source, "folder"])
+    return FETCHED
+
+
+def _tree_digest(code_dir: Path, digest: "hashlib._Hash") -> None:
+    count = 0
+    for folder, dirs, files in os.walk(code_dir):
+        dirs[:] = sorted(d for d in dirs if d not in _HASH_SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            path = Path(folder) / name
+            count += 1
+            if count > _HASH_MAX_FILES:
+                return
+            digest.update(str(path.relative_to(code_dir)).encode())
+            try:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            except OSError:
+                digest.update(b"?")
+
+
+def _install_plan(code_dir: Path) -> Optional[tuple[list[str], str]]:
+    """(pip arguments, what) for code/, or None when there is nothing to install."""
+    requirements = code_dir / "requirements.txt"
+    is_package = (code_dir / "setup.py").is_file() or (code_dir / "pyproject.toml").is_file()
+    if is_package:
+        args = ["."] + (["-r", "requirements.txt"] if requirements.is_file() else [])
+        return args, "the package in code/" + (" and requirements.txt" if requirements.is_file() else "")
+    if requirements.is_file():
+        return ["-r", "requirements.txt"], "requirements.txt"
+    return None
+
+
+def install_requirements(job: Job, *, log: logging.Logger, stop: Optional[StopRequest] = None,
+                         python: str = sys.executable) -> str:
+    """pip-install code/'s package (setup.py/pyproject.toml) or requirements.txt, as the toolkit does.
+
+    Returns INSTALLED, SKIPPED (the same files were installed by the same Python before) or NOTHING.
+    A failing pip raises InstallError with pip's last lines; a stop request ends pip and returns
+    (the caller checks ``stop``).
+    """
+    code_dir = job.layout.code_dir
+    plan = _install_plan(code_dir)
+    if plan is None:
+        return NOTHING
+    pip_args, what = plan
+    digest = hashlib.sha256(json.dumps([python, pip_args]).encode())
+    if pip_args[0] == ".":
+        _tree_digest(code_dir, digest)
+    else:
+        digest.update((code_dir / "requirements.txt").read_bytes())
+    key = digest.hexdigest()
+    stamp_path = _state(job, "install.json")
+    if _read_stamp(stamp_path) == key:
+        log.info("%s unchanged since the last successful install; not reinstalling", what)
+        return SKIPPED
+    stamp_path.unlink(missing_ok=True)
+    pip_log = _state(job, "pip.log")
+    pip_log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *pip_args]
+    env = dict(job.base_env)
+    env.update(job.environment)
+    env.update({"PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
+    log.info("installing %s: %s", what, " ".join(argv[1:]))
+    with open(pip_log, "wb") as out:
+        group = ProcessGroup(argv, env=env, cwd=code_dir, stdout=out, stderr=out).start()
+        result = supervise(group, stop=stop or StopRequest(), grace=10.0, max_runtime=job.settings.pip_timeout)
+    if result.stopped_by == "signal":
+        log.warning("pip install stopped by signal %s", result.signum)
+        return NOTHING
+    if result.stopped_by == "max_runtime" or result.exit_code != 0:
+        tail = _tail(pip_log, _PIP_TAIL_LINES)
+        why = (f"took longer than {job.settings.pip_timeout:g} s (TORCHBAY_PIP_TIMEOUT)"
+               if result.stopped_by == "max_runtime" else f"failed with exit code {result.exit_code}")
+        raise InstallError(
+            f"pip install of {what} {why}; fix the requirement or pin a version that exists. pip's last lines:\n"
+            + "\n".join(tail)
+        )
+    _write_stamp(stamp_path, key)
+    log.info("installed %s in %.1f s", what, result.duration)
+    return INSTALLED
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 16384))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [redact(line) for line in text.splitlines() if line.strip()][-lines:]

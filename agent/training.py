@@ -1,0 +1,404 @@
+"""The train lifecycle (``torchbay train``, ``entrypoints/train``).
+
+load_job → write config files (not on SageMaker) → fetch code → install requirements → stage channels →
+restore checkpoints and start live sync → wait for hosts → plan the launch → start log capture → start
+the user's process group → telemetry → wait (SIGTERM/SIGINT/MaxRuntimeInSeconds → SIGTERM to the group,
+SIGKILL after the grace period) → drain logs → upload model.tar.gz and output.tar.gz → finish checkpoint
+sync → telemetry → success or failure file → exit with the user's code (TorchBay errors: agent/errors.py).
+
+This module never imports torch, and boto3 only when an s3:// URI is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import signal
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping, Optional, Sequence
+
+from agent.errors import EXIT_INTERNAL, EXIT_OK, DiskFullError, StorageError, TorchBayError, exit_code_for
+from agent.job import Job, load_job, write_config_files
+from agent.settings import read_settings
+from agent.storage import Storage, open_storage, parse_uri, redact
+
+__all__ = ["main", "parse_args", "FAILURE_REASON_MAX", "failure_reason"]
+
+FAILURE_REASON_MAX = 1024  # SageMaker's FailureReason cap
+_STDERR_TAIL_LINES = 20
+_LOG_FORMAT = "%(asctime)s torchbay %(levelname)s %(message)s"
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
+                             r"(?::\s?(.*))?$")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``torchbay train [--job SPEC]``."""
+    parser = argparse.ArgumentParser(
+        prog="torchbay train",
+        description="Run a SageMaker-shaped training job: the job spec (or the config files under the root), "
+                    "the user's code, data, process supervision, outputs and the failure report.",
+    )
+    parser.add_argument("--job", metavar="SPEC", default=None,
+                        help="a CreateTrainingJob-shaped JSON file, or the JSON itself (default: TORCHBAY_JOB, "
+                             "else the config files under TORCHBAY_ROOT/input/config)")
+    return parser.parse_args(list(argv) if argv is not None else None)
+
+
+class _Stopped(Exception):
+    """A stop signal arrived before the user's script started (internal to this module)."""
+
+
+def failure_reason(exit_code: int, stderr_tail: Sequence[str], *, argv: Sequence[str] = (),
+                   stopped: Optional[str] = None) -> str:
+    """A readable reason for a failed user process, at most FAILURE_REASON_MAX characters.
+
+    ``<ExcType>: <message>`` (found in the stderr tail) first, then the exit code and how it ended,
+    then as many of the last stderr lines as fit.
+    """
+    head: list[str] = []
+    exception = _find_exception(stderr_tail)
+    if exception:
+        head.append(exception)
+    how = f"exit code {exit_code}"
+    if exit_code > 128 and exit_code - 128 < 65:
+        try:
+            how += f" (killed by {signal.Signals(exit_code - 128).name})"
+        except ValueError:
+            pass
+        if exit_code == 128 + signal.SIGKILL and not stopped:
+            how += "; SIGKILL without a stop request often means the kernel's OOM killer: check memory use"
+    if stopped:
+        how += f"; {stopped}"
+    program = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:3]))
+    head.append(f"The training script failed with {how}" + (f" ({program} ...)" if program else "") + ".")
+    text = "\n".join(head)
+    tail = [line.rstrip() for line in stderr_tail if line.strip()]
+    if tail:
+        room = FAILURE_REASON_MAX - len(text) - len("\nLast lines of stderr:\n")
+        kept: list[str] = []
+        for line in reversed(tail):
+            if room - (len(line) + 1) < 0:
+                break
+            kept.insert(0, line)
+            room -= len(line) + 1
+        if kept:
+            text += "\nLast lines of stderr:\n" + "\n".join(kept)
+    return text[:FAILURE_REASON_MAX]
+
+
+def _find_exception(lines: Sequence[str]) -> Optional[str]:
+    """The ``Type: message`` line of the last Python traceback in ``lines``, if any."""
+    last_traceback = max((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line),
+                         default=None)
+    candidates = lines[last_traceback + 1:] if last_traceback is not None else lines
+    found = None
+    for line in candidates:
+        text = line.rstrip()
+        if text and not text[0].isspace():
+            match = _EXCEPTION_LINE.match(text)
+            if match:
+                found = text
+            elif last_traceback is not None and found is None and ":" in text and not text.startswith("During"):
+                found = text  # a custom exception class without a conventional suffix
+    if found is None and last_traceback is not None:
+        for line in reversed(candidates):
+            if line.strip() and not line[0].isspace():
+                return line.strip()
+    return found
+
+
+def _configure_logging(level: str) -> logging.Logger:
+    log = logging.getLogger("torchbay")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    return log
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _make_tarball(folder: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(dest, "w:gz") as archive:
+            if folder.is_dir():
+                for child in sorted(folder.iterdir()):
+                    archive.add(str(child), arcname=child.name, recursive=True)
+    except OSError as err:
+        dest.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(f"disk full while packing {folder} into {dest}; free space on {dest.parent}") from err
+        raise StorageError(f"cannot pack {folder} into {dest}: {err}; check the files' permissions") from err
+
+
+class _Lifecycle:
+    """One train run. ``run`` returns the exit code; every step after load_job ends in ``_finish``."""
+
+    def __init__(self, job: Job, *, log: logging.Logger, stop: Any, out: BinaryIO) -> None:
+        self.job = job
+        self.log = log
+        self.stop = stop
+        self.out = out
+        self.exit_code: Optional[int] = None
+        self.reason: Optional[str] = None
+        self._storages: dict[str, Storage] = {}
+        self._s3_client: Any = None
+        self._capture: Any = None
+        self._data: Any = None
+        self._sync: Any = None
+        self._telemetry: Any = None
+        self._plan: Any = None
+        self._argv: list[str] = []
+        self._rank = 0
+
+    # --- storage, shared by the fetch and the uploads --------------------------------------------
+    def storage_for(self, uri: str) -> Storage:
+        scheme = parse_uri(uri).scheme
+        if scheme not in self._storages:
+            if scheme == "s3":
+                from agent.storage import make_s3_client
+
+                self._s3_client = make_s3_client(self.job.settings.endpoint_url)
+                self._storages[scheme] = open_storage(uri, s3_client=self._s3_client)
+            else:
+                self._storages[scheme] = open_storage(uri)
+        return self._storages[scheme]
+
+    def _check_stop(self, step: str) -> None:
+        if self.stop.requested:
+            raise _Stopped(step)
+
+    # --- the steps ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        job, log = self.job, self.log
+        layout = job.layout
+        for folder in (layout.model_dir, layout.output_data_dir, layout.intermediate_dir, layout.code_dir,
+                       layout.data_dir, layout.agent_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for stale in (layout.failure_file, layout.success_file):
+            stale.unlink(missing_ok=True)
+        log.info("job %s on %s (%d host(s)); root %s%s", job.name, job.resource.current_host,
+                 job.resource.host_count, layout.root, " (SageMaker: config and data in place)"
+                 if job.on_sagemaker else "")
+        try:
+            self._prepare_and_run()
+        except _Stopped as stopped:
+            signum = self.stop.signum or signal.SIGTERM
+            self.exit_code = 128 + signum
+            self.reason = f"stopped by {signal.Signals(signum).name} during {stopped}, before the script started"
+            log.warning("%s", self.reason)
+        except TorchBayError as err:
+            self.exit_code = err.exit_code
+            self.reason = f"{type(err).__name__}: {err}"
+            log.error("%s (exit code %d)", self.reason, err.exit_code)
+        except Exception as err:  # the process top level: log it and still upload what exists
+            log.exception("internal error: %s", err)
+            self.exit_code = EXIT_INTERNAL
+            self.reason = f"TorchBay internal error: {type(err).__name__}: {redact(str(err))}; please report it"
+        self._finish()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def _prepare_and_run(self) -> None:
+        from agent.code import fetch_code, install_requirements
+        from agent.environment import resolve_entry_point, user_args, user_environment
+        from agent.process import ProcessGroup, supervise
+
+        job, log = self.job, self.log
+        if not job.on_sagemaker:
+            write_config_files(job)
+        self._check_stop("setup")
+        fetch_code(job, log=log, storage_for=self.storage_for)
+        self._check_stop("the code download")
+        install_requirements(job, log=log, stop=self.stop)
+        self._check_stop("pip install")
+        entry = resolve_entry_point(job)
+        from agent.data import prepare_channels
+
+        self._data = prepare_channels(job, log=log)
+        self._check_stop("data staging")
+        from agent.sync import LiveSync
+
+        self._sync = LiveSync(job, log=log)
+        restored = self._sync.restore()
+        if restored:
+            log.info("restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri or ""))
+        self._sync.start()
+        self._check_stop("checkpoint restore")
+        from agent.distributed import plan_launch, wait_for_hosts
+
+        wait_for_hosts(job, log=log)
+        self._check_stop("the wait for hosts")
+        args = user_args(job)
+        self._plan = plan = plan_launch(job, entry, args, log=log)
+        self._argv = list(plan.argv)
+        from agent.telemetry.capture import LogCapture
+
+        agent_dir = job.layout.agent_dir
+        self._capture = capture = LogCapture(
+            host=job.resource.current_host, log_dir=agent_dir / "logs", out=self.out, job_log=agent_dir / "job.log",
+            settings=job.settings, metric_definitions=job.metric_definitions,
+            metrics_file=agent_dir / "metrics.jsonl", tensorboard_dir=job.tensorboard_local_path, log=log,
+        )
+        self._rank = plan.rank_base
+        if plan.torchrun_log_dir is not None:
+            capture.add_torchrun_dir(plan.torchrun_log_dir, plan.rank_base)
+        stdout_path, stderr_path = capture.files_for(plan.rank_base)
+        capture.start()
+        env = user_environment(job, entry, plan.env)
+        log.info("starting %s (cwd %s)", " ".join(plan.argv), entry.code_dir)
+        with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
+            group = ProcessGroup(plan.argv, env=env, cwd=entry.code_dir, stdout=child_out,
+                                 stderr=child_err).start()
+        self._start_telemetry(group)
+        result = supervise(group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime)
+        self.exit_code = result.exit_code
+        stopped = None
+        if result.stopped_by == "signal":
+            stopped = f"the agent got {signal.Signals(result.signum or signal.SIGTERM).name} and stopped the script"
+        elif result.stopped_by == "max_runtime":
+            stopped = f"MaxRuntimeInSeconds ({job.max_runtime:g} s) was reached and the script was stopped"
+        if stopped:
+            stopped += " (SIGKILL after the grace period)" if result.killed else ""
+            log.warning("%s; exit code %d", stopped, result.exit_code)
+        log.info("the script ended with exit code %d after %.1f s", result.exit_code, result.duration)
+        if result.exit_code != EXIT_OK:
+            capture.close()
+            self.reason = self._user_failure(result.exit_code, stopped)
+
+    def _start_telemetry(self, group: Any) -> None:
+        try:
+            from agent.telemetry import Telemetry  # type: ignore[attr-defined]
+        except ImportError:
+            self.log.debug("telemetry sampler not available; system metrics are off")
+            return
+        self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid)
+        self._telemetry.start()
+
+    def _user_failure(self, exit_code: int, stopped: Optional[str]) -> str:
+        tail = self._capture.stderr_tail(self._rank, _STDERR_TAIL_LINES) if self._capture else []
+        reason = failure_reason(exit_code, tail, argv=self._argv, stopped=stopped)
+        if self._plan is not None and self._plan.torchrun_log_dir is not None:
+            from agent.distributed import first_failure
+
+            first = first_failure(self._plan)
+            if first:
+                reason = (first + "\n" + reason)[:FAILURE_REASON_MAX]
+        return reason
+
+    # --- the end of every job ----------------------------------------------------------------------------
+    def _finish(self) -> None:
+        job, log = self.job, self.log
+        deadline = time.monotonic() + job.settings.upload_timeout
+        if self._capture is not None:
+            self._capture.close()
+        if self._data is not None:
+            self._data.stop(10.0)
+        self._upload_outputs()
+        if self._sync is not None:
+            try:
+                left = self._sync.close(deadline)
+            except TorchBayError as err:
+                self._fail_late(err)
+            else:
+                if left:
+                    self._fail_late(StorageError(
+                        f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
+                        f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"))
+        if self._telemetry is not None:
+            try:
+                self._telemetry.close()
+            except TorchBayError as err:
+                log.warning("telemetry: %s", err)
+        self._write_status()
+
+    def _fail_late(self, err: TorchBayError) -> None:
+        """An error after the script ended: it fails a job that had succeeded; otherwise it is logged."""
+        self.log.error("%s", err)
+        if self.exit_code in (None, EXIT_OK):
+            self.exit_code = err.exit_code
+            self.reason = f"{type(err).__name__}: {err}"
+
+    def _upload_outputs(self) -> None:
+        job = self.job
+        base = job.job_output_uri
+        if not base or job.on_sagemaker:
+            return
+        layout = job.layout
+        for folder, name in ((layout.model_dir, "model.tar.gz"), (layout.output_data_dir, "output.tar.gz")):
+            archive = layout.agent_dir / "upload" / name
+            uri = f"{base}/{name}"
+            try:
+                _make_tarball(folder, archive)
+                self.storage_for(uri).put_file(archive, uri)
+                self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
+            except TorchBayError as err:
+                self._fail_late(err)
+            finally:
+                archive.unlink(missing_ok=True)
+
+    def _write_status(self) -> None:
+        layout = self.job.layout
+        if self.exit_code == EXIT_OK:
+            if not layout.failure_file.exists():
+                _write_text(layout.success_file, "")
+            return
+        if layout.failure_file.exists():
+            self.log.info("keeping the failure file the script wrote: %s", layout.failure_file)
+            return
+        reason = redact(self.reason or f"the job failed with exit code {self.exit_code}")
+        _write_text(layout.failure_file, reason[:FAILURE_REASON_MAX])
+        self.log.error("failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX])
+
+
+def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logger) -> None:
+    """Write the failure file for an error before the job could be read, when the root is known."""
+    try:
+        root = Path(read_settings(env).root)
+    except TorchBayError:
+        return
+    try:
+        _write_text(root / "output" / "failure", f"{type(err).__name__}: {err}"[:FAILURE_REASON_MAX])
+    except OSError as os_err:
+        log.warning("cannot write the failure file under %s: %s", root, os_err)
+
+
+def main(argv: Optional[Sequence[str]] = None, *, env: Optional[Mapping[str, str]] = None,
+         out: Optional[BinaryIO] = None) -> int:
+    """Run one training job; returns the exit code (the user's, or a TorchBay error's)."""
+    args = parse_args(argv)
+    env = dict(os.environ) if env is None else dict(env)
+    log = _configure_logging(env.get("TORCHBAY_LOG_LEVEL", "INFO"))
+    from agent.process import StopRequest
+
+    stop = StopRequest()
+    try:
+        stop.install()
+    except ValueError:  # not the main thread (a test driving main() from a thread): no handlers
+        pass
+    try:
+        try:
+            job = load_job(env, args.job)
+        except TorchBayError as err:
+            log.error("%s: %s (exit code %d)", type(err).__name__, err, err.exit_code)
+            _early_failure(env, err, log)
+            return err.exit_code
+        return _Lifecycle(job, log=log, stop=stop, out=out or sys.stdout.buffer).run()
+    except Exception as err:  # the process top level
+        log.exception("internal error: %s", err)
+        return exit_code_for(err)
+    finally:
+        stop.restore()
