@@ -18,6 +18,7 @@ from agent.distributed.launch import LaunchPlan
 __all__ = ["first_failure", "read_error_file"]
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*Error)\b.*")
+_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")  # torch prefixes a rank's stderr lines
 _MAX_MESSAGE = 500
 
 
@@ -54,7 +55,7 @@ def _stderr_error(path: Path) -> Optional[str]:
             handle.seek(0, 2)
             size = handle.tell()
             handle.seek(max(0, size - 65536))
-            tail = handle.read().decode("utf-8", "replace").splitlines()
+            tail = [_RANK_PREFIX.sub("", line) for line in handle.read().decode("utf-8", "replace").splitlines()]
     except OSError:
         return None
     if not any("Traceback (most recent call last)" in line for line in tail):

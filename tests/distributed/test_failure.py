@@ -43,7 +43,8 @@ def test_stderr_traceback_when_no_error_file(tmp_path):
     (attempt / "0" / "stderr.log").write_text("warning: something\n")
     (attempt / "1").mkdir()
     (attempt / "1" / "stderr.log").write_text(
-        "Traceback (most recent call last):\n  File \"x.py\", line 1\nZeroDivisionError: division by zero\n")
+        "[rank5]: Traceback (most recent call last):\n[rank5]:   File \"x.py\", line 1\n"
+        "[rank5]: ZeroDivisionError: division by zero\n")
     assert first_failure(_plan(tmp_path)) == "rank 5 on host algo-3 failed first: ZeroDivisionError: division by zero"
 
 

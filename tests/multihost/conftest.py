@@ -1,0 +1,55 @@
+"""Fixtures for multi-host tests: network namespaces (one per host) and an S3 server they can reach."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.conftest import DUMMY_CREDS, free_port
+from tests.multihost.netns import NetnsCluster, RootS3, netns_permitted
+
+
+@pytest.fixture(scope="session")
+def netns_reason() -> str | None:
+    return netns_permitted()
+
+
+@pytest.fixture
+def netns_cluster(netns_reason) -> Iterator[Callable[..., NetnsCluster]]:
+    """A factory: ``netns_cluster(2)`` builds two host namespaces; all are removed after the test."""
+    if netns_reason:
+        pytest.skip(netns_reason)
+    made: list[NetnsCluster] = []
+
+    def _make(count: int = 2, **kwargs) -> NetnsCluster:
+        cluster = NetnsCluster(count, **kwargs)
+        made.append(cluster)
+        return cluster.open()
+
+    try:
+        yield _make
+    finally:
+        for cluster in made:
+            cluster.close()
+
+
+@pytest.fixture
+def root_s3(tmp_path: Path) -> Iterator[Callable[[NetnsCluster], RootS3]]:
+    """A factory: a moto server on a cluster's root address (reachable from every host namespace)."""
+    servers: list[RootS3] = []
+
+    def _start(cluster: NetnsCluster) -> RootS3:
+        server = RootS3(cluster.root_addr, free_port(), tmp_path / f"moto-{cluster.tag}.log",
+                        Path(sys.executable).parent)
+        servers.append(server)
+        server.start(dict(DUMMY_CREDS, PATH="/usr/bin:/bin"))
+        return server
+
+    try:
+        yield _start
+    finally:
+        for server in servers:
+            server.stop()
