@@ -24,7 +24,7 @@ from typing import BinaryIO, Optional, Sequence
 from agent.job import MetricDefinition
 from agent.settings import Settings
 from agent.telemetry.lines import LineSplitter
-from agent.telemetry.metrics import MetricMatcher, MetricPoint
+from agent.telemetry.metrics import MetricMatcher, MetricPoint, parse_definitions
 from agent.telemetry.sinks import MetricsFile, TensorBoardSink
 
 __all__ = ["LogCapture"]
@@ -84,7 +84,8 @@ class LogCapture:
         out: a binary stream, normally ``sys.stdout.buffer``.
         job_log: the job log file (appended to), or None.
         settings: the telemetry settings (``log_tag``, ``log_json``, ``log_max_line``, ``log_poll_interval``).
-        metric_definitions: SageMaker-style regex metrics applied to every line.
+        metric_definitions: SageMaker-style regex metrics applied to every line (the job spec's); those of
+            the ``TORCHBAY_METRIC_DEFINITIONS`` setting are added unless a name is already defined.
         metrics_file: JSON-lines file for metric points, or None.
         tensorboard_dir: where metric points also go as TensorBoard scalars (when tensorboard is installed).
         log: the agent's logger for warnings about definitions and output errors.
@@ -110,7 +111,10 @@ class LogCapture:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
-        self._matcher = MetricMatcher(metric_definitions, log=self._log)
+        definitions = list(metric_definitions)
+        names = {d.name for d in definitions}
+        definitions += [d for d in parse_definitions(settings.metric_definitions) if d.name not in names]
+        self._matcher = MetricMatcher(definitions, log=self._log)
         self._metrics = MetricsFile(metrics_file) if metrics_file is not None else None
         self._tensorboard: Optional[TensorBoardSink] = None
         if tensorboard_dir is not None and self._matcher:

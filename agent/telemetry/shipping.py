@@ -1,0 +1,102 @@
+"""Shipping: copy the job log and the metrics file to the job's output prefix now and then, and at the end.
+
+A file is uploaded only when it changed since its last upload, from a snapshot of
+its first ``size`` bytes (the capture thread may be appending meanwhile). A failed
+upload is logged and retried at the next turn; it never ends the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from agent.errors import StorageError
+from agent.storage import redact
+
+__all__ = ["Shipper"]
+
+
+class Shipper:
+    """Upload ``files`` (local path, URI) every ``interval`` seconds from :meth:`start` and once more at :meth:`close`."""
+
+    def __init__(self, storage: Any, files: Sequence[tuple[Path, str]], *, interval: float,
+                 log: Optional[logging.Logger] = None) -> None:
+        self._storage = storage
+        self._files = list(files)
+        self._interval = interval
+        self._log = log or logging.getLogger("torchbay.telemetry")
+        self._shipped: dict[Path, tuple[int, int]] = {}
+        self._failing: set[Path] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Start periodic uploads. Idempotent."""
+        if self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._run, name="torchbay-ship", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.ship()
+            except Exception:  # the shipping thread's top level: keep going, say why
+                self._log.exception("telemetry: periodic upload of the job log failed; retrying later")
+
+    def ship(self) -> list[str]:
+        """Upload every file that changed; returns the URIs that failed."""
+        failed = []
+        with self._lock:
+            for path, uri in self._files:
+                if not self._ship_one(path, uri):
+                    failed.append(uri)
+        return failed
+
+    def _ship_one(self, path: Path, uri: str) -> bool:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return True
+        key = (stat.st_size, stat.st_mtime_ns)
+        if self._shipped.get(path) == key:
+            return True
+        try:
+            with tempfile.TemporaryDirectory(prefix=".ship-", dir=path.parent) as tmp:
+                snapshot = Path(tmp) / path.name
+                with open(path, "rb") as src, open(snapshot, "wb") as dst:
+                    _copy_prefix(src, dst, stat.st_size)
+                self._storage.put_file(snapshot, uri)
+        except (StorageError, OSError) as err:
+            if path not in self._failing:
+                self._log.warning("telemetry: uploading %s to %s failed (%s); will retry", path, redact(uri),
+                                  redact(str(err)))
+            self._failing.add(path)
+            return False
+        if path in self._failing:
+            self._log.info("telemetry: uploading %s to %s works again", path, redact(uri))
+            self._failing.discard(path)
+        self._shipped[path] = key
+        return True
+
+    def close(self) -> list[str]:
+        """Stop the timer and upload once more; returns the URIs that could not be uploaded. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.ship()
+
+
+def _copy_prefix(src: Any, dst: Any, size: int) -> None:
+    remaining = size
+    while remaining > 0:
+        chunk = src.read(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        dst.write(chunk)
+        remaining -= len(chunk)
+
