@@ -207,7 +207,7 @@ _SYNC = (
     _s("sync_workers", "TORCHBAY_SYNC_WORKERS", int, 4,
        "Uploads the live sync runs at once (each large file also sends up to 4 parts at once).", "sync",
        _positive),
-    _s("sync_settle", "TORCHBAY_SYNC_SETTLE", float, 0.1,
+    _s("sync_settle", "TORCHBAY_SYNC_SETTLE", float, 0.05,
        "Seconds a closed file must stay untouched before it is uploaded (bursts of writes become one upload).",
        "sync", _non_negative),
     _s("sync_stable", "TORCHBAY_SYNC_STABLE", float, 2.0,
