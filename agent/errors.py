@@ -24,6 +24,7 @@ __all__ = [
     "DiskFullError",
     "DistributedError",
     "ModelLoadError",
+    "RequestError",
     "exit_code_for",
 ]
 
@@ -124,6 +125,14 @@ class ModelLoadError(TorchBayError):
     """The model could not be found or loaded for serving."""
 
     exit_code = 3  # gunicorn's WORKER_BOOT_ERROR
+
+
+class RequestError(TorchBayError):
+    """One inference request failed; ``status`` is the HTTP status its JSON reply carries (never an exit)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def exit_code_for(error: BaseException) -> int:

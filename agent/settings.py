@@ -198,7 +198,47 @@ _DISTRIBUTED = (
 )
 
 # --- serving (issue 6) -------------------------------------------------------------------------
-_SERVING: tuple = ()
+def _opt_int(text: str) -> Optional[int]:
+    return int(text) if text.strip() else None
+
+
+_SERVING = (
+    _s("serve_port", "SAGEMAKER_BIND_TO_PORT", int, 8080,
+       "Port `torchbay serve` listens on (the --port flag overrides it).", "serving", _non_negative),
+    _s("serve_host", "TORCHBAY_SERVE_HOST", str, "0.0.0.0",
+       "Address `torchbay serve` binds to (--host overrides it).", "serving"),
+    _s("serve_model_uri", ("TORCHBAY_MODEL_URI", "SAGEMAKER_MODEL_DATA"), _opt_str, None,
+       "A model.tar.gz (s3:// or file://) fetched and unpacked into <root>/model before serving (unset: use "
+       "what is there).", "serving"),
+    _s("serve_program", "SAGEMAKER_PROGRAM", str, "inference.py",
+       "The module in <model>/code whose hooks (model_fn, input_fn, predict_fn, output_fn, transform_fn) are "
+       "used when it exists.", "serving"),
+    _s("serve_workers", "SAGEMAKER_MODEL_SERVER_WORKERS", _opt_int, None,
+       "Worker processes (unset: one per core, or one per GPU).", "serving", _positive),
+    _s("serve_torch_threads", "TORCHBAY_SERVE_TORCH_THREADS", _opt_int, None,
+       "torch intra-op threads per worker (unset: cores // workers, at least 1).", "serving", _positive),
+    _s("serve_http_threads", "TORCHBAY_SERVE_HTTP_THREADS", _opt_int, None,
+       "Requests each worker holds at once (unset: 2 x the batch size, at least 4).", "serving", _positive),
+    _s("serve_timeout", ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"), float, 60.0,
+       "Seconds a request may take; a slower one is answered 504 and the worker lives on.", "serving", _positive),
+    _s("serve_max_payload_mb", "SAGEMAKER_MAX_PAYLOAD_IN_MB", float, 6.0,
+       "Largest request body in MiB; a bigger one is answered 413 before it is read.", "serving", _positive),
+    _s("serve_default_accept", "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", str, "application/json",
+       "Response type when a request has no Accept header or accepts anything.", "serving"),
+    _s("serve_batch_size", ("TORCHBAY_SERVE_BATCH_SIZE", "SAGEMAKER_TS_BATCH_SIZE"), int, 1,
+       "Dynamic batching: most requests joined into one forward() (1: no batching).", "serving", _positive),
+    _s("serve_batch_delay_ms", ("TORCHBAY_SERVE_BATCH_DELAY_MS", "SAGEMAKER_TS_MAX_BATCH_DELAY"), float, 5.0,
+       "Dynamic batching: longest wait in ms for more requests once one is waiting (none when it is alone).",
+       "serving", _non_negative),
+    _s("serve_grace_period", "TORCHBAY_SERVE_GRACE_PERIOD", float, 25.0,
+       "Seconds SIGTERM gives in-flight requests before workers are killed (SageMaker kills at 30).", "serving",
+       _positive),
+    _s("serve_preload", "TORCHBAY_SERVE_PRELOAD", parse_bool, True,
+       "Load the model once before the workers fork, so its weights are shared (off: one copy per worker; "
+       "always off on GPUs).", "serving"),
+    _s("serve_crash_window", "TORCHBAY_SERVE_CRASH_WINDOW", float, 10.0,
+       "Seconds /ping stays unhealthy after a worker died unexpectedly.", "serving", _non_negative),
+)
 
 # --- live sync (issue 8) -----------------------------------------------------------------------
 _SYNC = (

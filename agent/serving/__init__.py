@@ -1,0 +1,131 @@
+"""``torchbay serve``: fetch the model, load it once, and serve it behind gunicorn + flask.
+
+The SageMaker hosting contract on port 8080 (``SAGEMAKER_BIND_TO_PORT``): ``GET /ping``,
+``POST /invocations``, ``GET /execution-parameters``, plus Prometheus ``GET /metrics``.
+Nothing heavy is imported until the config is resolved; torch is imported once, in the master,
+before the workers fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Mapping, Optional, Sequence
+
+__all__ = ["main", "parse_args", "EXIT_OK", "EXIT_MODEL_LOAD"]
+
+EXIT_OK = 0
+EXIT_MODEL_LOAD = 3  # ModelLoadError: gunicorn's WORKER_BOOT_ERROR
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of ``torchbay serve``; every flag overrides its setting."""
+    parser = argparse.ArgumentParser(prog="torchbay serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", dest="serve_host", help="address to bind (TORCHBAY_SERVE_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", dest="serve_port", type=int, help="port (SAGEMAKER_BIND_TO_PORT, default 8080)")
+    parser.add_argument("--model-uri", dest="serve_model_uri",
+                        help="model.tar.gz to fetch and unpack first (s3:// or file://)")
+    parser.add_argument("--workers", dest="serve_workers", type=int,
+                        help="worker processes (SAGEMAKER_MODEL_SERVER_WORKERS)")
+    parser.add_argument("--torch-threads", dest="serve_torch_threads", type=int,
+                        help="torch threads per worker (TORCHBAY_SERVE_TORCH_THREADS)")
+    parser.add_argument("--http-threads", dest="serve_http_threads", type=int,
+                        help="requests a worker holds at once (TORCHBAY_SERVE_HTTP_THREADS)")
+    parser.add_argument("--batch-size", dest="serve_batch_size", type=int,
+                        help="dynamic batching: most requests per forward() (TORCHBAY_SERVE_BATCH_SIZE)")
+    parser.add_argument("--batch-delay-ms", dest="serve_batch_delay_ms", type=float,
+                        help="dynamic batching: longest wait for more requests (TORCHBAY_SERVE_BATCH_DELAY_MS)")
+    parser.add_argument("--timeout", dest="serve_timeout", type=float,
+                        help="seconds per request (SAGEMAKER_MODEL_SERVER_TIMEOUT)")
+    parser.add_argument("--no-preload", dest="serve_preload", action="store_const", const=False,
+                        help="load the model in each worker instead of once before the fork")
+    parser.add_argument("--root", dest="root", help="root of the layout (TORCHBAY_ROOT, default /opt/ml)")
+    return parser.parse_args(list(argv) if argv is not None else None)
+
+
+def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
+    """Serve until SIGTERM; the exit code (3 when the model cannot be loaded)."""
+    from agent.errors import TorchBayError, exit_code_for
+    from agent.settings import read_settings
+
+    args = parse_args(argv)
+    env = dict(os.environ if env is None else env)
+    log = logging.getLogger("torchbay.serve")
+    try:
+        settings = read_settings(env)
+        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s [serve] %(message)s")
+        return _serve(settings, vars(args), env, log)
+    except TorchBayError as err:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        log.error("%s: %s", err.kind if err.kind != "TorchBayError" else type(err).__name__, err.message)
+        return exit_code_for(err)
+    except Exception as err:  # top level: a bug; logged with its traceback
+        log.exception("torchbay serve failed")
+        return exit_code_for(err)
+
+
+def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logger) -> int:
+    from agent.errors import ModelLoadError
+    from agent.serving.config import resolve_config
+    from agent.serving.fetch import fetch_model, install_requirements
+
+    gpus = _gpu_count(log)
+    config = resolve_config(settings, overrides, gpus=gpus)
+    log.info("serving %s on %s:%d: %d workers x %d torch threads, %d requests each, batch %d (%g ms), "
+             "preload %s", config.model_dir, config.host, config.port, config.workers, config.torch_threads,
+             config.http_threads, config.batch_size, config.batch_delay * 1000, config.preload)
+    if config.model_uri:
+        fetch_model(config.model_uri, config.model_dir, endpoint_url=settings.endpoint_url, log=log)
+    install_requirements(config.code_dir, env=env, log=log)
+
+    import torch  # once, in the master, after the config is resolved
+
+    from agent.serving.app import Serving, create_app
+    from agent.serving.model import ModelHandler
+    from agent.serving.server import run_server
+    from agent.serving.shared import SharedState
+
+    handler = ModelHandler(config.model_dir, config.code_dir, config.program,
+                           default_accept=config.default_accept, batch_size=config.batch_size, log=log)
+    if config.preload:
+        # One thread in the master: no OpenMP pool exists to be broken by the fork.
+        torch.set_num_threads(1)
+        handler.load()
+        handler.warm_up()
+    serving = Serving(config, handler, SharedState(), log)
+
+    def worker_boot() -> None:
+        torch.set_num_threads(config.torch_threads)
+        if not handler.loaded:
+            if config.gpus:
+                handler.use_gpu(os.getpid() % config.gpus)
+            try:
+                handler.load()
+                handler.warm_up()
+            except ModelLoadError as err:
+                log.error("%s", err)
+                sys.exit(EXIT_MODEL_LOAD)
+
+    return run_server(serving, create_app(serving), worker_boot=worker_boot)
+
+
+def _gpu_count(log: logging.Logger) -> int:
+    """GPUs NVML sees (without touching CUDA, so forking stays safe); 0 with one INFO line when none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as err:  # no NVML library or driver: CPU serving
+        log.info("no GPU found (%s); serving on CPU", type(err).__name__)
+        return 0
+    if count == 0:
+        log.info("no GPU found; serving on CPU")
+    return count
+

@@ -1,0 +1,185 @@
+"""The flask app: ``/ping``, ``/invocations``, ``/execution-parameters`` and ``/metrics``.
+
+Every error is a JSON body ``{"code": N, "error": "<phrase>", "message": "<reason>"}`` with no
+traceback; tracebacks of model errors go to the log only.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from agent.errors import RequestError
+from agent.serving import codecs
+from agent.serving.batching import Runner
+from agent.serving.config import ServeConfig
+from agent.serving.model import ModelHandler
+from agent.serving.shared import SharedState
+
+__all__ = ["Serving", "create_app"]
+
+
+@dataclass(frozen=True)
+class _Transform:
+    body: bytes
+    content_type: str
+    accept: str
+
+
+class Serving:
+    """What one worker serves with: the config, the loaded handler, the shared state and, after fork, a runner."""
+
+    def __init__(self, config: ServeConfig, handler: ModelHandler, state: SharedState,
+                 log: Optional[logging.Logger] = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.state = state
+        self.log = log or logging.getLogger("torchbay.serve")
+        self.runner: Optional[Runner] = None
+
+    def start_worker(self) -> None:
+        """In a freshly forked worker: start the inference thread."""
+        batch = self.config.batch_size if not self.handler.has_transform else 1
+        self.runner = Runner(self._run_one, self.handler.predict_batch if batch > 1 else None,
+                             max_batch=batch, max_delay=self.config.batch_delay,
+                             on_batch=self.state.record_batch, log=self.log)
+        self.runner.start()
+
+    def stop_worker(self) -> None:
+        if self.runner is not None:
+            self.runner.stop(timeout=self.config.grace_period)
+
+    def _run_one(self, data: Any) -> Any:
+        if isinstance(data, _Transform):
+            return self.handler.transform(data.body, data.content_type, data.accept)
+        return self.handler.predict(data)
+
+
+def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
+    """The WSGI application (flask, wrapped to count every response in the shared metrics)."""
+    app = Flask("torchbay.serve")
+    config = serving.config
+    log = serving.log
+    registry = _registry(serving.state)
+
+    def error(status: int, message: str, *, close: bool = False) -> Response:
+        body = json.dumps({"code": status, "error": _phrase(status), "message": message})
+        response = Response(body, status=status, content_type=codecs.JSON)
+        if close:
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.get("/ping")
+    def ping() -> Response:
+        if serving.runner is None or not serving.handler.loaded:
+            return error(503, "the model is not loaded in this worker yet")
+        healthy, reason = serving.state.health(config.workers, config.crash_window)
+        if not healthy:
+            return Response(json.dumps({"status": "Unhealthy", "reason": reason}), status=503,
+                            content_type=codecs.JSON)
+        return Response('{"status": "Healthy"}', status=200, content_type=codecs.JSON)
+
+    @app.get("/execution-parameters")
+    def execution_parameters() -> Response:
+        return Response(json.dumps(config.execution_parameters()), status=200, content_type=codecs.JSON)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), status=200, content_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/invocations")
+    def invocations() -> Response:
+        started = time.monotonic()
+        runner = serving.runner
+        if runner is None:
+            return error(503, "this worker is not ready yet; retry")
+        limit = config.max_payload_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            return error(413, f"the body has {length} bytes, over the limit of {limit} "
+                              f"({config.max_payload_bytes / 1048576:g} MiB); send less or raise "
+                              "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
+        content_type = request.headers.get("Content-Type") or codecs.JSON
+        handler = serving.handler
+        try:
+            accept = handler.check_accept(request.headers.get("Accept"))
+            if not handler.has_transform and not handler.custom_input \
+                    and codecs.media_type(content_type) not in codecs.DECODABLE:
+                raise RequestError(415, f"Content-Type {content_type!r} is not supported; send one of "
+                                        f"{', '.join(codecs.DECODABLE)}")
+            body = request.stream.read(limit + 1)
+            if len(body) > limit:
+                return error(413, f"the body is over the limit of {limit} bytes; send less or raise "
+                                  "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
+            if handler.has_transform:
+                future = runner.submit(_Transform(body, content_type, accept))
+            else:
+                with runner.arriving():
+                    data, key = handler.input(body, content_type)
+                    future = runner.submit(data, key)
+            remaining = config.timeout - (time.monotonic() - started)
+            try:
+                result = future.result(max(0.0, remaining))
+            except TimeoutError:
+                future.cancel()
+                log.warning("a request took longer than %g s; answered 504", config.timeout)
+                return error(504, f"the model did not answer within {config.timeout:g} s; raise "
+                                  "SAGEMAKER_MODEL_SERVER_TIMEOUT or send less per request")
+            payload, out_type = result if handler.has_transform else handler.output(result, accept)
+        except RequestError as err:
+            if err.status >= 500:
+                log.error("invocation failed (%d): %s", err.status, err.message, exc_info=err.__cause__ or err)
+            return error(err.status, err.message)
+        except Exception as err:  # top of a request: a bug or an unexpected failure; logged, never fatal
+            log.exception("invocation failed")
+            return error(500, f"internal error: {type(err).__name__}; see the server log")
+        return Response(payload, status=200, content_type=out_type)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        return error(status, err.description or _phrase(status))
+
+    flask_app = app.wsgi_app
+    state = serving.state
+
+    def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.monotonic()
+        seen: list[int] = []
+
+        def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+            seen.append(int(status[:3]))
+            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+        result = flask_app(environ, capture)
+        path = environ.get("PATH_INFO", "").strip("/") or "other"
+        state.record_request(path, seen[0] if seen else 500, time.monotonic() - started)
+        return result
+
+    app.wsgi_app = counted  # type: ignore[method-assign]
+    return app
+
+
+def _registry(state: SharedState) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(state.collector())
+    return registry
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+

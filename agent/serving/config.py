@@ -1,0 +1,104 @@
+"""Serving settings resolved once: settings and flags in, one frozen ServeConfig out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from agent.errors import ConfigError
+from agent.job import Layout
+from agent.settings import Settings
+
+__all__ = ["ServeConfig", "resolve_config", "available_cores"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the server needs, decided before the model is loaded."""
+
+    layout: Layout
+    host: str
+    port: int
+    model_uri: Optional[str]
+    program: str
+    workers: int
+    torch_threads: int
+    http_threads: int
+    timeout: float  # seconds per request
+    max_payload_bytes: int
+    default_accept: str
+    batch_size: int
+    batch_delay: float  # seconds
+    grace_period: float
+    preload: bool
+    crash_window: float
+    gpus: int
+    log_level: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.layout.model_dir
+
+    @property
+    def code_dir(self) -> Path:
+        return self.layout.model_dir / "code"
+
+    def execution_parameters(self) -> dict[str, Any]:
+        """The body of ``GET /execution-parameters`` (SageMaker batch transform)."""
+        return {
+            "MaxConcurrentTransforms": self.workers * self.http_threads,
+            "BatchStrategy": "MULTI_RECORD",
+            "MaxPayloadInMB": max(1, int(self.max_payload_bytes // (1024 * 1024))),
+        }
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = None, *,
+                   cores: Optional[int] = None, gpus: int = 0) -> ServeConfig:
+    """Settings plus command-line ``overrides`` (None values ignored) into a ServeConfig.
+
+    Workers default to one per GPU, else one per core; torch threads to cores // workers, so
+    workers x threads never exceed the cores unless both are set explicitly.
+    """
+    values = {key: value for key, value in (overrides or {}).items() if value is not None}
+    unknown = set(values) - set(settings.as_dict())
+    if unknown:
+        raise ConfigError(f"unknown serving overrides {sorted(unknown)}; this is a bug in the caller")
+    settings = settings.replace(**values)
+    cores = cores or available_cores()
+    workers = settings.serve_workers or (gpus if gpus else cores)
+    torch_threads = settings.serve_torch_threads or max(1, cores // workers)
+    batch_size = settings.serve_batch_size
+    http_threads = settings.serve_http_threads or max(4, 2 * batch_size)
+    port = settings.serve_port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a TCP port; set SAGEMAKER_BIND_TO_PORT or --port to 1..65535")
+    return ServeConfig(
+        layout=Layout(Path(settings.root)),
+        host=settings.serve_host,
+        port=port,
+        model_uri=settings.serve_model_uri,
+        program=settings.serve_program,
+        workers=workers,
+        torch_threads=torch_threads,
+        http_threads=http_threads,
+        timeout=settings.serve_timeout,
+        max_payload_bytes=int(settings.serve_max_payload_mb * 1024 * 1024),
+        default_accept=settings.serve_default_accept,
+        batch_size=batch_size,
+        batch_delay=settings.serve_batch_delay_ms / 1000.0,
+        grace_period=settings.serve_grace_period,
+        preload=settings.serve_preload and gpus == 0,
+        crash_window=settings.serve_crash_window,
+        gpus=gpus,
+        log_level=settings.log_level,
+    )

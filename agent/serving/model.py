@@ -1,0 +1,327 @@
+"""The model and the user's hooks, called exactly as the SageMaker PyTorch inference toolkit calls them.
+
+By default ``model.pt`` (or the only ``.pt``/``.pth``) is loaded with ``torch.jit.load``, put in
+eval mode and called under ``torch.inference_mode()``. When ``<model>/code/<program>`` exists, its
+``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn`` or ``transform_fn`` replace the defaults;
+each may take a trailing ``context`` argument, detected by its parameter count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
+
+from agent.errors import ModelLoadError, RequestError
+from agent.serving import codecs
+
+__all__ = ["Context", "ModelHandler", "find_model_file"]
+
+_HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn", "model_warmup_fn")
+# Messages of torch errors that mean "the input has the wrong shape or type", answered 400.
+_SHAPE_ERROR = re.compile(
+    r"shape|size|dimension|dtype|scalar type|channels|expected .*input|must match|out of range", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a hook's optional ``context`` argument gets (the fields SageMaker's handlers read)."""
+
+    model_dir: str
+    gpu_id: Optional[int] = None
+    batch_size: int = 1
+    system_properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+def find_model_file(model_dir: Path) -> Path:
+    """``model.pt``, else the only ``*.pt``/``*.pth`` in ``model_dir``; ModelLoadError otherwise."""
+    preferred = model_dir / "model.pt"
+    if preferred.is_file():
+        return preferred
+    found = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".pt", ".pth")) \
+        if model_dir.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelLoadError(
+            f"no model.pt (or other .pt/.pth file) in {model_dir}; save one with torch.jit.save, set "
+            "TORCHBAY_MODEL_URI to a model.tar.gz, or give code/inference.py a model_fn"
+        )
+    names = ", ".join(p.name for p in found)
+    raise ModelLoadError(f"{model_dir} holds several model files ({names}); name the one to serve model.pt")
+
+
+def _arity_call(func: Callable[..., Any], context: Context) -> Callable[..., Any]:
+    """A caller that adds ``context`` when ``func`` takes one argument more than it is given."""
+    try:
+        count = len(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return func
+
+    def call(*args: Any) -> Any:
+        if count == len(args) + 1:
+            return func(*args, context)
+        return func(*args)
+
+    return call
+
+
+class ModelHandler:
+    """Loads the model once and turns request bodies into responses through the hooks."""
+
+    def __init__(self, model_dir: Path, code_dir: Path, program: str, *, default_accept: str,
+                 device: str = "cpu", gpu_id: Optional[int] = None, batch_size: int = 1,
+                 log: Optional[logging.Logger] = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.code_dir = Path(code_dir)
+        self.program = program
+        self.default_accept = default_accept
+        self.device = device
+        self.context = Context(str(model_dir), gpu_id, batch_size,
+                               {"model_dir": str(model_dir), "gpu_id": gpu_id, "batch_size": batch_size,
+                                "server_name": "torchbay"})
+        self._log = log or logging.getLogger("torchbay.serve")
+        self._user: dict[str, Callable[..., Any]] = {}
+        self.model: Any = None
+        self.loaded = False
+
+    # --- loading -----------------------------------------------------------------------------
+    def use_gpu(self, gpu_id: int) -> None:
+        """Serve on ``cuda:<gpu_id>`` (call in the worker, before load)."""
+        self.device = f"cuda:{gpu_id}"
+        props = dict(self.context.system_properties, gpu_id=gpu_id)
+        self.context = Context(self.context.model_dir, gpu_id, self.context.batch_size, props)
+
+    @property
+    def user_module(self) -> Optional[Path]:
+        name = self.program if self.program.endswith(".py") else self.program + ".py"
+        path = self.code_dir / name
+        return path if path.is_file() else None
+
+    @property
+    def has_transform(self) -> bool:
+        return "transform_fn" in self._user
+
+    @property
+    def custom_input(self) -> bool:
+        return "input_fn" in self._user
+
+    @property
+    def custom_output(self) -> bool:
+        return "output_fn" in self._user
+
+    def load(self) -> None:
+        """Import the user's hooks (if any) and load the model; raises ModelLoadError with the reason."""
+        self._import_hooks()
+        try:
+            if "model_fn" in self._user:
+                self.model = self._user["model_fn"](str(self.model_dir))
+            else:
+                self.model = self._default_model_fn()
+        except ModelLoadError:
+            raise
+        except Exception as err:  # the user's model_fn: any failure is a load failure, logged with its traceback
+            self._log.exception("model_fn failed")
+            raise ModelLoadError(f"loading the model from {self.model_dir} failed: {_short(err)}") from err
+        if self.model is None and not self.has_transform:
+            raise ModelLoadError(f"model_fn in {self.user_module} returned None; return the loaded model")
+        self.loaded = True
+
+    def warm_up(self) -> None:
+        """Run the user's ``model_warmup_fn(model_dir, model)`` if there is one."""
+        if "model_warmup_fn" in self._user:
+            self._user["model_warmup_fn"](str(self.model_dir), self.model)
+
+    def _import_hooks(self) -> None:
+        path = self.user_module
+        if path is None:
+            return
+        code_dir = str(self.code_dir)
+        if code_dir not in sys.path:
+            sys.path.insert(0, code_dir)
+        name = path.stem
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except Exception as err:  # the user's module: any import failure is a load failure
+            self._log.exception("importing %s failed", path)
+            raise ModelLoadError(f"importing {path} failed: {_short(err)}; fix the module or its requirements.txt") \
+                from err
+        self._user = {hook: _arity_call(getattr(module, hook), self.context)
+                      for hook in _HOOKS if callable(getattr(module, hook, None))}
+        if self.has_transform and {"input_fn", "predict_fn", "output_fn"} & set(self._user):
+            raise ModelLoadError(
+                f"{path} defines transform_fn and also input_fn/predict_fn/output_fn; keep one or the other "
+                "(as the SageMaker toolkit requires)"
+            )
+        self._log.info("using hooks from %s: %s", path, ", ".join(sorted(self._user)) or "none")
+
+    def _default_model_fn(self) -> Any:
+        import torch
+
+        path = find_model_file(self.model_dir)
+        try:
+            model = torch.jit.load(str(path), map_location=self.device)
+        except (RuntimeError, ValueError) as err:
+            raise ModelLoadError(
+                f"{path} is not a TorchScript model ({_short(err)}); save it with "
+                "torch.jit.save(torch.jit.script(model), 'model.pt') or give code/inference.py a model_fn"
+            ) from err
+        model.eval()
+        self._log.info("loaded TorchScript model %s on %s", path, self.device)
+        return model
+
+    # --- requests ----------------------------------------------------------------------------
+    def check_accept(self, accept: Optional[str]) -> str:
+        """The accept value hooks get; 406 early when the default encoder cannot satisfy it."""
+        if self.custom_output or self.has_transform:
+            return accept if accept and accept.strip() and accept.strip() != "*/*" else self.default_accept
+        return codecs.negotiate(accept, self.default_accept)
+
+    def input(self, body: bytes, content_type: str) -> tuple[Any, Optional[Hashable]]:
+        """The model input for a body, and a key: inputs with equal keys can be batched (None: never)."""
+        if "input_fn" in self._user:
+            payload: Any = body
+            if codecs.media_type(content_type) in (codecs.JSON, codecs.CSV):
+                try:
+                    payload = body.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RequestError(400, f"{codecs.media_type(content_type)} body is not UTF-8 text") from None
+            data = _user_call(self._user["input_fn"], payload, content_type, stage="input_fn", client_errors=True)
+        else:
+            data = _to_tensor(codecs.decode(body, content_type))
+        return data, _batch_key(data)
+
+    def predict(self, data: Any) -> Any:
+        """One prediction (no batching)."""
+        if "predict_fn" in self._user:
+            return _user_call(self._user["predict_fn"], data, self.model, stage="predict_fn")
+        return self._default_predict(data)
+
+    def predict_batch(self, inputs: Sequence[Any]) -> Optional[list[Any]]:
+        """Predictions for inputs joined along dim 0, split back by rows; None when the output cannot be split."""
+        import torch
+
+        rows = [int(item.shape[0]) for item in inputs]
+        joined = torch.cat(list(inputs), dim=0)
+        output = self.predict(joined)
+        if not isinstance(output, torch.Tensor) or output.dim() == 0 or int(output.shape[0]) != sum(rows):
+            return None
+        return list(torch.split(output, rows, dim=0))
+
+    def output(self, prediction: Any, accept: str) -> tuple[bytes, str]:
+        """The response body and its Content-Type."""
+        if "output_fn" in self._user:
+            result = _user_call(self._user["output_fn"], prediction, accept, stage="output_fn")
+            return _body_and_type(result, accept)
+        return codecs.encode(prediction, accept), accept
+
+    def transform(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
+        """The whole request through the user's ``transform_fn``."""
+        payload: Any = body
+        if codecs.media_type(content_type) in (codecs.JSON, codecs.CSV):
+            try:
+                payload = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(400, f"{codecs.media_type(content_type)} body is not UTF-8 text") from None
+        result = _user_call(self._user["transform_fn"], self.model, payload, content_type, accept,
+                            stage="transform_fn", client_errors=True)
+        return _body_and_type(result, accept)
+
+    def _default_predict(self, data: Any) -> Any:
+        import torch
+
+        inputs = data if isinstance(data, tuple) else (data,)
+        if self.device != "cpu":
+            inputs = tuple(item.to(self.device) for item in inputs)
+        try:
+            with torch.inference_mode():
+                output = self.model(*inputs)
+        except RuntimeError as err:
+            raise _classify_model_error(err) from err
+        if isinstance(output, torch.Tensor) and output.device.type != "cpu":
+            output = output.cpu()
+        return output
+
+
+def _to_tensor(array: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(array, tuple):
+        return tuple(_to_tensor(item) for item in array)
+    if not array.flags.writeable:
+        array = array.copy()
+    if array.dtype.kind not in "biuf":
+        raise RequestError(400, f"array of dtype {array.dtype} is not numeric; send numbers")
+    if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
+        array = array.astype(np.int64)
+    return torch.from_numpy(array)
+
+
+def _batch_key(data: Any) -> Optional[Hashable]:
+    shape = getattr(data, "shape", None)
+    dtype = getattr(data, "dtype", None)
+    if shape is None or dtype is None or len(shape) < 2 or isinstance(data, tuple):
+        return None
+    return (tuple(shape[1:]), str(dtype))
+
+
+def _classify_model_error(err: BaseException) -> RequestError:
+    reason = _short(err)
+    if _SHAPE_ERROR.search(reason):
+        return RequestError(400, f"the model rejected the input: {reason}; check the shape and dtype you send")
+    return RequestError(500, f"the model failed: {reason}")
+
+
+def _user_call(func: Callable[..., Any], *args: Any, stage: str, client_errors: bool = False) -> Any:
+    """Call a hook; its failures become RequestErrors (the user's own status when it carries one)."""
+    try:
+        return func(*args)
+    except RequestError:
+        raise
+    except Exception as err:  # the user's code: classified, never allowed to kill the worker
+        status = getattr(err, "status_code", None)
+        if isinstance(status, int) and 400 <= status <= 599:
+            raise RequestError(status, f"{stage}: {_short(err)}") from err
+        if client_errors and isinstance(err, (ValueError, TypeError, KeyError, UnicodeDecodeError)):
+            raise RequestError(400, f"{stage} rejected the input: {_short(err)}") from err
+        if isinstance(err, RuntimeError) and stage in ("predict_fn", "transform_fn"):
+            classified = _classify_model_error(err)
+            classified.message = f"{stage}: {classified.message}"
+            raise classified from err
+        raise RequestError(500, f"{stage} failed: {_short(err)}") from err
+
+
+def _body_and_type(result: Any, accept: str) -> tuple[bytes, str]:
+    content_type = codecs.media_type(accept.split(",")[0]) or accept
+    if isinstance(result, tuple) and len(result) == 2:
+        result, content_type = result
+    if isinstance(result, str):
+        result = result.encode("utf-8")
+    if isinstance(result, (bytearray, memoryview)):
+        result = bytes(result)
+    if not isinstance(result, bytes):
+        try:
+            result = codecs.encode(result, content_type)
+        except RequestError as err:
+            raise RequestError(500, f"output_fn returned {type(result).__name__}, not bytes or str ({err})") \
+                from None
+    return result, content_type
+
+
+def _short(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    text = re.sub(r"^(RuntimeError|ValueError|TypeError|builtins\.\w+):\s*", "", text)
+    return text[:300]
+

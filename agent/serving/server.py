@@ -1,0 +1,116 @@
+"""The gunicorn launcher: this process becomes the master, the workers fork from it.
+
+With preload (the default on CPU) the model was loaded here before the fork, so its weights
+are shared copy-on-write by every worker. The master tracks which workers booted and which
+died unexpectedly (``/ping`` reads it); SIGTERM drains in-flight requests and stops every
+worker within the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+
+from agent.serving.app import Serving
+
+__all__ = ["run_server", "gunicorn_options"]
+
+
+def gunicorn_options(serving: Serving) -> dict[str, Any]:
+    """The gunicorn settings for a ServeConfig."""
+    config = serving.config
+    return {
+        "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
+        "workers": config.workers,
+        "worker_class": "gthread",
+        "threads": config.http_threads,
+        "timeout": max(30, int(config.timeout) + 30),  # heartbeat only: slow requests are answered 504 first
+        "graceful_timeout": max(1, int(round(config.grace_period))),
+        "keepalive": 5,
+        "backlog": 2048,
+        "accesslog": None,
+        "loglevel": config.log_level.lower(),
+        "proc_name": "torchbay-serve",
+        "preload_app": True,  # the WSGI app already exists here; the model too when config.preload
+        "limit_request_line": 8190,
+        "control_socket_disable": True,  # several servers may share a home directory
+    }
+
+
+class _Application(BaseApplication):
+    def __init__(self, wsgi: Callable[..., Any], options: dict[str, Any], serving: Serving,
+                 worker_boot: Callable[[], None]) -> None:
+        self._wsgi = wsgi
+        self._options = options
+        self._serving = serving
+        self._worker_boot = worker_boot
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+        serving, boot = self._serving, self._worker_boot
+        log = serving.log
+
+        def post_fork(server: Any, worker: Any) -> None:
+            boot()
+            serving.start_worker()
+
+        def post_worker_init(worker: Any) -> None:
+            serving.state.worker_ready(os.getpid())
+
+        def worker_exit(server: Any, worker: Any) -> None:
+            serving.state.worker_exiting(os.getpid())
+            serving.stop_worker()
+
+        def child_exit(server: Any, worker: Any) -> None:
+            if serving.state.worker_gone(worker.pid):
+                log.error("worker %d died unexpectedly; /ping answers 503 for %g s", worker.pid,
+                          serving.config.crash_window)
+
+        self.cfg.set("post_fork", post_fork)
+        self.cfg.set("post_worker_init", post_worker_init)
+        self.cfg.set("worker_exit", worker_exit)
+        self.cfg.set("child_exit", child_exit)
+
+    def load(self) -> Callable[..., Any]:
+        return self._wsgi
+
+
+class _Arbiter(Arbiter):
+    """gunicorn's master loop, marking the shared state as stopping on SIGTERM/SIGINT/SIGQUIT."""
+
+    serving: Optional[Serving] = None
+
+    def _mark_stopping(self) -> None:
+        if self.serving is not None:
+            self.serving.state.set_stopping()
+
+    def handle_term(self) -> None:
+        self._mark_stopping()
+        super().handle_term()
+
+    def handle_int(self) -> None:
+        self._mark_stopping()
+        super().handle_int()
+
+    def handle_quit(self) -> None:
+        self._mark_stopping()
+        super().handle_quit()
+
+
+def run_server(serving: Serving, wsgi: Callable[..., Any], *, worker_boot: Callable[[], None]) -> int:
+    """Run gunicorn in this process until it stops; its exit status."""
+    application = _Application(wsgi, gunicorn_options(serving), serving, worker_boot)
+    arbiter = _Arbiter(application)
+    arbiter.serving = serving
+    try:
+        arbiter.run()
+    except SystemExit as stop:
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
