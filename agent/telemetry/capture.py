@@ -50,13 +50,13 @@ class _Source:
         self.fd: Optional[int] = None
         self.splitter = LineSplitter(max_line)
 
-    def read(self) -> bytes:
-        """Complete lines appended since the last read (up to a fair budget)."""
+    def read(self) -> tuple[bytes, bool]:
+        """Complete lines appended since the last read (up to a fair budget), and whether the budget ran out."""
         if self.fd is None:
             try:
                 self.fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
-                return b""
+                return b"", False
         parts = []
         total = 0
         while total < _ROUND_BUDGET:
@@ -67,7 +67,7 @@ class _Source:
             block = self.splitter.feed(data)
             if block:
                 parts.append(block)
-        return b"".join(parts)
+        return b"".join(parts), total >= _ROUND_BUDGET
 
     def close(self) -> None:
         if self.fd is not None:
@@ -192,25 +192,27 @@ class LogCapture:
                 with self._lock:
                     if self._torchrun and polls % _SCAN_EVERY == 0:
                         self._scan()
-                    busy = self._pump()
+                    _, more = self._pump()
             except Exception:  # the tail thread's top level: keep tailing, say why once per failure
                 self._log.exception("log capture: reading the rank log files failed; retrying")
-                busy = False
+                more = False
             polls += 1
-            if not busy:
+            if not more:  # batch: let lines pile up for one poll interval rather than chase every write
                 self._stop.wait(self._poll)
 
-    def _pump(self) -> bool:
-        """Read every file once; write what it finished. True when anything was read."""
+    def _pump(self) -> tuple[bool, bool]:
+        """Read every file once; write what it finished. Returns (anything read, some file has more waiting)."""
         now = time.time()
         parts: list[bytes] = []
         points: list[MetricPoint] = []
+        more = False
         for source in self._sources:
-            block = source.read()
+            block, full = source.read()
+            more = more or full
             if block:
                 parts.append(self._render(source, block, now, points))
         self._write(parts, points)
-        return bool(parts)
+        return bool(parts), more
 
     def _render(self, source: _Source, block: bytes, now: float, points: list[MetricPoint]) -> bytes:
         text = ""
@@ -272,7 +274,8 @@ class LogCapture:
         with self._lock:
             self._scan()
             for _ in range(10_000):  # to the end of every file; bounded if an orphan keeps writing
-                if not self._pump():
+                read, more = self._pump()
+                if not (read or more):
                     break
             now = time.time()
             parts: list[bytes] = []

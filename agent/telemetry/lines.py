@@ -52,7 +52,7 @@ class LineSplitter:
             if self._cont:
                 block = CUT_MARK + block
                 self._cont = False
-            if len(block) > self._max and max(map(len, block.split(_NL))) > self._max:
+            if len(block) > self._max and self._may_hold_long_line(block):
                 block = self._cut_block(block)
         if len(self._carry) > self._max:
             block += self._cut_carry()
@@ -69,6 +69,19 @@ class LineSplitter:
         if len(line) - 1 > self._max:
             line = self._cut_block(line)
         return line
+
+    def _may_hold_long_line(self, block: bytes) -> bool:
+        """False when no line can be longer than max_line: every aligned window of max_line // 2 bytes has a newline.
+
+        A line longer than max_line covers at least one whole window, so this is exact in that
+        direction and costs one short ``find`` per window instead of a split into lines.
+        """
+        half = self._max // 2
+        find = block.find
+        for start in range(0, len(block) - half + 1, half):
+            if find(_NL, start, start + half) < 0:
+                return max(map(len, block.split(_NL))) > self._max
+        return False
 
     def _cut_block(self, block: bytes) -> bytes:
         out = []

@@ -88,3 +88,14 @@ def test_a_cut_never_splits_a_utf8_character():
 def test_max_line_too_small_is_refused():
     with pytest.raises(ValueError, match="at least 8"):
         LineSplitter(3)
+
+
+def test_long_line_found_anywhere_in_a_big_block():
+    max_line = 64
+    for position in (0, 500, 9000 - 200):
+        lines = [b"k" * 30] * 300
+        data = bytearray(b"\n".join(lines) + b"\n")
+        data[position:position + 100] = b"L" * 100  # overwrites newlines: one line of at least 100 bytes
+        out = LineSplitter(max_line).feed(bytes(data))
+        assert max(map(len, out.split(b"\n"))) <= max_line + 2 * len(CUT_MARK)
+        assert _rejoin(out.split(b"\n")[:-1]) == bytes(data).split(b"\n")[:-1]
