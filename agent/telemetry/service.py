@@ -77,8 +77,14 @@ class Telemetry:
             self._sampler = SystemSampler(root_pid=self._root_pid, paths={k: p for k, p in paths.items() if p.exists()},
                                           nvml=self._nvml, log=self._log)
             if settings.prometheus_port is not None:
-                self._prometheus = PrometheusEndpoint(settings.prometheus_port, addr=settings.prometheus_addr)
-                self._log.info("Prometheus metrics at %s", self._prometheus.url)
+                try:
+                    self._prometheus = PrometheusEndpoint(settings.prometheus_port, addr=settings.prometheus_addr)
+                except OSError as err:  # optional: the job runs on without the endpoint
+                    self._log.warning("Prometheus endpoint off: cannot listen on %s:%s (%s); set "
+                                      "TORCHBAY_PROMETHEUS_PORT to a free port", settings.prometheus_addr,
+                                      settings.prometheus_port, err)
+                else:
+                    self._log.info("Prometheus metrics at %s", self._prometheus.url)
             self._take_sample()
             self._thread = threading.Thread(target=self._run, name="torchbay-sampler", daemon=True)
             self._thread.start()

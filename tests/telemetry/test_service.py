@@ -131,3 +131,19 @@ def test_prometheus_endpoint_serves_system_metrics(tmp_path):
     assert "torchbay_node_memory_available_bytes" in body
     assert re.search(r"^torchbay_process_tree_processes [1-9]", body, re.MULTILINE)
     assert 'torchbay_filesystem_avail_bytes{path="data"}' in body
+
+
+def test_a_busy_prometheus_port_is_a_warning_not_a_crash(tmp_path, caplog):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        job = _job(tmp_path, {}, None, TORCHBAY_PROMETHEUS_PORT=str(port), TORCHBAY_SAMPLE_INTERVAL="30")
+        telemetry = Telemetry(job, root_pid=lambda: None)
+        telemetry.start()
+        assert telemetry.prometheus_url is None
+        telemetry.close()
+    assert "Prometheus endpoint off" in caplog.text
+    assert default_paths(job)[1].exists()  # sampling went on
