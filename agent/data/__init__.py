@@ -83,7 +83,7 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
                 log.warning("channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
                             "objects as they are", channel.name, channel.compression)
             handle.staged[channel.name] = stage(entries, job.layout.channel_dir(channel.name),
-                                                options=StageOptions.from_settings(job.settings), log=log,
+                                                options=StageOptions.from_settings(job.settings, job.base_env), log=log,
                                                 channel=channel.name)
         for channel, entries in planned:
             if (channel.input_mode or job.input_mode) == "Pipe":

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import agent.errors as errors_mod
 from agent.data.listing import Entry
@@ -66,10 +66,12 @@ class StageOptions:
     verify_md5: bool = True
     endpoint_url: Optional[str] = None
     backoff: float = 0.5
+    child_env: Optional[Mapping[str, str]] = None  # worker processes' environment (None: this process's)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "StageOptions":
+    def from_settings(cls, settings: Any, child_env: Optional[Mapping[str, str]] = None) -> "StageOptions":
         return cls(
+            child_env=dict(child_env) if child_env else None,
             threads=settings.data_threads,
             processes=settings.data_processes,
             range_threshold=settings.data_range_threshold,
@@ -498,76 +500,119 @@ def _retryable(err: BaseException) -> bool:
 
 
 # --- worker processes ----------------------------------------------------------------------------
+# Workers are plain `python -c ...` children (not multiprocessing, which would re-import the
+# agent's __main__): the job list goes in on stdin as JSON, progress and the outcome come back as JSON lines.
 
 def _run_processes(jobs: Sequence[_Job], options: StageOptions, processes: int, progress: _Progress) -> None:
-    import multiprocessing
+    import json
+    import signal
+    import subprocess
+    import sys
 
-    ctx = multiprocessing.get_context("spawn")
-    results: Any = ctx.Queue()
     # Largest first, dealt round-robin, so every worker gets a similar share of bytes.
     ordered = sorted(jobs, key=lambda job: -(job.size or 0))
     threads = max(4, options.threads // processes)
-    worker_options = StageOptions(**{**options.__dict__, "threads": threads, "processes": 1})
-    workers = [ctx.Process(target=_worker_main, args=(index, ordered[index::processes], worker_options, results),
-                           name=f"torchbay-stage-{index}", daemon=True) for index in range(processes)]
-    for worker in workers:
-        worker.start()
-    files = [0] * processes
-    nbytes = [0] * processes
-    finished: set[int] = set()
-    error: Optional[TorchBayError] = None
-    try:
-        while len(finished) < processes and error is None:
+    worker_options = {**options.__dict__, "threads": threads, "processes": 1, "child_env": None}
+    env = dict(options.child_env, PYTHONUNBUFFERED="1") if options.child_env else None  # None: inherit ours
+    package_root = str(Path(__file__).resolve().parents[2])
+    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_root!r}); "
+            "from agent.data.staging import _worker_main; sys.exit(_worker_main())"]
+    messages: "queue_mod.Queue[tuple]" = queue_mod.Queue()
+    children: list[subprocess.Popen] = []
+
+    def pump(index: int, child: subprocess.Popen) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
             try:
-                message = results.get(timeout=0.5)
+                messages.put((index, json.loads(line)))
+            except ValueError:
+                continue
+        messages.put((index, {"kind": "eof"}))
+
+    try:
+        for index in range(processes):
+            child = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, start_new_session=True)
+            children.append(child)
+            payload = {"index": index, "options": worker_options,
+                       "jobs": [job.__dict__ for job in ordered[index::processes]]}
+            assert child.stdin is not None
+            child.stdin.write(json.dumps(payload).encode())
+            child.stdin.close()
+            threading.Thread(target=pump, args=(index, child), daemon=True).start()
+        files = [0] * processes
+        nbytes = [0] * processes
+        finished: set[int] = set()
+        while len(finished) < processes:
+            try:
+                index, message = messages.get(timeout=0.5)
             except queue_mod.Empty:
-                for index, worker in enumerate(workers):
-                    if index not in finished and not worker.is_alive() and results.empty():
-                        error = StorageError(f"staging worker {index} died with exit code {worker.exitcode} "
-                                             "before reporting; see the log above")
                 progress.tick(sum(files), sum(nbytes))
                 continue
-            kind, index = message[0], message[1]
-            if kind == "progress":
-                files[index], nbytes[index] = message[2], message[3]
-            elif kind == "done":
-                files[index], nbytes[index] = message[2], message[3]
-                finished.add(index)
-            else:
-                cls = getattr(errors_mod, message[2], StorageError)
+            kind = message.get("kind")
+            if kind in ("progress", "done"):
+                files[index], nbytes[index] = message["files"], message["bytes"]
+                if kind == "done":
+                    finished.add(index)
+            elif kind == "error":
+                cls = getattr(errors_mod, str(message.get("error")), StorageError)
                 if not (isinstance(cls, type) and issubclass(cls, TorchBayError)):
                     cls = StorageError
-                error = cls(message[3])
+                raise cls(str(message.get("message")))
+            elif kind == "eof" and index not in finished:
+                code = children[index].wait()
+                raise StorageError(f"staging worker {index} exited with code {code} before finishing; "
+                                   "see its output above")
             progress.tick(sum(files), sum(nbytes))
     finally:
-        for worker in workers:
-            if worker.is_alive() and (error is not None or len(finished) < processes):
-                worker.terminate()
-        for worker in workers:
-            worker.join(30)
-        results.close()
-    if error is not None:
-        raise error
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
 
 
-def _worker_main(index: int, jobs: Sequence[_Job], options: StageOptions, results: Any) -> None:
+def _worker_main() -> int:
+    """A staging worker process: reads its jobs from stdin, writes JSON lines to stdout."""
+    import json
+    import sys
+
+    spec = json.loads(sys.stdin.buffer.read())
+    index = spec["index"]
+    options = StageOptions(**spec["options"])
+    jobs = [_Job(**job) for job in spec["jobs"]]
+    lock = threading.Lock()
+
+    def emit(message: dict) -> None:
+        with lock:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+
     counters = _Counters()
-    cancel = threading.Event()
     last = [0.0]
 
     def tick(files: int, nbytes: int) -> None:
         now = time.monotonic()
         if now - last[0] >= 0.5:
             last[0] = now
-            results.put(("progress", index, files, nbytes))
+            emit({"kind": "progress", "files": files, "bytes": nbytes})
 
     try:
-        _run_in_process(jobs, options, counters, tick, cancel)
+        _run_in_process(jobs, options, counters, tick)
     except TorchBayError as err:
         name = "StorageError" if isinstance(err, _ShortRead) else type(err).__name__
-        results.put(("error", index, name, str(err)))
-        return
-    except Exception as err:  # top level of a worker process: report, the parent raises
-        results.put(("error", index, "StorageError", f"staging worker {index} failed: {type(err).__name__}: {err}"))
-        return
-    results.put(("done", index, counters.files, counters.bytes))
+        emit({"kind": "error", "error": name, "message": str(err)})
+        return 1
+    except Exception as err:  # top level of a worker process: report it; the parent raises
+        emit({"kind": "error", "error": "StorageError",
+              "message": f"staging worker {index} failed: {type(err).__name__}: {err}"})
+        return 1
+    emit({"kind": "done", "files": counters.files, "bytes": counters.bytes})
+    return 0
+
