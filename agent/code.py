@@ -7,7 +7,6 @@ the same machine neither downloads an unchanged source again nor reinstalls an u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -114,7 +113,7 @@ def fetch_code(job: Job, *, log: logging.Logger,
     return FETCHED
 
 
-def _tree_digest(code_dir: Path, digest: "hashlib._Hash") -> None:
+def _tree_digest(code_dir: Path, digest: Any) -> None:
     count = 0
     for folder, dirs, files in os.walk(code_dir):
         dirs[:] = sorted(d for d in dirs if d not in _HASH_SKIP_DIRS and not d.endswith(".egg-info"))
@@ -125,7 +124,7 @@ def _tree_digest(code_dir: Path, digest: "hashlib._Hash") -> None:
                 return
             digest.update(str(path.relative_to(code_dir)).encode())
             try:
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(path.read_bytes())
             except OSError:
                 digest.update(b"?")
 
@@ -155,6 +154,8 @@ def install_requirements(job: Job, *, log: logging.Logger, stop: Optional[StopRe
     if plan is None:
         return NOTHING
     pip_args, what = plan
+    import hashlib  # only when there is something to install: loading OpenSSL is slow
+
     digest = hashlib.sha256(json.dumps([python, pip_args]).encode())
     if pip_args[0] == ".":
         _tree_digest(code_dir, digest)

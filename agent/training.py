@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Optional, Sequence
@@ -131,6 +130,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _make_tarball(folder: Path, dest: Path) -> None:
+    import tarfile
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(dest, "w:gz") as archive:
@@ -226,18 +227,19 @@ class _Lifecycle:
         install_requirements(job, log=log, stop=self.stop)
         self._check_stop("pip install")
         entry = resolve_entry_point(job)
-        from agent.data import prepare_channels
+        if any(channel.uri is not None for channel in job.channels):  # on SageMaker the data is in place
+            from agent.data import prepare_channels
 
-        self._data = prepare_channels(job, log=log)
-        self._check_stop("data staging")
-        from agent.sync import LiveSync
+            self._data = prepare_channels(job, log=log)
+            self._check_stop("data staging")
+        if job.checkpoint_uri:
+            from agent.sync import LiveSync
 
-        self._sync = LiveSync(job, log=log)
-        restored = self._sync.restore()
-        if restored:
-            log.info("restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri or ""))
-        self._sync.start()
-        self._check_stop("checkpoint restore")
+            self._sync = LiveSync(job, log=log)
+            restored = self._sync.restore()
+            if restored:
+                log.info("restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri))
+            self._check_stop("checkpoint restore")
         from agent.distributed import plan_launch, wait_for_hosts
 
         wait_for_hosts(job, log=log)
@@ -263,6 +265,13 @@ class _Lifecycle:
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
             group = ProcessGroup(plan.argv, env=env, cwd=entry.code_dir, stdout=child_out,
                                  stderr=child_err).start()
+        # Watching and sampling start once the script runs, off its start-up path; files written before the
+        # watch begins are picked up by LiveSync.start itself.
+        if self._sync is None:
+            from agent.sync import LiveSync
+
+            self._sync = LiveSync(job, log=log)
+        self._sync.start()
         self._start_telemetry(group)
         result = supervise(group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime)
         self.exit_code = result.exit_code
