@@ -28,7 +28,7 @@ from agent.job import Job
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from agent.environment import EntryPoint
 
-__all__ = ["LaunchPlan", "plan_launch", "build_plan", "TORCHRUN_FLAG", "UNSUPPORTED_FLAGS"]
+__all__ = ["LaunchPlan", "plan_launch", "build_plan", "uses_torchrun", "TORCHRUN_FLAG", "UNSUPPORTED_FLAGS"]
 
 TORCHRUN_FLAG = "sagemaker_torch_distributed_enabled"
 UNSUPPORTED_FLAGS = {
@@ -102,12 +102,17 @@ def _torchrun_args(cluster: Cluster, job: Job, log_dir: Path) -> list[str]:
             "--max-restarts", "0", *args]
 
 
+def uses_torchrun(job: Job, cluster: Cluster) -> bool:
+    """True when this job launches through torch.distributed.run (raises ConfigError for other launchers)."""
+    return (_check_flags(job.hyperparameters) or job.settings.torchrun or cluster.elastic
+            or (job.settings.nproc_per_node or 1) > 1)
+
+
 def build_plan(job: Job, entry: "EntryPoint", args: Sequence[str], cluster: Cluster, *,
                python: str = sys.executable, sys_paths: SysPaths = SysPaths()) -> LaunchPlan:
     """The plan for ``cluster`` (``plan_launch`` without discovery or logging)."""
     settings = job.settings
-    wants_torchrun = (_check_flags(job.hyperparameters) or settings.torchrun or cluster.elastic
-                      or (settings.nproc_per_node or 1) > 1)
+    wants_torchrun = uses_torchrun(job, cluster)
     plain, tail = _entry_command(entry, args, python)
     if not wants_torchrun and not cluster.multi_host:
         return LaunchPlan(argv=tuple(plain), env={}, rank_base=0, nproc_per_node=1, torchrun_log_dir=None,

@@ -45,7 +45,7 @@ def _accepts(host: str, port: int, timeout: float) -> bool:
 
 
 def wait_until_ready(hosts: Sequence[str], *, master: Optional[tuple[str, int]], timeout: float,
-                     log: logging.Logger, poll: float = 0.2, progress_every: float = PROGRESS_EVERY,
+                     log: logging.Logger, poll: float = 0.05, progress_every: float = PROGRESS_EVERY,
                      clock: Callable[[], float] = time.monotonic) -> float:
     """Wait until each of ``hosts`` resolves and ``master`` (host, port), when given, accepts a connection.
 

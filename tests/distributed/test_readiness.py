@@ -68,3 +68,15 @@ def test_wait_for_hosts_uses_the_setting_and_skips_one_host(tmp_path):
                    settings_env={"TORCHBAY_HOST_WAIT_TIMEOUT": "1"})
     with pytest.raises(DistributedError, match="after 1 s: never-resolves.invalid"):
         wait_for_hosts(job, log=LOG)
+
+
+def test_torchrun_workers_do_not_wait_for_the_master_port(tmp_path):
+    """torchrun's rendezvous waits for the master itself; a one-process-per-host worker waits here."""
+    port = str(free_port())
+    base = {"TORCHBAY_HOST_WAIT_TIMEOUT": "1", "TORCHBAY_MASTER_PORT": port}
+    job = make_job(tmp_path, hosts=("127.0.0.1", "localhost"), current="localhost",
+                   settings_env={**base, "TORCHBAY_TORCHRUN": "true"})
+    wait_for_hosts(job, log=LOG)
+    job = make_job(tmp_path, hosts=("127.0.0.1", "localhost"), current="localhost", settings_env=base)
+    with pytest.raises(DistributedError, match=f"127.0.0.1:{port} \\(master does not accept"):
+        wait_for_hosts(job, log=LOG)
