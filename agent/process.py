@@ -22,6 +22,7 @@ from agent.errors import EntryPointError
 __all__ = ["ProcessGroup", "StopRequest", "RunResult", "supervise", "exit_code_of"]
 
 _POLL = 0.1
+_SIGTERM = signal.SIGTERM  # the method ProcessGroup.signal hides the module inside the class body
 
 
 def exit_code_of(returncode: int) -> int:
@@ -153,11 +154,11 @@ class ProcessGroup:
         except (ProcessLookupError, PermissionError):
             return False
 
-    def terminate(self, grace: float) -> bool:
-        """SIGTERM to the group, up to ``grace`` seconds for it to exit, then SIGKILL; True if it was killed."""
+    def terminate(self, grace: float, signum: int = _SIGTERM) -> bool:
+        """``signum`` (SIGTERM) to the group, up to ``grace`` seconds for it to exit, then SIGKILL; True if killed."""
         if not self.group_alive():
             return False
-        self.signal(signal.SIGTERM)
+        self.signal(signum)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is None:
@@ -176,7 +177,7 @@ class ProcessGroup:
 
 def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runtime: Optional[float] = None,
               on_tick: Optional[Callable[[], None]] = None) -> RunResult:
-    """Wait for ``group``'s leader; a stop request or ``max_runtime`` ends it (SIGTERM, grace, SIGKILL).
+    """Wait for ``group``'s leader; a stop request or ``max_runtime`` ends it (the signal, grace, SIGKILL).
 
     When the leader exits on its own, what it left behind in its group gets the same SIGTERM/SIGKILL
     treatment so no orphan outlives the job.
@@ -196,7 +197,9 @@ def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runti
         elif deadline is not None and time.monotonic() >= deadline:
             stopped_by = "max_runtime"
         if stopped_by is not None:
-            killed = group.terminate(grace)
+            # The signal the agent got is passed on (SIGINT stays SIGINT for a KeyboardInterrupt handler).
+            forward = stop.signum if stopped_by == "signal" and stop.signum is not None else signal.SIGTERM
+            killed = group.terminate(grace, forward)
             code = group.wait(10)
             return RunResult(code if code is not None else 128 + signal.SIGKILL, stopped_by,
                              stop.signum if stopped_by == "signal" else None, killed,

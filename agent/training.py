@@ -310,29 +310,36 @@ class _Lifecycle:
 
     # --- the end of every job ----------------------------------------------------------------------------
     def _finish(self) -> None:
-        job, log = self.job, self.log
-        deadline = time.monotonic() + job.settings.upload_timeout
+        """Every end-of-job step runs, whatever failed before it; then the status file is written."""
+        deadline = time.monotonic() + self.job.settings.upload_timeout
         if self._capture is not None:
-            self._capture.close()
+            self._step("draining the logs", self._capture.close)
         if self._data is not None:
-            self._data.stop(10.0)
-        self._upload_outputs()
+            self._step("stopping the Pipe feeders", lambda: self._data.stop(10.0))
+        self._step("uploading the outputs", self._upload_outputs)
         if self._sync is not None:
-            try:
-                left = self._sync.close(deadline)
-            except TorchBayError as err:
-                self._fail_late(err)
-            else:
-                if left:
-                    self._fail_late(StorageError(
-                        f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
-                        f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"))
+            self._step("uploading the checkpoints", lambda: self._close_sync(deadline))
         if self._telemetry is not None:
-            try:
-                self._telemetry.close()
-            except TorchBayError as err:
-                log.warning("telemetry: %s", err)
+            self._step("closing telemetry", self._telemetry.close)
         self._write_status()
+
+    def _step(self, what: str, action: Any) -> None:
+        # The end of a job is a top level of its own: one failing step must not skip the others or the
+        # status file, so any exception is logged and (for a job that had succeeded) fails it.
+        try:
+            action()
+        except TorchBayError as err:
+            self._fail_late(err)
+        except Exception as err:
+            self.log.exception("internal error while %s: %s", what, err)
+            self._fail_late(TorchBayError(f"internal error while {what}: {type(err).__name__}: {redact(str(err))}; "
+                                          "please report it with the log"))
+
+    def _close_sync(self, deadline: float) -> None:
+        left = self._sync.close(deadline)
+        if left:
+            raise StorageError(f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
+                               f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT")
 
     def _fail_late(self, err: TorchBayError) -> None:
         """An error after the script ended: it fails a job that had succeeded; otherwise it is logged."""
@@ -351,13 +358,14 @@ class _Lifecycle:
             archive = layout.agent_dir / "upload" / name
             uri = f"{base}/{name}"
             try:
-                _make_tarball(folder, archive)
-                self.storage_for(uri).put_file(archive, uri)
-                self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
-            except TorchBayError as err:
-                self._fail_late(err)
+                self._step(f"uploading {name}", lambda: self._upload_one(folder, archive, uri))
             finally:
                 archive.unlink(missing_ok=True)
+
+    def _upload_one(self, folder: Path, archive: Path, uri: str) -> None:
+        _make_tarball(folder, archive)
+        self.storage_for(uri).put_file(archive, uri)
+        self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
 
     def _write_status(self) -> None:
         layout = self.job.layout

@@ -151,3 +151,23 @@ def test_signal_handler_only_records(tmp_path: Path) -> None:
 def test_a_command_that_cannot_start(tmp_path: Path) -> None:
     with pytest.raises(EntryPointError, match="cannot start"):
         ProcessGroup([str(tmp_path / "nope")], env=ENV).start()
+
+
+def test_sigint_is_passed_on_as_sigint(tmp_path: Path) -> None:
+    ready, seen = tmp_path / "ready", tmp_path / "seen"
+    code = f"""
+        import time
+        open({str(ready)!r}, "w").write("1")
+        try:
+            time.sleep(300)
+        except KeyboardInterrupt:
+            open({str(seen)!r}, "w").write("KeyboardInterrupt")
+            raise SystemExit(130)
+    """
+    group = _group(code, tmp_path)
+    _wait_for(ready)
+    stop = StopRequest()
+    stop.request(signal.SIGINT)
+    result = supervise(group, stop=stop, grace=20)
+    assert (result.exit_code, result.signum) == (130, signal.SIGINT)
+    assert seen.read_text() == "KeyboardInterrupt"

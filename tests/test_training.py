@@ -110,3 +110,16 @@ def test_the_agent_imports_neither_torch_nor_boto3_for_a_file_job(tmp_path: Path
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=120,
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert json.loads(done.stdout.decode().strip().splitlines()[-1]) == [0, False, False], done.stderr.decode()
+
+
+def test_a_failed_upload_fails_a_successful_job_and_still_writes_the_status(tmp_path: Path) -> None:
+    env, root = _job(tmp_path, "print('fine')\n")
+    spec = json.loads(env["TORCHBAY_JOB"])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder should be")
+    spec["OutputDataConfig"]["S3OutputPath"] = f"file://{blocker}"
+    env["TORCHBAY_JOB"] = json.dumps(spec)
+    code = main([], env=env, out=io.BytesIO())
+    assert code in (69, 70)  # StorageError, or an internal error from the file backend
+    assert "model.tar.gz" in (root / "output" / "failure").read_text()
+    assert not (root / "output" / "success").exists()
