@@ -79,3 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run() -> None:
     """The console script: ``sys.exit(main())``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

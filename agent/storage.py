@@ -227,9 +227,9 @@ class FileStorage(Storage):
 
     def put_file(self, path: Path, uri: str) -> None:
         dest = parse_uri(uri).key
-        os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
         tmp = dest + ".part"
         try:
+            os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
         except OSError as err:
@@ -240,11 +240,17 @@ class FileStorage(Storage):
 
     def put_bytes(self, data: bytes, uri: str) -> None:
         dest = parse_uri(uri).key
-        os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
         tmp = dest + ".part"
-        with open(tmp, "wb") as out:
-            out.write(data)
-        os.replace(tmp, dest)
+        try:
+            os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
+            with open(tmp, "wb") as out:
+                out.write(data)
+            os.replace(tmp, dest)
+        except OSError as err:
+            _unlink_quiet(tmp)
+            if err.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full while writing {dest}; free space there") from err
+            raise StorageError(f"cannot write {uri}: {err.strerror}; check the path and permissions") from err
 
     def delete(self, uri: str) -> None:
         _unlink_quiet(parse_uri(uri).key)

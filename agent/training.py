@@ -290,7 +290,7 @@ class _Lifecycle:
 
     def _start_telemetry(self, group: Any) -> None:
         try:
-            from agent.telemetry import Telemetry  # type: ignore[attr-defined]
+            from agent.telemetry import Telemetry
         except ImportError:
             self.log.debug("telemetry sampler not available; system metrics are off")
             return
@@ -300,7 +300,7 @@ class _Lifecycle:
     def _user_failure(self, exit_code: int, stopped: Optional[str]) -> str:
         tail = self._capture.stderr_tail(self._rank, _STDERR_TAIL_LINES) if self._capture else []
         reason = failure_reason(exit_code, tail, argv=self._argv, stopped=stopped)
-        if self._plan is not None and self._plan.torchrun_log_dir is not None:
+        if self._plan is not None and (self._plan.torchrun_log_dir is not None or self._plan.error_file is not None):
             from agent.distributed import first_failure
 
             first = first_failure(self._plan)
@@ -352,6 +352,12 @@ class _Lifecycle:
         job = self.job
         base = job.job_output_uri
         if not base or job.on_sagemaker:
+            return
+        node_rank = self._plan.rank_base if self._plan is not None else job.resource.host_index
+        if node_rank != 0:
+            # Every host would write the same two keys; the first host's model and outputs are the job's.
+            self.log.info("model/ and output/data/ are uploaded by the first host, not by %s (rank %d)",
+                          job.resource.current_host, node_rank)
             return
         layout = job.layout
         for folder, name in ((layout.model_dir, "model.tar.gz"), (layout.output_data_dir, "output.tar.gz")):
