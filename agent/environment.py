@@ -278,6 +278,11 @@ def user_environment(job: Job, entry: EntryPoint, extra: Mapping[str, str] = {},
     env.setdefault("TRAINING_JOB_NAME", job.name)
     if region:
         env["SAGEMAKER_REGION"] = str(region)
+    for channel in job.channels:  # for scripts that stream instead of reading the staged copy
+        if channel.uri:
+            from agent.data import channel_uri_variable
+
+            env[channel_uri_variable(channel.name)] = channel.uri
     previous = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(entry.code_dir)]
     env["PYTHONPATH"] = os.pathsep.join([str(entry.code_dir), *previous])
     env["PYTHONUNBUFFERED"] = "1"

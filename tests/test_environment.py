@@ -196,3 +196,15 @@ def test_gpu_count_from_devices_and_visibility(tmp_path: Path) -> None:
     assert detect_gpus({"CUDA_VISIBLE_DEVICES": "1"}, dev=tmp_path) == 1
     assert detect_gpus({"CUDA_VISIBLE_DEVICES": ""}, dev=tmp_path) == 0
     assert detect_gpus({}, dev=tmp_path / "absent") == 0
+
+
+def test_channel_uri_is_given_to_the_script(tmp_path: Path) -> None:
+    spec = {"TrainingJobName": "x", "HyperParameters": {"sagemaker_program": "\"train.py\""},
+            "InputDataConfig": [{"ChannelName": "train-set", "DataSource": {"S3DataSource": {
+                "S3Uri": "s3://bucket/data/train", "S3DataType": "S3Prefix"}}}]}
+    job = load_job({"TORCHBAY_ROOT": str(tmp_path)}, json.dumps(spec))
+    (tmp_path / "code").mkdir(exist_ok=True)
+    (tmp_path / "code" / "train.py").write_text("print(1)\n")
+    env = user_environment(job, resolve_entry_point(job), num_gpus=0)
+    assert env["TORCHBAY_CHANNEL_TRAIN_SET_URI"] == "s3://bucket/data/train"
+    assert env["SM_CHANNEL_TRAIN-SET"].endswith("input/data/train-set")
