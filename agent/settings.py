@@ -251,7 +251,7 @@ _SYNC = (
        "Seconds a closed file must stay untouched before it is uploaded (bursts of writes become one upload).",
        "sync", _non_negative),
     _s("sync_stable", "TORCHBAY_SYNC_STABLE", float, 2.0,
-       "Seconds a file still open (TensorBoard events) must keep its size and mtime before it is uploaded.",
+       "Seconds an open file (TensorBoard events) must keep its size and mtime to be sent; growing: every 5x.",
        "sync", _positive),
     _s("sync_part_size", "TORCHBAY_SYNC_PART_SIZE", int, 16 * 1024 * 1024,
        "Bytes per multipart part; files this size or larger go multipart (at least 5 MiB on S3).", "sync",

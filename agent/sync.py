@@ -43,6 +43,7 @@ _PART_THREADS = 4
 _RETRY_FIRST = 0.5
 _CLOSE_RETRY_MAX = 1.0
 _FAR = float("inf")
+_GROWING_FACTOR = 5  # a file kept open and still growing is sent at least every 5 x sync_stable seconds
 
 # (size, mtime_ns, inode): what "unchanged" means for a local file.
 _Sig = tuple[int, int, int]
@@ -73,6 +74,7 @@ class _Entry:
     closed: bool = False  # closed (or renamed in) after its last write
     created_only: bool = False  # appeared (moved in from outside, or found by a scan) with no write seen
     seen: Optional[_Sig] = None  # signature at the last stability look
+    since: float = 0.0  # when the first change not yet sent was seen
     attempts: int = 0
     running: bool = False
     again: bool = False  # an event arrived while it was running
@@ -117,6 +119,7 @@ class LiveSync:
         self._cond = threading.Condition()
         self._pending: dict[Path, _Entry] = {}
         self._done: dict[Path, _Sig] = {}
+        self._sent_at: dict[Path, float] = {}  # when each growing (TensorBoard) file was last sent
         self._failed: dict[Path, str] = {}
         self._work: "queue.Queue[Optional[tuple[_Entry, bool, Optional[_Sig]]]]" = queue.Queue()
         self._storage_lock = threading.Lock()
@@ -126,6 +129,7 @@ class LiveSync:
         self._started = False
         self._closing = False
         self._stopped = False
+        self._left: list[str] = []
         self.counters = _Counters()
 
     # --- public -------------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ class LiveSync:
         objects lost remotely are sent again). Idempotent; logs what it could not finish.
         """
         if self._stopped:
-            return sorted(str(p) for p in self._failed)
+            return list(self._left)
         if not self._folders:
             self._stopped = True
             return []
@@ -271,7 +275,8 @@ class LiveSync:
                        c.uploads, c.bytes, c.deletes, c.retries, c.skipped_unchanged)
         for path, why in sorted(left.items()):
             self._log.warning("live sync: %s was not uploaded: %s", path, why)
-        return sorted(str(p) for p in left)
+        self._left = sorted(str(p) for p in left)
+        return list(self._left)
 
     # --- planning -----------------------------------------------------------------------------------
 
@@ -402,8 +407,7 @@ class LiveSync:
                 entry.due = now + self._settle
             elif kind == "modified":
                 entry.closed, entry.created_only = False, False
-                entry.seen = None
-                entry.due = now + self._stable if self._stable_ok(folder) else _FAR
+                entry.due = self._stable_due(entry, now) if self._stable_ok(folder) else _FAR
             else:  # created, found: complete if nothing writes to it for a while
                 if not entry.closed:
                     entry.created_only = True
@@ -415,10 +419,17 @@ class LiveSync:
     def _stable_ok(self, folder: _Folder) -> bool:
         return not folder.wait_for_close or not self._close_events
 
+    def _stable_due(self, entry: _Entry, now: float) -> float:
+        """Next look at a file that is not closed: after the stability window, sooner for a growing open file."""
+        due = now + self._stable
+        if not entry.folder.wait_for_close:
+            due = min(due, entry.since + _GROWING_FACTOR * self._stable)
+        return due
+
     def _entry_locked(self, folder: _Folder, path: Path, *, upload: bool) -> _Entry:
         entry = self._pending.get(path)
         if entry is None:
-            entry = _Entry(folder, _rel(folder, path), path, _FAR)
+            entry = _Entry(folder, _rel(folder, path), path, _FAR, since=time.monotonic())
             self._pending[path] = entry
         if entry.delete == upload:  # switching between upload and delete starts afresh
             entry.delete = not upload
@@ -468,13 +479,22 @@ class LiveSync:
             self.counters.skipped_unchanged += 1
             del self._pending[entry.path]
             return
+        if not entry.folder.wait_for_close and not self._closing:
+            # Event files grow by a record per flush (and some writers reopen them each time): send each
+            # at most once per stability window rather than once per flush.
+            next_send = self._sent_at.get(entry.path, -_FAR) + self._stable
+            if now < next_send:
+                entry.due = next_send
+                return
         ready = entry.closed or self._closing
         if not ready and (entry.created_only or self._stable_ok(entry.folder)):
-            if entry.seen == sig:
+            growing_too_long = not entry.folder.wait_for_close and \
+                now - entry.since >= _GROWING_FACTOR * self._stable
+            if entry.seen == sig or growing_too_long:
                 ready = True
             else:
                 entry.seen = sig
-                entry.due = now + self._stable
+                entry.due = self._stable_due(entry, now)
                 return
         if not ready:
             entry.due = _FAR  # wait for its close event
@@ -536,6 +556,7 @@ class LiveSync:
                 self.counters.deletes += 1
             else:
                 self._done[path] = detail
+                self._sent_at[path] = now
                 self.counters.uploads += 1
                 self.counters.bytes += detail[0]
                 if self._on_uploaded is not None:
@@ -545,6 +566,7 @@ class LiveSync:
             entry.attempts, entry.last_error = 0, ""
             if entry.again:
                 entry.again = False  # decide again: unchanged files are dropped there
+                entry.since = now
                 entry.due = min(entry.due, now)
             else:
                 del self._pending[path]
@@ -596,30 +618,39 @@ class LiveSync:
                 raise translate_s3_error(err, uri, where) from err
             return True
         try:
-            upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key)["UploadId"]
+            upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key,
+                                                       ChecksumAlgorithm="CRC32")["UploadId"]
         except Exception as err:
             raise translate_s3_error(err, uri, where) from err
         completed = False
         try:
             offsets = list(range(0, size, part_size))
-            etags: dict[int, str] = {}
+            parts: dict[int, dict[str, Any]] = {}
             errors: list[BaseException] = []
             lock = threading.Lock()
 
             def send(index_offset: tuple[int, int]) -> None:
+                from s3transfer.utils import ReadFileChunk  # streamed like boto3's own transfers
+
                 number, offset = index_offset
-                with open(path, "rb") as handle:
-                    handle.seek(offset)
-                    body = handle.read(min(part_size, size - offset))
-                if len(body) != min(part_size, size - offset):
-                    raise _Changed()
+                length = min(part_size, size - offset)
+                body = ReadFileChunk.from_filename(str(path), offset, length, enable_callbacks=False)
                 try:
+                    if len(body) != length:
+                        raise _Changed()
                     resp = client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
-                                              PartNumber=number, Body=body)
+                                              PartNumber=number, Body=body, ChecksumAlgorithm="CRC32")
+                except _Changed:
+                    raise
                 except Exception as err:
                     raise translate_s3_error(err, uri, where) from err
+                finally:
+                    body.close()
+                part = {"PartNumber": number, "ETag": resp["ETag"]}
+                if "ChecksumCRC32" in resp:
+                    part["ChecksumCRC32"] = resp["ChecksumCRC32"]
                 with lock:
-                    etags[number] = resp["ETag"]
+                    parts[number] = part
 
             _run_parallel(send, list(enumerate(offsets, start=1)), _PART_THREADS, errors)
             if any(isinstance(err, _Changed) for err in errors):
@@ -628,10 +659,9 @@ class LiveSync:
                 raise errors[0]
             if _sig(path) != expected:
                 return False
-            parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
             try:
                 client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
-                                                 MultipartUpload={"Parts": parts})
+                                                 MultipartUpload={"Parts": [parts[n] for n in sorted(parts)]})
             except Exception as err:
                 raise translate_s3_error(err, uri, where) from err
             completed = True

@@ -310,8 +310,10 @@ def count_records(blob: bytes) -> int:
 
 
 def test_tensorboard_events_visible_while_the_writer_runs(tmp_path, s3_server, s3, bucket):
+    # The writer flushes every 0.2 s, never pausing for the 1 s stability window: it is sent anyway
+    # (at least every 5 x sync_stable), since TensorBoard keeps its event file open and growing.
     job = make_job(tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb",
-                   setting_sync_stable=0.3)
+                   setting_sync_stable=1.0)
     sync = LiveSync(job, log=LOG)
     sync.start()
     child = spawn(TB_WRITER, str(tmp_path / "output" / "tensorboard"))
@@ -328,6 +330,43 @@ def test_tensorboard_events_visible_while_the_writer_runs(tmp_path, s3_server, s
     assert sync.close(time.monotonic() + 60) == []
     [event_file] = list((tmp_path / "output" / "tensorboard").glob("*tfevents*"))
     assert body(s3, bucket, f"tb/{event_file.name}") == event_file.read_bytes()
+    # SummaryWriter reopens and closes its file on each flush (5 a second here): at most one upload a second
+    assert sync.counters.uploads <= 2 + count_records(event_file.read_bytes()) // 5
+
+
+OPEN_APPENDER = """
+    import sys, time
+    with open(sys.argv[1], "ab") as out:   # kept open, a record per flush, like TensorFlow's writer
+        n = 0
+        while True:
+            data = b"record %06d" % n
+            out.write(len(data).to_bytes(8, "little") + b"crc!" + data + b"crc!")
+            out.flush()
+            n += 1
+            time.sleep(0.2)
+"""
+
+
+def test_an_event_file_kept_open_and_growing_is_sent_while_it_grows(tmp_path, s3_server, s3, bucket):
+    job = make_job(tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb",
+                   setting_sync_stable=1.0)  # never 1 s without a write: sent every 5 s anyway
+    sync = LiveSync(job, log=LOG)
+    sync.start()
+    path = tmp_path / "output" / "tensorboard" / "events.out.tfevents.1"
+    child = spawn(OPEN_APPENDER, str(path))
+    try:
+        def grown() -> bool:
+            return "tb/events.out.tfevents.1" in keys(s3, bucket) and \
+                count_records(body(s3, bucket, "tb/events.out.tfevents.1")) >= 5
+
+        wait_for(grown, timeout=120, every=0.3)
+        assert child.poll() is None, child.stdout.read()
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(30)
+    assert sync.close(time.monotonic() + 60) == []
+    assert body(s3, bucket, "tb/events.out.tfevents.1") == path.read_bytes()
+    assert sync.counters.uploads <= 10  # a few snapshots, not one per record
 
 
 # --- faults -------------------------------------------------------------------------------------------
