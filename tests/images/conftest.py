@@ -1,0 +1,228 @@
+"""The image tests' engine, images and network, made once per session and removed at its end.
+
+In CI (``CI=true``) the tests must run: the engine is installed and started when missing, and any
+failure to do so fails the session. Elsewhere they are skipped, with the reason, when no engine can
+be started (not root, no apt, no kernel support). The CPU image is built from a locally made
+debootstrap base (scripts/build-images --local-base), so no registry is needed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import DUMMY_CREDS, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE = REPO / "scripts" / "docker-engine"
+BUILD = REPO / "scripts" / "build-images"
+LABEL = "torchbay-test"
+TAG = "torchbay-test/pytorch:cpu"
+SERVE_TAG = TAG + "-serve"
+LOCK = Path("/tmp/torchbay-image-tests.lock")
+TORCH_VERSION = "2.13.0"
+
+pytestmark = pytest.mark.docker
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"image tests must run in CI, but: {reason}")
+    print(f"\n*** image tests SKIPPED: {reason} ***", file=sys.stderr)
+    pytest.skip(f"image tests skipped: {reason}")
+
+
+def _run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A Docker engine the session may use: the CLI path, and whether this session started it."""
+
+    cli: str
+    ours: bool
+    canary: str  # a line put in the CA bundle given to the build; must appear in no layer
+
+    def __call__(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = _run([self.cli, *args], timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def inspect(self, kind: str, name: str) -> dict:
+        return json.loads(self(kind, "inspect", name).stdout)[0]
+
+
+def _torch_wheel() -> str | None:
+    """A local torch wheel of the pinned version (where the torch index is out of reach)."""
+    named = os.environ.get("TORCHBAY_TORCH_WHEEL")
+    if named:
+        return named
+    found = sorted(glob.glob(f"/opt/wheels/torch-{TORCH_VERSION}+cpu-cp311-*.whl"))
+    return found[0] if found else None
+
+
+def _canary_bundle(path: Path) -> str:
+    """A CA bundle for the build (the one pip uses here, or certifi's) with a unique marker line."""
+    canary = f"torchbay-ca-canary-{uuid.uuid4().hex}"
+    source = os.environ.get("PIP_CERT") or ""
+    if not os.path.isfile(source):
+        import certifi  # pip's dependency tree always has it (botocore needs it)
+
+        source = certifi.where()
+    path.write_text(Path(source).read_text() + f"\n# {canary}\n")
+    return canary
+
+
+def _cleanup(engine: Engine, started: bool) -> None:
+    for kind in ("container", "network"):
+        listing = engine(kind, "ls", "-aq" if kind == "container" else "-q", "--filter", f"label={LABEL}",
+                         check=False)
+        ids = listing.stdout.split()
+        if ids:
+            engine(kind, "rm", *(["-f"] if kind == "container" else []), *ids, check=False, timeout=120)
+    engine("rmi", "-f", TAG, SERVE_TAG, check=False)
+    if started:
+        engine("rmi", "-f", "torchbay/base:bookworm", check=False)
+        engine("builder", "prune", "-af", check=False, timeout=300)
+        engine("image", "prune", "-f", check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """The engine with the CPU images built (TAG for training, SERVE_TAG for serving)."""
+    if os.geteuid() != 0:
+        _unavailable("not root, so no Docker engine can be started")
+    LOCK.touch()
+    lock = open(LOCK, "w")
+    deadline = time.monotonic() + 1200
+    while True:  # one image-test session at a time on this machine (they share the engine)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                _unavailable(f"another session held {LOCK} for 20 minutes")
+            time.sleep(2)
+    started = False
+    cli = ""
+    try:
+        proc = _run([str(ENGINE), "start"], 900)
+        if proc.returncode != 0:
+            _unavailable(f"scripts/docker-engine start failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
+        started = proc.stdout.strip().endswith("ours")
+        cli = _run([str(ENGINE), "docker"], 30).stdout.strip()
+        tmp = tmp_path_factory.mktemp("image-build")
+        canary = _canary_bundle(tmp / "ca-bundle.crt")
+        eng = Engine(cli, started, canary)
+        build = [str(BUILD), "--local-base", "--tag", TAG, "--ca-bundle", str(tmp / "ca-bundle.crt")]
+        wheel = _torch_wheel()
+        if wheel:
+            build += ["--torch-wheel", wheel]
+        log = tmp / "build.log"
+        with open(log, "w") as out:
+            done = subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=str(REPO),
+                                  env=dict(os.environ, DOCKER=cli))
+        if done.returncode != 0:
+            pytest.fail(f"scripts/build-images exited {done.returncode}; the end of {log}:\n"
+                        + "\n".join(log.read_text().splitlines()[-40:]))
+        yield eng
+    finally:
+        if cli:
+            _cleanup(Engine(cli, started, ""), started)
+        if started:
+            _run([str(ENGINE), "stop"], 180)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+class BridgeS3:
+    """moto_server bound to a Docker network's gateway address (never 0.0.0.0), for the containers."""
+
+    def __init__(self, host: str, log: Path) -> None:
+        self.host, self.port = host, free_port()
+        self.endpoint = f"http://{host}:{self.port}"
+        moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+        self._proc = subprocess.Popen([moto, "-H", host, "-p", str(self.port)], stdout=open(log, "ab"),
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      env=dict(os.environ, **DUMMY_CREDS))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited early; see {log}")
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 60 s")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"])
+
+    def env_args(self) -> list[str]:
+        """``docker run -e`` arguments that point a container at this server."""
+        env = dict(DUMMY_CREDS, AWS_ENDPOINT_URL=self.endpoint)
+        return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    gateway: str
+    s3: BridgeS3
+
+
+@pytest.fixture(scope="session")
+def net(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    """A user-defined network with an explicit subnet in 198.18.0.0/15 and an S3 server on its gateway."""
+    name = f"tbtest-{uuid.uuid4().hex[:8]}"
+    last = ""
+    for octet in range(224, 240):
+        proc = engine("network", "create", "--driver", "bridge", "--subnet", f"198.19.{octet}.0/24",
+                      "--gateway", f"198.19.{octet}.1", "--label", LABEL, name, check=False)
+        if proc.returncode == 0:
+            gateway = f"198.19.{octet}.1"
+            break
+        last = proc.stderr
+    else:
+        pytest.fail(f"no free /24 in 198.19.224.0/20 for a test network: {last}")
+    s3 = BridgeS3(gateway, tmp_path_factory.mktemp("bridge-moto") / "moto.log")
+    try:
+        yield Net(name, gateway, s3)
+    finally:
+        s3.stop()
+        engine("network", "rm", name, check=False)
