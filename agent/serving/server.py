@@ -9,6 +9,7 @@ worker within the grace period.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable, Optional
 
 from gunicorn.app.base import BaseApplication
@@ -84,33 +85,42 @@ class _Arbiter(Arbiter):
     """gunicorn's master loop, marking the shared state as stopping on SIGTERM/SIGINT/SIGQUIT."""
 
     serving: Optional[Serving] = None
+    stop_signal: Optional[int] = None  # the signal that stopped the server, for the 128+N exit code
 
-    def _mark_stopping(self) -> None:
+    def _mark_stopping(self, signum: int) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
         if self.serving is not None:
             self.serving.state.set_stopping()
 
     def handle_term(self) -> None:
-        self._mark_stopping()
+        self._mark_stopping(signal.SIGTERM)
         super().handle_term()
 
     def handle_int(self) -> None:
-        self._mark_stopping()
+        self._mark_stopping(signal.SIGINT)
         super().handle_int()
 
     def handle_quit(self) -> None:
-        self._mark_stopping()
+        self._mark_stopping(signal.SIGQUIT)
         super().handle_quit()
 
 
 def run_server(serving: Serving, wsgi: Callable[..., Any], *, worker_boot: Callable[[], None]) -> int:
-    """Run gunicorn in this process until it stops; its exit status."""
+    """Run gunicorn in this process until it stops; its exit status.
+
+    A clean stop by a signal exits 128+N (143 for SIGTERM), as ``docker stop`` and SageMaker expect of a
+    process that ended on their signal; a failure keeps gunicorn's own code.
+    """
     application = _Application(wsgi, gunicorn_options(serving), serving, worker_boot)
     arbiter = _Arbiter(application)
     arbiter.serving = serving
+    code = 0
     try:
         arbiter.run()
     except SystemExit as stop:
-        code = stop.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    if code == 0 and arbiter.stop_signal is not None:
+        return 128 + int(arbiter.stop_signal)
+    return code
 

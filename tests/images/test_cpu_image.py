@@ -159,9 +159,6 @@ def test_serve_image_healthy_answers_and_stops_on_sigterm(engine: Engine, net: N
         took = time.monotonic() - started
         code = engine.inspect("container", name)["State"]["ExitCode"]
         assert took < 2.0, f"docker stop took {took:.2f} s (want < 2 s)"
-        if code == 0:
-            # tini passes the agent's code through; agent/serving returns gunicorn's 0 after SIGTERM today.
-            pytest.xfail("serve exited 0 on docker stop: agent/serving must return 128+15 after SIGTERM (issue 6)")
         assert code == 143, f"serve exited {code} on docker stop (want 143: SIGTERM passed through)"
     finally:
         engine("rm", "-f", name, check=False)
