@@ -404,7 +404,7 @@ class LiveSync:
             entry = self._entry_locked(folder, path, upload=True)
             if kind == "closed":
                 entry.closed, entry.created_only = True, False
-                entry.due = now + self._settle
+                entry.due = now + (0.0 if _size(path) >= self._part_size else self._settle)  # big: no bursts
             elif kind == "modified":
                 entry.closed, entry.created_only = False, False
                 entry.due = self._stable_due(entry, now) if self._stable_ok(folder) else _FAR
@@ -707,6 +707,13 @@ class _Changed(Exception):
 def _sig(path: Path) -> _Sig:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _rel(folder: _Folder, path: Path) -> str:
