@@ -23,17 +23,20 @@ import queue as queue_mod
 import random
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import agent.errors as errors_mod
+from agent.data.leanget import LeanNetError
 from agent.data.listing import Entry
 from agent.errors import (
     BucketMissing,
     ChannelError,
     DiskFullError,
+    EndpointUnreachable,
     ObjectMissing,
     StorageError,
     TorchBayError,
@@ -45,7 +48,6 @@ from agent.storage import parse_uri
 __all__ = ["StageOptions", "StageResult", "stage"]
 
 ETAG_XATTR = "user.torchbay.etag"
-_CHUNK = 1024 * 1024
 _NO_RETRY_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "403", "404", "NotFound",
                              "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState"})
 _LOCAL_ERRNOS = frozenset({errno.EACCES, errno.EROFS, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
@@ -66,6 +68,12 @@ class StageOptions:
     verify_md5: bool = True
     endpoint_url: Optional[str] = None
     backoff: float = 0.5
+    lean: bool = True  # signed GETs over http.client (agent.data.leanget), boto3 for anything unusual
+    read_size: int = 4 * 1024 ** 2  # bytes per read of a large body into a reused buffer
+    md5_max_size: int = 1024 ** 3  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
+    large_size: int = 16 * 1024 ** 2  # objects this big or bigger ...
+    large_streams: int = 2  # ... are fetched at most this many at a time per process
+    objects_per_process: int = 4000  # processes=0: a worker process per this many objects (up to one per core)
     child_env: Optional[Mapping[str, str]] = None  # worker processes' environment (None: this process's)
 
     @classmethod
@@ -80,6 +88,12 @@ class StageOptions:
             progress_interval=settings.data_progress_interval,
             verify_md5=settings.data_verify_md5,
             endpoint_url=settings.endpoint_url,
+            lean=settings.data_lean_get,
+            read_size=settings.data_read_size,
+            md5_max_size=settings.data_md5_max_size,
+            large_size=settings.data_large_size,
+            large_streams=settings.data_large_streams,
+            objects_per_process=settings.data_objects_per_process,
         )
 
 
@@ -209,13 +223,14 @@ def _complete(job: _Job) -> bool:
 def _pick_processes(jobs: Sequence[_Job], options: StageOptions) -> int:
     if options.processes > 0:
         return max(1, min(options.processes, len(jobs)))
-    if len(jobs) < 256:
-        return 1
+    per_process = max(1, options.objects_per_process)
+    if len(jobs) < 2 * per_process:
+        return 1  # a worker's start-up (~0.35 s of CPU: Python, botocore) would cost more than it saves
     sizes = [job.size for job in jobs if job.size is not None]
     if sizes and sum(sizes) / len(sizes) > 4 * 1024 ** 2:
         return 1  # large objects are bound by the network and the disk, not by Python
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, 4, len(jobs) // 128))
+    return max(1, min(cpus, 4, len(jobs) // per_process))
 
 
 # --- progress ------------------------------------------------------------------------------------
@@ -310,10 +325,17 @@ class _Fetcher:
         self._options = options
         self._scheme = parse_uri(any_uri).scheme
         self._client: Any = None
+        self._lean: Any = None
         if self._scheme == "s3":
             from agent.storage import make_s3_client
 
             self._client = make_s3_client(options.endpoint_url, max_pool_connections=max(10, options.threads + 4))
+            if options.lean:
+                from agent.data.leanget import LeanGetter
+
+                self._lean = LeanGetter.from_client(self._client)
+        self._large = threading.BoundedSemaphore(max(1, options.large_streams))
+        self._buffers = threading.local()
 
     def fetch(self, job: _Job, cancel: threading.Event) -> int:
         attempt = 0
@@ -323,6 +345,8 @@ class _Fetcher:
                 return self._fetch_once(job)
             except TorchBayError as err:
                 if not _retryable(err) or attempt >= self._options.attempts or cancel.is_set():
+                    if isinstance(err, LeanNetError):
+                        raise self._translate(err, job) from err
                     raise
                 last: BaseException = err
             except Exception as err:
@@ -334,9 +358,15 @@ class _Fetcher:
             delay = min(self._options.backoff * 2 ** (attempt - 1), 10.0) * (0.5 + random.random())
             logging.getLogger(__name__).debug("retrying %s in %.1f s after %s", job.uri, delay, type(last).__name__)
             if cancel.wait(delay):
-                raise self._translate(last, job) if not isinstance(last, TorchBayError) else last
+                if isinstance(last, TorchBayError) and not isinstance(last, LeanNetError):
+                    raise last
+                raise self._translate(last, job) from last
 
     def _translate(self, err: BaseException, job: _Job) -> TorchBayError:
+        if isinstance(err, LeanNetError):
+            where = str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint"))
+            return EndpointUnreachable(f"cannot reach {where} for {job.uri} ({err}); check AWS_ENDPOINT_URL and "
+                                       "that the server is up")
         if isinstance(err, TorchBayError):
             return err
         if self._client is not None:
@@ -347,18 +377,18 @@ class _Fetcher:
         return StorageError(f"reading {job.uri} failed: {type(err).__name__}: {err}; check the source")
 
     def _fetch_once(self, job: _Job) -> int:
+        if job.size is not None and job.size >= self._options.large_size:
+            with self._large:  # a few whole streams at a time beat many on a couple of cores
+                return self._fetch_to_part(job)
+        return self._fetch_to_part(job)
+
+    def _fetch_to_part(self, job: _Job) -> int:
         part = job.target + ".part"
-        os.makedirs(os.path.dirname(job.target), exist_ok=True)
         try:
             if self._scheme == "s3" and job.size is not None and job.size >= self._options.range_threshold:
-                etag = self._get_ranged(job, part)
+                etag, nbytes = self._get_ranged(job, part), job.size
             else:
-                etag = self._get_whole(job, part)
-            if etag:
-                try:
-                    os.setxattr(part, ETAG_XATTR, etag.encode())
-                except OSError:
-                    pass  # no xattrs here: a rerun trusts the size alone
+                etag, nbytes = self._get_whole(job, part)
             os.replace(part, job.target)
         except BaseException:
             try:
@@ -366,7 +396,71 @@ class _Fetcher:
             except OSError:
                 pass
             raise
-        return job.size if job.size is not None else os.path.getsize(job.target)
+        return nbytes
+
+    def _get_whole(self, job: _Job, part: str) -> tuple[Optional[str], int]:
+        """Fetch into ``part`` (ETag recorded as an xattr for resumption); (etag, bytes)."""
+        if self._lean is not None:
+            loc = parse_uri(job.uri)
+            resp = self._lean.open(loc.bucket, loc.key)
+            if resp is not None:
+                return self._get_lean(job, part, resp)
+        return self._get_boto(job, part)
+
+    def _get_lean(self, job: _Job, part: str, resp: Any) -> tuple[Optional[str], int]:
+        length = resp.length
+        try:
+            if job.size is not None and length != job.size:
+                raise _ShortRead(f"{job.uri} is {length} bytes but the listing said {job.size}; "
+                                 "the object changed while staging, or the server is misbehaving")
+            # One digest per object: the full-object CRC32/SHA S3 returned (CRC32 costs a tenth of MD5), else the
+            # MD5 a plain ETag is, up to md5_max_size; the byte count is checked always.
+            md5 = hashlib.md5() if (resp.checksum is None and resp.md5 and self._options.verify_md5 and
+                                   length <= self._options.md5_max_size) else None
+            check = _Check(resp.checksum)
+            fd = _open_fd(part, job)
+            try:
+                if length <= self._options.read_size:
+                    data = resp.read()
+                    if len(data) != length:
+                        raise _ShortRead(f"short read: {job.uri} gave {len(data)} of {length} bytes")
+                    if md5 is not None:
+                        md5.update(data)
+                    check.update(data)
+                    _write_all(fd, data, job)
+                    written = length
+                else:
+                    buffer = self._buffer()
+                    view = memoryview(buffer)
+                    written = 0
+                    while True:
+                        n = resp.readinto(buffer)
+                        if not n:
+                            break
+                        chunk = view[:n]
+                        if md5 is not None:
+                            md5.update(chunk)
+                        check.update(chunk)
+                        _write_all(fd, chunk, job)
+                        written += n
+                    if written != length:
+                        raise _ShortRead(f"short read: {job.uri} gave {written} of {length} bytes")
+                if resp.etag:
+                    _set_etag(fd, resp.etag)
+            finally:
+                os.close(fd)
+        finally:
+            resp.close()
+        if md5 is not None and md5.hexdigest() != resp.etag:
+            raise _ShortRead(f"checksum mismatch: {job.uri} has MD5 {md5.hexdigest()}, its ETag says {resp.etag}")
+        check.verify(job.uri)
+        return resp.etag, written
+
+    def _buffer(self) -> bytearray:
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._buffers.buffer = bytearray(max(64 * 1024, self._options.read_size))
+        return buffer
 
     def _open(self, job: _Job, byte_range: Optional[tuple[int, int]] = None) -> tuple[Any, int, Optional[str], bool]:
         """(stream, length, etag, etag_is_md5)."""
@@ -389,7 +483,7 @@ class _Fetcher:
             raise StorageError(f"cannot read {job.uri}: {err.strerror}; check the path and permissions") from err
         return handle, os.fstat(handle.fileno()).st_size, None, False
 
-    def _get_whole(self, job: _Job, part: str) -> Optional[str]:
+    def _get_boto(self, job: _Job, part: str) -> tuple[Optional[str], int]:
         stream, length, etag, plain = self._open(job)
         try:
             if job.size is not None and length != job.size:
@@ -397,22 +491,27 @@ class _Fetcher:
                                  "the object changed while staging, or the server is misbehaving")
             digest = hashlib.md5() if (plain and self._options.verify_md5) else None
             written = 0
-            with _open_part(part, job) as out:
+            fd = _open_fd(part, job)
+            try:
                 while True:
-                    chunk = stream.read(_CHUNK)
+                    chunk = stream.read(self._options.read_size)
                     if not chunk:
                         break
-                    _write(out, chunk, job)
+                    _write_all(fd, chunk, job)
                     written += len(chunk)
                     if digest is not None:
                         digest.update(chunk)
+                if etag:
+                    _set_etag(fd, etag)
+            finally:
+                os.close(fd)
         finally:
             stream.close()
         if written != length:
             raise _ShortRead(f"short read: {job.uri} gave {written} of {length} bytes")
         if digest is not None and digest.hexdigest() != etag:
             raise _ShortRead(f"checksum mismatch: {job.uri} has MD5 {digest.hexdigest()}, its ETag says {etag}")
-        return etag
+        return etag, written
 
     def _get_ranged(self, job: _Job, part: str) -> Optional[str]:
         size = int(job.size or 0)
@@ -434,7 +533,7 @@ class _Fetcher:
                     if length != want:
                         raise _ShortRead(f"{job.uri} range {byte_range} gave {length} bytes, wanted {want}")
                     while True:
-                        chunk = stream.read(_CHUNK)
+                        chunk = stream.read(self._options.read_size)
                         if not chunk:
                             break
                         try:
@@ -454,25 +553,71 @@ class _Fetcher:
             os.close(fd)
         if len(etags) > 1:
             raise _ShortRead(f"{job.uri} changed while its ranges were fetched (ETags {sorted(map(str, etags))})")
-        return etags.pop() if etags else None
+        etag = etags.pop() if etags else None
+        if etag:
+            try:
+                os.setxattr(part, ETAG_XATTR, etag.encode())
+            except OSError:
+                pass  # no xattrs here: a rerun trusts the size alone
+        return etag
 
 
 class _ShortRead(StorageError):
     """A read that gave fewer (or other) bytes than promised: always retried, never accepted."""
 
 
-def _open_part(part: str, job: _Job) -> Any:
+def _open_fd(part: str, job: _Job) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     try:
-        return open(part, "wb")
+        return os.open(part, flags, 0o644)
+    except FileNotFoundError:
+        pass  # its folder is not there yet
+    except OSError as err:
+        raise _local_error(err, job) from err
+    try:
+        os.makedirs(os.path.dirname(part), exist_ok=True)
+        return os.open(part, flags, 0o644)
     except OSError as err:
         raise _local_error(err, job) from err
 
 
-def _write(out: Any, chunk: bytes, job: _Job) -> None:
+def _write_all(fd: int, data: Any, job: _Job) -> None:
+    view = memoryview(data)
     try:
-        out.write(chunk)
+        while view:
+            view = view[os.write(fd, view):]
     except OSError as err:
         raise _local_error(err, job) from err
+
+
+def _set_etag(fd: int, etag: str) -> None:
+    try:
+        os.setxattr(fd, ETAG_XATTR, etag.encode())
+    except OSError:
+        pass  # no xattrs here: a rerun trusts the size alone
+
+
+class _Check:
+    """The CRC32/SHA-1/SHA-256 S3 returned for the whole object, recomputed over the body."""
+
+    def __init__(self, checksum: Optional[tuple[str, bytes]]) -> None:
+        self._name, self._want = checksum if checksum else ("", b"")
+        self._crc = 0
+        self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
+
+    def update(self, data: Any) -> None:
+        if self._name == "crc32":
+            self._crc = zlib.crc32(data, self._crc)
+        elif self._hash is not None:
+            self._hash.update(data)
+
+    def verify(self, uri: str) -> None:
+        if not self._name:
+            return
+        got = self._crc.to_bytes(4, "big") if self._name == "crc32" else self._hash.digest()  # type: ignore[union-attr]
+        if got != self._want:
+            raise _ShortRead(f"checksum mismatch: {uri} has {self._name.upper()} {got.hex()}, S3 says "
+                             f"{self._want.hex()}")
 
 
 def _local_error(err: OSError, job: _Job) -> TorchBayError:
@@ -485,7 +630,7 @@ def _local_error(err: OSError, job: _Job) -> TorchBayError:
 
 
 def _retryable(err: BaseException) -> bool:
-    if isinstance(err, _ShortRead):
+    if isinstance(err, (_ShortRead, LeanNetError)):
         return True
     if isinstance(err, (DiskFullError, UnsafePathError, ObjectMissing, BucketMissing, ChannelError)):
         return False
