@@ -66,15 +66,11 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
     """The WSGI application (flask, wrapped to count every response in the shared metrics)."""
     app = Flask("torchbay.serve")
     config = serving.config
-    log = serving.log
     registry = _registry(serving.state)
 
-    def error(status: int, message: str, *, close: bool = False) -> Response:
-        body = json.dumps({"code": status, "error": _phrase(status), "message": message})
-        response = Response(body, status=status, content_type=codecs.JSON)
-        if close:
-            response.headers["Connection"] = "close"
-        return response
+    def error(status: int, message: str) -> Response:
+        _, body, content_type, _ = _error(status, message)
+        return Response(body, status=status, content_type=content_type)
 
     @app.get("/ping")
     def ping() -> Response:
@@ -97,52 +93,12 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
         return Response(generate_latest(registry), status=200, content_type=CONTENT_TYPE_LATEST)
 
     @app.post("/invocations")
-    def invocations() -> Response:
-        started = time.monotonic()
-        runner = serving.runner
-        if runner is None:
-            return error(503, "this worker is not ready yet; retry")
-        limit = config.max_payload_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            return error(413, f"the body has {length} bytes, over the limit of {limit} "
-                              f"({config.max_payload_bytes / 1048576:g} MiB); send less or raise "
-                              "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
-        content_type = request.headers.get("Content-Type") or codecs.JSON
-        handler = serving.handler
-        try:
-            accept = handler.check_accept(request.headers.get("Accept"))
-            if not handler.has_transform and not handler.custom_input \
-                    and codecs.media_type(content_type) not in codecs.DECODABLE:
-                raise RequestError(415, f"Content-Type {content_type!r} is not supported; send one of "
-                                        f"{', '.join(codecs.DECODABLE)}")
-            body = request.stream.read(limit + 1)
-            if len(body) > limit:
-                return error(413, f"the body is over the limit of {limit} bytes; send less or raise "
-                                  "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
-            if handler.has_transform:
-                future = runner.submit(_Transform(body, content_type, accept))
-            else:
-                with runner.arriving():
-                    data, key = handler.input(body, content_type)
-                    future = runner.submit(data, key)
-            remaining = config.timeout - (time.monotonic() - started)
-            try:
-                result = future.result(max(0.0, remaining))
-            except TimeoutError:
-                future.cancel()
-                log.warning("a request took longer than %g s; answered 504", config.timeout)
-                return error(504, f"the model did not answer within {config.timeout:g} s; raise "
-                                  "SAGEMAKER_MODEL_SERVER_TIMEOUT or send less per request")
-            payload, out_type = result if handler.has_transform else handler.output(result, accept)
-        except RequestError as err:
-            if err.status >= 500:
-                log.error("invocation failed (%d): %s", err.status, err.message, exc_info=err.__cause__ or err)
-            return error(err.status, err.message)
-        except Exception as err:  # top of a request: a bug or an unexpected failure; logged, never fatal
-            log.exception("invocation failed")
-            return error(500, f"internal error: {type(err).__name__}; see the server log")
-        return Response(payload, status=200, content_type=out_type)
+    def invocations() -> Response:  # routed so other methods get 405; POSTs are answered in `counted`
+        status, payload, out_type, close = invoke(request.environ)
+        response = Response(payload, status=status, content_type=out_type)
+        if close:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Response:
@@ -151,9 +107,19 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
 
     flask_app = app.wsgi_app
     state = serving.state
+    invoke = _Invoker(serving)
 
     def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = time.monotonic()
+        if environ.get("REQUEST_METHOD") == "POST" and environ.get("PATH_INFO") == "/invocations":
+            # The hot path, without flask's request/response objects (about 80 us a request saved).
+            status, payload, out_type, close = invoke(environ)
+            headers = [("Content-Type", out_type), ("Content-Length", str(len(payload)))]
+            if close:
+                headers.append(("Connection", "close"))
+            start_response(_status_line(status), headers)
+            state.record_request("invocations", status, time.monotonic() - started)
+            return [payload]
         seen: list[int] = []
 
         def capture(status: str, headers: list, exc_info: Any = None) -> Any:
@@ -167,6 +133,87 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
 
     app.wsgi_app = counted  # type: ignore[method-assign]
     return app
+
+
+class _Invoker:
+    """``POST /invocations`` on a bare WSGI environ: (status, body, Content-Type, close the connection)."""
+
+    def __init__(self, serving: Serving) -> None:
+        self._serving = serving
+        self._config = serving.config
+        self._log = serving.log
+
+    def __call__(self, environ: dict) -> tuple[int, bytes, str, bool]:
+        started = time.monotonic()
+        serving, config = self._serving, self._config
+        runner = serving.runner
+        if runner is None:
+            return _error(503, "this worker is not ready yet; retry")
+        limit = config.max_payload_bytes
+        length = _content_length(environ)
+        if length is not None and length > limit:
+            return _error(413, f"the body has {length} bytes, over the limit of {limit} "
+                               f"({limit / 1048576:g} MiB); send less or raise SAGEMAKER_MAX_PAYLOAD_IN_MB",
+                          close=True)
+        content_type = environ.get("CONTENT_TYPE") or codecs.JSON
+        handler = serving.handler
+        try:
+            accept = handler.check_accept(environ.get("HTTP_ACCEPT"))
+            if not handler.has_transform and not handler.custom_input \
+                    and codecs.media_type(content_type) not in codecs.DECODABLE:
+                raise RequestError(415, f"Content-Type {content_type!r} is not supported; send one of "
+                                        f"{', '.join(codecs.DECODABLE)}")
+            if length is None and not environ.get("wsgi.input_terminated"):
+                body = b""  # as werkzeug: no length and a stream the server does not end
+            else:
+                body = environ["wsgi.input"].read(limit + 1)
+            if len(body) > limit:
+                return _error(413, f"the body is over the limit of {limit} bytes; send less or raise "
+                                   "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
+            if handler.has_transform:
+                future = runner.submit(_Transform(body, content_type, accept))
+            else:
+                with runner.arriving():
+                    data, key = handler.input(body, content_type)
+                    future = runner.submit(data, key)
+            remaining = config.timeout - (time.monotonic() - started)
+            try:
+                result = future.result(max(0.0, remaining))
+            except TimeoutError:
+                future.cancel()
+                self._log.warning("a request took longer than %g s; answered 504", config.timeout)
+                return _error(504, f"the model did not answer within {config.timeout:g} s; raise "
+                                   "SAGEMAKER_MODEL_SERVER_TIMEOUT or send less per request")
+            payload, out_type = result if handler.has_transform else handler.output(result, accept)
+        except RequestError as err:
+            if err.status >= 500:
+                self._log.error("invocation failed (%d): %s", err.status, err.message,
+                                exc_info=err.__cause__ or err)
+            return _error(err.status, err.message)
+        except Exception as err:  # top of a request: a bug or an unexpected failure; logged, never fatal
+            self._log.exception("invocation failed")
+            return _error(500, f"internal error: {type(err).__name__}; see the server log")
+        return 200, payload, out_type, False
+
+
+def _content_length(environ: dict) -> Optional[int]:
+    value = environ.get("CONTENT_LENGTH")
+    if not value:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _error(status: int, message: str, *, close: bool = False) -> tuple[int, bytes, str, bool]:
+    body = json.dumps({"code": status, "error": _phrase(status), "message": message}).encode()
+    return status, body, codecs.JSON, close
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {_phrase(status).upper()}"  # as werkzeug writes it
 
 
 def _registry(state: SharedState) -> Any:

@@ -75,9 +75,12 @@ def decode(body: bytes, content_type: str) -> Any:
 
 def _decode_json(body: bytes) -> np.ndarray:
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise RequestError(400, f"body is not valid JSON ({err}); send a JSON array of numbers") from None
+        data = _fast_loads(body)
+    except ValueError:  # orjson is strict (no NaN/Infinity): the stdlib decides, and words the error
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise RequestError(400, f"body is not valid JSON ({err}); send a JSON array of numbers") from None
     try:
         array = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as err:
@@ -87,6 +90,23 @@ def _decode_json(body: bytes) -> np.ndarray:
     if array.ndim == 0:
         raise RequestError(400, "JSON body is a single number; send an array of numbers")
     return array
+
+
+def _stdlib_loads(body: bytes) -> Any:
+    return json.loads(body)
+
+
+def _loads() -> Any:
+    """orjson.loads when installed (its float parser is ~10x faster on a 1x784 body), else json.loads."""
+    try:
+        import orjson
+
+        return orjson.loads
+    except ImportError:
+        return _stdlib_loads
+
+
+_fast_loads = _loads()
 
 
 def _decode_csv(body: bytes) -> np.ndarray:
