@@ -21,11 +21,12 @@ import http.client
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Any, Optional
 
 from agent.errors import StorageError
 
-__all__ = ["LeanGetter", "LeanResponse", "LeanNetError"]
+__all__ = ["LeanGetter", "LeanResponse", "LeanNetError", "BodyCheck", "sign_get"]
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
@@ -36,6 +37,34 @@ _UNHANDLED_CHECKSUMS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme")
 
 class LeanNetError(StorageError):
     """The connection failed (refused, reset, timed out, closed early): retryable."""
+
+
+class BodyCheck:
+    """The full-object CRC32/SHA-1/SHA-256 S3 returned (``LeanResponse.checksum``), recomputed over the body as
+    it is read; with no checksum it matches anything."""
+
+    def __init__(self, checksum: Optional[tuple[str, bytes]]) -> None:
+        self._name, self._want = checksum if checksum else ("", b"")
+        self._crc = 0
+        self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
+
+    def update(self, data: Any) -> None:
+        if self._name == "crc32":
+            self._crc = zlib.crc32(data, self._crc)
+        elif self._hash is not None:
+            self._hash.update(data)
+
+    def _got(self) -> bytes:
+        if self._hash is not None:
+            return self._hash.digest()
+        return self._crc.to_bytes(4, "big") if self._name == "crc32" else b""
+
+    def matches(self) -> bool:
+        return not self._name or self._got() == self._want
+
+    def mismatch(self) -> str:
+        """What differs, for an error message."""
+        return f"has {self._name.upper()} {self._got().hex()}, S3 says {self._want.hex()}"
 
 
 class _Target:

@@ -23,14 +23,13 @@ import queue as queue_mod
 import random
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import agent.errors as errors_mod
-from agent.data.leanget import LeanNetError
+from agent.data.leanget import BodyCheck, LeanNetError
 from agent.data.listing import Entry
 from agent.errors import (
     BucketMissing,
@@ -69,7 +68,7 @@ class StageOptions:
     endpoint_url: Optional[str] = None
     backoff: float = 0.5
     lean: bool = True  # signed GETs over http.client (agent.data.leanget), boto3 for anything unusual
-    read_size: int = 4 * 1024 ** 2  # bytes per read of a large body into a reused buffer
+    read_size: int = 1024 ** 2  # bytes per read of a large body into a reused buffer (1 MiB beat 4 and 16 MiB)
     md5_max_size: int = 1024 ** 3  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
     large_size: int = 16 * 1024 ** 2  # objects this big or bigger ...
     large_streams: int = 2  # ... are fetched at most this many at a time per process
@@ -417,7 +416,7 @@ class _Fetcher:
             # MD5 a plain ETag is, up to md5_max_size; the byte count is checked always.
             md5 = hashlib.md5() if (resp.checksum is None and resp.md5 and self._options.verify_md5 and
                                    length <= self._options.md5_max_size) else None
-            check = _Check(resp.checksum)
+            check = BodyCheck(resp.checksum)
             fd = _open_fd(part, job)
             try:
                 if length <= self._options.read_size:
@@ -453,7 +452,8 @@ class _Fetcher:
             resp.close()
         if md5 is not None and md5.hexdigest() != resp.etag:
             raise _ShortRead(f"checksum mismatch: {job.uri} has MD5 {md5.hexdigest()}, its ETag says {resp.etag}")
-        check.verify(job.uri)
+        if not check.matches():
+            raise _ShortRead(f"checksum mismatch: {job.uri} {check.mismatch()}")
         return resp.etag, written
 
     def _buffer(self) -> bytearray:
@@ -595,29 +595,6 @@ def _set_etag(fd: int, etag: str) -> None:
         os.setxattr(fd, ETAG_XATTR, etag.encode())
     except OSError:
         pass  # no xattrs here: a rerun trusts the size alone
-
-
-class _Check:
-    """The CRC32/SHA-1/SHA-256 S3 returned for the whole object, recomputed over the body."""
-
-    def __init__(self, checksum: Optional[tuple[str, bytes]]) -> None:
-        self._name, self._want = checksum if checksum else ("", b"")
-        self._crc = 0
-        self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
-
-    def update(self, data: Any) -> None:
-        if self._name == "crc32":
-            self._crc = zlib.crc32(data, self._crc)
-        elif self._hash is not None:
-            self._hash.update(data)
-
-    def verify(self, uri: str) -> None:
-        if not self._name:
-            return
-        got = self._crc.to_bytes(4, "big") if self._name == "crc32" else self._hash.digest()  # type: ignore[union-attr]
-        if got != self._want:
-            raise _ShortRead(f"checksum mismatch: {uri} has {self._name.upper()} {got.hex()}, S3 says "
-                             f"{self._want.hex()}")
 
 
 def _local_error(err: OSError, job: _Job) -> TorchBayError:

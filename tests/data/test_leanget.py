@@ -210,3 +210,21 @@ def test_unreachable_endpoint_is_named(s3_env, tmp_path):
     with pytest.raises(EndpointUnreachable, match=f"cannot reach {endpoint} for s3://bkt/k.bin"):
         stage(entries, tmp_path / "d", options=StageOptions(endpoint_url=endpoint, backoff=0.01, attempts=2), log=LOG)
     assert not list(Path(tmp_path / "d").rglob("*"))
+
+
+@pytest.mark.parametrize("mode", ["short", "flip", "etag"])
+def test_object_reader_retries_spoiled_bodies_on_the_lean_path(s3_server, bucket, s3, proxy_to, mode):
+    from agent.data.reading import ObjectReader
+
+    objects = random_objects("r/", 3, 3000, nested=False)
+    upload(s3, bucket, objects)
+    proxy = proxy_to(mode, 2)
+    reader = ObjectReader(endpoint_url=proxy.endpoint, backoff=0.01, attempts=4)
+    for key, body in sorted(objects.items()):
+        assert reader.read(Entry(f"s3://{bucket}/{key}", key, len(body))) == body
+    assert proxy.gets == 3 + 2
+    proxy.bad = 100
+    with pytest.raises(StorageError, match="checksum mismatch|short read|cannot reach"):
+        reader.read(Entry(f"s3://{bucket}/r/0000.bin", "0000.bin", 3000))
+    plain = ObjectReader(endpoint_url=s3_server.endpoint, lean=False)
+    assert plain.read(Entry(f"s3://{bucket}/r/0001.bin", "0001.bin", 3000)) == objects["r/0001.bin"]
