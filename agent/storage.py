@@ -15,7 +15,7 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 from agent.errors import (
     BucketMissing,
@@ -226,25 +226,19 @@ class FileStorage(Storage):
         return _Limited(handle, end - start)
 
     def put_file(self, path: Path, uri: str) -> None:
-        dest = parse_uri(uri).key
-        tmp = dest + ".part"
-        try:
-            os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        except OSError as err:
-            _unlink_quiet(tmp)
-            if err.errno == errno.ENOSPC:
-                raise DiskFullError(f"disk full while writing {dest}; free space there") from err
-            raise StorageError(f"cannot write {uri}: {err.strerror}; check the path and permissions") from err
+        self._write(uri, lambda tmp: shutil.copyfile(path, tmp))
 
     def put_bytes(self, data: bytes, uri: str) -> None:
+        self._write(uri, lambda tmp: Path(tmp).write_bytes(data))
+
+    @staticmethod
+    def _write(uri: str, fill: Callable[[str], object]) -> None:
+        """Write ``dest.part`` with ``fill``, then rename it over ``dest``; errors name the URI."""
         dest = parse_uri(uri).key
         tmp = dest + ".part"
         try:
             os.makedirs(os.path.dirname(dest) or "/", exist_ok=True)
-            with open(tmp, "wb") as out:
-                out.write(data)
+            fill(tmp)
             os.replace(tmp, dest)
         except OSError as err:
             _unlink_quiet(tmp)
@@ -419,19 +413,21 @@ def translate_s3_error(err: Exception, uri: str, where: str = "the S3 endpoint")
     return StorageError(f"S3 request for {uri} at {where} failed: {redact(code or name)}: {redact(str(err))[:300]}")
 
 
-def make_s3_client(endpoint_url: Optional[str] = None, max_pool_connections: int = 32) -> Any:
+def make_s3_client(endpoint_url: Optional[str] = None, max_pool_connections: int = 32, *,
+                   max_attempts: int = 8, connect_timeout: float = 10) -> Any:
     """A boto3 S3 client with standard retries and a connection pool sized for threads.
 
     The endpoint comes from ``endpoint_url``, else the standard AWS settings (``AWS_ENDPOINT_URL``,
-    ``AWS_ENDPOINT_URL_S3``) that boto3 reads itself.
+    ``AWS_ENDPOINT_URL_S3``) that boto3 reads itself. Callers that retry on their own terms pass a
+    small ``max_attempts``.
     """
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 8, "mode": "standard"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
         max_pool_connections=max_pool_connections,
-        connect_timeout=10,
+        connect_timeout=connect_timeout,
         read_timeout=60,
         s3={"addressing_style": "path"} if endpoint_url else {},
     )

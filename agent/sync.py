@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Optional
 from agent.errors import DiskFullError, StorageError, TorchBayError
 from agent.job import Job
 from agent.safety import safe_join
-from agent.storage import Location, S3Storage, Storage, open_storage, parse_uri, translate_s3_error
+from agent.storage import Location, S3Storage, Storage, make_s3_client, open_storage, parse_uri, translate_s3_error
 
 __all__ = ["LiveSync"]
 
@@ -304,7 +304,8 @@ class LiveSync:
             storage = self._storages.get(loc.scheme)
             if storage is None:
                 if loc.scheme == "s3":
-                    storage = S3Storage(_make_client(self._endpoint_url, self._workers * _PART_THREADS + 4))
+                    storage = S3Storage(make_s3_client(  # few built-in retries: the sync retries with its own backoff
+                        self._endpoint_url, self._workers * _PART_THREADS + 4, max_attempts=2, connect_timeout=5))
                 else:
                     storage = open_storage(loc.uri)
                 self._storages[loc.scheme] = storage
@@ -790,16 +791,3 @@ def _run_parallel(fn: Callable[[Any], None], items: list, threads: int, errors: 
         thread.join()
 
 
-def _make_client(endpoint_url: Optional[str], max_pool_connections: int) -> Any:
-    """A boto3 S3 client with few built-in retries: the sync retries with its own backoff and deadline."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        retries={"max_attempts": 2, "mode": "standard"},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=5,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if endpoint_url else {},
-    )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
