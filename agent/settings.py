@@ -94,6 +94,10 @@ _TRAIN = (
        "Seconds `pip install` of the user's requirements may take before the job fails.", "train", _positive),
     _s("upload_timeout", "TORCHBAY_UPLOAD_TIMEOUT", float, 600.0,
        "Seconds the end-of-job uploads (model, outputs, checkpoints) may take.", "train", _positive),
+    _s("line_buffer", "TORCHBAY_LINE_BUFFER", parse_bool, True,
+       "Start the user's command under coreutils `stdbuf -oL -eL`, so C-level stdio (NCCL, C++ extensions, "
+       "awk) is line-buffered and a killed process loses no finished line; off, or where stdbuf is missing, "
+       "only Python output is unbuffered (PYTHONUNBUFFERED=1).", "train"),
 )
 
 # --- data agent (issue 3) ----------------------------------------------------------------------
@@ -232,7 +236,11 @@ _SERVING = (
        "The module in <model>/code whose hooks (model_fn, input_fn, predict_fn, output_fn, transform_fn) are "
        "used when it exists.", "serving"),
     _s("serve_workers", "SAGEMAKER_MODEL_SERVER_WORKERS", _opt_int, None,
-       "Worker processes (unset: one per core, or one per GPU).", "serving", _positive),
+       "Worker processes (unset: one per core, or TORCHBAY_SERVE_WORKERS_PER_GPU per GPU).", "serving", _positive),
+    _s("serve_workers_per_gpu", "TORCHBAY_SERVE_WORKERS_PER_GPU", _opt_int, None,
+       "Worker processes per GPU when SAGEMAKER_MODEL_SERVER_WORKERS is unset (unset: min(4, cores // GPUs), at "
+       "least 1), so HTTP and decoding are not one process's work; workers go to the GPUs round-robin.",
+       "serving", _positive),
     _s("serve_torch_threads", "TORCHBAY_SERVE_TORCH_THREADS", _opt_int, None,
        "torch intra-op threads per worker (unset: cores // workers, at least 1).", "serving", _positive),
     _s("serve_http_threads", "TORCHBAY_SERVE_HTTP_THREADS", _opt_int, None,

@@ -123,3 +123,42 @@ def test_a_failed_upload_fails_a_successful_job_and_still_writes_the_status(tmp_
     assert code in (69, 70)  # StorageError, or an internal error from the file backend
     assert "model.tar.gz" in (root / "output" / "failure").read_text()
     assert not (root / "output" / "success").exists()
+
+
+_C_WRITER = r"""
+#include <signal.h>
+#include <stdio.h>
+int main(void) {
+    for (int i = 0; i < 5; i++) printf("c-line %d\n", i);
+    fprintf(stderr, "c-error line\n");
+    raise(SIGKILL);  /* no exit(): whatever stdio still buffers is lost */
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("line_buffer", ["true", "false"])
+def test_c_stdio_lines_survive_sigkill_under_stdbuf(tmp_path: Path, line_buffer: str) -> None:
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or shutil.which("stdbuf") is None:
+        pytest.skip("needs a C compiler and coreutils stdbuf")
+    src = tmp_path / "writer.c"
+    src.write_text(_C_WRITER)
+    code = tmp_path / "code"
+    code.mkdir()
+    subprocess.run([cc, "-o", str(code / "writer"), str(src)], check=True)
+    spec = {"TrainingJobName": "c", "HyperParameters": {"sagemaker_program": "writer",
+                                                        "sagemaker_submit_directory": f"file://{code}"},
+            "OutputDataConfig": {"S3OutputPath": f"file://{tmp_path}/out"}}
+    env = {"PATH": os.environ.get("PATH", ""), "TORCHBAY_ROOT": str(tmp_path / "ml"), "TORCHBAY_JOB": json.dumps(spec),
+           "TORCHBAY_SAMPLE_INTERVAL": "0", "TORCHBAY_LINE_BUFFER": line_buffer}
+    out = io.BytesIO()
+    assert main([], env=env, out=out) == 137
+    lines = [line for line in out.getvalue().decode().splitlines() if "c-line" in line]
+    if line_buffer == "true":
+        assert lines == [f"[algo-1:0] c-line {i}" for i in range(5)]
+    else:  # the block-buffered C stdio of a killed process: what stdbuf is there to prevent
+        assert lines == []
+    assert "c-error line" in (tmp_path / "ml" / "output" / "failure").read_text()
