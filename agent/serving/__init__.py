@@ -29,6 +29,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="model.tar.gz to fetch and unpack first (s3:// or file://)")
     parser.add_argument("--workers", dest="serve_workers", type=int,
                         help="worker processes (SAGEMAKER_MODEL_SERVER_WORKERS)")
+    parser.add_argument("--workers-per-gpu", dest="serve_workers_per_gpu", type=int,
+                        help="worker processes per GPU when --workers is unset (TORCHBAY_SERVE_WORKERS_PER_GPU)")
     parser.add_argument("--torch-threads", dest="serve_torch_threads", type=int,
                         help="torch threads per worker (TORCHBAY_SERVE_TORCH_THREADS)")
     parser.add_argument("--http-threads", dest="serve_http_threads", type=int,
@@ -72,11 +74,12 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     from agent.serving.config import resolve_config
     from agent.serving.fetch import fetch_model, install_requirements
 
-    gpus = _gpu_count(log)
+    gpus = _gpu_count(log, env)
     config = resolve_config(settings, overrides, gpus=gpus)
     log.info("serving %s on %s:%d: %d workers x %d torch threads, %d requests each, batch %d (%g ms), "
-             "preload %s", config.model_dir, config.host, config.port, config.workers, config.torch_threads,
-             config.http_threads, config.batch_size, config.batch_delay * 1000, config.preload)
+             "preload %s, %d GPUs", config.model_dir, config.host, config.port, config.workers,
+             config.torch_threads, config.http_threads, config.batch_size, config.batch_delay * 1000,
+             config.preload, config.gpus)
     if config.model_uri:
         fetch_model(config.model_uri, config.model_dir, endpoint_url=settings.endpoint_url, log=log)
     install_requirements(config.code_dir, env=env, log=log)
@@ -97,11 +100,12 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
         handler.warm_up()
     serving = Serving(config, handler, SharedState(), log)
 
-    def worker_boot() -> None:
+    def worker_boot(gpu: Optional[int]) -> None:
         torch.set_num_threads(config.torch_threads)
         if not handler.loaded:
-            if config.gpus:
-                handler.use_gpu(os.getpid() % config.gpus)
+            if gpu is not None:
+                handler.use_gpu(gpu)
+                log.info("worker %d serves on cuda:%d", os.getpid(), gpu)
             try:
                 handler.load()
                 handler.warm_up()
@@ -112,8 +116,9 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     return run_server(serving, create_app(serving), worker_boot=worker_boot)
 
 
-def _gpu_count(log: logging.Logger) -> int:
-    """GPUs NVML sees (without touching CUDA, so forking stays safe); 0 with one INFO line when none."""
+def _gpu_count(log: logging.Logger, env: Mapping[str, str]) -> int:
+    """GPUs NVML sees, narrowed by CUDA_VISIBLE_DEVICES (without touching CUDA, so forking stays safe);
+    0 with one INFO line when none."""
     try:
         import pynvml
 
@@ -125,7 +130,9 @@ def _gpu_count(log: logging.Logger) -> int:
     except Exception as err:  # no NVML library or driver: CPU serving
         log.info("no GPU found (%s); serving on CPU", type(err).__name__)
         return 0
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # cuda:N counts only the visible devices
+        count = min(count, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
     if count == 0:
         log.info("no GPU found; serving on CPU")
     return count
-

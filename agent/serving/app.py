@@ -163,17 +163,17 @@ class _Invoker:
                     and codecs.media_type(content_type) not in codecs.DECODABLE:
                 raise RequestError(415, f"Content-Type {content_type!r} is not supported; send one of "
                                         f"{', '.join(codecs.DECODABLE)}")
-            if length is None and not environ.get("wsgi.input_terminated"):
-                body = b""  # as werkzeug: no length and a stream the server does not end
-            else:
-                body = environ["wsgi.input"].read(limit + 1)
-            if len(body) > limit:
-                return _error(413, f"the body is over the limit of {limit} bytes; send less or raise "
-                                   "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
-            if handler.has_transform:
-                future = runner.submit(_Transform(body, content_type, accept))
-            else:
-                with runner.arriving():
+            with runner.arriving():  # from the body's first byte until queued: a forming batch waits for it
+                if length is None and not environ.get("wsgi.input_terminated"):
+                    body = b""  # as werkzeug: no length and a stream the server does not end
+                else:
+                    body = environ["wsgi.input"].read(limit + 1)
+                if len(body) > limit:
+                    return _error(413, f"the body is over the limit of {limit} bytes; send less or raise "
+                                       "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
+                if handler.has_transform:
+                    future = runner.submit(_Transform(body, content_type, accept))
+                else:
                     data, key = handler.input(body, content_type)
                     future = runner.submit(data, key)
             remaining = config.timeout - (time.monotonic() - started)

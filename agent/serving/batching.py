@@ -2,9 +2,16 @@
 
 Request threads hand their decoded input to the runner and wait for their own result (with a
 timeout, so a slow model never hangs a request). With ``max_batch > 1`` the runner joins inputs
-of the same shape and dtype into one call and splits the result by rows. It waits for more only
-while other requests of this worker are still being decoded, and never longer than
-``max_delay``: a lone request runs at once.
+of the same shape and dtype into one call and splits the result by rows.
+
+How long a forming batch waits (never longer than ``max_delay`` after its first request is taken):
+while other requests of this worker are being read or decoded; and while it is smaller than the
+number of requests this worker held at once during the previous batch (the *peak*: queued, being
+decoded, or in the model). Under closed-loop load the requests just answered come back within a
+round trip, so waiting for them joins the two groups that would otherwise alternate (one in the
+model, the other queued) into full batches. A lone request runs at once: at concurrency 1 the
+peak is 1, and a request that comes more than ``max_delay`` after the previous batch ended is not
+made to wait for anyone.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class _Item:
     data: Any
     key: Optional[Hashable]
     future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.monotonic)
 
 
 class Runner:
@@ -45,6 +53,10 @@ class Runner:
         self._cond = threading.Condition()
         self._pending: Deque[_Item] = collections.deque()
         self._arriving = 0
+        self._arriving_threads: set[int] = set()
+        self._running = 0  # requests in the batch being run
+        self._peak = 0  # most requests held at once (arriving + queued + running) since the last batch began
+        self._last_end = float("-inf")  # when the last batch finished
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._unsplittable_logged = False
@@ -64,23 +76,40 @@ class Runner:
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
-        """Mark a request as on its way (being decoded), so a forming batch waits for it."""
+        """Mark a request as on its way (being read or decoded), so a forming batch waits for it.
+
+        It counts as arriving until this thread submits it (or leaves the block without doing so).
+        """
+        me = threading.get_ident()
         with self._cond:
+            self._arriving_threads.add(me)
             self._arriving += 1
+            self._peak = max(self._peak, self._held())
         try:
             yield
         finally:
             with self._cond:
-                self._arriving -= 1
-                self._cond.notify_all()
+                if me in self._arriving_threads:
+                    self._arriving_threads.discard(me)
+                    self._arriving -= 1
+                    self._cond.notify_all()
 
     def submit(self, data: Any, key: Optional[Hashable] = None) -> Future:
         """Queue ``data``; the Future holds its own result (or the exception its call raised)."""
         item = _Item(data, key)
+        me = threading.get_ident()
         with self._cond:
+            if me in self._arriving_threads:  # arrived: counted as queued from now on, not twice
+                self._arriving_threads.discard(me)
+                self._arriving -= 1
             self._pending.append(item)
+            self._peak = max(self._peak, self._held())
             self._cond.notify_all()
         return item.future
+
+    def _held(self) -> int:
+        """Requests this worker holds: arriving, queued, or in the model (called locked)."""
+        return self._arriving + len(self._pending) + self._running
 
     def call(self, data: Any, key: Optional[Hashable], timeout: float) -> Any:
         """Submit and wait at most ``timeout`` seconds; TimeoutError when it is not done by then."""
@@ -107,18 +136,26 @@ class Runner:
                 self._cond.wait()
             first = self._pending.popleft()
             batch = [first]
-            if self._max_batch <= 1 or first.key is None:
-                return batch
-            deadline = time.monotonic() + self._max_delay
-            while len(batch) < self._max_batch:
-                self._take_matching(batch)
-                if len(batch) >= self._max_batch or self._arriving == 0:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if self._max_batch > 1 and first.key is not None:
+                self._fill(batch)
+            self._running = len(batch)
+            self._peak = self._held()
             return batch
+
+    def _fill(self, batch: list[_Item]) -> None:
+        """Add matching requests to ``batch``, waiting as the module docstring says (called locked)."""
+        now = time.monotonic()
+        lone = batch[0].queued - self._last_end > self._max_delay  # not a request that came back at once
+        target = 1 if lone else min(self._max_batch, self._peak)
+        deadline = now + self._max_delay
+        while True:
+            self._take_matching(batch)
+            if len(batch) >= self._max_batch or (self._arriving == 0 and len(batch) >= target):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def _take_matching(self, batch: list[_Item]) -> None:
         key = batch[0].key
@@ -133,8 +170,18 @@ class Runner:
 
     def _run(self, batch: list[_Item]) -> None:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        outcomes = self._outcomes(live) if live else []
+        with self._cond:  # before any caller is answered, so one that comes straight back is not counted twice
+            self._running = 0
+            self._last_end = time.monotonic()
+        for item, (ok, value) in zip(live, outcomes):
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
+
+    def _outcomes(self, live: list[_Item]) -> list[tuple[bool, Any]]:
+        """(True, result) or (False, exception) for each request, in order."""
         if self._on_batch is not None:
             self._on_batch(len(live))
         if len(live) > 1 and self._run_batch is not None:
@@ -144,14 +191,14 @@ class Runner:
             except Exception:  # one bad input must not fail the others: retry them one by one
                 results, failed = None, True
             if results is not None and len(results) == len(live):
-                for item, result in zip(live, results):
-                    item.future.set_result(result)
-                return
+                return [(True, result) for result in results]
             if not failed and not self._unsplittable_logged:
                 self._unsplittable_logged = True
                 self._log.warning("a batched prediction could not be split by rows; running requests one by one")
+        outcomes: list[tuple[bool, Any]] = []
         for item in live:
             try:
-                item.future.set_result(self._run_one(item.data))
+                outcomes.append((True, self._run_one(item.data)))
             except BaseException as err:  # delivered to the waiting request, which answers for it
-                item.future.set_exception(err)
+                outcomes.append((False, err))
+        return outcomes

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from agent.errors import ConfigError
 from agent.job import Layout
 from agent.settings import Settings
 
-__all__ = ["ServeConfig", "resolve_config", "available_cores"]
+__all__ = ["ServeConfig", "resolve_config", "available_cores", "assign_gpu"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
                    cores: Optional[int] = None, gpus: int = 0) -> ServeConfig:
     """Settings plus command-line ``overrides`` (None values ignored) into a ServeConfig.
 
-    Workers default to one per GPU, else one per core; torch threads to cores // workers, so
-    workers x threads never exceed the cores unless both are set explicitly.
+    Workers default to ``serve_workers_per_gpu`` per GPU (unset: min(4, cores // gpus), at least 1),
+    else one per core; torch threads to cores // workers, so workers x threads never exceed the
+    cores unless both are set explicitly.
     """
     values = {key: value for key, value in (overrides or {}).items() if value is not None}
     unknown = set(values) - set(settings.as_dict())
@@ -75,7 +76,12 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         raise ConfigError(f"unknown serving overrides {sorted(unknown)}; this is a bug in the caller")
     settings = settings.replace(**values)
     cores = cores or available_cores()
-    workers = settings.serve_workers or (gpus if gpus else cores)
+    if settings.serve_workers:
+        workers = settings.serve_workers
+    elif gpus:
+        workers = gpus * (settings.serve_workers_per_gpu or max(1, min(4, cores // gpus)))
+    else:
+        workers = cores
     torch_threads = settings.serve_torch_threads or max(1, cores // workers)
     batch_size = settings.serve_batch_size
     http_threads = settings.serve_http_threads or max(4, 2 * batch_size)
@@ -102,3 +108,18 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         gpus=gpus,
         log_level=settings.log_level,
     )
+
+
+def assign_gpu(taken: Iterable[Optional[int]], gpus: int) -> int:
+    """The GPU for a new worker: the one fewest live workers use (``taken``: their GPUs), lowest first.
+
+    Called as each worker is forked, this spreads workers round-robin, and a worker that replaces a
+    dead one goes where the dead one was.
+    """
+    if gpus < 1:
+        raise ConfigError(f"assign_gpu needs at least one GPU, got {gpus}; this is a bug in the caller")
+    counts = [0] * gpus
+    for gpu in taken:
+        if gpu is not None and 0 <= gpu < gpus:
+            counts[gpu] += 1
+    return counts.index(min(counts))

@@ -16,6 +16,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from agent.serving.app import Serving
+from agent.serving.config import assign_gpu
 
 __all__ = ["run_server", "gunicorn_options"]
 
@@ -43,7 +44,7 @@ def gunicorn_options(serving: Serving) -> dict[str, Any]:
 
 class _Application(BaseApplication):
     def __init__(self, wsgi: Callable[..., Any], options: dict[str, Any], serving: Serving,
-                 worker_boot: Callable[[], None]) -> None:
+                 worker_boot: Callable[[Optional[int]], None]) -> None:
         self._wsgi = wsgi
         self._options = options
         self._serving = serving
@@ -56,8 +57,15 @@ class _Application(BaseApplication):
         serving, boot = self._serving, self._worker_boot
         log = serving.log
 
+        gpus = serving.config.gpus
+
+        def pre_fork(server: Any, worker: Any) -> None:  # in the master: the GPU this worker will use
+            if gpus:
+                worker.torchbay_gpu = assign_gpu(
+                    (getattr(other, "torchbay_gpu", None) for other in server.WORKERS.values()), gpus)
+
         def post_fork(server: Any, worker: Any) -> None:
-            boot()
+            boot(getattr(worker, "torchbay_gpu", None))
             serving.start_worker()
 
         def post_worker_init(worker: Any) -> None:
@@ -72,6 +80,7 @@ class _Application(BaseApplication):
                 log.error("worker %d died unexpectedly; /ping answers 503 for %g s", worker.pid,
                           serving.config.crash_window)
 
+        self.cfg.set("pre_fork", pre_fork)
         self.cfg.set("post_fork", post_fork)
         self.cfg.set("post_worker_init", post_worker_init)
         self.cfg.set("worker_exit", worker_exit)
@@ -106,8 +115,12 @@ class _Arbiter(Arbiter):
         super().handle_quit()
 
 
-def run_server(serving: Serving, wsgi: Callable[..., Any], *, worker_boot: Callable[[], None]) -> int:
+def run_server(serving: Serving, wsgi: Callable[..., Any], *,
+               worker_boot: Callable[[Optional[int]], None]) -> int:
     """Run gunicorn in this process until it stops; its exit status.
+
+    ``worker_boot(gpu)`` runs in each forked worker first, with the GPU index it was given (spread
+    round-robin over ``config.gpus`` by :func:`assign_gpu`), or None on CPU.
 
     A clean stop by a signal exits 128+N (143 for SIGTERM), as ``docker stop`` and SageMaker expect of a
     process that ended on their signal; a failure keeps gunicorn's own code.
