@@ -17,8 +17,40 @@ from gunicorn.arbiter import Arbiter
 
 from agent.serving.app import Serving
 from agent.serving.config import assign_gpu
+from agent.serving.shared import SharedState
 
-__all__ = ["run_server", "gunicorn_options"]
+__all__ = ["run_server", "gunicorn_options", "balanced_worker"]
+
+
+def balanced_worker(state: SharedState) -> type:
+    """gunicorn's gthread worker that accepts a connection only while it holds no more than the fewest
+    any other worker holds, so keep-alive clients spread evenly over the workers.
+
+    Without it one worker can take most of a burst of connections (28 of 32 seen with 2 workers) while
+    the other idles between its few clients' requests. Counts go through ``state``; a worker that is
+    alone, or whose siblings are not ready, accepts as gunicorn would.
+    """
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class BalancedWorker(ThreadWorker):
+        _slot: Optional[int] = None
+        _limit = 1000
+
+        @property  # type: ignore[override]
+        def worker_connections(self) -> int:  # read by gunicorn's loop before each wait for events
+            if self._slot is None:
+                self._slot = state.worker_slot(os.getpid())
+            if self._slot is None:
+                return self._limit
+            state.set_connections(self._slot, self.nr_conns)
+            fewest = state.fewest_connections(self._slot)
+            return self._limit if fewest is None else min(self._limit, fewest + 1)
+
+        @worker_connections.setter
+        def worker_connections(self, value: int) -> None:
+            self._limit = value
+
+    return BalancedWorker
 
 
 def gunicorn_options(serving: Serving) -> dict[str, Any]:
@@ -27,7 +59,7 @@ def gunicorn_options(serving: Serving) -> dict[str, Any]:
     return {
         "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
         "workers": config.workers,
-        "worker_class": "gthread",
+        "worker_class": balanced_worker(serving.state),
         "threads": config.http_threads,
         "timeout": max(30, int(config.timeout) + 30),  # heartbeat only: slow requests are answered 504 first
         "graceful_timeout": max(1, int(round(config.grace_period))),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 __all__ = ["SharedState", "ENDPOINTS", "CODES", "DURATION_BUCKETS", "BATCH_BUCKETS"]
 
@@ -32,6 +32,7 @@ class SharedState:
         self._lock = ctx.Lock()
         self._pids = ctx.RawArray(ctypes.c_long, _SLOTS)
         self._states = ctx.RawArray(ctypes.c_int, _SLOTS)
+        self._conns = ctx.RawArray(ctypes.c_long, _SLOTS)  # connections each worker holds (for balancing)
         # health: [last unexpected death (CLOCK_MONOTONIC), deaths, stopping]
         self._health = ctx.RawArray(ctypes.c_double, 3)
         self._health[0] = -1e18
@@ -46,7 +47,7 @@ class SharedState:
         with self._lock:
             for i in range(_SLOTS):
                 if self._states[i] == _FREE:
-                    self._pids[i], self._states[i] = pid, _READY
+                    self._pids[i], self._states[i], self._conns[i] = pid, _READY, 0
                     return
 
     def worker_exiting(self, pid: int) -> None:
@@ -70,6 +71,23 @@ class SharedState:
             self._health[0] = time.monotonic()
             self._health[1] += 1
             return True
+
+    def worker_slot(self, pid: int) -> Optional[int]:
+        """The slot of a ready worker (for :meth:`set_connections`), None when it is not ready."""
+        with self._lock:
+            for i in range(_SLOTS):
+                if self._pids[i] == pid and self._states[i] == _READY:
+                    return i
+        return None
+
+    def set_connections(self, slot: int, count: int) -> None:
+        """Publish how many connections the worker in ``slot`` holds (no lock: one writer per slot)."""
+        self._conns[slot] = count
+
+    def fewest_connections(self, slot: int) -> Optional[int]:
+        """The fewest connections any other ready worker holds; None when there is no other."""
+        counts = [self._conns[i] for i in range(_SLOTS) if i != slot and self._states[i] == _READY]
+        return min(counts) if counts else None
 
     def set_stopping(self) -> None:
         with self._lock:

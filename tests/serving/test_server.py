@@ -179,3 +179,28 @@ def test_four_workers_share_the_weights(serve, tmp_path: Path) -> None:
     print(f"PSS of the server: 1 worker {pss[1] / 1024:.0f} MiB, 4 workers {pss[4] / 1024:.0f} MiB, "
           f"ratio {pss[4] / pss[1]:.2f}")
     assert pss[4] <= 1.5 * pss[1]
+
+
+def test_keep_alive_connections_spread_evenly_over_the_workers(serve, tmp_path: Path) -> None:
+    import http.client
+
+    import psutil
+
+    make_mlp(tmp_path / "model" / "model.pt")
+    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})
+    conns = []
+    try:
+        for _ in range(12):  # one keep-alive connection after another, each left open
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("POST", "/invocations", ROW, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            response.read()
+            conns.append(conn)
+        counts = sorted(
+            sum(1 for c in worker.net_connections("tcp") if c.status == "ESTABLISHED" and c.laddr.port == server.port)
+            for worker in psutil.Process(server.proc.pid).children())
+        assert sum(counts) == 12 and counts[0] >= 5, counts  # 6 and 6 when balanced; plain gthread: often 1 and 11
+    finally:
+        for conn in conns:
+            conn.close()
