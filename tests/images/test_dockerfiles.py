@@ -86,3 +86,20 @@ def test_dockerignore_is_an_allow_list() -> None:
     allowed = {l[1:] for l in lines if l.startswith("!")}
     assert {"agent/**", "setup.cfg", "pyproject.toml", "entrypoints/*"} <= allowed
     assert not any(a.startswith((".venv", ".git", "tests")) for a in allowed)
+
+
+def test_cuda_shares_the_cpu_layers_up_to_its_own_part() -> None:
+    """base, builder and the start of runtime are instruction for instruction the CPU image's, so one
+    machine building both (CI: the CUDA targets with the CPU torch stand-in) reuses those layers."""
+    def names(stage: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        # An ARG's default may differ (TORCH_INDEX_URL); build-images passes the same value to both.
+        return [(op, args.split("=", 1)[0] if op == "ARG" else args) for op, args in stage]
+
+    cpu = {name: names(stage) for name, stage in _stages("cpu").items()}
+    cuda = {name: names(stage) for name, stage in _stages("cuda").items()}
+    assert cuda["base"] == cpu["base"] and cuda["builder"] == cpu["builder"]
+    shared = next(i for i, (op, args) in enumerate(cpu["runtime"]) if op == "RUN") + 1
+    assert cuda["runtime"][:shared] == cpu["runtime"][:shared]
+    own = dict(cuda["runtime"][shared:])
+    assert "NVIDIA_VISIBLE_DEVICES=all" in own["ENV"] and "TORCH_VARIANT" in " ".join(
+        args for op, args in cuda["runtime"][shared:] if op == "ARG")
