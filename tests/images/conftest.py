@@ -3,7 +3,8 @@
 In CI (``CI=true``) the tests must run: the engine is installed and started when missing, and any
 failure to do so fails the session. Elsewhere they are skipped, with the reason, when no engine can
 be started (not root, no apt, no kernel support). The CPU image is built from a locally made
-debootstrap base (scripts/build-images --local-base), so no registry is needed.
+debootstrap base (scripts/build-images --local-base), so no registry is needed; the CUDA image from the
+same base, with the CPU torch wheel standing in for the CUDA one (``--torch-standin``), on demand.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from tests.conftest import DUMMY_CREDS, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "scripts" / "docker-engine"
-BUILD = REPO / "scripts" / "build-images"
 LABEL = "torchbay-test"
 TAG = "torchbay-test/pytorch:cpu"
 SERVE_TAG = TAG + "-serve"
+CUDA_TAG = "torchbay-test/pytorch:cuda-standin"
+CUDA_SERVE_TAG = CUDA_TAG + "-serve"
 LOCK = Path("/tmp/torchbay-image-tests.lock")
 TORCH_VERSION = "2.13.0"
 
@@ -61,6 +63,8 @@ class Engine:
     cli: str
     ours: bool
     canary: str  # a line put in the CA bundle given to the build; must appear in no layer
+    ca_bundle: str = ""  # the bundle itself (given to every build of the session)
+    sources: str = ""  # the session's snapshot of what the builds read (see _snapshot)
 
     def __call__(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         proc = _run([self.cli, *args], timeout)
@@ -100,7 +104,7 @@ def _cleanup(engine: Engine, started: bool) -> None:
         ids = listing.stdout.split()
         if ids:
             engine(kind, "rm", *(["-f"] if kind == "container" else []), *ids, check=False, timeout=120)
-    engine("rmi", "-f", TAG, SERVE_TAG, check=False)
+    engine("rmi", "-f", TAG, SERVE_TAG, CUDA_TAG, CUDA_SERVE_TAG, check=False)
     if started:
         engine("rmi", "-f", "torchbay/base:bookworm", check=False)
         engine("builder", "prune", "-af", check=False, timeout=300)
@@ -133,18 +137,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         cli = _run([str(ENGINE), "docker"], 30).stdout.strip()
         tmp = tmp_path_factory.mktemp("image-build")
         canary = _canary_bundle(tmp / "ca-bundle.crt")
-        eng = Engine(cli, started, canary)
-        build = [str(BUILD), "--local-base", "--tag", TAG, "--ca-bundle", str(tmp / "ca-bundle.crt")]
-        wheel = _torch_wheel()
-        if wheel:
-            build += ["--torch-wheel", wheel]
-        log = tmp / "build.log"
-        with open(log, "w") as out:
-            done = subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=str(REPO),
-                                  env=dict(os.environ, DOCKER=cli))
-        if done.returncode != 0:
-            pytest.fail(f"scripts/build-images exited {done.returncode}; the end of {log}:\n"
-                        + "\n".join(log.read_text().splitlines()[-40:]))
+        eng = Engine(cli, started, canary, str(tmp / "ca-bundle.crt"), str(_snapshot(tmp / "sources")))
+        _build_images(eng, tmp / "build.log", "--tag", TAG)
         yield eng
     finally:
         if cli:
@@ -153,6 +147,51 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             _run([str(ENGINE), "stop"], 180)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+def _snapshot(dest: Path) -> Path:
+    """A copy of what the builds read, taken once: every image of the session is built from the same
+    sources (and so shares layers) even while the working tree is being edited."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("agent", "entrypoints", "dockerfiles", "scripts"):
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
+    for name in ("setup.cfg", "pyproject.toml", "README.md", ".dockerignore"):
+        shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def _build_images(engine: Engine, log: Path, *args: str) -> None:
+    """scripts/build-images (of the snapshot) from the local base with the session's CA bundle and the
+    local torch wheel."""
+    sources = Path(engine.sources)
+    build = [str(sources / "scripts" / "build-images"), "--local-base", "--ca-bundle", engine.ca_bundle, *args]
+    wheel = _torch_wheel()
+    if wheel:
+        build += ["--torch-wheel", wheel]
+    with open(log, "w") as out:  # GIT_DIR: the revision label names the commit the snapshot was taken at
+        done = subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=str(sources),
+                              env=dict(os.environ, DOCKER=engine.cli, GIT_DIR=str(REPO / ".git")))
+    if done.returncode != 0:
+        pytest.fail(f"scripts/build-images {' '.join(args)} exited {done.returncode}; the end of {log}:\n"
+                    + "\n".join(log.read_text().splitlines()[-40:]))
+
+
+@pytest.fixture(scope="session")
+def cuda_images(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The CUDA Dockerfile's train and serve targets (CUDA_TAG, CUDA_SERVE_TAG), no GPU needed to build.
+
+    Same local base as the CPU images, and the CPU torch wheel standing in for the CUDA build
+    (``--torch-standin``, TORCH_VARIANT=cpu): every layer up to the CUDA-specific part comes from the
+    CPU build's cache. Removed at the end (the engine's cleanup removes them too).
+    """
+    started = time.monotonic()
+    log = tmp_path_factory.mktemp("cuda-build") / "build.log"
+    try:
+        _build_images(engine, log, "--flavor", "cuda", "--torch-standin", "--tag", CUDA_TAG)
+        print(f"\nCUDA images (CPU torch stand-in) built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        yield CUDA_TAG, CUDA_SERVE_TAG
+    finally:
+        engine("rmi", "-f", CUDA_TAG, CUDA_SERVE_TAG, check=False)
 
 
 class BridgeS3:
