@@ -89,6 +89,24 @@ def _tool(name: str) -> str:
     return found
 
 
+def _docker_run(name: str, env: dict, *args: str) -> list[str]:
+    """``docker run`` of one demo step: host network (the S3 server is on 127.0.0.1), named so it can be
+    removed whatever happens, the environment passed explicitly."""
+    return [os.environ.get("DOCKER", "docker"), "run", "--rm", "--name", name, "--network", "host",
+            *[a for k, v in env.items() if k not in ("PATH", "HOME") for a in ("-e", f"{k}={v}")], *args]
+
+
+def _docker_cleanup(names: list[str], image: str, root: Path) -> None:
+    """Remove the demo's containers (an interrupted run leaves them) and give the files the train
+    container wrote as root under ``root`` back to the user running the demo."""
+    docker = os.environ.get("DOCKER", "docker")
+    for name in names:
+        subprocess.run([docker, "rm", "-f", name], capture_output=True, timeout=60)
+    if os.getuid() != 0 and root.is_dir():
+        subprocess.run([docker, "run", "--rm", "-v", f"{root}:/opt/ml", image, "chown", "-R",
+                        f"{os.getuid()}:{os.getgid()}", "/opt/ml"], capture_output=True, timeout=120)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -103,6 +121,8 @@ def main(argv=None) -> int:
                             stdout=open(out / "logs" / "s3.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=base_env)
     serve = None
+    root = out / "ml"
+    containers = [f"torchbay-demo-{step}-{os.getpid()}" for step in ("train", "serve")]
     try:
         _wait_port(s3_port, moto, 60, "the local S3 server (moto)")
         import boto3
@@ -136,14 +156,11 @@ def main(argv=None) -> int:
             "TensorBoardOutputConfig": {"S3OutputPath": f"s3://{BUCKET}/tensorboard"},
             "StoppingCondition": {"MaxRuntimeInSeconds": 900},
         }
-        root = out / "ml"
         train_env = {**base_env, "TORCHBAY_JOB": json.dumps(job), "TORCHBAY_NPROC_PER_NODE": "2",
                      "TORCHBAY_SAMPLE_INTERVAL": "5"}
         if args.docker:
             root.mkdir(parents=True)
-            cmd = [os.environ.get("DOCKER", "docker"), "run", "--rm", "--network", "host", "-v", f"{root}:/opt/ml",
-                   *[a for k, v in train_env.items() if k not in ("PATH", "HOME") for a in ("-e", f"{k}={v}")],
-                   args.docker, "train"]
+            cmd = _docker_run(containers[0], train_env, "-v", f"{root}:/opt/ml", args.docker, "train")
         else:
             train_env["TORCHBAY_ROOT"] = str(root)
             cmd = [_tool("torchbay"), "train"]
@@ -166,9 +183,7 @@ def main(argv=None) -> int:
         serve_env = {**base_env, "TORCHBAY_MODEL_URI": f"s3://{BUCKET}/{model_key}", "SAGEMAKER_BIND_TO_PORT": str(port),
                      "TORCHBAY_SERVE_HOST": "127.0.0.1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
         if args.docker:
-            cmd = [os.environ.get("DOCKER", "docker"), "run", "--rm", "--network", "host",
-                   *[a for k, v in serve_env.items() if k not in ("PATH", "HOME") for a in ("-e", f"{k}={v}")],
-                   f"{args.docker}-serve", "serve"]
+            cmd = _docker_run(containers[1], serve_env, f"{args.docker}-serve", "serve")
         else:
             serve_env["TORCHBAY_ROOT"] = str(out / "serve-ml")
             cmd = [_tool("torchbay"), "serve"]
@@ -222,6 +237,8 @@ demo: done in {time.monotonic() - started:.0f} s. Where things are:
         if serve is not None:
             _stop(serve)
         _stop(moto, 10)
+        if args.docker:
+            _docker_cleanup(containers, args.docker, root)
 
 
 if __name__ == "__main__":
