@@ -96,17 +96,29 @@ def _stdlib_loads(body: bytes) -> Any:
     return json.loads(body)
 
 
-def _loads() -> Any:
-    """orjson.loads when installed (its float parser is ~10x faster on a 1x784 body), else json.loads."""
+def _orjson() -> Any:
     try:
         import orjson
-
-        return orjson.loads
     except ImportError:
-        return _stdlib_loads
+        return None
+    return orjson
 
 
-_fast_loads = _loads()
+_ORJSON = _orjson()
+# orjson.loads when installed (its float parser is ~10x faster on a 1x784 body), else json.loads.
+_fast_loads = _ORJSON.loads if _ORJSON is not None else _stdlib_loads
+
+
+def _dumps_array(array: np.ndarray) -> bytes:
+    """JSON of a numeric array: orjson straight from the buffer (no Python floats; ~15x faster on 1,000 values)
+    when it can say the same thing as ``json.dumps(array.tolist())``, else that."""
+    if (_ORJSON is not None and array.ndim and array.dtype.kind in "biuf" and array.flags.c_contiguous
+            and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))):  # orjson writes NaN as null
+        try:
+            return _ORJSON.dumps(array, option=_ORJSON.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # a dtype orjson does not take (float16, big-endian): the stdlib path
+            pass
+    return json.dumps(array.tolist()).encode()
 
 
 def _decode_csv(body: bytes) -> np.ndarray:
@@ -223,7 +235,7 @@ def encode(prediction: Any, accept: str) -> bytes:
     if kind == JSON:
         if array is None:
             return json.dumps(prediction).encode()
-        return json.dumps(array.tolist()).encode()
+        return _dumps_array(array)
     if array is None:
         raise RequestError(406, f"the prediction is not an array, so it cannot be sent as {kind}; accept {JSON}")
     if kind == CSV:

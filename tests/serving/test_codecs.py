@@ -31,3 +31,18 @@ def test_bad_json_is_400(body: bytes, words: str) -> None:
     with pytest.raises(RequestError) as caught:
         codecs.decode(body, "application/json")
     assert caught.value.status == 400 and words in caught.value.message
+
+
+@pytest.mark.parametrize("array", [
+    np.random.default_rng(0).standard_normal((4, 1000)).astype(np.float32),
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.array([True, False]),
+    np.random.default_rng(1).standard_normal((8, 6))[:, ::2],  # not contiguous: the stdlib path
+    np.array([1.0, float("nan"), float("inf")], dtype=np.float32),  # orjson would write null: the stdlib path
+    np.array([0.5, 1.5], dtype=np.float16),  # a dtype orjson does not take
+])
+def test_json_output_says_what_the_stdlib_would(array: np.ndarray) -> None:
+    got = json.loads(codecs.encode(array, "application/json"))
+    want = json.loads(json.dumps(array.tolist()))
+    assert np.asarray(got).shape == array.shape
+    np.testing.assert_array_equal(np.asarray(got, dtype=array.dtype), np.asarray(want, dtype=array.dtype))
