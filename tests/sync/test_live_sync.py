@@ -1,119 +1,15 @@
-"""LiveSync against the real moto server: restore, live uploads, no half-written objects, outages."""
+"""LiveSync against the real moto server: live uploads, no half-written objects, outages, close."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
-from typing import Any, Callable
 
-import pytest
-
-from agent.errors import UnsafePathError
-from agent.job import Job, Layout, Resource
-from agent.settings import read_settings
 from agent.sync import LiveSync
-
-LOG = logging.getLogger("test-sync")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def make_job(root: Path, endpoint: str, **fields: Any) -> Job:
-    settings = read_settings({"AWS_ENDPOINT_URL": endpoint})
-    overrides = {k[len("setting_"):]: fields.pop(k) for k in list(fields) if k.startswith("setting_")}
-    if overrides:
-        settings = settings.replace(**overrides)
-    return Job(name="job-1", layout=Layout(root), settings=settings,
-               resource=Resource("algo-1", ("algo-1",)), **fields)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(every)
-
-
-def keys(s3, bucket: str, prefix: str = "") -> dict[str, int]:
-    resp = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return {item["Key"]: item["Size"] for item in resp.get("Contents", ())}
-
-
-def body(s3, bucket: str, key: str, version: str | None = None) -> bytes:
-    kwargs = {"VersionId": version} if version else {}
-    return s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
-
-
-def all_versions(s3, bucket: str) -> list[tuple[str, str]]:
-    resp = s3.list_object_versions(Bucket=bucket)
-    return [(v["Key"], v["VersionId"]) for v in resp.get("Versions", ())]
-
-
-def checked_blob(payload_size: int, seed: int) -> bytes:
-    """``payload`` + sha256(payload): a blob that proves it is whole."""
-    payload = hashlib.sha256(str(seed).encode()).digest() * (payload_size // 32)
-    return payload + hashlib.sha256(payload).digest()
-
-
-def is_whole(blob: bytes) -> bool:
-    return len(blob) > 32 and hashlib.sha256(blob[:-32]).digest() == blob[-32:]
-
-
-def spawn(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-
-
-@pytest.fixture
-def versioned(s3, bucket: str) -> str:
-    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    return bucket
-
-
-# --- restore ------------------------------------------------------------------------------------------
-
-
-def test_restore_finds_checkpoints_and_does_not_send_them_back(tmp_path, s3_server, s3, versioned):
-    s3.put_object(Bucket=versioned, Key="ckpt/epoch-1.pt", Body=b"one" * 1000)
-    s3.put_object(Bucket=versioned, Key="ckpt/sub/epoch-2.pt", Body=b"two" * 1000)
-    s3.put_object(Bucket=versioned, Key="ckpt2/other.pt", Body=b"not mine")  # a sibling prefix
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
-    sync = LiveSync(job, log=LOG)
-    assert sync.restore() == 2
-    local = tmp_path / "checkpoints"
-    assert (local / "epoch-1.pt").read_bytes() == b"one" * 1000
-    assert (local / "sub" / "epoch-2.pt").read_bytes() == b"two" * 1000
-    assert not (local / "other.pt").exists()
-    sync.start()
-    assert sync.close(time.monotonic() + 60) == []
-    assert len(all_versions(s3, versioned)) == 3  # nothing uploaded again
-    assert sync.counters.uploads == 0
-
-
-def test_restore_into_an_empty_prefix_restores_nothing(tmp_path, s3_server, bucket):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/none")
-    assert LiveSync(job, log=LOG).restore() == 0
-
-
-def test_restore_refuses_a_key_that_escapes_the_folder(tmp_path, s3_server, s3, bucket):
-    s3.put_object(Bucket=bucket, Key="ckpt/../../evil", Body=b"x")
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
-    with pytest.raises(UnsafePathError, match="evil"):
-        LiveSync(job, log=LOG).restore()
-    assert not (tmp_path.parent / "evil").exists()
+from tests.sync.helpers import LOG, all_versions, body, checked_blob, is_whole, keys, make_job, spawn, wait_for
 
 
 # --- live uploads -------------------------------------------------------------------------------------
