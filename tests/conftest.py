@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import pytest
 
@@ -32,31 +32,38 @@ def free_port() -> int:
 
 
 class S3Server:
-    """moto_server in its own process group; ``stop()``/``start()`` simulate an outage on the same port."""
+    """moto_server in its own process group; ``stop()``/``start()`` simulate an outage on the same port.
 
-    def __init__(self, port: int, log: Path) -> None:
+    ``host`` is the address it binds (127.0.0.1, or a test-host address in a network namespace set-up);
+    ``env`` the server's whole environment (default: this process's plus the dummy credentials).
+    """
+
+    def __init__(self, port: int, log: Path, *, host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
+                 ready_timeout: float = 30.0) -> None:
+        self.host = host
         self.port = port
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint = f"http://{host}:{port}"
         self._log = log
+        self._env = dict(env) if env is not None else None
+        self._ready_timeout = ready_timeout
         self._proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-        env = dict(os.environ, **DUMMY_CREDS)
-        self._proc = subprocess.Popen(
-            [moto, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=open(self._log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        deadline = time.monotonic() + 30
+        env = self._env if self._env is not None else dict(os.environ, **DUMMY_CREDS)
+        with open(self._log, "ab") as out:
+            self._proc = subprocess.Popen([moto, "-H", self.host, "-p", str(self.port)], stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + self._ready_timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5):
                     return
             except OSError:
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"moto_server exited early; see {self._log}")
                 time.sleep(0.1)
-        raise RuntimeError(f"moto_server did not listen on port {self.port} within 30 s")
+        raise RuntimeError(f"moto_server did not listen on {self.endpoint} within {self._ready_timeout:.0f} s")
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
@@ -73,6 +80,7 @@ class S3Server:
         return dict(DUMMY_CREDS, AWS_ENDPOINT_URL=self.endpoint)
 
     def client(self):
+        """A boto3 S3 client for this server."""
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",

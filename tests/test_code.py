@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,23 +13,9 @@ import pytest
 from agent.code import FETCHED, INSTALLED, KEPT, NOTHING, SKIPPED, fetch_code, install_requirements
 from agent.errors import InstallError, StorageError, UnsafePathError
 from agent.job import Job, load_job
+from tests.helpers import tar_gz
 
 LOG = logging.getLogger("test")
-
-
-def _tarball(files: dict[str, bytes], links: dict[str, str] = {}) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-        for name, target in links.items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
-            archive.addfile(info)
-    return buf.getvalue()
 
 
 def _job(tmp_path: Path, hps: dict, **env: str) -> Job:
@@ -44,13 +28,13 @@ def test_no_source_does_nothing(tmp_path: Path) -> None:
 
 
 def test_s3_tarball_fetched_then_skipped_then_refetched(tmp_path: Path, bucket: str, s3) -> None:
-    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz", Body=_tarball({"train.py": b"v1", "pkg/m.py": b"m"}))
+    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz", Body=tar_gz({"train.py": b"v1", "pkg/m.py": b"m"}))
     job = _job(tmp_path, {"sagemaker_submit_directory": f"s3://{bucket}/src/sourcedir.tar.gz"})
     code = job.layout.code_dir
     assert fetch_code(job, log=LOG) == FETCHED
     assert (code / "train.py").read_bytes() == b"v1" and (code / "pkg" / "m.py").exists()
     assert fetch_code(job, log=LOG) == SKIPPED  # a restart on the same machine
-    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz", Body=_tarball({"train.py": b"v2-longer"}))
+    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz", Body=tar_gz({"train.py": b"v2-longer"}))
     assert fetch_code(job, log=LOG) == FETCHED
     assert (code / "train.py").read_bytes() == b"v2-longer" and not (code / "pkg").exists()
 
@@ -75,7 +59,7 @@ def test_folder_and_single_file_sources(tmp_path: Path) -> None:
 
 def test_code_already_in_place_is_kept(tmp_path: Path) -> None:
     tarball = tmp_path / "s.tar.gz"
-    tarball.write_bytes(_tarball({"train.py": b"new"}))
+    tarball.write_bytes(tar_gz({"train.py": b"new"}))
     job = _job(tmp_path, {"sagemaker_submit_directory": f"file://{tarball}"})
     job.layout.code_dir.mkdir(parents=True)
     (job.layout.code_dir / "train.py").write_text("baked into the image")
@@ -90,7 +74,7 @@ def test_code_already_in_place_is_kept(tmp_path: Path) -> None:
 ])
 def test_hostile_tarball_writes_nothing_outside_code(tmp_path: Path, files: dict, links: dict) -> None:
     tarball = tmp_path / "evil.tar.gz"
-    tarball.write_bytes(_tarball({"ok.py": b"fine", **files}, links))
+    tarball.write_bytes(tar_gz({"ok.py": b"fine", **files}, links))
     job = _job(tmp_path, {"sagemaker_submit_directory": f"file://{tarball}"})
     before = sorted(p for p in tmp_path.rglob("*") if p.is_file() or p.is_symlink())
     with pytest.raises(UnsafePathError):

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import tar_gz
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "entrypoints" / "train"
@@ -47,16 +47,6 @@ for _ in range(1200):
 """
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _env(root: Path, spec_file: Path, s3_env: dict) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **s3_env, "TORCHBAY_ROOT": str(root),
             "TORCHBAY_PYTHON": sys.executable, "TORCHBAY_JOB": str(spec_file), "TORCHBAY_GRACE_PERIOD": "20",
@@ -69,7 +59,7 @@ def _keys(s3: Any, bucket: str, prefix: str) -> set[str]:
 
 def test_checkpoints_survive_sigterm_and_are_restored_on_restart(tmp_path: Path, bucket: str, s3,
                                                                  s3_env: dict) -> None:
-    source = _tar({"train.py": textwrap.dedent(TRAIN_PY).encode()})
+    source = tar_gz({"train.py": textwrap.dedent(TRAIN_PY).encode()})
     s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz", Body=source)
     spec = {
         "TrainingJobName": "sync-job",

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import pytest
 
 from tests.conftest import free_port
+from tests.helpers import tar_gz
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "entrypoints" / "train"
@@ -62,16 +63,6 @@ print("last line, no newline", end="")
 """
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _members(s3: Any, bucket: str, key: str) -> dict[str, bytes]:
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
@@ -96,7 +87,7 @@ def _spec(bucket: str, *, hps: Optional[dict] = None, **overrides: Any) -> dict:
 
 def _arrange(s3: Any, bucket: str, files: Optional[dict[str, bytes]] = None) -> None:
     s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz",
-                  Body=_tar(files or {"train.py": textwrap.dedent(TRAIN_PY).encode()}))
+                  Body=tar_gz(files or {"train.py": textwrap.dedent(TRAIN_PY).encode()}))
     s3.put_object(Bucket=bucket, Key="data/train/a.csv", Body=b"1,2\n")
     s3.put_object(Bucket=bucket, Key="data/train/b.csv", Body=b"3,4\n")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import DUMMY_CREDS, free_port
-from tests.multihost.netns import NetnsCluster, RootS3, netns_permitted
+from tests.conftest import DUMMY_CREDS, S3Server, free_port
+from tests.multihost.netns import NetnsCluster, netns_permitted
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +36,15 @@ def netns_cluster(netns_reason) -> Iterator[Callable[..., NetnsCluster]]:
 
 
 @pytest.fixture
-def root_s3(tmp_path: Path) -> Iterator[Callable[[NetnsCluster], RootS3]]:
+def root_s3(tmp_path: Path) -> Iterator[Callable[[NetnsCluster], S3Server]]:
     """A factory: a moto server on a cluster's root address (reachable from every host namespace)."""
-    servers: list[RootS3] = []
+    servers: list[S3Server] = []
 
-    def _start(cluster: NetnsCluster) -> RootS3:
-        server = RootS3(cluster.root_addr, free_port(), tmp_path / f"moto-{cluster.tag}.log",
-                        Path(sys.executable).parent)
+    def _start(cluster: NetnsCluster) -> S3Server:
+        server = S3Server(free_port(), tmp_path / f"moto-{cluster.tag}.log", host=cluster.root_addr,
+                          env=dict(DUMMY_CREDS, PATH="/usr/bin:/bin"), ready_timeout=60)
         servers.append(server)
-        server.start(dict(DUMMY_CREDS, PATH="/usr/bin:/bin"))
+        server.start()
         return server
 
     try:

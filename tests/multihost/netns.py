@@ -188,39 +188,3 @@ class NetnsCluster:
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
         self._made_ns.clear()
         _ip("link", "del", self.root_link, check=False)
-
-
-class RootS3:
-    """moto_server bound to the root namespace's bridge address, so every host namespace reaches it."""
-
-    def __init__(self, addr: str, port: int, log: Path, python_bin: Path) -> None:
-        self.addr, self.port, self._log, self._bin = addr, port, log, python_bin
-        self.endpoint = f"http://{addr}:{port}"
-        self._proc: Optional[subprocess.Popen] = None
-
-    def start(self, env: Mapping[str, str]) -> None:
-        import socket
-
-        moto = shutil.which("moto_server", path=str(self._bin)) or "moto_server"
-        with open(self._log, "ab") as out:
-            self._proc = subprocess.Popen([moto, "-H", self.addr, "-p", str(self.port)], stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True, env=dict(env))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.addr, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited early; see {self._log}")
-                time.sleep(0.1)
-        raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 60 s")
-
-    def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()

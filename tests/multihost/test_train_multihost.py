@@ -53,19 +53,10 @@ def _bucket(s3) -> str:
     return name
 
 
-def _client(s3):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                        aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"])
-
-
 @pytest.fixture
 def world(tmp_path, netns_cluster, root_s3):
     cluster = netns_cluster(2)
     s3 = root_s3(cluster)
-    s3.client = lambda: _client(s3)
     return cluster, s3
 
 

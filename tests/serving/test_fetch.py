@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from agent.errors import InstallError, UnsafePathError
 from agent.serving.fetch import fetch_model, install_requirements
-
-
-def _archive(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+from tests.helpers import tar_gz
 
 
 def test_fetch_from_file_uri_once(tmp_path: Path) -> None:
-    (tmp_path / "model.tar.gz").write_bytes(_archive({"model.pt": b"weights", "code/inference.py": b"x = 1\n"}))
+    (tmp_path / "model.tar.gz").write_bytes(tar_gz({"model.pt": b"weights", "code/inference.py": b"x = 1\n"}))
     model_dir = tmp_path / "model"
     assert fetch_model(f"file://{tmp_path}/model.tar.gz", model_dir) is True
     assert (model_dir / "model.pt").read_bytes() == b"weights"
@@ -33,14 +22,14 @@ def test_fetch_from_file_uri_once(tmp_path: Path) -> None:
 
 
 def test_fetch_from_s3(tmp_path: Path, bucket: str, s3, s3_server) -> None:
-    s3.put_object(Bucket=bucket, Key="jobs/j1/output/model.tar.gz", Body=_archive({"model.pt": b"w"}))
+    s3.put_object(Bucket=bucket, Key="jobs/j1/output/model.tar.gz", Body=tar_gz({"model.pt": b"w"}))
     model_dir = tmp_path / "model"
     fetch_model(f"s3://{bucket}/jobs/j1/output/model.tar.gz", model_dir, endpoint_url=s3_server.endpoint)
     assert (model_dir / "model.pt").read_bytes() == b"w"
 
 
 def test_fetch_refuses_hostile_archive(tmp_path: Path) -> None:
-    (tmp_path / "evil.tar.gz").write_bytes(_archive({"../escape.txt": b"x"}))
+    (tmp_path / "evil.tar.gz").write_bytes(tar_gz({"../escape.txt": b"x"}))
     with pytest.raises(UnsafePathError):
         fetch_model(f"file://{tmp_path}/evil.tar.gz", tmp_path / "model")
     assert not (tmp_path / "escape.txt").exists()
