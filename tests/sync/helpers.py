@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from agent.job import Job, Layout, Resource
 from agent.settings import read_settings
+from agent.sync import LiveSync
 
 LOG = logging.getLogger("test-sync")
 
@@ -68,3 +69,10 @@ def spawn(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
+
+
+def started_sync(root: Path, endpoint: str, bucket: str, **fields: Any) -> LiveSync:
+    """A started LiveSync mirroring ``root/checkpoints`` to ``s3://<bucket>/ckpt`` (``setting_*`` overrides)."""
+    sync = LiveSync(make_job(root, endpoint, checkpoint_uri=f"s3://{bucket}/ckpt", **fields), log=LOG)
+    sync.start()
+    return sync

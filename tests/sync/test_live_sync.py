@@ -9,7 +9,8 @@ import struct
 import time
 
 from agent.sync import LiveSync
-from tests.sync.helpers import LOG, all_versions, body, checked_blob, is_whole, keys, make_job, spawn, wait_for
+from tests.sync.helpers import (LOG, all_versions, body, checked_blob, is_whole, keys, make_job, spawn,
+                                started_sync, wait_for)
 
 
 # --- live uploads -------------------------------------------------------------------------------------
@@ -72,10 +73,7 @@ SLOW_WRITER = """
 
 
 def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(tmp_path, s3_server, s3, versioned):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt",
-                   setting_sync_stable=0.5)
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, versioned, setting_sync_stable=0.5)
     blob = checked_blob(3 * 1024 * 1024, 7)
     (tmp_path / "blob").write_bytes(blob)
     child = spawn(SLOW_WRITER, str(tmp_path / "checkpoints" / "model.pt"), str(tmp_path / "blob"))
@@ -96,10 +94,7 @@ def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(tmp_path
 
 
 def test_deletes_are_mirrored_and_bursts_become_few_uploads(tmp_path, s3_server, s3, versioned):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt",
-                   setting_sync_settle=0.5)
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, versioned, setting_sync_settle=0.5)
     local = tmp_path / "checkpoints"
     (local / "old.pt").write_bytes(b"old")
     wait_for(lambda: "ckpt/old.pt" in keys(s3, versioned))
@@ -116,9 +111,7 @@ def test_deletes_are_mirrored_and_bursts_become_few_uploads(tmp_path, s3_server,
 
 
 def test_unchanged_file_is_not_uploaded_again(tmp_path, s3_server, s3, versioned):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, versioned)
     path = tmp_path / "checkpoints" / "a.pt"
     path.write_bytes(b"a" * 100)
     wait_for(lambda: "ckpt/a.pt" in keys(s3, versioned))
@@ -132,10 +125,7 @@ def test_unchanged_file_is_not_uploaded_again(tmp_path, s3_server, s3, versioned
 
 
 def test_large_file_goes_multipart_and_arrives_whole(tmp_path, s3_server, s3, bucket):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt",
-                   setting_sync_part_size=5 * 1024 * 1024)
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, bucket, setting_sync_part_size=5 * 1024 * 1024)
     blob = checked_blob(12 * 1024 * 1024, 3)
     (tmp_path / "checkpoints" / "big.pt").write_bytes(blob)
     wait_for(lambda: "ckpt/big.pt" in keys(s3, bucket))
@@ -269,10 +259,7 @@ def test_an_event_file_kept_open_and_growing_is_sent_while_it_grows(tmp_path, s3
 
 
 def test_server_stopped_and_restarted_everything_arrives(tmp_path, s3_server, s3, bucket):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt",
-                   setting_sync_retry_max=1.0)
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, bucket, setting_sync_retry_max=1.0)
     local = tmp_path / "checkpoints"
     (local / "before.pt").write_bytes(checked_blob(100_000, 1))
     wait_for(lambda: "ckpt/before.pt" in keys(s3, bucket))
@@ -295,9 +282,7 @@ def test_server_stopped_and_restarted_everything_arrives(tmp_path, s3_server, s3
 
 
 def test_close_reports_what_it_could_not_send(tmp_path, s3_server, s3, bucket, caplog):
-    job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
-    sync = LiveSync(job, log=LOG)
-    sync.start()
+    sync = started_sync(tmp_path, s3_server.endpoint, bucket)
     s3_server.stop()
     try:
         (tmp_path / "checkpoints" / "stuck.pt").write_bytes(b"s" * 1000)
