@@ -1,0 +1,37 @@
+"""agent/cli.py: dispatch, usage errors, and the README's settings table kept equal to `torchbay settings`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.cli import EXIT_USAGE, main, settings_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_settings_table_is_the_commands_output() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert settings_table() in readme, "README's settings table is stale: paste `torchbay settings` into it"
+
+
+def test_every_setting_has_help_and_a_variable() -> None:
+    from agent.settings import ALL_SETTINGS
+
+    names = [s.name for s in ALL_SETTINGS]
+    assert len(names) == len(set(names)), "a setting is declared twice"
+    for setting in ALL_SETTINGS:
+        assert setting.env and all(v.isupper() for v in setting.env), setting
+        assert len(setting.help) > 10, setting
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys) -> None:
+    assert main(["nope"]) == EXIT_USAGE
+    assert "unknown subcommand 'nope'" in capsys.readouterr().err
+
+
+def test_python_dash_m_agent_cli_runs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("torchbay ")
