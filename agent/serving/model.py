@@ -190,13 +190,8 @@ class ModelHandler:
     def input(self, body: bytes, content_type: str) -> tuple[Any, Optional[Hashable]]:
         """The model input for a body, and a key: inputs with equal keys can be batched (None: never)."""
         if "input_fn" in self._user:
-            payload: Any = body
-            if codecs.media_type(content_type) in (codecs.JSON, codecs.CSV):
-                try:
-                    payload = body.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise RequestError(400, f"{codecs.media_type(content_type)} body is not UTF-8 text") from None
-            data = _user_call(self._user["input_fn"], payload, content_type, stage="input_fn", client_errors=True)
+            data = _user_call(self._user["input_fn"], _hook_payload(body, content_type), content_type,
+                              stage="input_fn", client_errors=True)
         else:
             data = _to_tensor(codecs.decode(body, content_type))
         return data, _batch_key(data)
@@ -227,12 +222,7 @@ class ModelHandler:
 
     def transform(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
         """The whole request through the user's ``transform_fn``."""
-        payload: Any = body
-        if codecs.media_type(content_type) in (codecs.JSON, codecs.CSV):
-            try:
-                payload = body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestError(400, f"{codecs.media_type(content_type)} body is not UTF-8 text") from None
+        payload = _hook_payload(body, content_type)
         result = _user_call(self._user["transform_fn"], self.model, payload, content_type, accept,
                             stage="transform_fn", client_errors=True)
         return _body_and_type(result, accept)
@@ -282,6 +272,16 @@ def _classify_model_error(err: BaseException) -> RequestError:
         return RequestError(400, f"the model rejected the input: {reason}; check the shape and dtype you send")
     return RequestError(500, f"the model failed: {reason}")
 
+
+
+def _hook_payload(body: bytes, content_type: str) -> Any:
+    """What ``input_fn``/``transform_fn`` get, as the SageMaker toolkit gives it: JSON and CSV as text, the rest bytes."""
+    if codecs.media_type(content_type) not in (codecs.JSON, codecs.CSV):
+        return body
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, f"{codecs.media_type(content_type)} body is not UTF-8 text") from None
 
 def _user_call(func: Callable[..., Any], *args: Any, stage: str, client_errors: bool = False) -> Any:
     """Call a hook; its failures become RequestErrors (the user's own status when it carries one)."""
