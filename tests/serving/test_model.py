@@ -65,6 +65,8 @@ def test_hooks_with_context_and_warmup(serve, tmp_path: Path) -> None:
     assert as_json(body) == {"scores": [[1.0] * 3, [1.0] * 3], "accept": "application/x-anything"}
     status, _, body = server.post(b"1,2", "text/csv")  # input_fn's ValueError is the client's error
     assert status == 400 and "only JSON here" in as_json(body)["message"]
+    status, _, body = server.post(b'{"rows": "\xff\xfe"}')  # JSON that is not UTF-8 never reaches input_fn
+    assert status == 400 and "not UTF-8" in as_json(body)["message"]
     assert server.post(json.dumps({"rows": [[1, 2, 3, 4]]}).encode())[0] == 200
 
 
