@@ -4,7 +4,6 @@ finally refused, errors translated, and the SigV4 signature equal to botocore's 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import http.server

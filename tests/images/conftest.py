@@ -14,8 +14,6 @@ import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import DUMMY_CREDS, free_port
+from tests.conftest import S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = REPO / "scripts" / "docker-engine"
@@ -194,48 +192,20 @@ def cuda_images(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Ite
         engine("rmi", "-f", CUDA_TAG, CUDA_SERVE_TAG, check=False)
 
 
-class BridgeS3:
-    """moto_server bound to a Docker network's gateway address (never 0.0.0.0), for the containers."""
+class BridgeS3(S3Server):
+    """moto_server bound to a Docker network's gateway address (never 0.0.0.0), for the containers; started."""
 
     def __init__(self, host: str, log: Path) -> None:
-        self.host, self.port = host, free_port()
-        self.endpoint = f"http://{host}:{self.port}"
-        moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-        self._proc = subprocess.Popen([moto, "-H", host, "-p", str(self.port)], stdout=open(log, "ab"),
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      env=dict(os.environ, **DUMMY_CREDS))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited early; see {log}")
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"moto_server did not listen on {self.endpoint} within 60 s")
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"])
+        super().__init__(free_port(), log, host=host, ready_timeout=60)
+        try:
+            self.start()
+        except RuntimeError:
+            self.stop()
+            raise
 
     def env_args(self) -> list[str]:
         """``docker run -e`` arguments that point a container at this server."""
-        env = dict(DUMMY_CREDS, AWS_ENDPOINT_URL=self.endpoint)
-        return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+        return [arg for key, value in self.env().items() for arg in ("-e", f"{key}={value}")]
 
 
 @dataclass(frozen=True)
