@@ -177,6 +177,19 @@ def test_missing_channel_data(tmp_path: Path, bucket: str, s3, s3_env: dict) -> 
     assert "ChannelError" in failure and "train" in failure and "data/absent" in failure
 
 
+def test_missing_bucket(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
+    _arrange(s3, bucket)
+    spec = _spec(bucket)
+    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = "s3://torchbay-no-such-bucket/data/"
+    done = _run(_env(tmp_path, s3_env, spec))
+    assert done.returncode == 68, done.stderr.decode()[-3000:]
+    failure = _failure(tmp_path)
+    assert "BucketMissing" in failure and "torchbay-no-such-bucket" in failure and "create it" in failure
+    assert "testing-secret" not in failure + done.stderr.decode()
+    # Nothing ran, but what exists is still uploaded to the (real) output bucket.
+    assert s3.head_object(Bucket=bucket, Key="out/e2e-job/output/model.tar.gz")["ContentLength"] > 0
+
+
 def test_failing_requirements(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket, {"train.py": b"print('never')\n",
                           "requirements.txt": b"torchbay-no-such-package-xyz==1.0\n"})
