@@ -130,8 +130,9 @@ _DATA = (
        "~1.2 ms of CPU per MiB here, CRC32 ~0.15).", "data", _non_negative),
     _s("data_large_size", "TORCHBAY_DATA_LARGE_SIZE", int, 16 * 1024 ** 2,
        "File mode: objects of this many bytes or more count as large (see data_large_streams).", "data", _positive),
-    _s("data_large_streams", "TORCHBAY_DATA_LARGE_STREAMS", int, 2,
-       "File mode: large objects fetched at the same time per process (a few whole streams beat many).", "data",
+    _s("data_large_streams", "TORCHBAY_DATA_LARGE_STREAMS", int, 1,
+       "File mode: large objects fetched at the same time per process (one whole stream at a time measured "
+       "fastest on 2 cores: the server needs a core per stream; raise it on bigger machines).", "data",
        _positive),
     _s("data_objects_per_process", "TORCHBAY_DATA_OBJECTS_PER_PROCESS", int, 4000,
        "File mode, data_processes=0: one staging worker process per this many objects, up to one per core (a "

@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -76,27 +75,35 @@ def run_in_process(jobs: Sequence[FetchJob], options: StageOptions, counters: Co
     pending = iter(jobs)
     lock = threading.Lock()
 
-    def work() -> None:
-        while not cancel.is_set():
-            with lock:
-                job = next(pending, None)
-            if job is None:
-                return
-            try:
-                counters.add(fetcher.fetch(job, cancel))
-            except BaseException as err:  # handed to the caller below
-                with lock:
-                    failures.append(err)
-                cancel.set()
-                return
+    count = max(1, min(options.threads, len(jobs)))
+    running = [count]
+    done = threading.Event()  # set by the last thread to finish: the wait below ends at once, not on a tick
 
-    threads = [threading.Thread(target=work, name=f"stage-{i}", daemon=True)
-               for i in range(max(1, min(options.threads, len(jobs))))]
+    def work() -> None:
+        try:
+            while not cancel.is_set():
+                with lock:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                try:
+                    counters.add(fetcher.fetch(job, cancel))
+                except BaseException as err:  # handed to the caller below
+                    with lock:
+                        failures.append(err)
+                    cancel.set()
+                    return
+        finally:
+            with lock:
+                running[0] -= 1
+                if running[0] == 0:
+                    done.set()
+
+    threads = [threading.Thread(target=work, name=f"stage-{i}", daemon=True) for i in range(count)]
     for thread in threads:
         thread.start()
     try:
-        while any(thread.is_alive() for thread in threads):
-            threads[0].join(0.2) if threads[0].is_alive() else time.sleep(0.2)
+        while not done.wait(0.2):
             if tick is not None:
                 tick(counters.files, counters.bytes)
     except BaseException:

@@ -52,7 +52,7 @@ class StageOptions:
     read_size: int = 1024 ** 2  # bytes per read of a large body into a reused buffer (1 MiB beat 4 and 16 MiB)
     md5_max_size: int = 1024 ** 3  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
     large_size: int = 16 * 1024 ** 2  # objects this big or bigger ...
-    large_streams: int = 2  # ... are fetched at most this many at a time per process
+    large_streams: int = 1  # ... are fetched at most this many at a time per process
     objects_per_process: int = 4000  # processes=0: a worker process per this many objects (up to one per core)
     child_env: Optional[Mapping[str, str]] = None  # worker processes' environment (None: this process's)
 
