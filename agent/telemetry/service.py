@@ -90,11 +90,15 @@ class Telemetry:
             self._thread.start()
         uri = self._job.job_output_uri
         if uri is not None:
-            storage = self._storage
-            if storage is None:
+            given = self._storage
+
+            def storage() -> Any:
+                if given is not None:
+                    return given
                 from agent.storage import open_storage
 
-                storage = open_storage(uri, endpoint_url=settings.endpoint_url)
+                return open_storage(uri, endpoint_url=settings.endpoint_url)
+
             base = uri.rstrip("/")
             files = [(self._job_log, f"{base}/job-{self._host}.log"),
                      (self._metrics_path, f"{base}/metrics-{self._host}.jsonl")]

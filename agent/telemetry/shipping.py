@@ -11,7 +11,7 @@ import logging
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from agent.errors import StorageError
 from agent.storage import redact
@@ -22,9 +22,12 @@ __all__ = ["Shipper"]
 class Shipper:
     """Upload ``files`` (local path, URI) every ``interval`` seconds from :meth:`start` and once more at :meth:`close`."""
 
-    def __init__(self, storage: Any, files: Sequence[tuple[Path, str]], *, interval: float,
+    def __init__(self, storage: Callable[[], Any], files: Sequence[tuple[Path, str]], *, interval: float,
                  log: Optional[logging.Logger] = None) -> None:
-        self._storage = storage
+        """``storage`` makes the Storage on the first upload: an S3 client (boto3's import and set-up, ~0.3 s of
+        CPU) is then made in the shipping thread, not while the user's processes start."""
+        self._make_storage = storage
+        self._storage: Any = None
         self._files = list(files)
         self._interval = interval
         self._log = log or logging.getLogger("torchbay.telemetry")
@@ -69,6 +72,8 @@ class Shipper:
                 snapshot = Path(tmp) / path.name
                 with open(path, "rb") as src, open(snapshot, "wb") as dst:
                     _copy_prefix(src, dst, stat.st_size)
+                if self._storage is None:
+                    self._storage = self._make_storage()
                 self._storage.put_file(snapshot, uri)
         except (StorageError, OSError) as err:
             if path not in self._failing:
