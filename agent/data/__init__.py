@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent.data.listing import Entry, list_channel, select_shard
 from agent.data.staging import StageOptions, StageResult, stage
 from agent.job import Channel, Job
+from agent.storage import parse_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.data.pipes import PipeFeeder
@@ -61,11 +62,12 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
     """
     handle = DataHandle()
     planned = []
+    storages: dict[str, Any] = {}  # one storage (one S3 client) per scheme, for listing and staging alike
     for channel in job.channels:
         if channel.uri is None:
             log.debug("channel %r: already in place (no URI); nothing to stage", channel.name)
             continue
-        planned.append((channel, _entries_for(job, channel, log)))
+        planned.append((channel, _entries_for(job, channel, log, storages)))
     try:
         for channel, entries in planned:
             mode = channel.input_mode or job.input_mode
@@ -82,9 +84,10 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
             if channel.compression not in ("None", "", None):
                 log.warning("channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
                             "objects as they are", channel.name, channel.compression)
+            client = getattr(storages.get(parse_uri(channel.uri or "/").scheme), "client", None)
             handle.staged[channel.name] = stage(entries, job.layout.channel_dir(channel.name),
                                                 options=StageOptions.from_settings(job.settings, job.base_env), log=log,
-                                                channel=channel.name)
+                                                channel=channel.name, client=client)
         for channel, entries in planned:
             if (channel.input_mode or job.input_mode) == "Pipe":
                 handle._add_feeder(_start_pipe(job, channel, entries, log))
@@ -94,11 +97,14 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
     return handle
 
 
-def _entries_for(job: Job, channel: Channel, log: logging.Logger) -> list[Entry]:
+def _entries_for(job: Job, channel: Channel, log: logging.Logger, storages: dict[str, Any]) -> list[Entry]:
     from agent.storage import open_storage
 
     assert channel.uri is not None
-    storage = open_storage(channel.uri, endpoint_url=job.settings.endpoint_url)
+    scheme = parse_uri(channel.uri).scheme
+    if scheme not in storages:
+        storages[scheme] = open_storage(channel.uri, endpoint_url=job.settings.endpoint_url)
+    storage = storages[scheme]
     entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
     mine = select_shard(entries, channel.distribution, job.resource.host_index, job.resource.host_count,
                         channel=channel.name, log=log)

@@ -67,9 +67,12 @@ class FetchJob:
 
 
 def run_in_process(jobs: Sequence[FetchJob], options: StageOptions, counters: Counters,
-                    tick: Optional[Callable[..., None]], cancel: Optional[threading.Event] = None) -> None:
-    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the others."""
-    fetcher = _Fetcher(jobs[0].uri, options)
+                   tick: Optional[Callable[..., None]], cancel: Optional[threading.Event] = None, *,
+                   client: Any = None) -> None:
+    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the others.
+
+    ``client`` is an S3 client to share (the one that listed the channel); None makes one."""
+    fetcher = _Fetcher(jobs[0].uri, options, client=client)
     cancel = cancel or threading.Event()
     failures: list[BaseException] = []
     pending = iter(jobs)
@@ -119,15 +122,17 @@ def run_in_process(jobs: Sequence[FetchJob], options: StageOptions, counters: Co
 class _Fetcher:
     """Downloads one job at a time into ``<target>.part``, verifies it and renames it into place."""
 
-    def __init__(self, any_uri: str, options: StageOptions) -> None:
+    def __init__(self, any_uri: str, options: StageOptions, *, client: Any = None) -> None:
         self._options = options
         self._scheme = parse_uri(any_uri).scheme
         self._client: Any = None
         self._lean: Any = None
         if self._scheme == "s3":
-            from agent.storage import make_s3_client
+            if client is None:
+                from agent.storage import make_s3_client
 
-            self._client = make_s3_client(options.endpoint_url, max_pool_connections=max(10, options.threads + 4))
+                client = make_s3_client(options.endpoint_url, max_pool_connections=max(10, options.threads + 4))
+            self._client = client
             if options.lean:
                 from agent.data.leanget import LeanGetter
 

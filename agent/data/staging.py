@@ -90,8 +90,10 @@ class StageResult:
 
 
 def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = StageOptions(),
-          log: logging.Logger, channel: str = "?") -> StageResult:
+          log: logging.Logger, channel: str = "?", client: Any = None) -> StageResult:
     """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all are in place.
+
+    ``client``: the S3 client that listed the channel, shared by this process's threads (None: one is made).
 
     Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for one path),
     DiskFullError, or StorageError once retries are spent. Never returns with a file missing.
@@ -122,7 +124,7 @@ def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = Stage
             run_processes(todo, options, processes, progress)
         else:
             counters = Counters()
-            run_in_process(todo, options, counters, progress.tick)
+            run_in_process(todo, options, counters, progress.tick, client=client)
     fetched_bytes = sum(os.path.getsize(job.target) for job in todo)
     seconds = time.monotonic() - start
     result = StageResult(len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes)
