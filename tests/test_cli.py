@@ -35,3 +35,13 @@ def test_python_dash_m_agent_cli_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "--version"], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("torchbay ")
+
+
+def test_readme_keeps_every_part_and_both_setup_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    for part in ("train", "data", "telemetry", "distributed", "serving", "images", "sync", "settings", "errors"):
+        start = readme.find(f"<!-- section: {part}")
+        end = readme.find(f"<!-- end section: {part} -->")
+        assert 0 <= start < end, f"README lost its {part} section"
+        assert len(readme[start:end].strip().splitlines()) > 5, f"README's {part} section is empty"
+    assert "scripts/demo" in readme and "scripts/test" in readme
