@@ -235,3 +235,14 @@ def net(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ne
     finally:
         s3.stop()
         engine("network", "rm", name, check=False)
+
+
+OCI_LABELS = ("org.opencontainers.image.title", "org.opencontainers.image.version",
+              "org.opencontainers.image.revision", "org.opencontainers.image.created",
+              "org.opencontainers.image.source", "org.opencontainers.image.licenses")
+
+
+def assert_oci_labels(labels: dict) -> None:
+    """Every OCI label an image of ours must carry is there and not empty."""
+    for key in OCI_LABELS:
+        assert labels.get(key) not in (None, "", "unknown"), f"label {key} missing or empty: {labels}"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import DUMMY_CREDS
-from tests.images.conftest import LABEL, SERVE_TAG, TAG, Engine, Net
+from tests.images.conftest import LABEL, SERVE_TAG, TAG, Engine, Net, assert_oci_labels
 
 REPO = Path(__file__).resolve().parents[2]
 DCGAN = REPO / "examples" / "dcgan"
@@ -169,10 +169,7 @@ def test_labels_users_and_entrypoints(engine: Engine) -> None:
     serve = engine.inspect("image", SERVE_TAG)["Config"]
     for config in (train, serve):
         labels = config["Labels"]
-        for key in ("org.opencontainers.image.title", "org.opencontainers.image.version",
-                    "org.opencontainers.image.revision", "org.opencontainers.image.created",
-                    "org.opencontainers.image.source", "org.opencontainers.image.licenses"):
-            assert labels.get(key) not in (None, "", "unknown"), f"label {key} missing or empty: {labels}"
+        assert_oci_labels(labels)
         assert labels["ai.torchbay.framework"] == "pytorch"
         assert labels["ai.torchbay.framework_version"] == "2.13.0"
         assert labels["ai.torchbay.toolkit_version"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.images.conftest import LABEL, TAG, Engine, Net
+from tests.images.conftest import LABEL, TAG, Engine, Net, assert_oci_labels
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 _EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"  # diff ID of an empty tar
@@ -37,10 +37,7 @@ def test_cuda_images_labels_environment_and_shared_layers(engine: Engine, cuda_i
     for image in (train, serve):
         config = image["Config"]
         labels = config["Labels"]
-        for key in ("org.opencontainers.image.title", "org.opencontainers.image.version",
-                    "org.opencontainers.image.revision", "org.opencontainers.image.created",
-                    "org.opencontainers.image.source", "org.opencontainers.image.licenses"):
-            assert labels.get(key) not in (None, "", "unknown"), f"label {key} missing or empty: {labels}"
+        assert_oci_labels(labels)
         assert labels["org.opencontainers.image.title"] == "torchbay-pytorch-cuda"
         assert labels["ai.torchbay.device"] == "cuda"
         assert labels["ai.torchbay.cuda_version"] == "12.8"
