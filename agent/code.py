@@ -13,15 +13,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from agent.errors import InstallError, StorageError
 from agent.job import Job
 from agent.process import ProcessGroup, StopRequest, supervise
 from agent.safety import safe_extract_tar
-from agent.storage import Storage, open_storage, parse_uri, redact
+from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
 
-__all__ = ["fetch_code", "install_requirements", "FETCHED", "KEPT", "SKIPPED", "INSTALLED", "NOTHING"]
+__all__ = ["fetch_code", "install_requirements", "pip_install", "FETCHED", "KEPT", "SKIPPED", "INSTALLED", "NOTHING"]
 
 FETCHED, KEPT, SKIPPED, INSTALLED, NOTHING = "fetched", "kept", "skipped", "installed", "nothing"
 _TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -42,10 +42,7 @@ def _read_stamp(path: Path) -> Optional[Any]:
 
 
 def _write_stamp(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(value))
 
 
 def _clear(folder: Path) -> None:
@@ -161,36 +158,51 @@ def install_requirements(job: Job, *, log: logging.Logger, stop: Optional[StopRe
         _tree_digest(code_dir, digest)
     else:
         digest.update((code_dir / "requirements.txt").read_bytes())
-    key = digest.hexdigest()
-    stamp_path = _state(job, "install.json")
-    if _read_stamp(stamp_path) == key:
-        log.info("%s unchanged since the last successful install; not reinstalling", what)
-        return SKIPPED
-    stamp_path.unlink(missing_ok=True)
-    pip_log = _state(job, "pip.log")
-    pip_log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *pip_args]
     env = dict(job.base_env)
     env.update(job.environment)
-    env.update({"PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
+    installed = pip_install(pip_args, what=what, cwd=code_dir, env=env, key=digest.hexdigest(),
+                            stamp=_state(job, "install.json"), pip_log=_state(job, "pip.log"), log=log,
+                            timeout=job.settings.pip_timeout, stop=stop, python=python)
+    if installed is None:
+        return NOTHING
+    return INSTALLED if installed else SKIPPED
+
+
+def pip_install(pip_args: Sequence[str], *, what: str, cwd: Path, env: Mapping[str, str], key: str, stamp: Path,
+                pip_log: Path, log: logging.Logger, timeout: Optional[float] = None,
+                stop: Optional[StopRequest] = None, python: str = sys.executable) -> Optional[bool]:
+    """``python -m pip install *pip_args`` in its own process group, unless ``stamp`` already holds ``key``.
+
+    Returns True when pip ran, False when the stamp said the same install was done before, None when a stop
+    request ended pip. A failing pip, or one past ``timeout`` seconds, raises InstallError with pip's last
+    lines; the stamp is written only after a successful install, so a failed one is retried next time.
+    """
+    if _read_stamp(stamp) == key:
+        log.info("%s unchanged since the last successful install; not reinstalling", what)
+        return False
+    stamp.unlink(missing_ok=True)
+    pip_log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *pip_args]
+    child_env = dict(env)
+    child_env.update({"PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
     log.info("installing %s: %s", what, " ".join(argv[1:]))
     with open(pip_log, "wb") as out:
-        group = ProcessGroup(argv, env=env, cwd=code_dir, stdout=out, stderr=out).start()
-        result = supervise(group, stop=stop or StopRequest(), grace=10.0, max_runtime=job.settings.pip_timeout)
+        group = ProcessGroup(argv, env=child_env, cwd=cwd, stdout=out, stderr=out).start()
+        result = supervise(group, stop=stop or StopRequest(), grace=10.0, max_runtime=timeout)
     if result.stopped_by == "signal":
         log.warning("pip install stopped by signal %s", result.signum)
-        return NOTHING
+        return None
     if result.stopped_by == "max_runtime" or result.exit_code != 0:
         tail = _tail(pip_log, _PIP_TAIL_LINES)
-        why = (f"took longer than {job.settings.pip_timeout:g} s (TORCHBAY_PIP_TIMEOUT)"
+        why = (f"took longer than {timeout:g} s (TORCHBAY_PIP_TIMEOUT)"
                if result.stopped_by == "max_runtime" else f"failed with exit code {result.exit_code}")
         raise InstallError(
-            f"pip install of {what} {why}; fix the requirement or pin a version that exists. pip's last lines:\n"
-            + "\n".join(tail)
+            f"pip install of {what} {why}; fix the file or pin a version that exists. pip's last lines:\n"
+            + redact("\n".join(tail))
         )
-    _write_stamp(stamp_path, key)
+    _write_stamp(stamp, key)
     log.info("installed %s in %.1f s", what, result.duration)
-    return INSTALLED
+    return True
 
 
 def _tail(path: Path, lines: int) -> list[str]:

@@ -103,6 +103,16 @@ class Layout:
         """Private working space of the agent (rank logs, state files): ``output/torchbay``."""
         return self.root / "output" / "torchbay"
 
+    @property
+    def job_log_file(self) -> Path:
+        """This host's tagged log of every rank: ``output/torchbay/job.log``."""
+        return self.agent_dir / "job.log"
+
+    @property
+    def metrics_file(self) -> Path:
+        """This host's metric points, JSON lines: ``output/torchbay/metrics.jsonl``."""
+        return self.agent_dir / "metrics.jsonl"
+
 
 @dataclass(frozen=True)
 class Channel:

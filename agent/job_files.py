@@ -7,13 +7,13 @@ Hyperparameter values are JSON-encoded strings in those files; ``decode_hyperpar
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from agent.errors import ConfigError
 from agent.job import Channel, Job, Layout, Resource, frozen_map, resource_config
 from agent.settings import Settings
+from agent.storage import write_text_atomically
 
 __all__ = ["decode_hyperparameters", "encode_hyperparameter", "hosts_from_settings", "job_from_config_files",
            "write_config_files"]
@@ -133,10 +133,7 @@ def job_from_config_files(layout: Layout, settings: Settings, env: Mapping[str, 
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_config_files(job: Job) -> None:

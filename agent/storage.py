@@ -25,7 +25,7 @@ from agent.errors import (
     StorageError,
 )
 
-__all__ = ["Location", "ObjectInfo", "Storage", "parse_uri", "open_storage", "redact"]
+__all__ = ["Location", "ObjectInfo", "Storage", "parse_uri", "open_storage", "redact", "write_text_atomically"]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
@@ -106,6 +106,15 @@ def redact(text: str) -> str:
             word = f"{scheme}://***@{host_part.rsplit('@', 1)[1]}{slash}{tail}"
         out.append(word)
     return " ".join(out)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path.tmp`` and rename it over ``path``: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class Storage(ABC):

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Mapping, Optional, Sequence
 from agent.errors import EXIT_INTERNAL, EXIT_OK, DiskFullError, StorageError, TorchBayError, exit_code_for
 from agent.job import Job, load_job, write_config_files
 from agent.settings import read_settings
-from agent.storage import Storage, open_storage, parse_uri, redact
+from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
 
 __all__ = ["main", "parse_args", "FAILURE_REASON_MAX", "failure_reason"]
 
@@ -120,13 +120,6 @@ def _configure_logging(level: str) -> logging.Logger:
     log.propagate = False
     log.setLevel(getattr(logging, str(level).upper(), logging.INFO))
     return log
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _make_tarball(folder: Path, dest: Path) -> None:
@@ -267,9 +260,9 @@ class _Lifecycle:
 
         agent_dir = job.layout.agent_dir
         self._capture = capture = LogCapture(
-            host=job.resource.current_host, log_dir=agent_dir / "logs", out=self.out, job_log=agent_dir / "job.log",
+            host=job.resource.current_host, log_dir=agent_dir / "logs", out=self.out, job_log=job.layout.job_log_file,
             settings=job.settings, metric_definitions=job.metric_definitions,
-            metrics_file=agent_dir / "metrics.jsonl", tensorboard_dir=job.tensorboard_local_path, log=log,
+            metrics_file=job.layout.metrics_file, tensorboard_dir=job.tensorboard_local_path, log=log,
         )
         self._rank = plan.rank_base
         if plan.torchrun_log_dir is not None:
@@ -394,13 +387,13 @@ class _Lifecycle:
         layout = self.job.layout
         if self.exit_code == EXIT_OK:
             if not layout.failure_file.exists():
-                _write_text(layout.success_file, "")
+                write_text_atomically(layout.success_file, "")
             return
         if layout.failure_file.exists():
             self.log.info("keeping the failure file the script wrote: %s", layout.failure_file)
             return
         reason = redact(self.reason or f"the job failed with exit code {self.exit_code}")
-        _write_text(layout.failure_file, reason[:FAILURE_REASON_MAX])
+        write_text_atomically(layout.failure_file, reason[:FAILURE_REASON_MAX])
         self.log.error("failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX])
 
 
@@ -411,7 +404,7 @@ def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logg
     except TorchBayError:
         return
     try:
-        _write_text(root / "output" / "failure", f"{type(err).__name__}: {err}"[:FAILURE_REASON_MAX])
+        write_text_atomically(root / "output" / "failure", f"{type(err).__name__}: {err}"[:FAILURE_REASON_MAX])
     except OSError as os_err:
         log.warning("cannot write the failure file under %s: %s", root, os_err)
 

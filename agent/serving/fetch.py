@@ -6,14 +6,11 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from agent.errors import InstallError
 from agent.safety import safe_extract_tar
 from agent.storage import open_storage, redact
 
@@ -62,32 +59,19 @@ def install_requirements(code_dir: Path, *, env: Mapping[str, str], stamp_dir: O
     ``stamp_dir``, by default beside the installed packages (``sys.prefix``); no stamp when unwritable. Raises InstallError
     with pip's last lines when pip fails.
     """
+    from agent.code import pip_install
+
     log = log or logging.getLogger("torchbay.serve")
     requirements = code_dir / "requirements.txt"
     if not requirements.is_file():
         return False
     digest = hashlib.sha256(requirements.read_bytes() + sys.executable.encode()).hexdigest()
-    stamp = _stamp_path(stamp_dir)
-    if stamp is not None and stamp.is_file() and stamp.read_text().strip() == digest:
-        log.info("%s unchanged since it was installed; not reinstalling", requirements)
-        return False
-    log.info("installing %s", requirements)
-    child_env = dict(env, PYTHONUNBUFFERED="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-input", "-r", str(requirements)]
-    proc = subprocess.Popen(cmd, cwd=str(code_dir), env=child_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate()
-    except BaseException:
-        _kill_group(proc)
-        raise
-    if proc.returncode != 0:
-        tail = "\n".join(output.decode("utf-8", "replace").strip().splitlines()[-8:])
-        raise InstallError(f"pip install -r {requirements} failed with exit code {proc.returncode}; fix the file. "
-                           f"pip said:\n{redact(tail)}")
-    if stamp is not None:
-        stamp.write_text(digest)
-    return True
+    with tempfile.TemporaryDirectory(prefix="torchbay-pip-") as tmp:
+        # Unwritable stamp folder: a stamp nobody reads again, so pip runs every time.
+        stamp = _stamp_path(stamp_dir) or Path(tmp) / "stamp.json"
+        ran = pip_install(["-r", str(requirements)], what=str(requirements), cwd=code_dir, env=env, key=digest,
+                          stamp=stamp, pip_log=Path(tmp) / "pip.log", log=log)
+    return bool(ran)
 
 
 def _stamp_path(stamp_dir: Optional[Path]) -> Optional[Path]:
@@ -96,15 +80,6 @@ def _stamp_path(stamp_dir: Optional[Path]) -> Optional[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    return folder / ".torchbay-serve-requirements.sha256" if os.access(folder, os.W_OK) else None
+    return folder / ".torchbay-serve-requirements.json" if os.access(folder, os.W_OK) else None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass

@@ -22,7 +22,7 @@ __all__ = ["Telemetry", "default_paths"]
 
 def default_paths(job: Job) -> tuple[Path, Path]:
     """``(job log, metrics file)`` of this host: ``output/torchbay/job.log`` and ``output/torchbay/metrics.jsonl``."""
-    return job.layout.agent_dir / "job.log", job.layout.agent_dir / "metrics.jsonl"
+    return job.layout.job_log_file, job.layout.metrics_file
 
 
 class Telemetry:
