@@ -6,15 +6,16 @@ standard library) by agent.process.ProcessGroup. It
 - marks itself a child subreaper, so descendants whose parent exits (``setsid`` daemons included) become
   its children instead of PID 1's;
 - asks the kernel for SIGTERM when the agent (its parent) dies, SIGKILL included;
-- forks and execs ARGV in its own process group (the child also gets PR_SET_PDEATHSIG=SIGKILL, so it dies
-  if the guard is killed), reaps every child, and exits as the command did (same code, same signal);
+- forks and execs ARGV first (in the guard's process group; ctypes is imported while the command starts),
+  reaps every child, and exits as the command did (same code, same signal); if the guard itself is
+  SIGKILLed (the agent's group SIGKILL reaches the command too), the agent, a subreaper as well, finds what
+  is left at its stop;
 - when the agent dies: SIGKILLs every descendant it can find, writes FAILURE_FILE if it does not exist,
   and exits.
 
 Signals sent to the group by the agent (SIGTERM, SIGINT) reach the command directly; the guard ignores them.
 """
 
-import ctypes
 import os
 import signal
 import sys
@@ -108,10 +109,7 @@ def _exit_like(status):
 
 def main(args):
     agent, failure, argv = int(args[0]), args[1], args[3:]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        libc = None
+    me = os.getpid()
 
     def on_signal(signum, frame):
         if os.getppid() != agent:
@@ -119,24 +117,27 @@ def main(args):
 
     for signum in _WATCHED:
         signal.signal(signum, on_signal)
-    _prctl(libc, _PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGTERM)
-    me = os.getpid()
     try:
-        if os.getppid() != agent:
-            raise _AgentGone()
+        # The command starts first; ctypes (tens of ms to import) is loaded while it starts up.
         child = os.fork()
         if child == 0:
             try:
-                _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)
                 for signum in _WATCHED:
                     signal.signal(signum, signal.SIG_DFL)
-                if os.getppid() != me:
-                    os._exit(137)
                 os.execvp(argv[0], argv)
             except OSError as err:
                 os.write(2, f"torchbay: cannot start {argv[0]!r}: {err.strerror}\n".encode())
             os._exit(127)
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            libc = None
+        _prctl(libc, _PR_SET_CHILD_SUBREAPER, 1)
+        _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != agent:  # it died before the parent-death signal was armed
+            raise _AgentGone()
         while True:
             pid, status = os.waitpid(-1, 0)
             if pid == child:

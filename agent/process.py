@@ -133,7 +133,6 @@ class ProcessGroup:
         if self._guard:
             self._check_executable(env)
             env[TAG_VARIABLE] = self._tag
-            _become_subreaper()
             argv = [sys.executable, "-I", "-S", str(_GUARD), str(os.getpid()), str(self._failure_file or ""), "--",
                     *self.argv]
         try:
@@ -146,6 +145,8 @@ class ProcessGroup:
                 f"cannot start {self.argv[0]!r}: {err.strerror or err}; check the entry point and its permissions"
             ) from err
         self.started_at = time.monotonic()
+        if self._guard:
+            _become_subreaper()  # after the start: the import of ctypes is off the script's start-up path
         return self
 
     def _check_executable(self, env: Mapping[str, str]) -> None:
