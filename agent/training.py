@@ -165,6 +165,7 @@ class _Lifecycle:
         self.job = job
         self.redactor = redactor or Redactor(job.settings.secret_names)
         self._log_storage: Any = None
+        self._script_started = False
         self.log = log
         self.stop = stop
         self.out = out
@@ -307,6 +308,7 @@ class _Lifecycle:
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
             group = ProcessGroup(argv, env=env, cwd=entry.code_dir, stdout=child_out, stderr=child_err, guard=True,
                                  failure_file=job.layout.failure_file, log=log).start()
+        self._script_started = True
         # Watching and sampling start once the script runs, off its start-up path; files written before the
         # watch begins are picked up by LiveSync.start itself.
         if self._sync is None:
@@ -424,7 +426,10 @@ class _Lifecycle:
                     self._fail_late(err)
                     continue
                 packed.append((folder, archive, f"{base}/{name}"))
-            deadline = max(deadline, time.monotonic() + job.settings.upload_timeout)
+            # The deadline starts once the archives are packed; a job whose script never ran (a bad spec, an
+            # endpoint that never answered) tries once instead of waiting out the deadline for empty folders.
+            deadline = max(deadline, time.monotonic() + job.settings.upload_timeout) if self._script_started \
+                else time.monotonic()
             for folder, archive, uri in packed:
                 try:
                     self._upload_one(folder, archive, uri, deadline)
