@@ -96,7 +96,9 @@ def fetch_code(job: Job, *, log: logging.Logger,
         archive = _state(job, "sourcedir.tar.gz")
         storage.get_file(source, archive, expected_size=info.size)
         try:
-            count = safe_extract_tar(archive, code_dir, what=f"source archive {redact(source)}")
+            count = safe_extract_tar(archive, code_dir, what=f"source archive {redact(source)}",
+                                     max_bytes=job.settings.source_max_bytes,
+                                     max_members=job.settings.source_max_members)
         except BaseException:
             _clear(code_dir)
             raise

@@ -26,6 +26,8 @@ __all__ = [
     "ModelLoadError",
     "RequestError",
     "exit_code_for",
+    "ArchiveError",
+    "UploadIncomplete",
 ]
 
 EXIT_OK = 0
@@ -133,6 +135,18 @@ class RequestError(TorchBayError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ArchiveError(TorchBayError):
+    """An archive is truncated or corrupt, or over a size or member-count limit."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class UploadIncomplete(StorageError):
+    """An end-of-job upload did not finish by the upload deadline (TORCHBAY_UPLOAD_TIMEOUT)."""
+
+    exit_code = 69
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -72,7 +72,7 @@ def _check(value: Any, node: Any, path: str, source: str) -> None:
 
     if isinstance(node, dict):
         if not isinstance(value, dict):
-            fail(f"{path or 'the spec'} must be an object, got {type(value).__name__} {_short(value)}")
+            fail(f"{path or 'the spec'} must be an object, got {type(value).__name__}{_shown(path, value)}")
         values_node = node.get("*values")
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
@@ -89,7 +89,7 @@ def _check(value: Any, node: Any, path: str, source: str) -> None:
         return
     if isinstance(node, list):
         if not isinstance(value, list):
-            fail(f"{path} must be an array, got {type(value).__name__} {_short(value)}")
+            fail(f"{path} must be an array, got {type(value).__name__}{_shown(path, value)}")
         for index, item in enumerate(value):
             _check(item, node[0], f"{path}[{index}]", source)
         return
@@ -98,7 +98,18 @@ def _check(value: Any, node: Any, path: str, source: str) -> None:
     if node is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        fail(f"{path} must be {_type_name(node)}, got {type(value).__name__} {_short(value)}")
+        fail(f"{path} must be {_type_name(node)}, got {type(value).__name__}{_shown(path, value)}")
+
+
+def _shown(path: str, value: Any) -> str:
+    """`` <value>`` for an error message, or nothing where the value may be a secret: fields whose names look
+    secret, and every Environment and HyperParameters value (the message names the field and the type)."""
+    from agent.redact import looks_secret
+
+    name = path.rsplit(".", 1)[-1].split("[", 1)[0]
+    if looks_secret(name) or path.split(".", 1)[0] in ("Environment", "HyperParameters"):
+        return ""
+    return " " + _short(value)
 
 
 def _short(value: Any) -> str:

@@ -4,22 +4,40 @@
 (SIGTERM/SIGINT to the agent, set by ``StopRequest``) and a deadline (MaxRuntimeInSeconds). Either
 sends SIGTERM to the whole group, then SIGKILL after the grace period. The result carries the
 child's exit code, 128+N when a signal N ended it.
+
+With ``guard=True`` (the training script) the command runs under ``agent/_guard.py``, a tiny
+standard-library process that leads the group: it is a child subreaper with PR_SET_PDEATHSIG, so when
+the agent dies however it dies (SIGKILL included) every process the command started, ``setsid`` ones
+too, is killed. The agent is a child subreaper too: processes that left the group are found at a normal
+stop by the tag the guard's environment carries (``TORCHBAY_PROCESS_TAG``), logged by PID and command,
+and stopped. :func:`check_command_size` refuses a command line Linux would refuse (E2BIG), naming the
+hyperparameter that made it too big.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
 
-from agent.errors import EntryPointError
+from agent.errors import EntryPointError, JobSpecError
 
-__all__ = ["ProcessGroup", "StopRequest", "RunResult", "supervise", "exit_code_of"]
+__all__ = ["ProcessGroup", "StopRequest", "RunResult", "supervise", "exit_code_of", "check_command_size",
+           "MAX_ARG_STRLEN"]
+
+MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value string exec accepts (with its NUL)
+TAG_VARIABLE = "TORCHBAY_PROCESS_TAG"
+_GUARD = Path(__file__).with_name("_guard.py")
+_PR_SET_CHILD_SUBREAPER = 36
 
 _POLL = 0.1
 _SIGTERM = signal.SIGTERM  # the method ProcessGroup.signal hides the module inside the class body
@@ -89,22 +107,37 @@ class ProcessGroup:
     """One command in a new session (so its own process group), with an explicit environment."""
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Optional[Path] = None,
-                 stdout: Output = None, stderr: Output = None) -> None:
+                 stdout: Output = None, stderr: Output = None, guard: bool = False,
+                 failure_file: Optional[Path] = None, log: Optional[logging.Logger] = None) -> None:
         self.argv = list(argv)
         self._env = dict(env)
         self._cwd = cwd
         self._stdout = stdout
         self._stderr = stderr
+        self._guard = guard
+        self._failure_file = failure_file
+        self._log = log or logging.getLogger("torchbay")
+        self._tag = uuid.uuid4().hex
         self._proc: Optional[subprocess.Popen] = None
         self.started_at: Optional[float] = None
 
     def start(self) -> "ProcessGroup":
-        """Start the command; raises EntryPointError when it cannot be executed at all."""
+        """Start the command; raises EntryPointError when it cannot be executed at all.
+
+        Must be called from the main thread when ``guard`` is set: the kernel's parent-death signal
+        follows the thread that forked.
+        """
         env = dict(self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        argv = self.argv
+        if self._guard:
+            self._check_executable(env)
+            env[TAG_VARIABLE] = self._tag
+            argv = [sys.executable, "-I", "-S", str(_GUARD), str(os.getpid()), str(self._failure_file or ""), "--",
+                    *self.argv]
         try:
             self._proc = subprocess.Popen(
-                self.argv, env=env, cwd=str(self._cwd) if self._cwd else None, stdin=subprocess.DEVNULL,
+                argv, env=env, cwd=str(self._cwd) if self._cwd else None, stdin=subprocess.DEVNULL,
                 stdout=self._stdout, stderr=self._stderr, start_new_session=True, close_fds=True,
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as err:
@@ -112,7 +145,56 @@ class ProcessGroup:
                 f"cannot start {self.argv[0]!r}: {err.strerror or err}; check the entry point and its permissions"
             ) from err
         self.started_at = time.monotonic()
+        if self._guard:
+            _become_subreaper()  # after the start: the import of ctypes is off the script's start-up path
         return self
+
+    def _check_executable(self, env: Mapping[str, str]) -> None:
+        """What Popen would have said about ``argv[0]``, said before the guard runs it."""
+        program = self.argv[0]
+        if os.sep in program:
+            full = program if os.path.isabs(program) else os.path.join(str(self._cwd or "."), program)
+            if not os.path.exists(full):
+                raise EntryPointError(f"cannot start {program!r}: No such file or directory; check the entry point "
+                                      "and its permissions")
+            if os.path.isdir(full) or not os.access(full, os.X_OK):
+                raise EntryPointError(f"cannot start {program!r}: Permission denied; check the entry point and its "
+                                      "permissions")
+        elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+            raise EntryPointError(f"cannot start {program!r}: No such file or directory; check the entry point and "
+                                  "its permissions")
+
+    def stop_strays(self, grace: float) -> list[str]:
+        """Stop the processes this command started that left its group (``setsid``, double forks) and are still
+        running; each is logged by PID and command. Returns their descriptions."""
+        if not self._guard:
+            return []
+        strays = _tagged_processes(self._tag)
+        if not strays:
+            return []
+        described = []
+        for proc in strays:
+            try:
+                what = f"PID {proc.pid} ({' '.join(proc.cmdline())[:200] or proc.name()})"
+            except Exception:  # psutil.Error: it ended meanwhile
+                what = f"PID {proc.pid}"
+            described.append(what)
+            self._log.warning("%s was started by the training script, left its process group and was still "
+                              "running after it ended; stopping it", what)
+            try:
+                proc.terminate()
+            except Exception:  # psutil.NoSuchProcess: already gone
+                pass
+        import psutil
+
+        _gone, alive = psutil.wait_procs(strays, timeout=grace)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        return described
 
     @property
     def pid(self) -> Optional[int]:
@@ -148,6 +230,7 @@ class ProcessGroup:
             return False
         if self._proc.poll() is None:
             return True
+        _reap_zombies(self._proc.pid)
         try:
             os.killpg(self._proc.pid, 0)
             return True
@@ -189,6 +272,7 @@ def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runti
         code = group.wait(_POLL)
         if code is not None:
             group.terminate(min(grace, 5.0))  # leftovers in the group, if any
+            group.stop_strays(min(grace, 5.0))  # and those that left it
             return RunResult(code, duration=time.monotonic() - started)
         if on_tick is not None:
             on_tick()
@@ -201,6 +285,88 @@ def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runti
             forward = stop.signum if stopped_by == "signal" and stop.signum is not None else signal.SIGTERM
             killed = group.terminate(grace, forward)
             code = group.wait(10)
+            group.stop_strays(min(grace, 5.0))
             return RunResult(code if code is not None else 128 + signal.SIGKILL, stopped_by,
                              stop.signum if stopped_by == "signal" else None, killed,
                              duration=time.monotonic() - started)
+
+
+def _become_subreaper() -> None:
+    """Orphans of our descendants become our children (not PID 1's), so they can be found and stopped."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the guard alone has to do
+        pass
+
+
+def _reap_zombies(pgid: int) -> None:
+    """Reap our dead children of process group ``pgid`` (orphans that came to us as a subreaper), so they
+    neither count as alive nor linger as zombies."""
+    try:
+        import psutil
+
+        children = psutil.Process().children()
+    except (ImportError, OSError):
+        return
+    for child in children:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE and os.getpgid(child.pid) == pgid:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.Error, OSError):
+            continue
+
+
+def _tagged_processes(tag: str) -> list:
+    """Our descendants whose environment carries ``tag`` (the guard's tag; every process the command started
+    inherits it unless it cleared its environment)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.environ().get(TAG_VARIABLE) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def check_command_size(argv: Sequence[str], env: Mapping[str, str], named: Mapping[str, Any]) -> None:
+    """Raise JobSpecError when exec would refuse ``argv`` + ``env`` (E2BIG), naming the biggest of ``named``
+    (hyperparameter name -> value) and its size.
+
+    Linux takes at most MAX_ARG_STRLEN bytes per argument or ``NAME=value`` string, and all of them
+    together (plus a pointer each) within ARG_MAX (a quarter of the stack limit, usually 2 MiB); every
+    hyperparameter is in argv and again in SM_HP_<NAME>, SM_HPS and SM_TRAINING_ENV.
+    """
+    strings = [a.encode("utf-8", "surrogateescape") for a in argv]
+    strings += [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+    longest = max(strings, key=len, default=b"")
+    try:
+        arg_max = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        arg_max = 2 * 1024 * 1024
+    total = sum(len(s) + 1 + 8 for s in strings) + 4096  # + pointers and the kernel's auxiliary vector room
+    if len(longest) + 1 <= MAX_ARG_STRLEN and total <= arg_max:
+        return
+    sizes = sorted(((len(str(v).encode("utf-8", "surrogateescape")), k) for k, v in named.items()), reverse=True)
+    if len(longest) + 1 > MAX_ARG_STRLEN:
+        limit = f"one argument or environment variable can hold at most {MAX_ARG_STRLEN - 1} bytes on Linux"
+        where = longest.split(b"=", 1)[0].decode("utf-8", "replace")[:60] if not longest.startswith(b"-") else None
+    else:
+        limit = f"the command line and environment together would take {total} bytes, over ARG_MAX ({arg_max})"
+        where = None
+    if sizes and sizes[0][0] > 1024:
+        size, name = sizes[0]
+        subject = f"hyperparameter {name!r} is {size} bytes"
+    else:
+        subject = f"the command line is too long ({total} bytes)"
+    raise JobSpecError(
+        f"{subject}: {limit}{f' (here {where})' if where else ''}, and the script gets every hyperparameter as an "
+        "argument and in SM_HP_<NAME>, SM_HPS and SM_TRAINING_ENV; put large values in a file (a data channel "
+        "or the source directory) and pass its path as the hyperparameter"
+    )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO, Optional, Union
+from typing import IO, Any, Optional, Union
 
-from agent.errors import UnsafePathError
+from agent.errors import ArchiveError, UnsafePathError
 
 __all__ = ["safe_join", "safe_extract_tar"]
 
@@ -32,36 +33,93 @@ def safe_join(root: Union[str, Path], relative: str, *, what: str = "key") -> Pa
     return target
 
 
-def safe_extract_tar(source: Union[str, Path, IO[bytes]], dest: Union[str, Path], *, what: str = "archive") -> int:
+def safe_extract_tar(source: Union[str, Path, IO[bytes]], dest: Union[str, Path], *, what: str = "archive",
+                     max_bytes: Optional[int] = None, max_members: Optional[int] = None,
+                     limit_names: tuple[str, str] = ("TORCHBAY_SOURCE_MAX_BYTES", "TORCHBAY_SOURCE_MAX_MEMBERS")) -> int:
     """Extract a (possibly gzipped) tar into ``dest`` and return the number of members.
 
     Every member is checked before anything is written: absolute names, ``..``, links that point
-    outside ``dest``, and device files raise UnsafePathError naming the member.
+    outside ``dest``, and device files raise UnsafePathError naming the member. A truncated or corrupt
+    archive raises ArchiveError naming the byte offset reached and the last member read; more than
+    ``max_members`` members or ``max_bytes`` unpacked bytes (a gzip bomb) raise ArchiveError before those
+    bytes are written (``limit_names`` are the settings named in that message).
     """
     dest_path = Path(dest)
     dest_path.mkdir(parents=True, exist_ok=True)
     root = dest_path.resolve()
+    raw: Any = open(source, "rb") if isinstance(source, (str, Path)) else source
+    tally = _Tally(what, raw, max_bytes, max_members, limit_names)
     try:
-        if isinstance(source, (str, Path)):
-            archive = tarfile.open(str(source), "r:*")
-        else:
-            archive = tarfile.open(fileobj=source, mode="r|*")
-    except tarfile.TarError as err:
-        raise UnsafePathError(f"{what} is not a readable tar archive ({err}); rebuild it with tar -czf") from err
-    with archive:
-        if isinstance(source, (str, Path)):
-            members = archive.getmembers()
-            for member in members:
+        try:
+            archive = tarfile.open(fileobj=raw, mode="r:*" if isinstance(source, (str, Path)) else "r|*")
+        except (tarfile.TarError, EOFError, zlib.error) as err:
+            raise ArchiveError(f"{what} is not a readable tar archive ({err}); rebuild it with tar -czf") from err
+        with archive:
+            if isinstance(source, (str, Path)):
+                members = []
+                for member in tally.members(archive):
+                    _check_member(member, root, what)
+                    members.append(member)
+                _extract(archive, members, root, tally)
+                return len(members)
+            # A stream can be read once: check each member just before it is written.
+            count = 0
+            for member in tally.members(archive):
                 _check_member(member, root, what)
-            _extract(archive, members, root)
-            return len(members)
-        # A stream can be read once: check each member just before it is written.
-        count = 0
-        for member in archive:
-            _check_member(member, root, what)
-            _extract(archive, [member], root)
-            count += 1
-        return count
+                _extract(archive, [member], root, tally)
+                count += 1
+            return count
+    finally:
+        if raw is not source:
+            raw.close()
+
+
+_CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOFError, zlib.error)
+
+
+class _Tally:
+    """Counts members and unpacked bytes against the limits; turns read errors into ArchiveError."""
+
+    def __init__(self, what: str, raw: Any, max_bytes: Optional[int], max_members: Optional[int],
+                 limit_names: tuple[str, str]) -> None:
+        self.what = what
+        self.raw = raw
+        self.max_bytes = max_bytes
+        self.max_members = max_members
+        self.limit_names = limit_names
+        self.count = 0
+        self.bytes = 0
+        self.reading: Optional[str] = None
+
+    def members(self, archive: tarfile.TarFile) -> Any:
+        while True:
+            try:
+                member = archive.next()
+            except _CORRUPT as err:
+                raise self.corrupt(err) from err
+            if member is None:
+                return
+            self.count += 1
+            self.bytes += member.size if member.isfile() else 0
+            if self.max_members is not None and self.count > self.max_members:
+                raise ArchiveError(f"{self.what} holds more than {self.max_members} members; raise "
+                                   f"{self.limit_names[1]} if that is expected, or ship fewer files")
+            if self.max_bytes is not None and self.bytes > self.max_bytes:
+                raise ArchiveError(f"{self.what} unpacks to more than {self.max_bytes} bytes (member "
+                                   f"{member.name!r} alone is {member.size}); refusing to extract it: raise "
+                                   f"{self.limit_names[0]} if that is expected")
+            self.reading = member.name
+            yield member
+
+    def corrupt(self, err: BaseException) -> ArchiveError:
+        try:
+            offset = f"byte {self.raw.tell()} of the file"
+        except (OSError, ValueError, AttributeError):
+            offset = "an unknown byte"
+        after = f" while reading member {self.reading!r}" if self.reading else ""
+        return ArchiveError(f"{self.what} is truncated or corrupt: it ends or breaks at {offset}{after} "
+                            f"({type(err).__name__}: {err or 'unexpected end of data'}); upload it again, or rebuild "
+                            "it with tar -czf")
 
 
 def _check_member(member: tarfile.TarInfo, root: Path, what: str) -> None:
@@ -84,14 +142,17 @@ def _check_member(member: tarfile.TarInfo, root: Path, what: str) -> None:
             )
 
 
-def _extract(archive: tarfile.TarFile, members: list, root: Path) -> None:
+def _extract(archive: tarfile.TarFile, members: list, root: Path, tally: _Tally) -> None:
     data_filter: Optional[object] = getattr(tarfile, "data_filter", None)
-    if data_filter is not None:
-        try:
-            archive.extractall(root, members=members, filter="data")
-        except tarfile.FilterError as err:  # type: ignore[attr-defined]
-            raise UnsafePathError(f"archive member refused: {err}") from err
-    else:  # Python without PEP 706 filters: members were checked above
-        for member in members:
-            member.mode = member.mode & 0o755 if member.isfile() else member.mode
-        archive.extractall(root, members=members)
+    try:
+        if data_filter is not None:
+            try:
+                archive.extractall(root, members=members, filter="data")
+            except tarfile.FilterError as err:  # type: ignore[attr-defined]
+                raise UnsafePathError(f"archive member refused: {err}") from err
+        else:  # Python without PEP 706 filters: members were checked above
+            for member in members:
+                member.mode = member.mode & 0o755 if member.isfile() else member.mode
+            archive.extractall(root, members=members)
+    except _CORRUPT as err:
+        raise tally.corrupt(err) from err

@@ -290,7 +290,26 @@ _SYNC = (
        "Comma-separated name patterns never uploaded (write checkpoints to such a name, then rename).", "sync"),
 )
 
-ALL_SETTINGS: tuple = _GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC
+# --- training faults (issue 14) ------------------------------------------------------------------
+_FAULTS = (
+    _s("upload_part_size", "TORCHBAY_UPLOAD_PART_SIZE", int, 16 * 1024 * 1024,
+       "Bytes per part of the end-of-job multipart uploads (model.tar.gz, output.tar.gz); larger files go "
+       "multipart, and a retry after an outage sends only the parts S3 does not have (at least 5 MiB).",
+       "train", _positive),
+    _s("secret_names", "TORCHBAY_SECRET_NAMES", str,
+       r"password|passwd|passphrase|secret|credential|api_?key|private_?key|(^|_)(token|auth|cookie)(_|$)"
+       r"|(^|_)key$",
+       "Regular expression (searched in the name lower-cased, camelCase and -. turned into _) of hyperparameter "
+       "and environment variable names whose values are masked as **** in every line the agent writes.",
+       "train"),
+    _s("source_max_bytes", "TORCHBAY_SOURCE_MAX_BYTES", int, 4 * 1024 ** 3,
+       "Most bytes the source archive (sagemaker_submit_directory) may unpack to; more fails the job (a gzip "
+       "bomb stops there).", "train", _positive),
+    _s("source_max_members", "TORCHBAY_SOURCE_MAX_MEMBERS", int, 200_000,
+       "Most files, folders and links the source archive may hold.", "train", _positive),
+)
+
+ALL_SETTINGS: tuple = _GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC + _FAULTS
 
 
 class Settings:

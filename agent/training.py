@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Mapping, Optional, Sequence
 from agent.errors import EXIT_INTERNAL, EXIT_OK, DiskFullError, StorageError, TorchBayError, exit_code_for
 from agent.job import Job, load_job, write_config_files
 from agent.settings import read_settings
+from agent.redact import Redactor, RedactingFilter
 from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
 
 __all__ = ["main", "parse_args", "FAILURE_REASON_MAX", "failure_reason"]
@@ -112,10 +113,12 @@ def _find_exception(lines: Sequence[str]) -> Optional[str]:
     return found
 
 
-def _configure_logging(level: str) -> logging.Logger:
+def _configure_logging(level: str, redactor: Optional[Redactor] = None) -> logging.Logger:
     log = logging.getLogger("torchbay")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    if redactor is not None:  # every agent line: secrets masked, length capped
+        handler.addFilter(RedactingFilter(redactor))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(getattr(logging, str(level).upper(), logging.INFO))
@@ -157,8 +160,12 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
 class _Lifecycle:
     """One train run. ``run`` returns the exit code; every step after load_job ends in ``_finish``."""
 
-    def __init__(self, job: Job, *, log: logging.Logger, stop: Any, out: BinaryIO) -> None:
+    def __init__(self, job: Job, *, log: logging.Logger, stop: Any, out: BinaryIO,
+                 redactor: Optional[Redactor] = None) -> None:
         self.job = job
+        self.redactor = redactor or Redactor(job.settings.secret_names)
+        self._log_storage: Any = None
+        self._script_started = False
         self.log = log
         self.stop = stop
         self.out = out
@@ -187,6 +194,18 @@ class _Lifecycle:
                 self._storages[scheme] = open_storage(uri)
         return self._storages[scheme]
 
+    def upload_storage_for(self, uri: str) -> Storage:
+        """The storage for end-of-job uploads: an S3 client with few built-in retries (agent.uploads retries
+        with its own backoff, up to the upload deadline)."""
+        if parse_uri(uri).scheme != "s3":
+            return self.storage_for(uri)
+        if "s3-uploads" not in self._storages:
+            from agent.storage import S3Storage, make_s3_client
+
+            self._storages["s3-uploads"] = S3Storage(make_s3_client(self.job.settings.endpoint_url, 16,
+                                                                    max_attempts=2, connect_timeout=5))
+        return self._storages["s3-uploads"]
+
     def _check_stop(self, step: str) -> None:
         if self.stop.requested:
             raise _Stopped(step)
@@ -200,6 +219,7 @@ class _Lifecycle:
             folder.mkdir(parents=True, exist_ok=True)
         for stale in (layout.failure_file, layout.success_file):
             stale.unlink(missing_ok=True)
+        _reserve_room(layout.agent_dir / _RESERVE_NAME)
         log.info("job %s on %s (%d host(s)); root %s%s", job.name, job.resource.current_host,
                  job.resource.host_count, layout.root, " (SageMaker: config and data in place)"
                  if job.on_sagemaker else "")
@@ -214,6 +234,13 @@ class _Lifecycle:
             self.exit_code = err.exit_code
             self.reason = f"{type(err).__name__}: {err}"
             log.error("%s (exit code %d)", self.reason, err.exit_code)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            disk = DiskFullError(f"disk full: {err.strerror} ({err.filename or 'a file under ' + str(layout.root)}); "
+                                 "free space or give the job a bigger volume")
+            self.exit_code, self.reason = disk.exit_code, f"DiskFullError: {disk}"
+            log.error("%s (exit code %d)", self.reason, disk.exit_code)
         except Exception as err:  # the process top level: log it and still upload what exists
             log.exception("internal error: %s", err)
             self.exit_code = EXIT_INTERNAL
@@ -263,6 +290,7 @@ class _Lifecycle:
             host=job.resource.current_host, log_dir=agent_dir / "logs", out=self.out, job_log=job.layout.job_log_file,
             settings=job.settings, metric_definitions=job.metric_definitions,
             metrics_file=job.layout.metrics_file, tensorboard_dir=job.tensorboard_local_path, log=log,
+            **({"mask": self.redactor.data} if self.redactor.active else {}),
         )
         self._rank = plan.rank_base
         if plan.torchrun_log_dir is not None:
@@ -270,11 +298,17 @@ class _Lifecycle:
         stdout_path, stderr_path = capture.files_for(plan.rank_base)
         capture.start()
         env = user_environment(job, entry, plan.env)
-        log.info("starting %s (cwd %s)", " ".join(plan.argv), entry.code_dir)
+        from agent.process import check_command_size
+
+        check_command_size(plan.argv, env, job.hyperparameters)
+        shown = [word if len(word) <= 256 else f"{word[:64]}...({len(word)} chars)"
+                 for word in self.redactor.argv(plan.argv)]
+        log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
         argv = _line_buffered(plan.argv, job.settings.line_buffer, log)
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
-            group = ProcessGroup(argv, env=env, cwd=entry.code_dir, stdout=child_out,
-                                 stderr=child_err).start()
+            group = ProcessGroup(argv, env=env, cwd=entry.code_dir, stdout=child_out, stderr=child_err, guard=True,
+                                 failure_file=job.layout.failure_file, log=log).start()
+        self._script_started = True
         # Watching and sampling start once the script runs, off its start-up path; files written before the
         # watch begins are picked up by LiveSync.start itself.
         if self._sync is None:
@@ -304,7 +338,12 @@ class _Lifecycle:
         except ImportError:
             self.log.debug("telemetry sampler not available; system metrics are off")
             return
-        self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid)
+        from agent.uploads import DeadlineStorage
+
+        uri = self.job.job_output_uri
+        self._log_storage = DeadlineStorage(lambda: self.upload_storage_for(uri), log=self.log,
+                                            part_size=self.job.settings.upload_part_size) if uri else None
+        self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid, storage=self._log_storage)
         self._telemetry.start()
 
     def _user_failure(self, exit_code: int, stopped: Optional[str]) -> str:
@@ -326,9 +365,13 @@ class _Lifecycle:
             self._step("draining the logs", self._capture.close)
         if self._data is not None:
             self._step("stopping the Pipe feeders", lambda: self._data.stop(10.0))
-        self._step("uploading the outputs", self._upload_outputs)
+        deadlines = [deadline]
+        self._step("uploading the outputs", lambda: deadlines.append(self._upload_outputs(deadline)))
+        deadline = max(d for d in deadlines if d is not None)
         if self._sync is not None:
             self._step("uploading the checkpoints", lambda: self._close_sync(deadline))
+        if self._log_storage is not None:
+            self._log_storage.set_deadline(deadline)  # the final job log and metrics uploads retry too
         if self._telemetry is not None:
             self._step("closing telemetry", self._telemetry.close)
         self._write_status()
@@ -358,53 +401,126 @@ class _Lifecycle:
             self.exit_code = err.exit_code
             self.reason = f"{type(err).__name__}: {err}"
 
-    def _upload_outputs(self) -> None:
+    def _upload_outputs(self, deadline: float) -> Optional[float]:
+        """Pack and upload model.tar.gz and output.tar.gz; returns the upload deadline, which starts once
+        they are packed (packing is local work, not upload time)."""
         job = self.job
         base = job.job_output_uri
         if not base or job.on_sagemaker:
-            return
+            return None
         node_rank = self._plan.rank_base if self._plan is not None else job.resource.host_index
         if node_rank != 0:
             # Every host would write the same two keys; the first host's model and outputs are the job's.
             self.log.info("model/ and output/data/ are uploaded by the first host, not by %s (rank %d)",
                           job.resource.current_host, node_rank)
-            return
+            return None
         layout = job.layout
-        for folder, name in ((layout.model_dir, "model.tar.gz"), (layout.output_data_dir, "output.tar.gz")):
-            archive = layout.agent_dir / "upload" / name
-            uri = f"{base}/{name}"
-            try:
-                self._step(f"uploading {name}", lambda: self._upload_one(folder, archive, uri))
-            finally:
+        missed: list[str] = []
+        packed: list[tuple[Path, Path, str]] = []
+        try:
+            for folder, name in ((layout.model_dir, "model.tar.gz"), (layout.output_data_dir, "output.tar.gz")):
+                archive = layout.agent_dir / "upload" / name
+                try:
+                    _make_tarball(folder, archive)
+                except TorchBayError as err:
+                    self._fail_late(err)
+                    continue
+                packed.append((folder, archive, f"{base}/{name}"))
+            # The deadline starts once the archives are packed; a job whose script never ran (a bad spec, an
+            # endpoint that never answered) tries once instead of waiting out the deadline for empty folders.
+            deadline = max(deadline, time.monotonic() + job.settings.upload_timeout) if self._script_started \
+                else time.monotonic()
+            for folder, archive, uri in packed:
+                try:
+                    self._upload_one(folder, archive, uri, deadline)
+                except StorageError as err:
+                    self.log.error("%s", err)
+                    missed.append(f"{archive.name} ({redact(uri)})")
+                except TorchBayError as err:
+                    self._fail_late(err)
+        finally:
+            for _folder, archive, _uri in packed:
                 archive.unlink(missing_ok=True)
+        if missed:
+            raise StorageError(f"not uploaded: {' and '.join(missed)}; the upload deadline "
+                               f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.upload_timeout:g} s) passed or the upload "
+                               "failed for good (see the log); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT")
+        return deadline
 
-    def _upload_one(self, folder: Path, archive: Path, uri: str) -> None:
-        _make_tarball(folder, archive)
-        self.storage_for(uri).put_file(archive, uri)
+    def _upload_one(self, folder: Path, archive: Path, uri: str, deadline: float) -> None:
+        from agent.uploads import put_until
+
+        put_until(self.upload_storage_for(uri), archive, uri, deadline, log=self.log,
+                  part_size=self.job.settings.upload_part_size, what=archive.name)
         self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
 
     def _write_status(self) -> None:
         layout = self.job.layout
+        reserve = layout.agent_dir / _RESERVE_NAME
         if self.exit_code == EXIT_OK:
             if not layout.failure_file.exists():
-                write_text_atomically(layout.success_file, "")
+                _write_small(layout.success_file, "", reserve)
+            reserve.unlink(missing_ok=True)
             return
         if layout.failure_file.exists():
             self.log.info("keeping the failure file the script wrote: %s", layout.failure_file)
+            reserve.unlink(missing_ok=True)
             return
-        reason = redact(self.reason or f"the job failed with exit code {self.exit_code}")
-        write_text_atomically(layout.failure_file, reason[:FAILURE_REASON_MAX])
+        reason = self.redactor.text(redact(self.reason or f"the job failed with exit code {self.exit_code}"))
+        try:
+            _write_small(layout.failure_file, reason[:FAILURE_REASON_MAX], reserve)
+        except OSError as err:
+            self.log.error("cannot write the failure file %s (%s); the reason was: %s", layout.failure_file, err, reason)
+            return
         self.log.error("failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX])
 
 
-def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logger) -> None:
+_RESERVE_NAME = "failure.reserve"
+_RESERVE_BYTES = 64 * 1024
+
+
+def _reserve_room(path: Path) -> None:
+    """Hold some disk space for the status file: a full disk still gets a readable output/failure."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(b"\0" * _RESERVE_BYTES)
+    except OSError:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _write_small(path: Path, text: str, reserve: Path) -> None:
+    """Write a status file; on a full disk give back the reserved room and try again, then in place."""
+    try:
+        write_text_atomically(path, text)
+        return
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+    reserve.unlink(missing_ok=True)
+    try:
+        write_text_atomically(path, text)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logger,
+                   redactor: Optional[Redactor] = None) -> None:
     """Write the failure file for an error before the job could be read, when the root is known."""
     try:
         root = Path(read_settings(env).root)
     except TorchBayError:
         return
     try:
-        write_text_atomically(root / "output" / "failure", f"{type(err).__name__}: {err}"[:FAILURE_REASON_MAX])
+        text = f"{type(err).__name__}: {err}"
+        write_text_atomically(root / "output" / "failure", (redactor.text(text) if redactor else text)[:FAILURE_REASON_MAX])
     except OSError as os_err:
         log.warning("cannot write the failure file under %s: %s", root, os_err)
 
@@ -414,7 +530,9 @@ def main(argv: Optional[Sequence[str]] = None, *, env: Optional[Mapping[str, str
     """Run one training job; returns the exit code (the user's, or a TorchBay error's)."""
     args = parse_args(argv)
     env = dict(os.environ) if env is None else dict(env)
-    log = _configure_logging(env.get("TORCHBAY_LOG_LEVEL", "INFO"))
+    redactor = Redactor()
+    redactor.learn(env)
+    log = _configure_logging(env.get("TORCHBAY_LOG_LEVEL", "INFO"), redactor)
     from agent.process import StopRequest
 
     stop = StopRequest()
@@ -427,9 +545,12 @@ def main(argv: Optional[Sequence[str]] = None, *, env: Optional[Mapping[str, str
             job = load_job(env, args.job)
         except TorchBayError as err:
             log.error("%s: %s (exit code %d)", type(err).__name__, err, err.exit_code)
-            _early_failure(env, err, log)
+            _early_failure(env, err, log, redactor)
             return err.exit_code
-        return _Lifecycle(job, log=log, stop=stop, out=out or sys.stdout.buffer).run()
+        redactor.set_pattern(job.settings.secret_names)
+        for named in (job.base_env, job.environment, job.hyperparameters):
+            redactor.learn(named)
+        return _Lifecycle(job, log=log, stop=stop, out=out or sys.stdout.buffer, redactor=redactor).run()
     except Exception as err:  # the process top level
         log.exception("internal error: %s", err)
         return exit_code_for(err)

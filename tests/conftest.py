@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -86,6 +87,124 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"])
+
+
+class OutageProxy:
+    """A TCP relay in front of an S3 server that can go down and come back on the same port.
+
+    moto forgets every bucket, object and multipart upload when its process restarts, which a real S3
+    outage does not: the relay drops the network path instead. ``stop()`` closes the listening socket
+    and resets every open connection (clients see "connection refused" / "connection reset");
+    ``start()`` listens again. ``outage_after(nbytes, seconds)`` takes it down once ``nbytes`` more
+    bytes went upstream (e.g. two parts into a multipart upload), and back up ``seconds`` later
+    (``None``: stays down). ``sent`` counts upstream bytes.
+    """
+
+    def __init__(self, upstream: str, port: int | None = None) -> None:
+        host, _, port_text = upstream.rsplit("/", 1)[-1].partition(":")
+        self._upstream = (host, int(port_text))
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._trigger: tuple[int, float | None] | None = None
+        self.outages: list[float] = []
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        for conn in conns:
+            try:  # shutdown wakes a pump blocked in recv (close alone would not), then RST like a dead server
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def outage_after(self, nbytes: int, seconds: float | None) -> None:
+        with self._lock:
+            self._trigger = (self.sent + nbytes, seconds)
+
+    def env(self) -> dict[str, str]:
+        return dict(DUMMY_CREDS, AWS_ENDPOINT_URL=self.endpoint)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if counted:
+                    self._count(len(data))
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+            trigger = self._trigger
+            if trigger is None or self.sent < trigger[0]:
+                return
+            self._trigger = None
+        self.outages.append(time.monotonic())
+        self.stop()
+        if trigger[1] is not None:
+            timer = threading.Timer(trigger[1], self.start)
+            timer.daemon = True
+            timer.start()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server) -> Iterator[OutageProxy]:
+    """An OutageProxy in front of the session's S3 server (its own port for each test)."""
+    proxy = OutageProxy(s3_server.endpoint)
+    proxy.start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="session")

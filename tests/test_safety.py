@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UnsafePathError
+from agent.errors import ArchiveError, UnsafePathError
 from agent.safety import safe_extract_tar, safe_join
 
 
@@ -81,5 +81,45 @@ def test_stream_extract_and_inner_links(tmp_path: Path) -> None:
 def test_not_a_tar(tmp_path: Path) -> None:
     bad = tmp_path / "x.tar.gz"
     bad.write_bytes(b"not a tar at all")
-    with pytest.raises(UnsafePathError, match="not a readable tar"):
+    with pytest.raises(ArchiveError, match="not a readable tar"):
         safe_extract_tar(bad, tmp_path / "d")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_truncated_archive_names_the_offset_and_member(tmp_path: Path, stream: bool) -> None:
+    import os
+
+    whole = _tar([(tarfile.TarInfo("a.txt"), b"a" * 100), (tarfile.TarInfo("big.bin"), os.urandom(300_000))])
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ArchiveError, match=r"truncated or corrupt: it ends or breaks at byte \d+ .*'big.bin'"):
+        if stream:
+            with open(cut, "rb") as handle:
+                safe_extract_tar(handle, tmp_path / "d", what="model archive")
+        else:
+            safe_extract_tar(cut, tmp_path / "d", what="model archive")
+
+
+def test_corrupt_gzip_data(tmp_path: Path) -> None:
+    whole = bytearray(_tar([(tarfile.TarInfo("a.txt"), b"hello " * 5000)]))
+    whole[40:60] = b"\xff" * 20
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(whole))
+    with pytest.raises(ArchiveError, match="archive"):
+        safe_extract_tar(bad, tmp_path / "d")
+
+
+def test_size_limit_stops_a_bomb_before_writing(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(_tar([(tarfile.TarInfo("small.txt"), b"s"), (tarfile.TarInfo("zeros.bin"), bytes(8_000_000))]))
+    with pytest.raises(ArchiveError, match="unpacks to more than 1000000 bytes .*'zeros.bin'.*SOURCE_MAX_BYTES"):
+        safe_extract_tar(bomb, tmp_path / "d", max_bytes=1_000_000)
+    assert not (tmp_path / "d" / "zeros.bin").exists() and not (tmp_path / "d" / "small.txt").exists()
+
+
+def test_member_count_limit(tmp_path: Path) -> None:
+    many = tmp_path / "many.tar.gz"
+    many.write_bytes(_tar([(tarfile.TarInfo(f"f{i}"), b"x") for i in range(20)]))
+    with pytest.raises(ArchiveError, match="more than 10 members.*TORCHBAY_SOURCE_MAX_MEMBERS"):
+        safe_extract_tar(many, tmp_path / "d", max_members=10)
+    assert safe_extract_tar(many, tmp_path / "e", max_members=20, max_bytes=20) == 20

@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 from agent.job import MetricDefinition
 from agent.settings import Settings
@@ -93,8 +93,11 @@ class LogCapture:
 
     def __init__(self, *, host: str, log_dir: Path, out: BinaryIO, job_log: Optional[Path], settings: Settings,
                  metric_definitions: Sequence[MetricDefinition] = (), metrics_file: Optional[Path] = None,
-                 tensorboard_dir: Optional[Path] = None, log: Optional[logging.Logger] = None) -> None:
+                 tensorboard_dir: Optional[Path] = None, log: Optional[logging.Logger] = None,
+                 mask: Optional[Callable[[bytes], bytes]] = None) -> None:
+        """``mask`` rewrites each block of complete lines before anything else sees it (secrets -> ****)."""
         self._host = host
+        self._mask = mask
         self._log_dir = Path(log_dir)
         self._out: Optional[BinaryIO] = out
         self._log = log or logging.getLogger("torchbay.telemetry")
@@ -215,6 +218,8 @@ class LogCapture:
         return bool(parts), more
 
     def _render(self, source: _Source, block: bytes, now: float, points: list[MetricPoint]) -> bytes:
+        if self._mask is not None:
+            block = self._mask(block)
         text = ""
         if self._matcher or self._json or source.stream == "stderr":
             text = block.decode("utf-8", "replace")
@@ -245,8 +250,14 @@ class LogCapture:
             data = b"".join(parts)
             if self._job_log_fd is not None:
                 view = memoryview(data)
-                while view:
-                    view = view[os.write(self._job_log_fd, view):]
+                try:
+                    while view:
+                        view = view[os.write(self._job_log_fd, view):]
+                except OSError as err:  # a full disk: the lines still reach stdout
+                    self._log.warning("log capture: writing the job log failed (%s); it stops here, lines still "
+                                      "go to the container's stdout", err)
+                    os.close(self._job_log_fd)
+                    self._job_log_fd = None
             if self._out is not None:
                 try:
                     self._out.write(data)
