@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.shims.boot.finder import SHIMMED, install as _install
+from agent.shims.boot.sitecustomize import SHIMMED, install as _install
 
 __all__ = ["SHIMMED", "BOOT_DIR", "PACKAGES_DIR", "install"]
 

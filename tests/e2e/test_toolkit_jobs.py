@@ -1,8 +1,8 @@
 """Whole jobs with scripts in the shapes SageMaker users write against the toolkits' Python API, through
 ``entrypoints/train`` and a real S3 server; the pip guard; every host's log and status file in S3.
 
-The differential test installs the real sagemaker-training 5.1.4 into a folder of its own (cached under
-the test venv) and compares what it returns on the job's tree with what the script saw.
+The differential test runs the real sagemaker-training 5.1.4 (tests/shims/reference.py) on the job's
+tree, in a process with the script's environment, and compares it with what the script saw.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import pytest
 
 from tests.conftest import free_port
 from tests.helpers import tar_gz
+from tests.shims.reference import reference_toolkit  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "entrypoints" / "train"
-REFERENCE = {"sagemaker-training": "5.1.4", "six": "1.17.0"}
 pytestmark = pytest.mark.slow
 
 PROPERTIES = [
@@ -134,25 +134,6 @@ def _object(s3: Any, bucket: str, key: str) -> str:
 
 def _keys(s3: Any, bucket: str, prefix: str) -> set[str]:
     return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
-
-
-@pytest.fixture(scope="session")
-def reference_toolkit() -> Path:
-    """The real sagemaker-training in a folder of its own (no dependencies: boto3 comes from this venv)."""
-    folder = Path(sys.prefix) / "torchbay-reference" / f"sagemaker-training-{REFERENCE['sagemaker-training']}"
-    if (folder / "sagemaker_training" / "environment.py").is_file():
-        return folder
-    staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    pins = [f"{name}=={version}" for name, version in REFERENCE.items()]
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           "--no-deps", "--target", str(staging), *pins], capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        reason = f"pip could not install the reference {pins}: {done.stderr.strip()[-500:]}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    staging.rename(folder)
-    return folder
 
 
 def test_environment_script_runs_and_equals_the_real_toolkit(tmp_path: Path, bucket: str, s3, s3_env: dict,
