@@ -19,6 +19,7 @@ every package the agent does not use. ``torchbay`` itself is pinned to the insta
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -145,6 +146,13 @@ def check_requirement_files(files: Sequence[Path], needed: dict[str, Needed], *,
                 continue  # a URL or a path: pip's resolver and the constraints judge it
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
+            if canonical(req.name) == "sagemaker-containers" and sys.version_info >= (3, 10):
+                raise PackageConflictError(
+                    f"{origin.name} asks for {line}, which cannot run on Python 3.10+ (it imports "
+                    "collections.Mapping) and pins flask==1.1.1, which would replace the agent's Flask; nothing "
+                    f"from {what} was installed. Remove it: TorchBay provides sagemaker_containers.training_env() "
+                    "and sagemaker_containers.beta.framework itself (README: 'The SageMaker toolkits' Python API')",
+                    package="sagemaker-containers", asked=line, needed="")
             need = needed.get(canonical(req.name))
             if need is None or not str(req.specifier):
                 continue
@@ -177,6 +185,7 @@ def _conflict(need: Needed, asked: str, who: str, what: str) -> PackageConflictE
     )
 
 
+_TOOLKITS = {"sagemaker-training", "sagemaker-inference", "sagemaker-containers"}
 _USER_ASKED = re.compile(r"^\s*(?:The user requested|(\S+) \S+ depends on) (?!\(constraint\))(\S+?)\s*$")
 _CONSTRAINT = re.compile(r"^\s*The user requested \(constraint\) (\S+)\s*$")
 
@@ -202,6 +211,8 @@ def conflict_from_pip(lines: Sequence[str], needed: dict[str, Needed], *, what: 
             except InvalidRequirement:
                 continue
             who = f"{match.group(1)} (from {what}) depends on" if match.group(1) else f"{what} asks for"
+            if match.group(1) and canonical(match.group(1)) in _TOOLKITS:
+                who = f"{who[:-len(' depends on')]} (TorchBay provides its Python API itself: remove it) depends on"
             asked.setdefault(canonical(req.name), (who, f"{req.name}{req.specifier}"))
     for key in sorted(constrained):
         need = needed.get(key)

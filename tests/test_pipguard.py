@@ -58,6 +58,14 @@ def test_included_files_and_the_agent_itself(tmp_path: Path) -> None:
         _check(tmp_path, "torchbay>=0.2\n")
 
 
+def test_sagemaker_containers_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    with pytest.raises(PackageConflictError) as caught:
+        _check(tmp_path, "sagemaker-containers>=2.8\n")
+    text = str(caught.value)
+    assert "cannot run on Python 3.10+" in text and "flask==1.1.1" in text
+    assert "sagemaker_containers.training_env()" in text and caught.value.exit_code == 75
+
+
 def test_constraints_file(tmp_path: Path) -> None:
     text = write_constraints(NEEDED, tmp_path / "c.txt").read_text()
     assert "flask>=2.3\n" in text and "torchbay==0.1.0\n" in text and "werkzeug>=3.1\n" in text
@@ -81,3 +89,7 @@ def test_a_transitive_conflict_reported_by_pip() -> None:
     assert isinstance(err, PackageConflictError) and err.package == "Flask" and err.asked == "flask==1.1.1"
     assert "oldapp (from the package in code/) depends on flask==1.1.1" in str(err)
     assert conflict_from_pip(["ERROR: No matching distribution found for x==1"], NEEDED, what="x") is None
+    lines = PIP_CONFLICT.replace("oldapp 0.1", "sagemaker-training 4.0.0").splitlines()
+    err = conflict_from_pip(lines, NEEDED, what="requirements.txt")
+    assert err is not None
+    assert "sagemaker-training (from requirements.txt) (TorchBay provides its Python API" in str(err)
