@@ -218,7 +218,7 @@ def _guard(pip_args: Sequence[str], *, cwd: Path, what: str, workdir: Path, log:
            python: str) -> dict[str, Any]:
     """The pip guard (agent/pipguard.py): refuse a requirement that would replace a package the agent needs,
     and write the constraints file for pip; returns the agent's packages ({} when the guard is off)."""
-    if os.path.realpath(python) != os.path.realpath(sys.executable):
+    if os.path.abspath(python) != os.path.abspath(sys.executable):
         return {}  # another interpreter's environment is not the agent's
     try:
         from agent.pipguard import agent_needs, check_requirement_files, write_constraints
