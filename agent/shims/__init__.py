@@ -8,9 +8,9 @@ first, so a real package the user installed always wins. The user's processes ge
 ``boot/sitecustomize.py`` (its folder is on their ``PYTHONPATH``; it runs any other sitecustomize
 after it); serving workers call :func:`install` before importing the user's module.
 
-The stand-ins read the job contract as the toolkits do at run time (``SM_TRAINING_ENV``, the ``SM_*``
-variables, ``input/config/*.json`` under ``SAGEMAKER_BASE_DIR``); they import nothing from ``agent`` and
-never import torch.
+The stand-ins read the job contract as the toolkits do at run time (``input/config/*.json`` under
+``SAGEMAKER_BASE_DIR``, which the agent sets to its root, and the process environment), so they equal
+the real toolkits on whatever the agent wrote; they import nothing from ``agent`` and never import torch.
 """
 
 from __future__ import annotations
