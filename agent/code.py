@@ -185,6 +185,9 @@ def pip_install(pip_args: Sequence[str], *, what: str, cwd: Path, env: Mapping[s
     stamp.unlink(missing_ok=True)
     pip_log.parent.mkdir(parents=True, exist_ok=True)
     argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *pip_args]
+    needed = _guard(pip_args, cwd=cwd, what=what, workdir=pip_log.parent, log=log, python=python)
+    if needed:
+        argv += ["-c", str(pip_log.parent / "agent-constraints.txt")]
     child_env = dict(env)
     child_env.update({"PYTHONUNBUFFERED": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
     log.info("installing %s: %s", what, " ".join(argv[1:]))
@@ -195,6 +198,12 @@ def pip_install(pip_args: Sequence[str], *, what: str, cwd: Path, env: Mapping[s
         log.warning("pip install stopped by signal %s", result.signum)
         return None
     if result.stopped_by == "max_runtime" or result.exit_code != 0:
+        if needed and result.stopped_by != "max_runtime":
+            from agent.pipguard import conflict_from_pip
+
+            conflict = conflict_from_pip(_tail(pip_log, 200), needed, what=what)
+            if conflict is not None:
+                raise conflict
         tail = _tail(pip_log, _PIP_TAIL_LINES)
         why = (f"took longer than {timeout:g} s (TORCHBAY_PIP_TIMEOUT)"
                if result.stopped_by == "max_runtime" else f"failed with exit code {result.exit_code}")
@@ -205,6 +214,28 @@ def pip_install(pip_args: Sequence[str], *, what: str, cwd: Path, env: Mapping[s
     _write_stamp(stamp, key)
     log.info("installed %s in %.1f s", what, result.duration)
     return True
+
+
+def _guard(pip_args: Sequence[str], *, cwd: Path, what: str, workdir: Path, log: logging.Logger,
+           python: str) -> dict[str, Any]:
+    """The pip guard (agent/pipguard.py): refuse a requirement that would replace a package the agent needs,
+    and write the constraints file for pip; returns the agent's packages ({} when the guard is off)."""
+    if os.path.abspath(python) != os.path.abspath(sys.executable):
+        return {}  # another interpreter's environment is not the agent's
+    try:
+        from agent.pipguard import agent_needs, check_requirement_files, write_constraints
+
+        needed = agent_needs()
+    except ImportError as err:  # packaging missing: an old image
+        log.warning("the pip guard is off (%s); the user's requirements could replace the agent's packages", err)
+        return {}
+    if not needed:
+        log.warning("the pip guard is off: the torchbay distribution is not installed in %s", sys.prefix)
+        return {}
+    files = [cwd / pip_args[i + 1] for i, arg in enumerate(pip_args[:-1]) if arg in ("-r", "--requirement")]
+    check_requirement_files(files, needed, what=what)
+    write_constraints(needed, workdir / "agent-constraints.txt")
+    return needed
 
 
 def _tail(path: Path, lines: int) -> list[str]:

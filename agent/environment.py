@@ -42,6 +42,12 @@ RESERVED_HYPERPARAMETERS = frozenset({
     "_tuning_objective_metric", "sagemaker_s3_output",
 })
 _FRAMEWORK_PREFIX = "sagemaker_"
+# Hyperparameters that make the toolkit distribute over the current instance group.
+_DISTRIBUTION_FLAGS = (
+    "sagemaker_mpi_enabled", "sagemaker_parameter_server_enabled", "sagemaker_distributed_dataparallel_enabled",
+    "sagemaker_pytorch_ddp_enabled", "sagemaker_pytorch_xla_multi_worker_enabled",
+    "sagemaker_multi_worker_mirrored_strategy_enabled", "sagemaker_torch_distributed_enabled",
+)
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SHELL_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -185,8 +191,12 @@ def training_env(job: Job, entry: EntryPoint, *, num_gpus: Optional[int] = None)
     groups = [dict(g) for g in resource.instance_groups]
     groups_dict = {str(g.get("instance_group_name")): g for g in groups}
     current_group = groups_dict.get(resource.current_group_name)
-    dist_groups = job.hyperparameters.get("sagemaker_distribution_instance_groups") or []
-    dist_hosts = [h for name in dist_groups for h in groups_dict.get(name, {}).get("hosts", [])]
+    dist_groups = job.hyperparameters.get("sagemaker_distribution_instance_groups")
+    if dist_groups is None:  # as the toolkit: a distribution flag means the current group
+        flagged = any(job.hyperparameters.get(flag, False) for flag in _DISTRIBUTION_FLAGS)
+        dist_groups = [resource.current_group_name] if flagged else []
+    dist_hosts = ([h for g in groups if g.get("instance_group_name") in dist_groups for h in g.get("hosts", [])]
+                  if groups else list(resource.hosts))
     master = dist_hosts[0] if dist_hosts else resource.hosts[0]
     channels = {c.name: str(layout.channel_dir(c.name)) for c in job.channels}
     log_level = job.hyperparameters.get("sagemaker_container_log_level", 20)
@@ -266,7 +276,8 @@ def user_environment(job: Job, entry: EntryPoint, extra: Mapping[str, str] = {},
                      num_gpus: Optional[int] = None) -> dict[str, str]:
     """The user's whole environment: the agent's own, the spec's Environment, ``SM_*``, then ``extra``.
 
-    ``PYTHONPATH`` gets the code dir in front of what was there; ``PYTHONUNBUFFERED=1``.
+    ``PYTHONPATH`` gets the code dir in front of what was there and the toolkit stand-ins' boot folder
+    (agent/shims) at its end; ``SAGEMAKER_BASE_DIR`` is the root; ``PYTHONUNBUFFERED=1``.
     """
     env = dict(job.base_env)
     env.pop("TORCHBAY_JOB", None)  # the spec may be inline JSON; the script reads SM_* instead
@@ -283,8 +294,12 @@ def user_environment(job: Job, entry: EntryPoint, extra: Mapping[str, str] = {},
             from agent.data import channel_uri_variable
 
             env[channel_uri_variable(channel.name)] = channel.uri
-    previous = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(entry.code_dir)]
-    env["PYTHONPATH"] = os.pathsep.join([str(entry.code_dir), *previous])
+    from agent.shims import BOOT_DIR  # the SageMaker toolkits' API when the real packages are absent
+
+    previous = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                if p and p not in (str(entry.code_dir), str(BOOT_DIR))]
+    env["PYTHONPATH"] = os.pathsep.join([str(entry.code_dir), *previous, str(BOOT_DIR)])
+    env["SAGEMAKER_BASE_DIR"] = str(job.layout.root)  # where the toolkits (real or stand-in) find the config files
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

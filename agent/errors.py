@@ -21,6 +21,7 @@ __all__ = [
     "UnsafePathError",
     "EntryPointError",
     "InstallError",
+    "PackageConflictError",
     "DiskFullError",
     "DistributedError",
     "ModelLoadError",
@@ -109,6 +110,16 @@ class InstallError(TorchBayError):
     """Installing the user's requirements or package failed."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class PackageConflictError(InstallError):
+    """The user's requirements would replace a package the agent itself needs (nothing was installed)."""
+
+    def __init__(self, message: str, *, package: str = "", asked: str = "", needed: str = "") -> None:
+        super().__init__(message)
+        self.package = package
+        self.asked = asked
+        self.needed = needed
 
 
 class DiskFullError(TorchBayError):

@@ -180,6 +180,7 @@ class _Lifecycle:
         self._plan: Any = None
         self._argv: list[str] = []
         self._rank = 0
+        self._agent_log: Any = None
 
     # --- storage, shared by the fetch and the uploads --------------------------------------------
     def storage_for(self, uri: str) -> Storage:
@@ -220,6 +221,7 @@ class _Lifecycle:
         for stale in (layout.failure_file, layout.success_file):
             stale.unlink(missing_ok=True)
         _reserve_room(layout.agent_dir / _RESERVE_NAME)
+        self._attach_job_log()
         log.info("job %s on %s (%d host(s)); root %s%s", job.name, job.resource.current_host,
                  job.resource.host_count, layout.root, " (SageMaker: config and data in place)"
                  if job.on_sagemaker else "")
@@ -375,6 +377,43 @@ class _Lifecycle:
         if self._telemetry is not None:
             self._step("closing telemetry", self._telemetry.close)
         self._write_status()
+        self._ship_report()
+
+    def _attach_job_log(self) -> None:
+        """The agent's own lines go to the job log too, tagged as the agent's (agent/telemetry/agentlog.py)."""
+        from agent.telemetry.agentlog import AgentLogHandler
+
+        settings = self.job.settings
+        try:
+            self._agent_log = AgentLogHandler(self.job.layout.job_log_file, host=self.job.resource.current_host,
+                                              tag_format=settings.log_tag, json_lines=settings.log_json,
+                                              fmt=logging.Formatter(_LOG_FORMAT))
+        except OSError as err:
+            self.log.warning("the agent's lines will not be in the job log: cannot open %s (%s)",
+                             self.job.layout.job_log_file, err)
+            return
+        self.log.addHandler(self._agent_log)
+
+    def _ship_report(self) -> None:
+        """This host's job log and failure/success file beside the outputs (agent/telemetry/shipping.py)."""
+        base = self.job.job_output_uri
+        try:
+            if base and not self.job.on_sagemaker:
+                from agent.telemetry.shipping import ship_host_report
+
+                layout = self.job.layout
+                # the deadline-bound storage of the final uploads when the script ran, else one try
+                storage = self._log_storage if self._log_storage is not None else self.storage_for(base)
+                ship_host_report(storage, base, self.job.resource.current_host,
+                                 job_log=layout.job_log_file, failure_file=layout.failure_file,
+                                 success_file=layout.success_file, log=self.log)
+        except (TorchBayError, OSError) as err:  # the report never changes the job's exit code
+            self.log.warning("could not upload this host's job log and status file: %s", err)
+        finally:
+            if self._agent_log is not None:
+                self.log.removeHandler(self._agent_log)
+                self._agent_log.close()
+                self._agent_log = None
 
     def _step(self, what: str, action: Any) -> None:
         # The end of a job is a top level of its own: one failing step must not skip the others or the

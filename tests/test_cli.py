@@ -39,7 +39,8 @@ def test_python_dash_m_agent_cli_runs() -> None:
 
 def test_readme_keeps_every_part_and_both_setup_commands() -> None:
     readme = (REPO / "README.md").read_text()
-    for part in ("train", "data", "telemetry", "distributed", "serving", "images", "sync", "settings", "errors"):
+    for part in ("train", "toolkits", "data", "telemetry", "distributed", "serving", "images", "sync", "settings",
+                 "errors"):
         start = readme.find(f"<!-- section: {part}")
         end = readme.find(f"<!-- end section: {part} -->")
         assert 0 <= start < end, f"README lost its {part} section"

@@ -125,7 +125,9 @@ def test_pythonpath_is_extended_and_credentials_stay_out_of_training_env(sm_root
                     "AWS_SECRET_ACCESS_KEY": secret, "TORCHBAY_JOB": ""})
     entry = resolve_entry_point(job)
     env = user_environment(job, entry, {"MASTER_ADDR": "algo-1"})
-    assert env["PYTHONPATH"] == f"{sm_root}/code:/site/a:/site/b"
+    from agent.shims import BOOT_DIR
+
+    assert env["PYTHONPATH"] == f"{sm_root}/code:/site/a:/site/b:{BOOT_DIR}"
     assert env["AWS_SECRET_ACCESS_KEY"] == secret  # the script may need credentials itself
     assert all(secret not in v for k, v in env.items() if k.startswith("SM_"))
     assert env["MASTER_ADDR"] == "algo-1"

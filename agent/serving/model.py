@@ -145,6 +145,9 @@ class ModelHandler:
         code_dir = str(self.code_dir)
         if code_dir not in sys.path:
             sys.path.insert(0, code_dir)
+        from agent.shims import install as install_toolkit_shims
+
+        install_toolkit_shims()  # sagemaker_inference & co. for the module, unless the real ones are installed
         name = path.stem
         try:
             spec = importlib.util.spec_from_file_location(name, path)

@@ -3,6 +3,10 @@
 A file is uploaded only when it changed since its last upload, from a snapshot of
 its first ``size`` bytes (the capture thread may be appending meanwhile). A failed
 upload is logged and retried at the next turn; it never ends the job.
+
+:func:`ship_host_report` is the last step of every train run: this host's job log and its
+``failure``/``success`` file go to ``<output>/job-<host>.log`` and ``<output>/failure-<host>``
+(or ``success-<host>``), also when the host failed before its script started.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from agent.errors import StorageError
 from agent.storage import redact
 
-__all__ = ["Shipper"]
+__all__ = ["Shipper", "host_report_uris", "ship_host_report"]
 
 
 class Shipper:
@@ -105,3 +109,37 @@ def _copy_prefix(src: Any, dst: Any, size: int) -> None:
         dst.write(chunk)
         remaining -= len(chunk)
 
+
+
+def host_report_uris(base: str, host: str) -> dict[str, str]:
+    """Where one host's report goes under the job's output prefix: its job log and its status file."""
+    base = base.rstrip("/")
+    return {"log": f"{base}/job-{host}.log", "failure": f"{base}/failure-{host}", "success": f"{base}/success-{host}"}
+
+
+def ship_host_report(storage: Any, base: str, host: str, *, job_log: Path, failure_file: Path, success_file: Path,
+                     log: logging.Logger) -> list[str]:
+    """Upload this host's job log and its ``failure`` (or ``success``) file beside the job's outputs.
+
+    Runs at the very end of every train run, whether the script ran or not; returns the URIs that failed
+    (each logged as a warning: a report that cannot be uploaded never changes the job's exit code).
+    """
+    uris = host_report_uris(base, host)
+    files = [(job_log, uris["log"])]
+    if failure_file.exists():
+        files.append((failure_file, uris["failure"]))
+    elif success_file.exists():
+        files.append((success_file, uris["success"]))
+    failed = []
+    for path, uri in files:
+        if not path.exists():
+            continue
+        try:
+            storage.put_file(path, uri)
+        except (StorageError, OSError) as err:
+            log.warning("could not upload %s to %s (%s); it stays at %s", path.name, redact(uri), redact(str(err)),
+                        path)
+            failed.append(uri)
+    if not failed:
+        log.debug("uploaded %s", ", ".join(redact(uri) for _, uri in files))
+    return failed
