@@ -189,10 +189,6 @@ def _check_rank(source: str, rank: int, nnodes: int, rank_var: str) -> None:
                           "check the orchestrator's variables")
 
 
-def _hostname(env: Mapping[str, str], job: Job) -> str:
-    return env.get("HOSTNAME") or job.resource.current_host
-
-
 def _from_resource(job: Job, source: str, port: int) -> Cluster:
     resource = job.resource
     if resource.current_host not in resource.hosts:

@@ -33,7 +33,8 @@ def test_load_job_resolves_the_identity_once_for_everything(tmp_path, env, curre
     assert job.cluster is not None and job.cluster.current_host == current
     assert (job.resource.current_host, list(job.resource.hosts), job.resource.host_index) == (current, hosts, 1)
     assert job.resource.network_interface_name == "eth9" and job.cluster.interface == "eth9"
-    variables = sm_variables(job, EntryPoint(kind="script", name="train.py", path=tmp_path / "train.py", code_dir=tmp_path))
+    entry = EntryPoint(kind="script", name="train.py", path=tmp_path / "train.py", code_dir=tmp_path)
+    variables = sm_variables(job, entry)
     assert variables["SM_CURRENT_HOST"] == current and json.loads(variables["SM_HOSTS"]) == hosts
     training_env = json.loads(variables["SM_TRAINING_ENV"])
     assert (training_env["master_hostname"], training_env["is_master"]) == (hosts[0], False)

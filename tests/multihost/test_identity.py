@@ -151,3 +151,40 @@ def test_a_master_that_dies_at_import_ends_the_worker_quickly(tmp_path, netns_cl
     assert elapsed < 30, f"the worker took {elapsed:.1f} s after the master ended\n{logs}"
     failure = (tmp_path / "h2" / "ml" / "output" / "failure").read_text()
     assert "host algo-1 failed" in failure and "a_module_that_does_not_exist" in failure, failure
+
+
+@pytest.mark.timeout(200)
+def test_sagemaker_resourceconfig_two_hosts(tmp_path, netns_cluster):
+    """On SageMaker the platform wrote the config files and staged each host's shard: the identity is
+    resourceconfig.json's, the same script runs, and the exchange still joins the hosts."""
+    cluster = netns_cluster(2)
+    code = tmp_path / "src"
+    code.mkdir()
+    (code / "train.py").write_text(SCRIPT.read_text())
+    procs = []
+    for i, host in enumerate(("algo-1", "algo-2"), start=1):
+        root = tmp_path / f"h{i}" / "ml"
+        config = root / "input" / "config"
+        config.mkdir(parents=True)
+        (config / "hyperparameters.json").write_text(json.dumps({
+            "sagemaker_program": json.dumps("train.py"), "sagemaker_submit_directory": json.dumps(code.as_uri())}))
+        (config / "inputdataconfig.json").write_text(json.dumps({"train": {
+            "TrainingInputMode": "File", "S3DistributionType": "ShardedByS3Key", "RecordWrapperType": "None"}}))
+        (config / "resourceconfig.json").write_text(json.dumps({
+            "current_host": host, "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0",
+            "current_instance_type": "ml.c5.xlarge", "current_group_name": "homogeneousCluster",
+            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "ml.c5.xlarge",
+                                 "hosts": ["algo-1", "algo-2"]}]}))
+        data = root / "input" / "data" / "train"
+        data.mkdir(parents=True)
+        for index in range(i - 1, OBJECTS, 2):  # the platform's shard for this host
+            (data / f"part-{index:02d}.txt").write_text(f"{index}\n")
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+               "PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(root), "TORCHBAY_HOST_WAIT_TIMEOUT": "60",
+               "TRAINING_JOB_NAME": "sm-job"}
+        procs.append(cluster.popen(i, [sys.executable, "-m", "agent", "train"], env=env, log=tmp_path / f"h{i}.log"))
+    codes = [p.wait(150) for p in procs]
+    logs = [(tmp_path / f"h{i}.log").read_text() for i in (1, 2)]
+    assert codes == [0, 0], "\n".join(logs)
+    check_identity(results(logs), logs, ["algo-1", "algo-2"])
+    assert all("names from resourceconfig.json" in log for log in logs), logs
