@@ -227,7 +227,7 @@ class _Lifecycle:
             from agent.distributed import peer_reason
 
             self._exchange.close(self.exit_code, self.reason)
-            self.reason = peer_reason(self._exchange, job.resource.current_host, self.reason)
+            self.reason = peer_reason(self._exchange, job.resource.current_host, self.exit_code, self.reason)
         self._finish()
         assert self.exit_code is not None
         return self.exit_code

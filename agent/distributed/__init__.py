@@ -37,12 +37,17 @@ def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Optional[Exch
                     on_peer_failure=lambda text: stop.request(signal.SIGTERM)).start()
 
 
-def peer_reason(exchange: Optional[Exchange], host: str, reason: Optional[str]) -> Optional[str]:
-    """The failure reason of a host that a peer's failure stopped: the peer's first, then this host's."""
+def peer_reason(exchange: Optional[Exchange], host: str, exit_code: Optional[int],
+                reason: Optional[str]) -> Optional[str]:
+    """The failure reason of a host that a peer's failure stopped: the peer's first, then this host's own
+    (left out when it only says that this host was stopped)."""
     if exchange is None or not exchange.peer_failure:
         return reason
-    own = (reason or "").strip().splitlines()
-    return f"{exchange.peer_failure}\n{host} stopped because of it" + (f": {own[0]}" if own else "")
+    own = ((reason or "").strip().splitlines() or [""])[0]
+    text = f"{exchange.peer_failure}\n{host} stopped because of it (exit code {exit_code})"
+    if own and "SIGTERM" not in own:
+        text += f"; its own report: {own}"
+    return text
 
 
 def wait_for_hosts(job: Job, *, log: logging.Logger, cluster: Cluster | None = None,

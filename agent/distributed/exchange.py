@@ -281,13 +281,21 @@ class Exchange:
             if should_stop():
                 return {}
             if time.monotonic() >= deadline:
-                if not self.cluster.is_master and not self._connected.is_set():
-                    raise DistributedError(self._master_missing("no answer"))
+                hint = ("; every host must be told which one it is (TORCHBAY_CURRENT_HOST on each host)"
+                        if self.cluster.source == "spec" else "")
+                if not self.cluster.is_master:
+                    if not self._connected.is_set():
+                        raise DistributedError(self._master_missing("no answer"))
+                    raise DistributedError(
+                        f"hosts not ready after {self.timeout:g} s: the master {self.cluster.hosts[0]} has not heard "
+                        f"from every host of {list(self.cluster.hosts)}; check that every host of the job was started"
+                        f"{hint}, or raise TORCHBAY_HOST_WAIT_TIMEOUT")
                 with self._lock:
-                    missing = [h for h in self.cluster.hosts[1:] if h not in self._table] or [self.cluster.hosts[0]]
+                    missing = [h for h in self.cluster.hosts[1:] if h not in self._table]
                 raise DistributedError(
                     f"hosts not ready after {self.timeout:g} s: {', '.join(_missing(h) for h in missing)}; check "
-                    "the host names and that every host of the job was started, or raise TORCHBAY_HOST_WAIT_TIMEOUT")
+                    f"the host names and that every host of the job was started{hint}, or raise "
+                    "TORCHBAY_HOST_WAIT_TIMEOUT")
         if self.error:
             raise DistributedError(self.error)
         return dict(self._table)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from agent.distributed.cluster import Cluster, discover
-from agent.distributed.netenv import SysPaths, default_route_interface
+from agent.distributed.netenv import SysPaths, choose_interface, default_route_interface
 from agent.job import Job, Resource, frozen_map
 
 __all__ = ["identify", "route_interface", "interface_for"]
@@ -77,19 +77,18 @@ def interface_for(cluster: Cluster, *, wanted: Optional[str], configured: Option
     interface that routes to the master; else the default route's. Never the loopback of a multi-host job."""
     if wanted:
         return wanted, "TORCHBAY_SOCKET_IFNAME"
+    if not cluster.multi_host:  # one host: the configured interface if it exists, else the default route's
+        return choose_interface(None, configured, sys_paths), "one host"
     if sagemaker and configured and (sys_paths.net / configured).exists():
         return configured, "resourceconfig.json"
-    if cluster.multi_host:
-        address = resolve(cluster.master_addr)
-        if address is not None:
-            routed = route_interface(address)
-            if routed and routed != "lo" and not routed.startswith("lo:"):
-                return routed, f"route to the master {cluster.master_addr} ({address})"
+    address = resolve(cluster.master_addr)
+    if address is not None:
+        routed = route_interface(address)
+        if routed and routed != "lo" and not routed.startswith("lo:"):
+            return routed, f"route to the master {cluster.master_addr} ({address})"
     fallback = default_route_interface(sys_paths)
-    if fallback and (sys_paths.net / fallback).exists():
+    if fallback and fallback != "lo" and (sys_paths.net / fallback).exists():
         return fallback, "the default route"
-    if not cluster.multi_host and configured:
-        return configured, "setting"
     return None, "none found (the libraries choose)"
 
 
@@ -105,8 +104,8 @@ def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = S
     resource = job.resource
     groups = tuple(frozen_map({**g, "hosts": list(cluster.hosts)}) for g in resource.instance_groups) \
         if len(resource.instance_groups) <= 1 else resource.instance_groups
-    resource = Resource(current_host=cluster.current_host, hosts=cluster.hosts,
-                        network_interface_name=interface or resource.network_interface_name,
+    chosen = interface if cluster.multi_host and interface else resource.network_interface_name
+    resource = Resource(current_host=cluster.current_host, hosts=cluster.hosts, network_interface_name=chosen,
                         current_instance_type=resource.current_instance_type,
                         current_group_name=resource.current_group_name, instance_groups=groups)
     return replace(job, resource=resource, cluster=cluster)

@@ -124,3 +124,15 @@ def test_a_stranger_is_turned_away():
         other.wait_table()
     assert not stops.reasons
     master.close(0, None)
+
+
+def test_a_worker_whose_master_waits_for_another_host_says_so():
+    port = _port()
+    master, _ = _start(0, port, count=3, timeout=0.5)
+    worker, _ = _start(1, port, count=3, timeout=0.5)
+    with pytest.raises(DistributedError, match=r"the master algo-1 has not heard from every host"):
+        worker.wait_table()
+    with pytest.raises(DistributedError, match=r"algo-3 \((does not resolve|did not report to the master)\)"):
+        master.wait_table()
+    worker.close(68, None)
+    master.close(68, None)
