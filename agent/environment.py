@@ -164,16 +164,10 @@ def _env_value(value: Any) -> str:
 
 
 def detect_gpus(env: Mapping[str, str], dev: Path = Path("/dev")) -> int:
-    """GPUs this process may use: the ``/dev/nvidiaN`` devices, narrowed by CUDA_VISIBLE_DEVICES when set."""
-    try:
-        physical = sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name))
-    except OSError:
-        physical = 0
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return physical
-    items = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
-    return min(len(items), physical)
+    """GPUs this process may use: the cluster identity's one counter (agent.distributed.cluster.count_gpus)."""
+    from agent.distributed.cluster import count_gpus
+
+    return count_gpus(env, dev)
 
 
 def _neurons(dev: Path = Path("/dev")) -> int:
@@ -231,7 +225,8 @@ def training_env(job: Job, entry: EntryPoint, *, num_gpus: Optional[int] = None)
         "module_name": entry.module_name,
         "network_interface_name": resource.network_interface_name,
         "num_cpus": os.cpu_count() or 1,
-        "num_gpus": detect_gpus(job.base_env) if num_gpus is None else num_gpus,
+        "num_gpus": (job.cluster.num_gpus if job.cluster is not None else detect_gpus(job.base_env))
+        if num_gpus is None else num_gpus,
         "num_neurons": _neurons(),
         "output_data_dir": str(layout.output_data_dir),
         "output_dir": str(layout.output_dir),

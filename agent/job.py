@@ -194,6 +194,9 @@ class Job:
     metric_definitions: tuple[MetricDefinition, ...] = ()
     on_sagemaker: bool = False  # the platform already wrote the config and staged the data
     base_env: Mapping[str, str] = field(default_factory=frozen_map)  # the agent's own environment, read once
+    # The cluster identity (agent.distributed.cluster.Cluster), found once by load_job; ``resource`` agrees
+    # with it. None only for Job objects built by hand (tests), which then discover on use.
+    cluster: Optional[Any] = None
 
     def channel(self, name: str) -> Channel:
         for channel in self.channels:
@@ -215,6 +218,9 @@ class Job:
 def load_job(env: Mapping[str, str], job_arg: Optional[str] = None) -> Job:
     """Read the job once: from ``job_arg`` (a path or inline JSON), else TORCHBAY_JOB, else the config files.
 
+    Host discovery runs here, once (agent.distributed.identity): ``job.cluster`` is the job's only
+    notion of the cluster and ``job.resource`` (current host, hosts, interface) agrees with it.
+
     Raises JobSpecError (a bad spec field, naming the key and the file) or ConfigError (a bad config file
     or setting).
     """
@@ -226,8 +232,12 @@ def load_job(env: Mapping[str, str], job_arg: Optional[str] = None) -> Job:
     origin = "--job" if job_arg else "TORCHBAY_JOB"
     job_arg = job_arg or settings.job
     if job_arg:
-        return job_from_spec(job_arg, origin, layout, settings, env)
-    return job_from_config_files(layout, settings, env)
+        job = job_from_spec(job_arg, origin, layout, settings, env)
+    else:
+        job = job_from_config_files(layout, settings, env)
+    from agent.distributed.identity import identify  # host discovery: once, here
+
+    return identify(job)
 
 
 def resource_config(resource: Resource) -> dict[str, Any]:

@@ -205,8 +205,15 @@ _DISTRIBUTED = (
     _s("nccl_debug", "TORCHBAY_NCCL_DEBUG", _opt_str, "WARN", "NCCL_DEBUG for the ranks (empty: unset).",
        "distributed"),
     _s("host_wait_timeout", "TORCHBAY_HOST_WAIT_TIMEOUT", float, 300.0,
-       "Seconds to wait for every host name to resolve and, on workers, for the master to accept connections.",
+       "Seconds to wait for every host to report to the master (identity exchange; with it off: every host name "
+       "to resolve and, on workers, the master to accept connections).",
        "distributed", _positive),
+    _s("exchange_port", "TORCHBAY_EXCHANGE_PORT", int, 29499,
+       "TCP port of the identity exchange on the master (hosts report at start, failures stop every host; "
+       "0: off).", "distributed", _non_negative),
+    _s("hosts_file", "TORCHBAY_HOSTS_FILE", str, "/etc/hosts",
+       "Where the agent adds the job's host names that do not resolve (when it may write the file).",
+       "distributed"),
     _s("rdzv_timeout", "TORCHBAY_RDZV_TIMEOUT", int, 300,
        "Seconds torch.distributed.run waits for every host to join the rendezvous.", "distributed", _positive),
     _s("monitor_interval", "TORCHBAY_MONITOR_INTERVAL", float, 0.1,

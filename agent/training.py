@@ -181,6 +181,7 @@ class _Lifecycle:
         self._argv: list[str] = []
         self._rank = 0
         self._agent_log: Any = None
+        self._exchange: Any = None  # the identity exchange with the other hosts (agent.distributed.exchange)
 
     # --- storage, shared by the fetch and the uploads --------------------------------------------
     def storage_for(self, uri: str) -> Storage:
@@ -225,6 +226,10 @@ class _Lifecycle:
         log.info("job %s on %s (%d host(s)); root %s%s", job.name, job.resource.current_host,
                  job.resource.host_count, layout.root, " (SageMaker: config and data in place)"
                  if job.on_sagemaker else "")
+        if job.cluster is not None and job.cluster.multi_host:
+            from agent.distributed import start_exchange
+
+            self._exchange = start_exchange(job, log=log, stop=self.stop)
         try:
             self._prepare_and_run()
         except _Stopped as stopped:
@@ -247,6 +252,11 @@ class _Lifecycle:
             log.exception("internal error: %s", err)
             self.exit_code = EXIT_INTERNAL
             self.reason = f"TorchBay internal error: {type(err).__name__}: {redact(str(err))}; please report it"
+        if self._exchange is not None:  # the other hosts learn at once how this one ended
+            from agent.distributed import peer_reason
+
+            self._exchange.close(self.exit_code, self.reason)
+            self.reason = peer_reason(self._exchange, job.resource.current_host, self.exit_code, self.reason)
         self._finish()
         assert self.exit_code is not None
         return self.exit_code
@@ -280,7 +290,7 @@ class _Lifecycle:
             self._check_stop("checkpoint restore")
         from agent.distributed import plan_launch, wait_for_hosts
 
-        wait_for_hosts(job, log=log)
+        wait_for_hosts(job, log=log, exchange=self._exchange, should_stop=lambda: self.stop.requested)
         self._check_stop("the wait for hosts")
         args = user_args(job)
         self._plan = plan = plan_launch(job, entry, args, log=log)

@@ -1,40 +1,86 @@
 """The distributed bootstrap: find the hosts, wait for them, set the NCCL/Gloo environment and plan
 the launch through ``torch.distributed.run`` (never a home-made launcher).
 
-The train lifecycle calls :func:`wait_for_hosts`, then :func:`plan_launch`, and after a failed
-run :func:`first_failure`. Nothing here imports torch or reads ``os.environ``.
+Host discovery runs once, in ``load_job`` (agent.distributed.identity): ``job.cluster``. The train
+lifecycle calls :func:`start_exchange` at its start, :func:`wait_for_hosts` before the launch, then
+:func:`plan_launch`, after a failed run :func:`first_failure`, and at the end ``exchange.close``.
+Nothing here imports torch or reads ``os.environ``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from agent.distributed.cluster import Cluster, discover, expand_nodelist
+from agent.distributed.exchange import Exchange
 from agent.distributed.failure import first_failure
+from agent.distributed.hostsfile import ensure_resolvable
 from agent.distributed.launch import LaunchPlan, build_plan, plan_launch, uses_torchrun
 from agent.distributed.readiness import wait_until_ready
 from agent.job import Job
 
 __all__ = ["Cluster", "LaunchPlan", "discover", "expand_nodelist", "plan_launch", "build_plan",
-           "wait_for_hosts", "first_failure"]
+           "wait_for_hosts", "first_failure", "start_exchange", "Exchange", "peer_reason"]
 
 
-def wait_for_hosts(job: Job, *, log: logging.Logger, cluster: Cluster | None = None) -> None:
-    """Wait until every host resolves and, on workers of a one-process-per-host job, the master
-    accepts connections.
+def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Optional[Exchange]:
+    """Start this host's side of the identity exchange (a multi-host, non-elastic job with the exchange
+    on); a peer's failure requests ``stop``. None when there is nothing to exchange."""
+    cluster = job.cluster or discover(job)
+    if not cluster.multi_host or cluster.elastic or not job.settings.exchange_port:
+        return None
+    return Exchange(cluster, job_name=job.name, port=job.settings.exchange_port,
+                    timeout=job.settings.host_wait_timeout, log=log,
+                    on_peer_failure=lambda text: stop.request(signal.SIGTERM)).start()
+
+
+def peer_reason(exchange: Optional[Exchange], host: str, exit_code: Optional[int],
+                reason: Optional[str]) -> Optional[str]:
+    """The failure reason of a host that a peer's failure stopped: the peer's first, then this host's own
+    (left out when it only says that this host was stopped)."""
+    if exchange is None or not exchange.peer_failure:
+        return reason
+    own = ((reason or "").strip().splitlines() or [""])[0]
+    text = f"{exchange.peer_failure}\n{host} stopped because of it (exit code {exit_code})"
+    if own and "SIGTERM" not in own:
+        text += f"; its own report: {own}"
+    return text
+
+
+def wait_for_hosts(job: Job, *, log: logging.Logger, cluster: Cluster | None = None,
+                   exchange: Optional[Exchange] = None, should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Wait until every host has reported to the master (``exchange``) and make every host name resolve;
+    without an exchange, until every host resolves and, on workers of a one-process-per-host job, the
+    master accepts connections.
 
     Under torch.distributed.run a worker does not wait for the master's port here: torchrun's own
-    rendezvous waits for it (bounded by ``TORCHBAY_RDZV_TIMEOUT``) while the worker starts its ranks,
-    so the hosts start in parallel instead of one after the other. Bounded by
-    ``TORCHBAY_HOST_WAIT_TIMEOUT``; raises DistributedError naming the hosts still missing. Does
-    nothing for a one-host job.
+    rendezvous waits for it (bounded by ``TORCHBAY_RDZV_TIMEOUT``). Bounded by
+    ``TORCHBAY_HOST_WAIT_TIMEOUT``; raises DistributedError naming the hosts still missing, or the
+    host that failed. Does nothing for a one-host job.
     """
-    cluster = cluster or discover(job)
+    cluster = cluster or job.cluster or discover(job)
     if not cluster.multi_host:
+        return
+    if exchange is not None:
+        import time
+
+        started = time.monotonic()
+        table = exchange.wait_table(should_stop)
+        if not table:
+            return  # stopped: the caller's stop check says why
+        log.info("hosts ready after %.2f s: %s (node %d of %d, master %s:%d, names from %s, interface %s from %s)",
+                 time.monotonic() - started, ", ".join(f"{h}={table.get(h, '?')}" for h in cluster.hosts),
+                 cluster.node_rank, cluster.nnodes, cluster.master_addr, cluster.master_port, cluster.names_from,
+                 cluster.interface or "-", cluster.interface_source or "-")
+        ensure_resolvable(cluster.hosts, table, job=job.name, hosts_file=Path(job.settings.hosts_file), log=log)
         return
     master = None
     if not cluster.is_master and not uses_torchrun(job, cluster):
         master = (cluster.master_addr, cluster.master_port)
-    waited = wait_until_ready(cluster.hosts, master=master, timeout=job.settings.host_wait_timeout, log=log)
+    hosts = (cluster.master_addr,) if cluster.elastic else cluster.hosts  # elastic: pods come and go
+    waited = wait_until_ready(hosts, master=master, timeout=job.settings.host_wait_timeout, log=log)
     log.info("hosts ready after %.2f s: %s (master %s:%d)", waited, ", ".join(cluster.hosts),
              cluster.master_addr, cluster.master_port)

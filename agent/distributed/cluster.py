@@ -1,17 +1,24 @@
 """Host discovery: which hosts take part in the job, which one this is, and where the master listens.
 
-Sources, in this order (the first that applies wins):
+Sources, in this order (the first that applies wins). Every source yields the whole host list in
+node-rank order (``hosts[0]`` is the master) and this host's place in it, so every host of a job gets
+a distinct ``current_host`` and the same ``hosts``:
 
 1. SageMaker (``job.on_sagemaker``): ``resourceconfig.json`` as parsed into ``job.resource``.
 2. Kubeflow PyTorchJob / torchrun ``PET_*`` variables: elastic when ``PET_RDZV_ENDPOINT`` is set
    (``PET_NNODES`` may be ``min:max``), else ``PET_NNODES`` with ``PET_NODE_RANK`` (or ``RANK``) and
-   ``MASTER_ADDR``/``MASTER_PORT``.
+   ``MASTER_ADDR``/``MASTER_PORT``. Names: the training operator's service names
+   ``<job>-master-0``, ``<job>-worker-<i>`` (derived from ``MASTER_ADDR``, or from the elastic
+   endpoint ``<job>-worker-0`` and this pod's ``HOSTNAME``); ``algo-1..N`` when they cannot be derived.
 3. Slurm: ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``, ranges like ``node[01-04,07]``) with
    ``SLURM_NODEID``; the port is ``15000 + last 4 digits of SLURM_JOB_ID`` unless ``MASTER_PORT`` is set.
+   Names: Slurm's node names.
 4. torchrun-style variables for plain ``docker run``: ``MASTER_ADDR`` with ``NNODES``/``NODE_RANK``
-   or ``WORLD_SIZE``/``RANK`` (one agent per host).
-5. ``SM_HOSTS`` (a JSON list) with ``SM_CURRENT_HOST``.
-6. The job spec's ``ResourceConfig`` (``job.resource``), which is one local host by default.
+   or ``WORLD_SIZE``/``RANK`` (one agent per host). Names: ``algo-1..N`` by node rank (made
+   resolvable by the identity exchange, agent/distributed/exchange.py).
+5. ``SM_HOSTS`` (a JSON list) with ``SM_CURRENT_HOST``: those names.
+6. The job spec's ``ResourceConfig`` (``job.resource``), which is one local host by default:
+   ``TORCHBAY_HOSTS``/``TORCHBAY_CURRENT_HOST``, else ``algo-1..N``.
 
 The environment comes from ``job.base_env`` (read once by ``load_job``); nothing here reads
 ``os.environ``. The master port setting (``TORCHBAY_MASTER_PORT``) overrides every source.
@@ -62,6 +69,10 @@ class Cluster:
     max_restarts: Optional[int] = None
     nproc_source: str = "default"
     extra: Mapping[str, str] = field(default_factory=dict)
+    num_gpus: int = 0  # GPUs visible on this host (the one counter: SM_NUM_GPUS, processes per host)
+    names_from: str = ""  # where the host names come from, for the log and the README
+    interface: Optional[str] = None  # NCCL/Gloo sockets' interface (agent.distributed.identity)
+    interface_source: str = ""
 
     @property
     def is_master(self) -> bool:
@@ -137,14 +148,20 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def count_gpus(env: Mapping[str, str], dev_root: Path = Path("/dev")) -> int:
-    """GPUs visible to this host: ``CUDA_VISIBLE_DEVICES`` when set, else ``/dev/nvidia<N>`` devices."""
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    """GPUs this host's job may use (the one GPU counter: SM_NUM_GPUS and processes per host).
+
+    ``CUDA_VISIBLE_DEVICES`` when set (capped by the ``/dev/nvidia<N>`` devices when any are seen),
+    else the ``/dev/nvidia<N>`` devices.
+    """
     try:
-        return len([p for p in dev_root.iterdir() if re.fullmatch(r"nvidia\d+", p.name)])
+        physical = len([p for p in dev_root.iterdir() if re.fullmatch(r"nvidia\d+", p.name)])
     except OSError:
-        return 0
+        physical = 0
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical
+    items = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return min(items, physical) if physical else items
 
 
 def _int(env: Mapping[str, str], name: str, value: Optional[str] = None) -> int:
@@ -172,18 +189,16 @@ def _check_rank(source: str, rank: int, nnodes: int, rank_var: str) -> None:
                           "check the orchestrator's variables")
 
 
-def _hostname(env: Mapping[str, str], job: Job) -> str:
-    return env.get("HOSTNAME") or job.resource.current_host
-
-
 def _from_resource(job: Job, source: str, port: int) -> Cluster:
     resource = job.resource
     if resource.current_host not in resource.hosts:
         raise ConfigError(f"current host {resource.current_host!r} is not among the hosts {list(resource.hosts)}; "
                           "fix resourceconfig.json or the job spec's ResourceConfig")
+    names_from = ("resourceconfig.json" if source == "sagemaker" else
+                  "TORCHBAY_HOSTS" if job.settings.hosts else "algo-N (the spec's InstanceCount)")
     return Cluster(source=source, hosts=tuple(resource.hosts), node_rank=resource.host_index,
                    nnodes=resource.host_count, master_addr=resource.hosts[0],
-                   master_port=port, current_host=resource.current_host)
+                   master_port=port, current_host=resource.current_host, names_from=names_from)
 
 
 def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
@@ -196,12 +211,13 @@ def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) ->
         max_nodes = _int(env, "PET_NNODES", parts[-1])
         _int(env, "PET_NNODES", parts[0])
         restarts = env.get("PET_MAX_RESTARTS")
-        return Cluster(source="kubeflow-elastic", hosts=(host,), node_rank=0, nnodes=max_nodes,
+        hosts, current, rank, names_from = _elastic_names(host, env.get("HOSTNAME", ""), max_nodes, job)
+        return Cluster(source="kubeflow-elastic", hosts=hosts, node_rank=rank, nnodes=max_nodes,
                        master_addr=host, master_port=port_override or _port(env, "MASTER_PORT", KUBEFLOW_MASTER_PORT),
-                       current_host=_hostname(env, job), elastic=True, nnodes_spec=low_high,
+                       current_host=current, elastic=True, nnodes_spec=low_high,
                        rdzv_backend=env.get("PET_RDZV_BACKEND", "c10d") or "c10d", rdzv_endpoint=endpoint,
                        rdzv_id=env.get("PET_RDZV_ID") or job.name, rdzv_conf=env.get("PET_RDZV_CONF", ""),
-                       max_restarts=_int(env, "PET_MAX_RESTARTS") if restarts else None)
+                       max_restarts=_int(env, "PET_MAX_RESTARTS") if restarts else None, names_from=names_from)
     if not nnodes_text:
         return None
     nnodes = _int(env, "PET_NNODES")
@@ -214,9 +230,44 @@ def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) ->
                           "give the job a Master replica or set MASTER_ADDR")
     port = port_override or _port(env, "MASTER_PORT" if env.get("MASTER_PORT") else "PET_MASTER_PORT",
                                   KUBEFLOW_MASTER_PORT)
-    return Cluster(source="kubeflow", hosts=(master or "127.0.0.1",), node_rank=rank, nnodes=nnodes,
-                   master_addr=master or "127.0.0.1", master_port=port, current_host=_hostname(env, job),
-                   nnodes_spec=str(nnodes))
+    master = master or "127.0.0.1"
+    hosts, names_from = _kubeflow_names(master, env.get("HOSTNAME", ""), rank, nnodes)
+    return Cluster(source="kubeflow", hosts=hosts, node_rank=rank, nnodes=nnodes, master_addr=master,
+                   master_port=port, current_host=hosts[rank], nnodes_spec=str(nnodes), names_from=names_from)
+
+
+def _elastic_names(endpoint_host: str, hostname: str, max_nodes: int,
+                   job: Job) -> tuple[tuple[str, ...], str, int, str]:
+    """(hosts, current host, index, where the names come from) of an elastic PyTorchJob.
+
+    The operator points ``PET_RDZV_ENDPOINT`` at ``<job>-worker-0``; pod ``<job>-worker-<i>`` is host
+    ``i`` of ``max_nodes``. Ranks are assigned by torchrun's rendezvous; the host index is the pod's.
+    """
+    match = re.fullmatch(r"(.+)-worker-(\d+)", hostname)
+    if endpoint_host.endswith("-worker-0") and match and endpoint_host[: -len("-worker-0")] == match.group(1):
+        index = int(match.group(2))
+        count = max(max_nodes, index + 1)
+        hosts = tuple(f"{match.group(1)}-worker-{i}" for i in range(count))
+        return hosts, hostname, index, "Kubeflow pod names (elastic: worker-<i> from HOSTNAME)"
+    current = hostname or job.resource.current_host
+    return (current,), current, 0, "this pod's HOSTNAME only (elastic, not a <job>-worker-<i> pod)"
+
+
+def _kubeflow_names(master: str, hostname: str, rank: int, nnodes: int) -> tuple[tuple[str, ...], str]:
+    """The PyTorchJob's service names in node-rank order: ``<job>-master-0``, ``<job>-worker-0``, ...
+
+    The operator gives ``MASTER_ADDR=<job>-master-0`` (or ``<job>-worker-0`` for a job without a
+    Master replica); a master that sees a loopback MASTER_ADDR takes its own pod name.
+    """
+    if rank == 0 and master in ("localhost", "127.0.0.1") and hostname:
+        master = hostname
+    if master.endswith("-master-0") and len(master) > len("-master-0"):
+        prefix = master[: -len("-master-0")]
+        return (master, *(f"{prefix}-worker-{i}" for i in range(nnodes - 1))), "Kubeflow service names"
+    if master.endswith("-worker-0") and len(master) > len("-worker-0"):
+        prefix = master[: -len("-worker-0")]
+        return tuple(f"{prefix}-worker-{i}" for i in range(nnodes)), "Kubeflow service names"
+    return tuple(f"algo-{i}" for i in range(1, nnodes + 1)), "algo-N by node rank (MASTER_ADDR is not a service name)"
 
 
 def _slurm(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
@@ -239,7 +290,7 @@ def _slurm(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Op
         port = _SLURM_PORT_BASE + int(job_id[-4:]) if job_id else TORCHRUN_MASTER_PORT
     return Cluster(source="slurm", hosts=tuple(hosts), node_rank=rank, nnodes=nnodes,
                    master_addr=env.get("MASTER_ADDR") or hosts[0], master_port=port, current_host=hosts[rank],
-                   nnodes_spec=str(nnodes))
+                   nnodes_spec=str(nnodes), names_from="Slurm node names (SLURM_JOB_NODELIST)")
 
 
 def _torchrun_style(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
@@ -254,9 +305,10 @@ def _torchrun_style(env: Mapping[str, str], job: Job, port_override: Optional[in
         return None
     rank = _int(env, rank_var) if env.get(rank_var) else 0
     _check_rank("torchrun-style variables", rank, nnodes, rank_var)
-    return Cluster(source="torchrun", hosts=(master,), node_rank=rank, nnodes=nnodes, master_addr=master,
+    hosts = tuple(f"algo-{i}" for i in range(1, nnodes + 1))
+    return Cluster(source="torchrun", hosts=hosts, node_rank=rank, nnodes=nnodes, master_addr=master,
                    master_port=port_override or _port(env, "MASTER_PORT", TORCHRUN_MASTER_PORT),
-                   current_host=_hostname(env, job), nnodes_spec=str(nnodes))
+                   current_host=hosts[rank], nnodes_spec=str(nnodes), names_from=f"algo-N by {rank_var}")
 
 
 def _sm_env(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
@@ -274,10 +326,10 @@ def _sm_env(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> O
         raise ConfigError(f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}; set it to one of them")
     return Cluster(source="sm-env", hosts=tuple(hosts), node_rank=hosts.index(current), nnodes=len(hosts),
                    master_addr=hosts[0], master_port=port_override or SAGEMAKER_MASTER_PORT, current_host=current,
-                   nnodes_spec=str(len(hosts)))
+                   nnodes_spec=str(len(hosts)), names_from="SM_HOSTS")
 
 
-def _nproc(job: Job, env: Mapping[str, str], dev_root: Path) -> tuple[int, str]:
+def _nproc(job: Job, env: Mapping[str, str], gpus: int) -> tuple[int, str]:
     setting = getattr(job.settings, "nproc_per_node", None)
     if setting:
         return int(setting), "TORCHBAY_NPROC_PER_NODE"
@@ -287,7 +339,6 @@ def _nproc(job: Job, env: Mapping[str, str], dev_root: Path) -> tuple[int, str]:
     if hp not in (None, ""):
         return _int({}, "sagemaker_mpi_num_of_processes_per_host", str(hp)), \
             "hyperparameter sagemaker_mpi_num_of_processes_per_host"
-    gpus = count_gpus(env, dev_root)
     if gpus:
         return gpus, "GPUs"
     return 1, "default (no GPU)"
@@ -305,7 +356,8 @@ def discover(job: Job, *, dev_root: Path = Path("/dev")) -> Cluster:
             cluster = finder(env, job, port_override)
     if cluster is None:
         cluster = _from_resource(job, "spec", port_override or SAGEMAKER_MASTER_PORT)
-    nproc, nproc_source = _nproc(job, env, dev_root)
-    return replace(cluster, nproc_per_node=nproc, nproc_source=nproc_source,
-                    nnodes_spec=cluster.nnodes_spec or str(cluster.nnodes))
+    gpus = count_gpus(env, dev_root)
+    nproc, nproc_source = _nproc(job, env, gpus)
+    return replace(cluster, nproc_per_node=nproc, nproc_source=nproc_source, num_gpus=gpus,
+                   nnodes_spec=cluster.nnodes_spec or str(cluster.nnodes))
 

@@ -118,7 +118,10 @@ def build_plan(job: Job, entry: "EntryPoint", args: Sequence[str], cluster: Clus
         return LaunchPlan(argv=tuple(plain), env={}, rank_base=0, nproc_per_node=1, torchrun_log_dir=None,
                           host=cluster.current_host)
     user_env = {**job.base_env, **job.environment}
-    interface = choose_interface(settings.socket_ifname, job.resource.network_interface_name, sys_paths)
+    if cluster.interface_source:  # chosen once with the cluster identity (agent.distributed.identity)
+        interface = cluster.interface
+    else:
+        interface = choose_interface(settings.socket_ifname, job.resource.network_interface_name, sys_paths)
     extra = {"TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(settings.nccl_timeout)} if settings.nccl_timeout else {}
     env = network_env(master_addr=cluster.master_addr, master_port=cluster.master_port, interface=interface,
                       nccl_debug=settings.nccl_debug, user_env=user_env, sys_paths=sys_paths, extra=extra)
@@ -143,7 +146,7 @@ def build_plan(job: Job, entry: "EntryPoint", args: Sequence[str], cluster: Clus
 def plan_launch(job: Job, entry: "EntryPoint", args: Sequence[str], *, log: logging.Logger,
                 cluster: Optional[Cluster] = None, sys_paths: SysPaths = SysPaths()) -> LaunchPlan:
     """Discover the cluster (unless given) and plan this host's launch; logs the outcome once."""
-    cluster = cluster or discover(job)
+    cluster = cluster or job.cluster or discover(job)
     plan = build_plan(job, entry, args, cluster, sys_paths=sys_paths)
     if plan.torchrun_log_dir is None and not plan.env:
         log.debug("single process on %s", cluster.current_host)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-__all__ = ["SysPaths", "choose_interface", "infiniband_devices", "has_efa", "network_env"]
+__all__ = ["SysPaths", "choose_interface", "default_route_interface", "infiniband_devices", "has_efa", "network_env"]
 
 EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "RDMAV_FORK_SAFE": "1"}
 
@@ -30,7 +30,8 @@ def _exists(sys_paths: SysPaths, name: str) -> bool:
     return bool(name) and (sys_paths.net / name).exists()
 
 
-def _default_route_interface(sys_paths: SysPaths) -> Optional[str]:
+def default_route_interface(sys_paths: SysPaths = SysPaths()) -> Optional[str]:
+    """The interface of the default route (``/proc/net/route``), None without one."""
     try:
         lines = sys_paths.route.read_text().splitlines()[1:]
     except OSError:
@@ -49,7 +50,7 @@ def choose_interface(wanted: Optional[str], configured: Optional[str], sys_paths
         return wanted
     if configured and _exists(sys_paths, configured):
         return configured
-    fallback = _default_route_interface(sys_paths)
+    fallback = default_route_interface(sys_paths)
     return fallback if fallback and _exists(sys_paths, fallback) else None
 
 

@@ -65,7 +65,30 @@ def test_kubeflow_pytorchjob(tmp_path):
     assert (cluster.source, cluster.nnodes, cluster.node_rank) == ("kubeflow", 3, 2)
     assert (cluster.master_addr, cluster.master_port, cluster.current_host) == ("job-master-0", 23456, "job-worker-1")
     assert (cluster.nproc_per_node, cluster.nproc_source) == (2, "PET_NPROC_PER_NODE")
-    assert not cluster.elastic and cluster.hosts == ("job-master-0",)
+    assert not cluster.elastic and cluster.hosts == ("job-master-0", "job-worker-0", "job-worker-1")
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_kubeflow_every_host_gets_its_own_name_and_the_same_list(tmp_path, rank):
+    env = {"MASTER_ADDR": "job-master-0", "PET_NNODES": "3", "PET_NODE_RANK": str(rank)}
+    cluster = discover(make_job(tmp_path, env=env))
+    assert cluster.hosts == ("job-master-0", "job-worker-0", "job-worker-1")
+    assert cluster.current_host == cluster.hosts[rank] and cluster.names_from == "Kubeflow service names"
+
+
+def test_kubeflow_without_a_master_replica_and_a_loopback_master(tmp_path):
+    env = {"MASTER_ADDR": "job-worker-0", "PET_NNODES": "2", "PET_NODE_RANK": "1"}
+    cluster = discover(make_job(tmp_path, env=env))
+    assert (cluster.hosts, cluster.current_host) == (("job-worker-0", "job-worker-1"), "job-worker-1")
+    env = {"MASTER_ADDR": "localhost", "PET_NNODES": "2", "PET_NODE_RANK": "0", "HOSTNAME": "job-master-0"}
+    assert discover(make_job(tmp_path, env=env)).hosts == ("job-master-0", "job-worker-0")
+
+
+def test_kubeflow_names_that_are_not_service_names_become_algo_n(tmp_path):
+    env = {"MASTER_ADDR": "198.18.0.5", "PET_NNODES": "2", "PET_NODE_RANK": "1"}
+    cluster = discover(make_job(tmp_path, env=env))
+    assert (cluster.hosts, cluster.current_host, cluster.master_addr) == (("algo-1", "algo-2"), "algo-2",
+                                                                          "198.18.0.5")
 
 
 def test_kubeflow_rank_fallback_and_default_port(tmp_path):
@@ -82,7 +105,15 @@ def test_kubeflow_elastic(tmp_path):
     assert (cluster.nnodes_spec, cluster.nnodes, cluster.max_restarts) == ("2:4", 4, 5)
     assert (cluster.rdzv_endpoint, cluster.rdzv_id, cluster.rdzv_conf) == (
         "job-worker-0:29400", "job-1", "read_timeout=120")
-    assert cluster.hosts == ("job-worker-0",)
+    assert cluster.hosts == ("algo-1",)  # no HOSTNAME of a worker pod: only this host is known
+
+
+def test_kubeflow_elastic_host_names_come_from_the_pods(tmp_path):
+    for index in (0, 1):
+        env = {"PET_RDZV_ENDPOINT": "job-worker-0:29400", "PET_NNODES": "1:2", "HOSTNAME": f"job-worker-{index}"}
+        cluster = discover(make_job(tmp_path, env=env))
+        assert (cluster.hosts, cluster.current_host, cluster.node_rank) == (
+            ("job-worker-0", "job-worker-1"), f"job-worker-{index}", index)
 
 
 def test_kubeflow_without_master_is_an_error(tmp_path):
@@ -118,6 +149,7 @@ def test_torchrun_style(tmp_path):
     env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511", "WORLD_SIZE": "2", "RANK": "1"}
     cluster = discover(make_job(tmp_path, env=env))
     assert (cluster.source, cluster.nnodes, cluster.node_rank, cluster.master_port) == ("torchrun", 2, 1, 29511)
+    assert (cluster.hosts, cluster.current_host, cluster.master_addr) == (("algo-1", "algo-2"), "algo-2", "10.0.0.1")
     env = {"MASTER_ADDR": "m", "NNODES": "4", "NODE_RANK": "3", "WORLD_SIZE": "16", "RANK": "12"}
     cluster = discover(make_job(tmp_path, env=env))
     assert (cluster.nnodes, cluster.node_rank, cluster.master_port) == (4, 3, 29500)

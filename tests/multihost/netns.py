@@ -3,15 +3,21 @@
 Topology (every name carries a random tag so parallel runs never collide)::
 
     root ns: tb<tag>r 198.18.X.1/24 ──┐                 (a second moto server binds here)
-                                    [br0 in ns tb<tag>sw]
+                                    [br0 198.18.X.254 in ns tb<tag>sw]
     ns tb<tag>h1: eth0 198.18.X.11 ──┤
     ns tb<tag>h2: eth0 198.18.X.12 ──┘
 
 The bridge lives in its own namespace, so the root namespace's firewall (Docker's FORWARD
-DROP with br_netfilter) never sees host-to-host traffic. Each host namespace gets
-``/etc/netns/<ns>/hosts`` (``algo-N`` names) and a ``resolv.conf`` pointing at 127.0.0.1, so a name
-that is not listed fails to resolve at once and no query leaves the machine. There is no default
-route: nothing but the 198.18.X.0/24 link is reachable from a host.
+DROP with br_netfilter) never sees host-to-host traffic.
+
+Hosts look like pods or nodes: each command runs in its own UTS namespace with the host's own
+hostname (``unshare --uts``), each host has a default route (via 198.18.X.254 on the bridge, in a
+namespace that forwards nothing, so no packet can leave the machine), and name resolution is
+``/etc/netns/<ns>/hosts`` (bind-mounted over /etc/hosts by ``ip netns exec``, writable like a pod's)
+with a ``resolv.conf`` pointing at 127.0.0.1, so a name that is not listed fails to resolve at once
+and no query leaves the machine. ``names="all"`` lists every host's name in every hosts file (a
+Slurm cluster's hosts file, or what a cluster DNS resolves); ``names="own"`` lists only the host's
+own name, as Kubernetes writes a pod's /etc/hosts.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def _free_subnet() -> int:
 
 @dataclass
 class Host:
-    name: str  # algo-N
+    name: str  # its hostname (algo-N unless given)
     ns: str
     addr: str
 
@@ -73,6 +79,9 @@ class NetnsCluster:
     hosts: list[Host] = field(default_factory=list)
     root_addr: str = ""
     extra_names: Mapping[str, str] = field(default_factory=dict)
+    hostnames: Sequence[str] = ()  # one per host; default algo-1..N
+    names: str = "all"  # "all": every hosts file lists every host; "own": each lists only its own name
+    gateway: str = ""
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _made_ns: list[str] = field(default_factory=list)
 
@@ -104,13 +113,16 @@ class NetnsCluster:
         self._add_ns(self.switch_ns)
         _ip("-n", self.switch_ns, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch_ns, "link", "set", "br0", "up")
+        self.gateway = f"{prefix}.254"  # the hosts' default gateway: a dead end (the switch forwards nothing)
+        _ip("-n", self.switch_ns, "addr", "add", f"{self.gateway}/24", "dev", "br0")
         _ip("link", "add", self.root_link, "type", "veth", "peer", "name", f"tb{self.tag}q")
         _ip("link", "set", f"tb{self.tag}q", "netns", self.switch_ns)
         _ip("-n", self.switch_ns, "link", "set", f"tb{self.tag}q", "master", "br0", "up")
         _ip("addr", "add", f"{self.root_addr}/24", "dev", self.root_link)
         _ip("link", "set", self.root_link, "up")
         for index in range(1, self.count + 1):
-            host = Host(name=f"algo-{index}", ns=f"tb{self.tag}h{index}", addr=f"{prefix}.{10 + index}")
+            name = self.hostnames[index - 1] if self.hostnames else f"algo-{index}"
+            host = Host(name=name, ns=f"tb{self.tag}h{index}", addr=f"{prefix}.{10 + index}")
             self._add_ns(host.ns)
             inner, outer = f"tb{self.tag}a{index}", f"tb{self.tag}b{index}"
             _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
@@ -118,13 +130,14 @@ class NetnsCluster:
             _ip("-n", host.ns, "link", "set", inner, "name", "eth0")
             _ip("-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", "eth0")
             _ip("-n", host.ns, "link", "set", "eth0", "up")
+            _ip("-n", host.ns, "route", "add", "default", "via", self.gateway)
             _ip("link", "set", outer, "netns", self.switch_ns)
             _ip("-n", self.switch_ns, "link", "set", outer, "master", "br0", "up")
             self.hosts.append(host)
-        lines = ["127.0.0.1 localhost", f"{self.root_addr} s3-endpoint"]
-        lines += [f"{h.addr} {h.name}" for h in self.hosts]
-        lines += [f"{addr} {name}" for name, addr in self.extra_names.items()]
         for host in self.hosts:
+            lines = ["127.0.0.1 localhost", f"{self.root_addr} s3-endpoint"]
+            lines += [f"{h.addr} {h.name}" for h in self.hosts if self.names == "all" or h is host]
+            lines += [f"{addr} {name}" for name, addr in self.extra_names.items()]
             etc = NETNS_ETC / host.ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text("\n".join(lines) + "\n")
@@ -147,12 +160,17 @@ class NetnsCluster:
     def popen(self, index: int, argv: Sequence[str], *, env: Mapping[str, str], log: Path,
               cwd: Optional[Path] = None) -> subprocess.Popen:
         """Start ``argv`` in host ``index``'s namespace (1-based), in its own session, output to ``log``."""
-        host = self.hosts[index - 1]
         with open(log, "ab") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], env=dict(env), stdout=out,
+            proc = subprocess.Popen(self.command(index, argv), env=dict(env), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         self._procs.append(proc)
         return proc
+
+    def command(self, index: int, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run on host ``index`` (1-based): its network namespace and its own hostname."""
+        host = self.hosts[index - 1]
+        return ["ip", "netns", "exec", host.ns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                host.name, *argv]
 
     def kill_host(self, index: int) -> None:
         """SIGKILL every process in host ``index``'s namespace (a host that dies)."""

@@ -98,8 +98,9 @@ def test_killed_host_fails_the_other_host(tmp_path, world):
     assert code not in (0, None), log1.read_text()
     assert elapsed < 120, f"the surviving host took {elapsed:.0f} s to fail"
     failure = (tmp_path / "algo-1" / "ml" / "output" / "failure").read_text()
-    assert "on host algo-1 failed first:" in failure, failure
-    assert "Connection closed by peer" in failure or "Error" in failure, failure
+    # whichever sees it first: the identity exchange (the peer's agent vanished) or the ranks' broken connection
+    assert "host algo-2 lost its connection" in failure or "on host algo-1 failed first:" in failure, failure
+    assert "lost its connection" in failure or "Connection closed by peer" in failure or "Error" in failure, failure
 
 
 @pytest.mark.timeout(200)
@@ -120,10 +121,10 @@ def test_host_that_never_resolves_fails_after_the_bound(tmp_path, world):
 
 
 @pytest.mark.timeout(200)
-def test_worker_whose_master_never_starts_fails_after_the_rendezvous_bound(tmp_path, world):
+def test_worker_whose_master_never_starts_fails_after_the_host_wait_bound(tmp_path, world):
     cluster, s3 = world
     spec = _spec(tmp_path, _bucket(s3), 2)
-    env = _agent_env(tmp_path, s3, ["algo-1", "algo-2"], "algo-2", TORCHBAY_RDZV_TIMEOUT="5")
+    env = _agent_env(tmp_path, s3, ["algo-1", "algo-2"], "algo-2", TORCHBAY_HOST_WAIT_TIMEOUT="5")
     start = time.monotonic()
     proc = cluster.popen(2, [sys.executable, "-m", "agent", "train", "--job", str(spec)], env=env,
                          log=tmp_path / "worker.log")
@@ -133,4 +134,4 @@ def test_worker_whose_master_never_starts_fails_after_the_rendezvous_bound(tmp_p
     assert code not in (0, None), log
     assert 5 <= elapsed < 120, log
     failure = (tmp_path / "algo-2" / "ml" / "output" / "failure").read_text()
-    assert "algo-2" in failure, failure
+    assert "the master algo-1" in failure and "did not answer" in failure, failure
