@@ -25,6 +25,7 @@ __all__ = [
     "DistributedError",
     "ModelLoadError",
     "RequestError",
+    "TransformError",
     "exit_code_for",
 ]
 
@@ -133,6 +134,12 @@ class RequestError(TorchBayError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TransformError(TorchBayError):
+    """A batch transform job could not transform an object or a record (after its retries)."""
+
+    exit_code = 65  # EX_DATAERR
 
 
 def exit_code_for(error: BaseException) -> int:

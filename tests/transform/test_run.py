@@ -1,0 +1,166 @@
+"""`torchbay transform` against moto and a real gunicorn: splitting, batching, joins, retries, failures, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent.transform import main
+from tests.transform.conftest import requests_logged
+
+
+def _spec(bucket: str, *, prefix: str = "in/", out: str = "out/", content_type: str = "text/csv",
+          split: str = "Line", strategy: str = "MultiRecord", accept: str = "text/csv", **extra) -> str:
+    spec = {
+        "TransformJobName": "job-1",
+        "ModelName": "echo",
+        "BatchStrategy": strategy,
+        "MaxConcurrentTransforms": 3,
+        "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix",
+                                                           "S3Uri": f"s3://{bucket}/{prefix}"}},
+                           "ContentType": content_type, "SplitType": split},
+        "TransformOutput": {"S3OutputPath": f"s3://{bucket}/{out}", "Accept": accept, "AssembleWith": "Line"},
+    }
+    for key, value in extra.items():
+        spec[key] = value
+    return json.dumps(spec)
+
+
+def _run(spec: str, server, s3_env: dict, *extra: str) -> int:
+    return main(["--job", spec, "--endpoint", f"http://127.0.0.1:{server.port}", *extra],
+                env=dict(s3_env, TORCHBAY_TRANSFORM_PROGRESS_INTERVAL="0.5"))
+
+
+def _csv(rows: int, start: int = 0, width: int = 3) -> bytes:
+    return "".join(",".join(str((start + i) * 10 + j) for j in range(width)) + "\n"
+                   for i in range(rows)).encode()
+
+
+def _outputs(s3, bucket: str, prefix: str = "out/") -> dict[str, bytes]:
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_csv_multirecord_equals_single_records(echo_server, bucket, s3, s3_env, tmp_path: Path, capsys) -> None:
+    server = echo_server()
+    objects = {"in/a.csv": _csv(40), "in/sub/b.csv": _csv(25, 100), "in/c.csv": _csv(7, 500) + b"\n\n"}
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    assert _run(_spec(bucket), server, s3_env) == 0
+    multi = requests_logged(tmp_path)
+    assert sorted(n for _, n in multi) == [7, 25, 40]  # one request per object: all its lines fit
+    assert "3 of 3 objects written" in capsys.readouterr().out
+    assert _run(_spec(bucket, strategy="SingleRecord", out="single/"), server, s3_env) == 0
+    assert len(requests_logged(tmp_path)) == 3 + 72
+    got = _outputs(s3, bucket)
+    assert set(got) == {"out/a.csv.out", "out/sub/b.csv.out", "out/c.csv.out"}
+    single = _outputs(s3, bucket, "single/")
+    for key, body in got.items():
+        assert single["single/" + key[4:]] == body  # byte-identical to one request per record
+    first = got["out/a.csv.out"].decode().splitlines()
+    assert first[1] == "%r,3" % (10.0 + 11.0 + 12.0) and len(first) == 40
+
+
+def test_multirecord_respects_max_payload(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+    server = echo_server()
+    body = _csv(70000)  # ~1.4 MB: two requests under MaxPayloadInMB 1
+    s3.put_object(Bucket=bucket, Key="in/big.csv", Body=body)
+    assert _run(_spec(bucket, MaxPayloadInMB=1), server, s3_env) == 0
+    sizes = [n for _, n in requests_logged(tmp_path)]
+    assert len(sizes) == 2 and sum(sizes) == 70000
+    lines = _outputs(s3, bucket)["out/big.csv.out"].decode().splitlines()
+    assert len(lines) == 70000 and lines[-1] == "%r,3" % float(699990 + 699991 + 699992)
+
+
+def test_json_lines_multirecord_equals_single_records(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+    server = echo_server()
+    for n in range(2):
+        rows = "".join(json.dumps({"features": [n, i, 0.5]}) + "\n" for i in range(30))
+        s3.put_object(Bucket=bucket, Key=f"in/part-{n}.jsonl", Body=rows.encode())
+    kwargs = {"content_type": "application/jsonlines", "accept": "application/jsonlines"}
+    assert _run(_spec(bucket, **kwargs), server, s3_env) == 0
+    assert _run(_spec(bucket, out="single/", strategy="SingleRecord", **kwargs), server, s3_env) == 0
+    assert len(requests_logged(tmp_path)) == 2 + 60
+    multi, single = _outputs(s3, bucket), _outputs(s3, bucket, "single/")
+    assert multi["out/part-1.jsonl.out"] == single["single/part-1.jsonl.out"]
+    assert json.loads(multi["out/part-1.jsonl.out"].splitlines()[2]) == {"score": 3.5}
+
+
+def test_split_none_sends_each_image_whole(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+    from PIL import Image
+
+    server = echo_server()
+    for name, size in (("a.png", (7, 5)), ("b.png", (3, 9))):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+        s3.put_object(Bucket=bucket, Key=f"images/{name}", Body=buf.getvalue())
+    spec = _spec(bucket, prefix="images", content_type="image/png", split="None", accept="application/json")
+    assert _run(spec, server, s3_env) == 0
+    out = _outputs(s3, bucket)
+    assert json.loads(out["out/b.png.out"]) == {"size": [3, 9], "mode": "RGB"}
+    assert out["out/a.png.out"].endswith(b"\n")  # AssembleWith Line
+
+
+def test_join_source_input_with_filters(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+    server = echo_server()
+    s3.put_object(Bucket=bucket, Key="in/rows.csv", Body=b"id-1,1,2\nid-2,3,4\n")
+    spec = _spec(bucket, DataProcessing={"InputFilter": "$[1:]", "JoinSource": "Input", "OutputFilter": "$[0,3]"})
+    assert _run(spec, server, s3_env) == 0
+    assert _outputs(s3, bucket)["out/rows.csv.out"] == b"id-1,3.0\nid-2,7.0\n"
+    s3.put_object(Bucket=bucket, Key="json/rows.jsonl",
+                  Body=b'{"id": "a", "features": [1, 2]}\n{"id": "b", "features": [5]}\n')
+    spec = _spec(bucket, prefix="json/", out="joined/", content_type="application/jsonlines",
+                 accept="application/jsonlines",
+                 DataProcessing={"InputFilter": "$.features", "JoinSource": "Input",
+                                 "OutputFilter": "$['id','SageMakerOutput']"})
+    assert _run(spec, server, s3_env) == 0
+    lines = _outputs(s3, bucket, "joined/")["joined/rows.jsonl.out"].splitlines()
+    assert [json.loads(line) for line in lines] == [{"id": "a", "SageMakerOutput": {"score": 3}},
+                                                    {"id": "b", "SageMakerOutput": {"score": 5}}]
+
+
+def test_failed_requests_are_retried(echo_server, bucket, s3, s3_env, tmp_path: Path, capsys) -> None:
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    server = echo_server(FLAKY_DIR=str(flaky))
+    for n in range(3):
+        s3.put_object(Bucket=bucket, Key=f"in/{n}.csv", Body=_csv(10, n * 10))
+    assert _run(_spec(bucket), server, s3_env) == 0
+    assert "(3 retried)" in capsys.readouterr().out
+    assert len(_outputs(s3, bucket)) == 3
+
+
+def test_a_record_failing_for_good_is_named_and_the_rest_uploaded(echo_server, bucket, s3, s3_env, tmp_path: Path,
+                                                                   caplog) -> None:
+    server = echo_server()
+    s3.put_object(Bucket=bucket, Key="in/a.csv", Body=_csv(20))
+    poisoned = _csv(12, 100).splitlines(keepends=True)
+    poisoned[6] = b"1,666,3\n"
+    s3.put_object(Bucket=bucket, Key="in/b.csv", Body=b"".join(poisoned))
+    s3.put_object(Bucket=bucket, Key="in/c.csv", Body=_csv(5, 300))
+    with caplog.at_level(logging.ERROR, logger="torchbay.transform"):
+        assert _run(_spec(bucket), server, s3_env) == 65
+    assert f"s3://{bucket}/in/b.csv record 7: the endpoint answered 400" in caplog.text
+    assert set(_outputs(s3, bucket)) == {"out/a.csv.out", "out/c.csv.out"}
+
+    # The rerun after the fix sends only the object that is not done yet.
+    before = len(requests_logged(tmp_path))
+    s3.put_object(Bucket=bucket, Key="in/b.csv", Body=_csv(12, 100))
+    assert _run(_spec(bucket), server, s3_env) == 0
+    assert requests_logged(tmp_path)[before:] == [("csv", 12)]
+    assert set(_outputs(s3, bucket)) == {"out/a.csv.out", "out/b.csv.out", "out/c.csv.out"}
+    # A changed spec (another Accept) is other work: nothing is skipped.
+    assert _run(_spec(bucket, accept="text/csv; charset=utf-8"), server, s3_env) == 0
+    assert len(requests_logged(tmp_path)) == before + 1 + 3
+
+
+def test_unknown_spec_key_is_refused(capsys, caplog) -> None:
+    spec = json.loads(_spec("b"))
+    spec["TransformInput"]["Splitype"] = "Line"
+    with caplog.at_level(logging.ERROR):
+        assert main(["--job", json.dumps(spec), "--endpoint", "http://127.0.0.1:9"]) == 65
+    assert "unknown key 'TransformInput.Splitype'" in caplog.text
