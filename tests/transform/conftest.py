@@ -36,6 +36,9 @@ def _flaky(body):
 
 def transform_fn(model, data, content_type, accept):
     _flaky(data)
+    if os.environ.get("SLOW"):
+        import time
+        time.sleep(float(os.environ["SLOW"]))
     kind = content_type.split(";")[0]
     if kind == "text/csv":
         lines = data.split("\n")

@@ -164,3 +164,36 @@ def test_unknown_spec_key_is_refused(capsys, caplog) -> None:
     with caplog.at_level(logging.ERROR):
         assert main(["--job", json.dumps(spec), "--endpoint", "http://127.0.0.1:9"]) == 65
     assert "unknown key 'TransformInput.Splitype'" in caplog.text
+
+
+def test_rerun_after_sigterm_sends_only_the_rest(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    server = echo_server(SLOW="0.4")
+    for n in range(6):
+        s3.put_object(Bucket=bucket, Key=f"in/{n}.csv", Body=_csv(3, n * 10))
+    spec = _spec(bucket, MaxConcurrentTransforms=1)
+    argv = [sys.executable, "-m", "agent", "transform", "--job", spec, "--endpoint", f"http://127.0.0.1:{server.port}"]
+    env = dict(os.environ, **s3_env, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while len(_outputs(s3, bucket)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out.decode()[-2000:]
+    assert b"interrupted" in out
+    done = len(_outputs(s3, bucket))
+    assert 2 <= done < 6
+    sent_before = len(requests_logged(tmp_path))
+    rerun = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert len(_outputs(s3, bucket)) == 6
+    assert len(requests_logged(tmp_path)) - sent_before == 6 - done  # only the objects not written before
+    assert f"{done} skipped as already done".encode() in rerun.stdout
