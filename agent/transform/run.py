@@ -29,6 +29,7 @@ from agent.transform.split import Batch, Record, decompress, pack, split_records
 
 __all__ = ["Summary", "Plan", "plan_job", "run_job"]
 
+_READ_AHEAD = 256 * 1024 * 1024  # input bytes read ahead of the objects being sent, at least
 _MARK_SOURCE = "torchbay-source"
 _MARK_SPEC = "torchbay-spec"
 
@@ -117,7 +118,8 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
     senders = ThreadPoolExecutor(plan.max_concurrent, thread_name_prefix="torchbay-transform")
     finishers = ThreadPoolExecutor(2, thread_name_prefix="torchbay-transform-out")
     window = threading.BoundedSemaphore(plan.max_concurrent * 2)  # requests queued or in flight
-    objects_window = threading.BoundedSemaphore(max(2, plan.max_concurrent))  # objects held in memory
+    # Input bytes held in memory (objects read and not yet written): always one object, more while they fit.
+    held = _Held(max(_READ_AHEAD, 4 * plan.max_concurrent * plan.max_payload_bytes))
     requests = [0]
     counter_lock = threading.Lock()
     reporter = _Reporter(spec.name, summary, progress, len(entries), progress_interval, started, log)
@@ -159,7 +161,7 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
             raise CancelledError() from None
 
     def finish(entry: Entry, out_uri: str, originals: dict[int, Record], futures: Sequence[Future],
-               mark: dict[str, str], complete: bool) -> None:
+               mark: dict[str, str], complete: bool, charge: int) -> None:
         what = entry.uri
         try:
             if not complete:
@@ -192,7 +194,7 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
                                     f"{redact(what)}: {err.message}")
             log.error("%s", summary.failures[-1])
         finally:
-            objects_window.release()
+            held.give(charge)
 
     try:
         for entry in entries:
@@ -205,7 +207,8 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
             if _read_mark(target, out_uri) == mark:
                 summary.skipped += 1
                 continue
-            objects_window.acquire()
+            charge = entry.size if entry.size is not None else plan.max_payload_bytes
+            held.take(charge)
             what = redact(entry.uri)
             try:
                 data = decompress(source.get_bytes(entry.uri), spec.compression, what)
@@ -216,7 +219,7 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
             except TransformError as err:
                 summary.failures.append(err.message)
                 log.error("%s", err.message)
-                objects_window.release()
+                held.give(charge)
                 continue
             size = entry.size if entry.size is not None else len(data)
             with progress.lock:
@@ -233,7 +236,7 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
             except CancelledError:
                 summary.interrupted, complete = True, False
             summary.records += len(records)
-            pending.append(finishers.submit(finish, entry, out_uri, originals, futures, mark, complete))
+            pending.append(finishers.submit(finish, entry, out_uri, originals, futures, mark, complete, charge))
     finally:
         if stop.is_set():
             summary.interrupted = True
@@ -246,6 +249,26 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
     if fatal:
         raise fatal[0]
     return summary
+
+
+class _Held:
+    """Bytes held in memory: ``take`` waits while others hold some and ``n`` more would pass ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self._held > 0 and self._held + n > self._limit:
+                self._cond.wait()
+            self._held += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._held -= n
+            self._cond.notify_all()
 
 
 def _failure(what: str, record: Record, reply: Reply) -> str:

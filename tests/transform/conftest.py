@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -10,8 +11,9 @@ import pytest
 from tests.serving.conftest import Servers
 
 # transform_fn over CSV rows, JSON Lines and PNG images. Every request is logged (records per request);
-# a record holding 666 fails for good (400); FLAKY_DIR makes the first attempt of every request fail with
-# a 503, so the client must retry.
+# a record holding 666 fails for good (400). Switched on at run time through files in CONTROL_DIR: flaky/
+# makes the first attempt of every request fail with a 503 (so the client must retry), slow holds the
+# seconds each request sleeps.
 HOOKS = r'''
 import hashlib, io, json, os
 
@@ -26,8 +28,8 @@ def _log(kind, count):
         f.write("%s %d\n" % (kind, count))
 
 def _flaky(body):
-    folder = os.environ.get("FLAKY_DIR")
-    if not folder:
+    folder = os.path.join(os.environ["CONTROL_DIR"], "flaky")
+    if not os.path.isdir(folder):
         return
     mark = os.path.join(folder, hashlib.sha256(body if isinstance(body, bytes) else body.encode()).hexdigest())
     if not os.path.exists(mark):
@@ -36,9 +38,10 @@ def _flaky(body):
 
 def transform_fn(model, data, content_type, accept):
     _flaky(data)
-    if os.environ.get("SLOW"):
+    slow = os.path.join(os.environ["CONTROL_DIR"], "slow")
+    if os.path.exists(slow):
         import time
-        time.sleep(float(os.environ["SLOW"]))
+        time.sleep(float(open(slow).read()))
     kind = content_type.split(";")[0]
     if kind == "text/csv":
         lines = data.split("\n")
@@ -74,23 +77,48 @@ def write_hooks(root: Path) -> None:
     (code / "inference.py").write_text(HOOKS)
 
 
-@pytest.fixture
-def echo_server(tmp_path: Path) -> Iterator:
-    """start(env) -> a started echo server; its request log is tmp_path/requests.log."""
-    servers = Servers(tmp_path)
-    write_hooks(tmp_path)
+class EchoServer:
+    """One server per test module; ``reset()`` clears its request log and switches, ``flaky()``/``slow(s)`` set them."""
 
-    def start(**env: str):
-        env = {"REQUEST_LOG": str(tmp_path / "requests.log"), "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
-               "TORCHBAY_SERVE_HTTP_THREADS": "4", **env}
-        return servers(env=env)
+    def __init__(self, server, folder: Path) -> None:
+        self.server = server
+        self.port = server.port
+        self.folder = folder
 
-    yield start
+    def reset(self) -> None:
+        (self.folder / "requests.log").write_text("")
+        for name in ("flaky", "slow"):
+            path = self.folder / "control" / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def flaky(self) -> None:
+        (self.folder / "control" / "flaky").mkdir()
+
+    def slow(self, seconds: float) -> None:
+        (self.folder / "control" / "slow").write_text(str(seconds))
+
+    def requests(self) -> list[tuple[str, int]]:
+        return [(line.split()[0], int(line.split()[1]))
+                for line in (self.folder / "requests.log").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def echo_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoServer]:
+    folder = tmp_path_factory.mktemp("echo")
+    (folder / "control").mkdir()
+    servers = Servers(folder)
+    write_hooks(folder)
+    server = servers(env={"REQUEST_LOG": str(folder / "requests.log"), "CONTROL_DIR": str(folder / "control"),
+                          "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TORCHBAY_SERVE_HTTP_THREADS": "4"})
+    yield EchoServer(server, folder)
     servers.stop_all()
 
 
-def requests_logged(tmp_path: Path) -> list[tuple[str, int]]:
-    path = tmp_path / "requests.log"
-    if not path.exists():
-        return []
-    return [(line.split()[0], int(line.split()[1])) for line in path.read_text().splitlines()]
+@pytest.fixture
+def echo(echo_module: EchoServer) -> EchoServer:
+    """The module's echo server, with an empty request log and every switch off."""
+    echo_module.reset()
+    return echo_module

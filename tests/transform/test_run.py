@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from agent.transform import main
-from tests.transform.conftest import requests_logged
 
 
 def _spec(bucket: str, *, prefix: str = "in/", out: str = "out/", content_type: str = "text/csv",
@@ -45,17 +44,17 @@ def _outputs(s3, bucket: str, prefix: str = "out/") -> dict[str, bytes]:
     return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
 
 
-def test_csv_multirecord_equals_single_records(echo_server, bucket, s3, s3_env, tmp_path: Path, capsys) -> None:
-    server = echo_server()
+def test_csv_multirecord_equals_single_records(echo, bucket, s3, s3_env, capsys) -> None:
+    server = echo
     objects = {"in/a.csv": _csv(40), "in/sub/b.csv": _csv(25, 100), "in/c.csv": _csv(7, 500) + b"\n\n"}
     for key, body in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     assert _run(_spec(bucket), server, s3_env) == 0
-    multi = requests_logged(tmp_path)
+    multi = echo.requests()
     assert sorted(n for _, n in multi) == [7, 25, 40]  # one request per object: all its lines fit
     assert "3 of 3 objects written" in capsys.readouterr().out
     assert _run(_spec(bucket, strategy="SingleRecord", out="single/"), server, s3_env) == 0
-    assert len(requests_logged(tmp_path)) == 3 + 72
+    assert len(echo.requests()) == 3 + 72
     got = _outputs(s3, bucket)
     assert set(got) == {"out/a.csv.out", "out/sub/b.csv.out", "out/c.csv.out"}
     single = _outputs(s3, bucket, "single/")
@@ -65,35 +64,35 @@ def test_csv_multirecord_equals_single_records(echo_server, bucket, s3, s3_env, 
     assert first[1] == "%r,3" % (10.0 + 11.0 + 12.0) and len(first) == 40
 
 
-def test_multirecord_respects_max_payload(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
-    server = echo_server()
+def test_multirecord_respects_max_payload(echo, bucket, s3, s3_env) -> None:
+    server = echo
     body = _csv(70000)  # ~1.4 MB: two requests under MaxPayloadInMB 1
     s3.put_object(Bucket=bucket, Key="in/big.csv", Body=body)
     assert _run(_spec(bucket, MaxPayloadInMB=1), server, s3_env) == 0
-    sizes = [n for _, n in requests_logged(tmp_path)]
+    sizes = [n for _, n in echo.requests()]
     assert len(sizes) == 2 and sum(sizes) == 70000
     lines = _outputs(s3, bucket)["out/big.csv.out"].decode().splitlines()
     assert len(lines) == 70000 and lines[-1] == "%r,3" % float(699990 + 699991 + 699992)
 
 
-def test_json_lines_multirecord_equals_single_records(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
-    server = echo_server()
+def test_json_lines_multirecord_equals_single_records(echo, bucket, s3, s3_env) -> None:
+    server = echo
     for n in range(2):
         rows = "".join(json.dumps({"features": [n, i, 0.5]}) + "\n" for i in range(30))
         s3.put_object(Bucket=bucket, Key=f"in/part-{n}.jsonl", Body=rows.encode())
     kwargs = {"content_type": "application/jsonlines", "accept": "application/jsonlines"}
     assert _run(_spec(bucket, **kwargs), server, s3_env) == 0
     assert _run(_spec(bucket, out="single/", strategy="SingleRecord", **kwargs), server, s3_env) == 0
-    assert len(requests_logged(tmp_path)) == 2 + 60
+    assert len(echo.requests()) == 2 + 60
     multi, single = _outputs(s3, bucket), _outputs(s3, bucket, "single/")
     assert multi["out/part-1.jsonl.out"] == single["single/part-1.jsonl.out"]
     assert json.loads(multi["out/part-1.jsonl.out"].splitlines()[2]) == {"score": 3.5}
 
 
-def test_split_none_sends_each_image_whole(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+def test_split_none_sends_each_image_whole(echo, bucket, s3, s3_env) -> None:
     from PIL import Image
 
-    server = echo_server()
+    server = echo
     for name, size in (("a.png", (7, 5)), ("b.png", (3, 9))):
         buf = io.BytesIO()
         Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
@@ -105,8 +104,8 @@ def test_split_none_sends_each_image_whole(echo_server, bucket, s3, s3_env, tmp_
     assert out["out/a.png.out"].endswith(b"\n")  # AssembleWith Line
 
 
-def test_join_source_input_with_filters(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
-    server = echo_server()
+def test_join_source_input_with_filters(echo, bucket, s3, s3_env) -> None:
+    server = echo
     s3.put_object(Bucket=bucket, Key="in/rows.csv", Body=b"id-1,1,2\nid-2,3,4\n")
     spec = _spec(bucket, DataProcessing={"InputFilter": "$[1:]", "JoinSource": "Input", "OutputFilter": "$[0,3]"})
     assert _run(spec, server, s3_env) == 0
@@ -123,10 +122,9 @@ def test_join_source_input_with_filters(echo_server, bucket, s3, s3_env, tmp_pat
                                                     {"id": "b", "SageMakerOutput": {"score": 5}}]
 
 
-def test_failed_requests_are_retried(echo_server, bucket, s3, s3_env, tmp_path: Path, capsys) -> None:
-    flaky = tmp_path / "flaky"
-    flaky.mkdir()
-    server = echo_server(FLAKY_DIR=str(flaky))
+def test_failed_requests_are_retried(echo, bucket, s3, s3_env, capsys) -> None:
+    server = echo
+    echo.flaky()
     for n in range(3):
         s3.put_object(Bucket=bucket, Key=f"in/{n}.csv", Body=_csv(10, n * 10))
     assert _run(_spec(bucket), server, s3_env) == 0
@@ -134,9 +132,9 @@ def test_failed_requests_are_retried(echo_server, bucket, s3, s3_env, tmp_path: 
     assert len(_outputs(s3, bucket)) == 3
 
 
-def test_a_record_failing_for_good_is_named_and_the_rest_uploaded(echo_server, bucket, s3, s3_env, tmp_path: Path,
+def test_a_record_failing_for_good_is_named_and_the_rest_uploaded(echo, bucket, s3, s3_env,
                                                                    caplog) -> None:
-    server = echo_server()
+    server = echo
     s3.put_object(Bucket=bucket, Key="in/a.csv", Body=_csv(20))
     poisoned = _csv(12, 100).splitlines(keepends=True)
     poisoned[6] = b"1,666,3\n"
@@ -148,14 +146,14 @@ def test_a_record_failing_for_good_is_named_and_the_rest_uploaded(echo_server, b
     assert set(_outputs(s3, bucket)) == {"out/a.csv.out", "out/c.csv.out"}
 
     # The rerun after the fix sends only the object that is not done yet.
-    before = len(requests_logged(tmp_path))
+    before = len(echo.requests())
     s3.put_object(Bucket=bucket, Key="in/b.csv", Body=_csv(12, 100))
     assert _run(_spec(bucket), server, s3_env) == 0
-    assert requests_logged(tmp_path)[before:] == [("csv", 12)]
+    assert echo.requests()[before:] == [("csv", 12)]
     assert set(_outputs(s3, bucket)) == {"out/a.csv.out", "out/b.csv.out", "out/c.csv.out"}
     # A changed spec (another Accept) is other work: nothing is skipped.
     assert _run(_spec(bucket, accept="text/csv; charset=utf-8"), server, s3_env) == 0
-    assert len(requests_logged(tmp_path)) == before + 1 + 3
+    assert len(echo.requests()) == before + 1 + 3
 
 
 def test_unknown_spec_key_is_refused(capsys, caplog) -> None:
@@ -166,7 +164,7 @@ def test_unknown_spec_key_is_refused(capsys, caplog) -> None:
     assert "unknown key 'TransformInput.Splitype'" in caplog.text
 
 
-def test_rerun_after_sigterm_sends_only_the_rest(echo_server, bucket, s3, s3_env, tmp_path: Path) -> None:
+def test_rerun_after_sigterm_sends_only_the_rest(echo, bucket, s3, s3_env) -> None:
     import os
     import signal
     import subprocess
@@ -175,7 +173,8 @@ def test_rerun_after_sigterm_sends_only_the_rest(echo_server, bucket, s3, s3_env
 
     from tests.conftest import REPO
 
-    server = echo_server(SLOW="0.4")
+    server = echo
+    echo.slow(0.4)
     for n in range(6):
         s3.put_object(Bucket=bucket, Key=f"in/{n}.csv", Body=_csv(3, n * 10))
     spec = _spec(bucket, MaxConcurrentTransforms=1)
@@ -191,9 +190,9 @@ def test_rerun_after_sigterm_sends_only_the_rest(echo_server, bucket, s3, s3_env
     assert b"interrupted" in out
     done = len(_outputs(s3, bucket))
     assert 2 <= done < 6
-    sent_before = len(requests_logged(tmp_path))
+    sent_before = len(echo.requests())
     rerun = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
     assert len(_outputs(s3, bucket)) == 6
-    assert len(requests_logged(tmp_path)) - sent_before == 6 - done  # only the objects not written before
+    assert len(echo.requests()) - sent_before == 6 - done  # only the objects not written before
     assert f"{done} skipped as already done".encode() in rerun.stdout
