@@ -86,13 +86,14 @@ def _run(args: argparse.Namespace, settings, env: Mapping[str, str], stop: threa
 
     spec = read_transform_spec(args.job)
     url = args.endpoint or settings.transform_endpoint
-    server = None
+    server = _StartedServer(settings, env, spec.environment, log) if url is None else None
+
+    def connect() -> Endpoint:  # called only when some object is left to transform
+        address = url if server is None else server.start(settings.transform_startup_timeout, stop)
+        return Endpoint(address, timeout=spec.timeout, max_retries=spec.max_retries)
+
     try:
-        if url is None:
-            server = _StartedServer(settings, env, spec.environment, log)
-            url = server.start(settings.transform_startup_timeout, stop)
-        endpoint = Endpoint(url, timeout=spec.timeout, max_retries=spec.max_retries)
-        summary = run_job(spec, endpoint, endpoint_url=settings.endpoint_url, stop=stop,
+        summary = run_job(spec, connect, endpoint_url=settings.endpoint_url, stop=stop,
                           progress_interval=settings.transform_progress_interval, log=log)
     finally:
         if server is not None:

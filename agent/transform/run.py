@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from agent.data.listing import Entry, list_channel
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError, TransformError
@@ -90,14 +90,17 @@ class _Progress:
         self.objects_done = 0
 
 
-def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[str] = None,
+def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint]], *, endpoint_url: Optional[str] = None,
             stop: Optional[threading.Event] = None, progress_interval: float = 10.0,
             log: Optional[logging.Logger] = None) -> Summary:
-    """Run the job to its end (or until ``stop`` is set); the Summary says what happened."""
+    """Run the job to its end (or until ``stop`` is set); the Summary says what happened.
+
+    ``endpoint`` may be a callable that makes one (starting a server): it is called only when some object
+    is not done yet.
+    """
     log = log or logging.getLogger("torchbay.transform")
     stop = stop or threading.Event()
     started = time.monotonic()
-    plan = plan_job(spec, endpoint)
     assembler = Assembler(content_type=spec.content_type, accept=spec.accept, input_filter=spec.input_filter,
                           output_filter=spec.output_filter, join_source=spec.join_source,
                           assemble_with=spec.assemble_with)
@@ -107,6 +110,21 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
     target = open_storage(spec.output_uri, s3_client=client, endpoint_url=endpoint_url)
     entries = list_channel(source, spec.input_uri, spec.input_type, channel="TransformInput")
     summary = Summary(objects=len(entries))
+    todo = []
+    for entry in entries:  # the markers first: a job with nothing left to do never needs the endpoint
+        out_uri = _output_uri(spec.output_uri, entry.relative)
+        mark = {_MARK_SOURCE: _identity(source, entry), _MARK_SPEC: spec.digest}
+        if _read_mark(target, out_uri) == mark:
+            summary.skipped += 1
+        else:
+            todo.append((entry, out_uri, mark))
+    if not todo:
+        summary.seconds = time.monotonic() - started
+        log.info("transform job %s: all %d objects are already done", spec.name, len(entries))
+        return summary
+    if not isinstance(endpoint, Endpoint):
+        endpoint = endpoint()
+    plan = plan_job(spec, endpoint)
     progress = _Progress()
     log.info("transform job %s: %d objects from %s to %s; %s, %d requests at once, %d bytes per request at most",
              spec.name, len(entries), redact(spec.input_uri), redact(spec.output_uri),
@@ -197,16 +215,10 @@ def run_job(spec: TransformSpec, endpoint: Endpoint, *, endpoint_url: Optional[s
             held.give(charge)
 
     try:
-        for entry in entries:
+        for entry, out_uri, mark in todo:
             if stop.is_set() or fatal:
                 summary.interrupted = summary.interrupted or stop.is_set()
                 break
-            out_uri = _output_uri(spec.output_uri, entry.relative)
-            identity = _identity(source, entry)
-            mark = {_MARK_SOURCE: identity, _MARK_SPEC: spec.digest}
-            if _read_mark(target, out_uri) == mark:
-                summary.skipped += 1
-                continue
             charge = entry.size if entry.size is not None else plan.max_payload_bytes
             held.take(charge)
             what = redact(entry.uri)

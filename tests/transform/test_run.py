@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -196,3 +195,32 @@ def test_rerun_after_sigterm_sends_only_the_rest(echo, bucket, s3, s3_env) -> No
     assert len(_outputs(s3, bucket)) == 6
     assert len(echo.requests()) - sent_before == 6 - done  # only the objects not written before
     assert f"{done} skipped as already done".encode() in rerun.stdout
+
+
+def test_started_server_file_uris_manifest_and_resume(tmp_path, capsys) -> None:
+    """No endpoint given: the job starts `torchbay serve` itself; file:// in and out; a manifest; a rerun skips."""
+    from tests.transform.conftest import write_hooks
+
+    root = tmp_path / "ml"
+    write_hooks(root)
+    (tmp_path / "control").mkdir()
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "one.csv").write_bytes(_csv(4))
+    (data / "sub" / "two.csv").write_bytes(_csv(3, 50))
+    (data / "ignored.csv").write_bytes(b"1,666\n")  # not in the manifest: never sent
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([{"prefix": f"{data}/"}, "one.csv", "sub/two.csv"]))
+    spec = json.loads(_spec("unused"))
+    spec["TransformInput"]["DataSource"]["S3DataSource"] = {"S3DataType": "ManifestFile",
+                                                            "S3Uri": f"file://{manifest}"}
+    spec["TransformOutput"]["S3OutputPath"] = f"file://{tmp_path}/out"
+    env = {"REQUEST_LOG": str(tmp_path / "requests.log"), "CONTROL_DIR": str(tmp_path / "control"),
+           "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "PATH": __import__("os").environ["PATH"]}
+    argv = ["--job", json.dumps(spec), "--root", str(root)]
+    assert main(argv, env=env) == 0
+    assert (tmp_path / "out" / "sub" / "two.csv.out").read_bytes().decode().splitlines()[0] == "%r,3" % 1503.0
+    assert (tmp_path / "out" / "one.csv.out").exists() and not (tmp_path / "out" / "ignored.csv.out").exists()
+    assert main(argv, env=env) == 0
+    assert "2 skipped as already done" in capsys.readouterr().out
+    assert len((tmp_path / "requests.log").read_text().splitlines()) == 2  # the rerun sent nothing
