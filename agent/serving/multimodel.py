@@ -139,6 +139,9 @@ class MultiModelServing:
             self.registry.failed(entry)
             status = 404 if isinstance(err, ObjectMissing) else 500
             raise RequestError(status, f"loading model {name!r} failed: {err.message}") from err
+        except BaseException:  # anything else (a bug, an OSError): the name is free again, the error goes on
+            self.registry.failed(entry)
+            raise
         self.log.info("loaded model %r from %s in %.2f s (%d bytes charged, %d of %d used)", name, entry.url,
                       time.monotonic() - started, entry.charge, self.registry.used(), self.registry.budget)
         return entry

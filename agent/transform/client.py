@@ -61,12 +61,14 @@ class Endpoint:
         self.retries = 0  # requests sent again, over the whole job
         self._lock = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it served a request before (it may have been closed since)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
             self._local.conn = conn
-        return conn
+            return conn, False
+        return conn, True
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -75,8 +77,8 @@ class Endpoint:
             self._local.conn = None
 
     def _once(self, method: str, path: str, body: Optional[bytes], headers: dict[str, str]) -> tuple[int, bytes, str]:
-        for fresh in (False, True):  # a kept-alive connection the server closed meanwhile: once more on a new one
-            conn = self._connection()
+        while True:
+            conn, reused = self._connection()
             try:
                 conn.request(method, self._base + path, body=body, headers=headers)
                 response = conn.getresponse()
@@ -86,12 +88,11 @@ class Endpoint:
                 return response.status, data, response.getheader("Content-Type") or ""
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._drop()
-                if fresh:
+                if not reused:  # a kept-alive connection the server closed meanwhile: once more on a new one
                     raise
             except BaseException:
                 self._drop()
                 raise
-        raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
                 headers: Optional[dict[str, str]] = None, *, retries: Optional[int] = None) -> Reply:
@@ -111,14 +112,17 @@ class Endpoint:
             if error is None and status not in _RETRIED:
                 return Reply(status, data, content_type, attempt)
             if attempt > allowed:
-                if error is not None:
-                    kind = "timed out" if isinstance(error, socket.timeout) else f"failed ({type(error).__name__}: {error})"
-                    if isinstance(error, ConnectionRefusedError) or not isinstance(error, socket.timeout):
-                        raise EndpointUnreachable(f"{method} {self.url}{path} {kind} after {attempt} attempts; "
-                                                  "check that the endpoint is up") from error
+                if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
+                    raise EndpointUnreachable(f"{method} {self.url}{path} failed ({type(error).__name__}: {error}) "
+                                              f"after {attempt} attempts; check that the endpoint is up") from error
+                if isinstance(error, socket.timeout):
                     return Reply(504, json.dumps({"message": f"no answer within {self.timeout:g} s "
                                                              "(InvocationsTimeoutInSeconds)"}).encode(),
                                  "application/json", attempt)
+                if error is not None:  # the connection dropped mid-request: this request's failure (a record
+                    # that kills the worker), not the endpoint's; a dead endpoint refuses the next one
+                    return Reply(502, json.dumps({"message": f"the connection dropped ({type(error).__name__}: "
+                                                             f"{error})"}).encode(), "application/json", attempt)
                 return Reply(status, data, content_type, attempt)
             with self._lock:
                 self.retries += 1
