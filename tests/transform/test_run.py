@@ -63,11 +63,14 @@ def test_csv_multirecord_equals_single_records(echo, bucket, s3, s3_env, capsys)
     assert first[1] == "%r,3" % (10.0 + 11.0 + 12.0) and len(first) == 40
 
 
-def test_multirecord_respects_max_payload(echo, bucket, s3, s3_env) -> None:
+def test_multirecord_respects_max_payload(echo, bucket, s3, s3_env, caplog) -> None:
     server = echo
+    echo.slow(0.6)  # long enough for a progress line (every 0.5 s here)
     body = _csv(70000)  # ~1.4 MB: two requests under MaxPayloadInMB 1
     s3.put_object(Bucket=bucket, Key="in/big.csv", Body=body)
-    assert _run(_spec(bucket, MaxPayloadInMB=1), server, s3_env) == 0
+    with caplog.at_level(logging.INFO, logger="torchbay.transform"):
+        assert _run(_spec(bucket, MaxPayloadInMB=1), server, s3_env) == 0
+    assert "records read so far, 0 of 1 objects written (0 skipped)" in caplog.text and "ETA" in caplog.text
     sizes = [n for _, n in echo.requests()]
     assert len(sizes) == 2 and sum(sizes) == 70000
     lines = _outputs(s3, bucket)["out/big.csv.out"].decode().splitlines()
