@@ -477,6 +477,9 @@ def serve_multi_model(settings: Any, config: ServeConfig, env: Mapping[str, str]
                             model_prefix=settings.mme_model_prefix, env=env, endpoint_url=settings.endpoint_url,
                             log=log)
     mms.models_dir.mkdir(parents=True, exist_ok=True)
+    if config.model_uri:
+        log.warning("multi-model mode ignores TORCHBAY_MODEL_URI/--model-uri (%s); load models with POST /models "
+                    "or TORCHBAY_MME_MODEL_PREFIX", config.model_uri)
     log.info("multi-model mode: one worker, %d HTTP threads, %d torch threads, budget %d bytes, models in %s%s",
              config.http_threads, config.torch_threads, mms.registry.budget, mms.models_dir,
              f", loaded on first use from {mms.model_prefix}" if mms.model_prefix else "")
