@@ -227,3 +227,14 @@ def test_started_server_file_uris_manifest_and_resume(tmp_path, capsys) -> None:
     assert main(argv, env=env) == 0
     assert "2 skipped as already done" in capsys.readouterr().out
     assert len((tmp_path / "requests.log").read_text().splitlines()) == 2  # the rerun sent nothing
+
+
+def test_gzip_objects_are_unpacked_before_splitting(echo, bucket, s3, s3_env) -> None:
+    import gzip
+
+    s3.put_object(Bucket=bucket, Key="in/a.csv.gz", Body=gzip.compress(_csv(9)))
+    spec = json.loads(_spec(bucket))
+    spec["TransformInput"]["CompressionType"] = "Gzip"
+    assert _run(json.dumps(spec), echo, s3_env) == 0
+    assert echo.requests() == [("csv", 9)]
+    assert _outputs(s3, bucket)["out/a.csv.gz.out"].decode().splitlines()[8] == "%r,3" % (80.0 + 81 + 82)
