@@ -2,6 +2,7 @@
 
     torchbay train [--job SPEC]     run a training job (agent.training)
     torchbay serve [...]            serve a model (agent.serving)
+    torchbay transform --job SPEC   run a batch transform job (agent.transform)
     torchbay settings [--section S] print every setting as a Markdown table (the README's table)
 """
 
@@ -17,6 +18,7 @@ __all__ = ["main", "run", "settings_table", "SUBCOMMANDS"]
 SUBCOMMANDS = {
     "train": ("agent.training", "run a training job (the SageMaker train contract)"),
     "serve": ("agent.serving", "serve a model (the SageMaker serve contract)"),
+    "transform": ("agent.transform", "run a batch transform job (a CreateTransformJob-shaped spec)"),
     "settings": (None, "print every setting as a Markdown table"),
 }
 EXIT_USAGE = 64  # EX_USAGE

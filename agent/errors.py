@@ -26,6 +26,7 @@ __all__ = [
     "DistributedError",
     "ModelLoadError",
     "RequestError",
+    "TransformError",
     "exit_code_for",
     "ArchiveError",
     "UploadIncomplete",
@@ -150,6 +151,12 @@ class RequestError(TorchBayError):
 
 class ArchiveError(TorchBayError):
     """An archive is truncated or corrupt, or over a size or member-count limit."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class TransformError(TorchBayError):
+    """A batch transform job could not transform an object or a record (after its retries)."""
 
     exit_code = 65  # EX_DATAERR
 

@@ -272,6 +272,28 @@ _SERVING = (
        "always off on GPUs).", "serving"),
     _s("serve_crash_window", "TORCHBAY_SERVE_CRASH_WINDOW", float, 10.0,
        "Seconds /ping stays unhealthy after a worker died unexpectedly.", "serving", _non_negative),
+    _s("serve_multi_model", ("TORCHBAY_MULTI_MODEL", "SAGEMAKER_MULTI_MODEL"), parse_bool, False,
+       "Multi-model mode: the SageMaker /models contract, models loaded and unloaded at run time under "
+       "<root>/models, one worker process (see the README's multi-model section).", "serving"),
+    _s("mme_model_prefix", "TORCHBAY_MME_MODEL_PREFIX", _opt_str, None,
+       "Multi-model mode: s3:// or file:// prefix a model named in a request but not loaded is fetched from "
+       "(<prefix>/<name> when it ends in .tar.gz, else <prefix>/<name>/model.tar.gz or <prefix>/<name>.tar.gz) "
+       "and loaded on first use, least recently used models unloaded to make room (unset: 404).", "serving"),
+    _s("mme_memory_mb", "TORCHBAY_MME_MEMORY_MB", _opt_int, None,
+       "Multi-model mode: MiB all loaded models may take together (unset: 80% of the memory the container may "
+       "use); a model that cannot fit is answered 507.", "serving", _positive),
+)
+
+# --- batch transform (issue 16) ----------------------------------------------------------------
+_TRANSFORM = (
+    _s("transform_endpoint", "TORCHBAY_TRANSFORM_ENDPOINT", _opt_str, None,
+       "`torchbay transform`: URL of a running endpoint (http://host:port) to send requests to (unset: start "
+       "`torchbay serve` on 127.0.0.1 for the job).", "transform"),
+    _s("transform_progress_interval", "TORCHBAY_TRANSFORM_PROGRESS_INTERVAL", float, 10.0,
+       "`torchbay transform`: seconds between progress lines (records, objects, rate, ETA).", "transform",
+       _positive),
+    _s("transform_startup_timeout", "TORCHBAY_TRANSFORM_STARTUP_TIMEOUT", float, 600.0,
+       "`torchbay transform`: seconds the started server may take to answer /ping 200.", "transform", _positive),
 )
 
 # --- live sync (issue 8) -----------------------------------------------------------------------
@@ -316,7 +338,8 @@ _FAULTS = (
        "Most files, folders and links the source archive may hold.", "train", _positive),
 )
 
-ALL_SETTINGS: tuple = _GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC + _FAULTS
+ALL_SETTINGS: tuple = (_GENERAL + _TRAIN + _DATA + _TELEMETRY + _DISTRIBUTED + _SERVING + _SYNC + _FAULTS
+                       + _TRANSFORM)
 
 
 class Settings:

@@ -76,6 +76,10 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
 
     gpus = _gpu_count(log, env)
     config = resolve_config(settings, overrides, gpus=gpus)
+    if settings.serve_multi_model:  # SAGEMAKER_MULTI_MODEL=true: the /models contract (agent.serving.multimodel)
+        from agent.serving.multimodel import serve_multi_model
+
+        return serve_multi_model(settings, config, env, log)
     log.info("serving %s on %s:%d: %d workers x %d torch threads, %d requests each, batch %d (%g ms), "
              "preload %s, %d GPUs", config.model_dir, config.host, config.port, config.workers,
              config.torch_threads, config.http_threads, config.batch_size, config.batch_delay * 1000,

@@ -103,3 +103,15 @@ def test_cuda_shares_the_cpu_layers_up_to_its_own_part() -> None:
     own = dict(cuda["runtime"][shared:])
     assert "NVIDIA_VISIBLE_DEVICES=all" in own["ENV"] and "TORCH_VARIANT" in " ".join(
         args for op, args in cuda["runtime"][shared:] if op == "ARG")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_serve_image_declares_multi_model_support(flavour: str) -> None:
+    """SageMaker hosts a multi-model endpoint only on an image carrying this label (serve images only)."""
+    label = 'com.amazonaws.sagemaker.capabilities.multi-models="true"'
+    for name, stage in _stages(flavour).items():
+        labels = " ".join(args for op, args in stage if op == "LABEL")
+        if 'container_type="inference"' in labels:
+            assert label in labels, name
+        else:
+            assert label not in labels, name
