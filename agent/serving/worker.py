@@ -46,7 +46,7 @@ _LINGER = 1.0  # seconds a stuck worker keeps answering (/ping: 503) before it e
 
 
 def request_complete(buf: bytes | bytearray, max_body: int) -> tuple[bool, Optional[int]]:
-    """(the request in ``buf`` has fully arrived, its body length when known).
+    """(the request in ``buf`` has fully arrived, its body length once the headers are in: 0 when chunked).
 
     Also True when reading on would not help: a body over ``max_body`` (the app answers 413 without
     reading it), or a head too long or malformed (gunicorn's parser answers 431 or 400).
@@ -67,8 +67,8 @@ def request_complete(buf: bytes | bytearray, max_body: int) -> tuple[bool, Optio
         elif name == "transfer-encoding" and "chunked" in value.lower():
             chunked = True
     start = end + 4
-    if chunked:
-        return _chunked_complete(buf, start, max_body), None
+    if chunked:  # the body's length is unknown until it ends: its deadline is the header timeout again
+        return _chunked_complete(buf, start, max_body), 0
     if length > max_body or length < 0:
         return True, length
     return len(buf) - start >= length, length
