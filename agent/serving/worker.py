@@ -215,7 +215,7 @@ def make_worker(serving: Any) -> type:
 
         def _on_readable(self, conn: Any, client: Any) -> None:
             try:
-                chunk = conn.sock.recv(262144)
+                chunk = conn.sock.recv(65536)  # under malloc's mmap threshold: no mmap per read
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
