@@ -167,8 +167,10 @@ def make_worker(serving: Any) -> type:
             # Every waiting connection up to the balance limit, not one per turn of the loop: a burst of
             # 300 sockets otherwise queues a new client behind 300 turns (~1 s on a loaded machine).
             if room is None:
-                room = max(1, min(_ACCEPT_BATCH, self.worker_connections - self.nr_conns))
-            for _ in range(room):
+                room = _ACCEPT_BATCH
+            for n in range(room):
+                if n and self.nr_conns >= self.worker_connections:  # re-read: the others' counts move too
+                    return
                 try:
                     client, address = listener.accept()
                 except OSError as err:
@@ -176,6 +178,8 @@ def make_worker(serving: Any) -> type:
                         return
                     raise
                 self.nr_conns += 1
+                if self._slot is not None:  # published at once, so the others' limits follow
+                    state.set_connections(self._slot, self.nr_conns)
                 conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking
                 self._start_reading(conn, b"")
 
@@ -331,8 +335,8 @@ def make_worker(serving: Any) -> type:
                 return
             if now - self._unclaimed_since >= _BALANCE_TICK:
                 self._unclaimed_since = None
-                for key, _ in ready:
-                    self.accept(key.fileobj, _ACCEPT_BATCH)
+                for key, _ in ready:  # one: taking many here would unbalance the workers for good
+                    self.accept(key.fileobj, 1)
 
         def _watch_model(self) -> None:
             if self._stuck_at is not None:
