@@ -232,6 +232,10 @@ def _opt_int(text: str) -> Optional[int]:
     return int(text) if text.strip() else None
 
 
+def _opt_float(text: str) -> Optional[float]:
+    return float(text) if text.strip() else None
+
+
 _SERVING = (
     _s("serve_port", "SAGEMAKER_BIND_TO_PORT", int, 8080,
        "Port `torchbay serve` listens on (the --port flag overrides it).", "serving", _non_negative),
@@ -272,6 +276,25 @@ _SERVING = (
        "always off on GPUs).", "serving"),
     _s("serve_crash_window", "TORCHBAY_SERVE_CRASH_WINDOW", float, 10.0,
        "Seconds /ping stays unhealthy after a worker died unexpectedly.", "serving", _non_negative),
+    _s("serve_header_timeout", "TORCHBAY_SERVE_HEADER_TIMEOUT", float, 10.0,
+       "Seconds a client has to send a request's headers once it connected or began a request; then 408 and "
+       "the connection is closed (no request thread waits on a client meanwhile).", "serving", _positive),
+    _s("serve_body_min_rate", "TORCHBAY_SERVE_BODY_MIN_RATE", float, 65536.0,
+       "Slowest body upload in bytes/s: a body must arrive within the header timeout plus its length at this "
+       "rate, else 408.", "serving", _positive),
+    _s("serve_keepalive", "TORCHBAY_SERVE_KEEPALIVE", float, 5.0,
+       "Seconds an idle keep-alive connection stays open.", "serving", _positive),
+    _s("serve_max_decoded_mb", "TORCHBAY_SERVE_MAX_DECODED_MB", _opt_float, None,
+       "Largest decoded input in MiB (NPY/NPZ as declared, JSON/CSV as float32), checked before decoding; "
+       "bigger is answered 413 (unset: 4 x SAGEMAKER_MAX_PAYLOAD_IN_MB).", "serving", _positive),
+    _s("serve_max_image_pixels", "TORCHBAY_SERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096,
+       "Largest image (width x height) decoded; a bigger one is answered 413 from its header.", "serving",
+       _positive),
+    _s("serve_max_json_depth", "TORCHBAY_SERVE_MAX_JSON_DEPTH", int, 32,
+       "Deepest nesting of a JSON body; deeper is answered 400 before parsing.", "serving", _positive),
+    _s("serve_stuck_timeout", "TORCHBAY_SERVE_STUCK_TIMEOUT", _opt_float, None,
+       "Seconds one model call may run before its worker is replaced (/ping says 503 naming it meanwhile; "
+       "unset: SAGEMAKER_MODEL_SERVER_TIMEOUT + 30).", "serving", _positive),
     _s("serve_multi_model", ("TORCHBAY_MULTI_MODEL", "SAGEMAKER_MULTI_MODEL"), parse_bool, False,
        "Multi-model mode: the SageMaker /models contract, models loaded and unloaded at run time under "
        "<root>/models, one worker process (see the README's multi-model section).", "serving"),

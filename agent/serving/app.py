@@ -19,6 +19,8 @@ from werkzeug.exceptions import HTTPException
 from agent.errors import RequestError
 from agent.serving import codecs
 from agent.serving.batching import Runner
+from agent.serving.limits import DecodeGate, Limits, check_decoded_size, release_memory
+from agent.serving.ratelog import RateLimitedLog
 from agent.serving.config import ServeConfig
 from agent.serving.model import ModelHandler
 from agent.serving.shared import SharedState
@@ -43,11 +45,12 @@ class Serving:
         self.state = state
         self.log = log or logging.getLogger("torchbay.serve")
         self.runner: Optional[Runner] = None
+        self.busy_since: Optional[float] = None  # when the model call running now began (monotonic), else None
 
     def start_worker(self) -> None:
         """In a freshly forked worker: start the inference thread."""
         batch = self.config.batch_size if not self.handler.has_transform else 1
-        self.runner = Runner(self._run_one, self.handler.predict_batch if batch > 1 else None,
+        self.runner = Runner(self._run_one, self._run_batch if batch > 1 else None,
                              max_batch=batch, max_delay=self.config.batch_delay,
                              on_batch=self.state.record_batch, log=self.log)
         self.runner.start()
@@ -57,9 +60,20 @@ class Serving:
             self.runner.stop(timeout=self.config.grace_period)
 
     def _run_one(self, data: Any) -> Any:
-        if isinstance(data, _Transform):
-            return self.handler.transform(data.body, data.content_type, data.accept)
-        return self.handler.predict(data)
+        self.busy_since = time.monotonic()
+        try:
+            if isinstance(data, _Transform):
+                return self.handler.transform(data.body, data.content_type, data.accept)
+            return self.handler.predict(data)
+        finally:
+            self.busy_since = None
+
+    def _run_batch(self, inputs: Any) -> Any:
+        self.busy_since = time.monotonic()
+        try:
+            return self.handler.predict_batch(inputs)
+        finally:
+            self.busy_since = None
 
 
 def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
@@ -140,10 +154,24 @@ class _Invoker:
 
     def __init__(self, serving: Serving) -> None:
         self._serving = serving
-        self._config = serving.config
+        self._config = config = serving.config
         self._log = serving.log
+        self._client_log = RateLimitedLog(serving.log)
+        self._limits = Limits(config.max_decoded_bytes, config.max_image_pixels, config.max_json_depth,
+                              large_bytes=min(8 * 1024 * 1024, config.max_payload_bytes))
+        self._gate = DecodeGate(self._limits)
 
     def __call__(self, environ: dict) -> tuple[int, bytes, str, bool]:
+        large: list[bool] = []
+        answer = self._answer(environ, large)
+        if answer[0] >= 400 and answer[0] < 500:
+            self._client_log.warning("%d %s from %s: %s", answer[0], environ.get("PATH_INFO", ""),
+                                     environ.get("REMOTE_ADDR", "?"), _message(answer[1]))
+        if large:  # the request's arrays are gone by now: hand their memory back
+            release_memory()
+        return answer
+
+    def _answer(self, environ: dict, large: list[bool]) -> tuple[int, bytes, str, bool]:
         started = time.monotonic()
         serving, config = self._serving, self._config
         runner = serving.runner
@@ -171,17 +199,28 @@ class _Invoker:
                 if len(body) > limit:
                     return _error(413, f"the body is over the limit of {limit} bytes; send less or raise "
                                        "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
-                if handler.has_transform:
-                    future = runner.submit(_Transform(body, content_type, accept))
-                else:
-                    data, key = handler.input(body, content_type)
-                    future = runner.submit(data, key)
+                decoded = check_decoded_size(body, content_type, self._limits)
+                with self._gate.admit(len(body), decoded) as is_large:
+                    if is_large:
+                        large.append(True)
+                    if handler.has_transform:
+                        future = runner.submit(_Transform(body, content_type, accept))
+                    else:
+                        data, key = handler.input(body, content_type)
+                        if data is None and handler.custom_input:
+                            raise RequestError(500, "input_fn returned None; return the decoded input (for "
+                                                    "example a tensor)")
+                        future = runner.submit(data, key)
+                        del data
             remaining = config.timeout - (time.monotonic() - started)
             try:
                 result = future.result(max(0.0, remaining))
             except TimeoutError:
                 future.cancel()
-                self._log.warning("a request took longer than %g s; answered 504", config.timeout)
+                serving.state.record_timeout()
+                self._log.warning("a request took longer than %g s; answered 504 (the call is abandoned; a "
+                                  "call still running after %g s replaces the worker)", config.timeout,
+                                  config.stuck_timeout)
                 return _error(504, f"the model did not answer within {config.timeout:g} s; raise "
                                    "SAGEMAKER_MODEL_SERVER_TIMEOUT or send less per request")
             payload, out_type = result if handler.has_transform else handler.output(result, accept)
@@ -190,10 +229,40 @@ class _Invoker:
                 self._log.error("invocation failed (%d): %s", err.status, err.message,
                                 exc_info=err.__cause__ or err)
             return _error(err.status, err.message)
+        except MemoryError:
+            self._log.error("a request ran out of memory while decoding or predicting; answered 413")
+            return _error(413, "the request needs more memory than this worker has; send less per request "
+                               "(or lower TORCHBAY_SERVE_MAX_DECODED_MB so such requests are refused up front)")
+        except RecursionError:
+            return _error(400, "the body nests too deeply to decode; send a flat array of rows")
+        except (SystemExit, KeyboardInterrupt) as err:  # model code called sys.exit(): the request fails, not the worker
+            self._log.error("model code raised %s(%r) during a request; answered 500, the worker lives on",
+                            type(err).__name__, getattr(err, "code", None))
+            return _error(500, f"the model code called sys.exit({getattr(err, 'code', '')}) during the request; "
+                               "raise an exception instead")
         except Exception as err:  # top of a request: a bug or an unexpected failure; logged, never fatal
             self._log.exception("invocation failed")
-            return _error(500, f"internal error: {type(err).__name__}; see the server log")
+            return _error(500, f"the model failed: {_exception_name(err)}: {_last_line(err)}; see the server log")
         return 200, payload, out_type, False
+
+
+def _exception_name(err: BaseException) -> str:
+    kind = type(err)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def _last_line(err: BaseException) -> str:
+    """The last line of a message: where TorchScript's interpreter errors put the cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else "(no message)")[:300]
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("message", ""))[:300]
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _content_length(environ: dict) -> Optional[int]:

@@ -36,6 +36,13 @@ class ServeConfig:
     crash_window: float
     gpus: int
     log_level: str
+    header_timeout: float = 10.0  # seconds for a request's headers
+    body_min_rate: float = 65536.0  # bytes/s a body must at least arrive at
+    keepalive: float = 5.0  # seconds an idle connection stays open
+    max_decoded_bytes: int = 24 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_json_depth: int = 32
+    stuck_timeout: float = 90.0  # seconds one model call may run before its worker is replaced
 
     @property
     def model_dir(self) -> Path:
@@ -107,6 +114,13 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         crash_window=settings.serve_crash_window,
         gpus=gpus,
         log_level=settings.log_level,
+        header_timeout=settings.serve_header_timeout,
+        body_min_rate=settings.serve_body_min_rate,
+        keepalive=settings.serve_keepalive,
+        max_decoded_bytes=int((settings.serve_max_decoded_mb or 4 * settings.serve_max_payload_mb) * 1024 * 1024),
+        max_image_pixels=settings.serve_max_image_pixels,
+        max_json_depth=settings.serve_max_json_depth,
+        stuck_timeout=settings.serve_stuck_timeout or settings.serve_timeout + 30.0,
     )
 
 

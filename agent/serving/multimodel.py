@@ -100,6 +100,13 @@ class MultiModelServing:
     def start_worker(self) -> None:
         self.started = True
 
+    @property
+    def busy_since(self) -> Optional[float]:
+        """When the oldest model call running now began (monotonic), else None (the stuck-worker watch reads it)."""
+        times = [entry.serving.busy_since for entry in self.registry.models()
+                 if entry.serving is not None and entry.serving.busy_since is not None]
+        return min(times) if times else None
+
     def stop_worker(self) -> None:
         for entry in self.registry.models():
             if entry.serving is not None:

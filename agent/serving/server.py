@@ -8,49 +8,23 @@ worker within the grace period.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from typing import Any, Callable, Optional
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.errors import HaltServer
 
 from agent.serving.app import Serving
 from agent.serving.config import assign_gpu
-from agent.serving.shared import SharedState
+from agent.serving.worker import make_worker
 
-__all__ = ["run_server", "gunicorn_options", "balanced_worker"]
+__all__ = ["run_server", "gunicorn_options", "EXIT_BOOT_FAILED"]
 
-
-def balanced_worker(state: SharedState) -> type:
-    """gunicorn's gthread worker that accepts a connection only while it holds no more than the fewest
-    any other worker holds, so keep-alive clients spread evenly over the workers.
-
-    Without it one worker can take most of a burst of connections (28 of 32 seen with 2 workers) while
-    the other idles between its few clients' requests. Counts go through ``state``; a worker that is
-    alone, or whose siblings are not ready, accepts as gunicorn would.
-    """
-    from gunicorn.workers.gthread import ThreadWorker
-
-    class BalancedWorker(ThreadWorker):
-        _slot: Optional[int] = None
-        _limit = 1000
-
-        @property  # type: ignore[override]
-        def worker_connections(self) -> int:  # read by gunicorn's loop before each wait for events
-            if self._slot is None:
-                self._slot = state.worker_slot(os.getpid())
-            if self._slot is None:
-                return self._limit
-            state.set_connections(self._slot, self.nr_conns)
-            fewest = state.fewest_connections(self._slot)
-            return self._limit if fewest is None else min(self._limit, fewest + 1)
-
-        @worker_connections.setter
-        def worker_connections(self, value: int) -> None:
-            self._limit = value
-
-    return BalancedWorker
+EXIT_BOOT_FAILED = 3  # a worker could not boot (the model did not load): the server ends with it, once
+_BOOT_RETRIES = 3  # boot failures tolerated while other workers serve (a replacement that fails at random)
 
 
 def gunicorn_options(serving: Serving) -> dict[str, Any]:
@@ -59,11 +33,12 @@ def gunicorn_options(serving: Serving) -> dict[str, Any]:
     return {
         "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
         "workers": config.workers,
-        "worker_class": balanced_worker(serving.state),
+        "worker_class": make_worker(serving),
         "threads": config.http_threads,
-        "timeout": max(30, int(config.timeout) + 30),  # heartbeat only: slow requests are answered 504 first
+        # heartbeat only: slow requests are answered 504 first, stuck calls replace their worker before this
+        "timeout": max(30, int(config.stuck_timeout) + 30),
         "graceful_timeout": max(1, int(round(config.grace_period))),
-        "keepalive": 5,
+        "keepalive": max(1, math.ceil(config.keepalive)),  # gunicorn takes whole seconds
         "backlog": 2048,
         "accesslog": None,
         "loglevel": config.log_level.lower(),
@@ -108,9 +83,16 @@ class _Application(BaseApplication):
             serving.stop_worker()
 
         def child_exit(server: Any, worker: Any) -> None:
+            booted = serving.state.was_ready(worker.pid)
             if serving.state.worker_gone(worker.pid):
-                log.error("worker %d died unexpectedly; /ping answers 503 for %g s", worker.pid,
-                          serving.config.crash_window)
+                log.error("worker %d died unexpectedly; it is replaced and /ping answers 503 for %g s",
+                          worker.pid, serving.config.crash_window)
+            if not booted and not getattr(server, "stopping", False):
+                failures = serving.state.record_boot_failure()
+                if serving.state.ready_workers() == 0 or failures >= _BOOT_RETRIES:
+                    raise HaltServer(f"worker {worker.pid} could not boot ({failures} boot failures); see the "
+                                     "error above", EXIT_BOOT_FAILED)
+                log.error("worker %d could not boot (%d so far); starting another", worker.pid, failures)
 
         self.cfg.set("pre_fork", pre_fork)
         self.cfg.set("post_fork", post_fork)
@@ -123,14 +105,25 @@ class _Application(BaseApplication):
 
 
 class _Arbiter(Arbiter):
-    """gunicorn's master loop, marking the shared state as stopping on SIGTERM/SIGINT/SIGQUIT."""
+    """gunicorn's master loop, marking the shared state as stopping on SIGTERM/SIGINT/SIGQUIT.
 
+    gunicorn halts the whole server when any worker exits with 3 or 4 (its "failed to boot" and "app
+    failed to load" codes), even long after boot, so ``os._exit(3)`` in model code ended the server.
+    Here those codes mean nothing special: ``child_exit`` decides from the shared state whether the
+    worker had booted (then it is replaced like any dead worker) or not (then boot failures end the
+    server with :data:`EXIT_BOOT_FAILED`).
+    """
+
+    WORKER_BOOT_ERROR = -1  # never an exit status
+    APP_LOAD_ERROR = -2
     serving: Optional[Serving] = None
+    stopping = False
     stop_signal: Optional[int] = None  # the signal that stopped the server, for the 128+N exit code
 
     def _mark_stopping(self, signum: int) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum
+        self.stopping = True
         if self.serving is not None:
             self.serving.state.set_stopping()
 

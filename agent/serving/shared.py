@@ -15,13 +15,13 @@ from typing import Iterator, Optional, Sequence
 __all__ = ["SharedState", "ENDPOINTS", "CODES", "DURATION_BUCKETS", "BATCH_BUCKETS"]
 
 ENDPOINTS = ("invocations", "ping", "execution-parameters", "metrics", "other")
-CODES = (200, 400, 404, 405, 406, 413, 415, 500, 503, 504, 0)  # 0: any other status
+CODES = (200, 400, 404, 405, 406, 408, 413, 414, 415, 431, 500, 503, 504, 0)  # 0: any other status
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, float("inf"))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 
 _SLOTS = 256
-_FREE, _READY, _CLEAN = 0, 1, 2
+_FREE, _READY, _CLEAN, _STUCK = 0, 1, 2, 3
 
 
 class SharedState:
@@ -36,6 +36,9 @@ class SharedState:
         # health: [last unexpected death (CLOCK_MONOTONIC), deaths, stopping]
         self._health = ctx.RawArray(ctypes.c_double, 3)
         self._health[0] = -1e18
+        self._stuck_since = ctx.RawArray(ctypes.c_double, _SLOTS)  # when a stuck worker's model call began
+        # events: [requests answered 504, workers replaced because stuck, boot failures]
+        self._events = ctx.RawArray(ctypes.c_double, 3)
         n_codes, n_buckets = len(CODES), len(DURATION_BUCKETS)
         self._requests = ctx.RawArray(ctypes.c_double, len(ENDPOINTS) * n_codes)
         self._durations = ctx.RawArray(ctypes.c_double, len(ENDPOINTS) * (n_buckets + 1))  # buckets + sum
@@ -62,15 +65,48 @@ class SharedState:
         """The master reaped a worker; True (and /ping unhealthy for a while) when its death was unexpected."""
         with self._lock:
             clean = False
+            stuck = False
             for i in range(_SLOTS):
                 if self._pids[i] == pid and self._states[i] != _FREE:
                     clean = self._states[i] == _CLEAN
-                    self._pids[i], self._states[i] = 0, _FREE
+                    stuck = self._states[i] == _STUCK
+                    self._pids[i], self._states[i], self._stuck_since[i] = 0, _FREE, 0.0
+            if stuck:
+                self._events[1] += 1
+                return False
             if clean or stopping or self._health[2]:
                 return False
             self._health[0] = time.monotonic()
             self._health[1] += 1
             return True
+
+    def was_ready(self, pid: int) -> bool:
+        """Whether the worker ``pid`` finished booting (call before :meth:`worker_gone` forgets it)."""
+        with self._lock:
+            return any(self._pids[i] == pid and self._states[i] != _FREE for i in range(_SLOTS))
+
+    def worker_stuck(self, pid: int, since: float) -> None:
+        """The worker ``pid`` gives up on a model call running since ``since`` (monotonic) and will exit."""
+        with self._lock:
+            for i in range(_SLOTS):
+                if self._pids[i] == pid and self._states[i] == _READY:
+                    self._states[i], self._stuck_since[i] = _STUCK, since
+                    return
+
+    def stuck_workers(self) -> list[tuple[int, float]]:
+        """(pid, seconds in its model call) of every worker being replaced because it is stuck."""
+        now = time.monotonic()
+        return [(int(self._pids[i]), now - self._stuck_since[i]) for i in range(_SLOTS) if self._states[i] == _STUCK]
+
+    def record_timeout(self) -> None:
+        with self._lock:
+            self._events[0] += 1
+
+    def record_boot_failure(self) -> int:
+        """Count a worker that failed to boot; the count so far."""
+        with self._lock:
+            self._events[2] += 1
+            return int(self._events[2])
 
     def worker_slot(self, pid: int) -> Optional[int]:
         """The slot of a ready worker (for :meth:`set_connections`), None when it is not ready."""
@@ -106,6 +142,11 @@ class SharedState:
         since = time.monotonic() - self._health[0]
         if self._health[2]:
             return False, "the server is shutting down"
+        stuck = self.stuck_workers()
+        if stuck:
+            pid, seconds = stuck[0]
+            return False, (f"worker {pid} is stuck in a model call for {seconds:.0f} s (over "
+                           "TORCHBAY_SERVE_STUCK_TIMEOUT) and is being replaced")
         if since < crash_window:
             return False, (f"a worker died unexpectedly {since:.1f} s ago ({int(self._health[1])} so far); "
                            "see the server log")
@@ -138,6 +179,8 @@ class SharedState:
                 "durations": list(self._durations),
                 "batches": list(self._batches),
                 "deaths": self._health[1],
+                "timeouts": self._events[0],
+                "stuck": self._events[1],
                 "ready": sum(1 for i in range(_SLOTS) if self._states[i] == _READY),
             }
 
@@ -193,4 +236,12 @@ class _Collector:
         yield batches
         yield CounterMetricFamily("torchbay_serve_worker_deaths", "Workers that died unexpectedly.",
                                   value=snap["deaths"])
+        yield CounterMetricFamily("torchbay_serve_timeouts", "Requests answered 504 because the model was too slow.",
+                                  value=snap["timeouts"])
+        replaced = CounterMetricFamily("torchbay_serve_worker_replacements",
+                                       "Workers replaced after boot, by reason (died: any exit or signal; stuck: "
+                                       "a model call over TORCHBAY_SERVE_STUCK_TIMEOUT).", labels=["reason"])
+        replaced.add_metric(["died"], snap["deaths"])
+        replaced.add_metric(["stuck"], snap["stuck"])
+        yield replaced
         yield GaugeMetricFamily("torchbay_serve_workers_ready", "Workers booted and answering.", value=snap["ready"])
