@@ -2,6 +2,7 @@
 
     torchbay train [--job SPEC]     run a training job (agent.training)
     torchbay serve [...]            serve a model (agent.serving)
+    torchbay export MODULE [...]    write model.pt2 (torch.export) and model.aoti.pt2 (agent.export)
     torchbay settings [--section S] print every setting as a Markdown table (the README's table)
 """
 
@@ -17,6 +18,7 @@ __all__ = ["main", "run", "settings_table", "SUBCOMMANDS"]
 SUBCOMMANDS = {
     "train": ("agent.training", "run a training job (the SageMaker train contract)"),
     "serve": ("agent.serving", "serve a model (the SageMaker serve contract)"),
+    "export": ("agent.export", "export a module to a torch.export program (and an AOTInductor package)"),
     "settings": (None, "print every setting as a Markdown table"),
 }
 EXIT_USAGE = 64  # EX_USAGE

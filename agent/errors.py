@@ -24,6 +24,7 @@ __all__ = [
     "DiskFullError",
     "DistributedError",
     "ModelLoadError",
+    "ExportError",
     "RequestError",
     "exit_code_for",
 ]
@@ -125,6 +126,12 @@ class ModelLoadError(TorchBayError):
     """The model could not be found or loaded for serving."""
 
     exit_code = 3  # gunicorn's WORKER_BOOT_ERROR
+
+
+class ExportError(TorchBayError):
+    """``torchbay export`` could not load, export or compile the module it was given."""
+
+    exit_code = 65  # EX_DATAERR
 
 
 class RequestError(TorchBayError):

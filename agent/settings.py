@@ -265,6 +265,13 @@ _SERVING = (
        "always off on GPUs).", "serving"),
     _s("serve_crash_window", "TORCHBAY_SERVE_CRASH_WINDOW", float, 10.0,
        "Seconds /ping stays unhealthy after a worker died unexpectedly.", "serving", _non_negative),
+    _s("serve_model_file", "TORCHBAY_SERVE_MODEL_FILE", _opt_str, None,
+       "Which file in <model> to serve: a file name, or a format (aoti, export, torchscript). Unset: the only "
+       ".pt2/.pt/.pth file; with several, the first of aoti, export, torchscript present (model.* first).",
+       "serving"),
+    _s("serve_compile", "TORCHBAY_SERVE_COMPILE", parse_bool, False,
+       "Run a torch.export program through torch.compile (compiled by the warm-up, before the fork on CPU; "
+       "the compile time is logged).", "serving"),
 )
 
 # --- live sync (issue 8) -----------------------------------------------------------------------

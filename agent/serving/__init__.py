@@ -92,7 +92,8 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     from agent.serving.shared import SharedState
 
     handler = ModelHandler(config.model_dir, config.code_dir, config.program,
-                           default_accept=config.default_accept, batch_size=config.batch_size, log=log)
+                           default_accept=config.default_accept, batch_size=config.batch_size, log=log,
+                           model_file=config.model_file, compile_program=config.compile_program)
     if config.preload:
         # One thread in the master: no OpenMP pool exists to be broken by the fork.
         torch.set_num_threads(1)

@@ -36,6 +36,8 @@ class ServeConfig:
     crash_window: float
     gpus: int
     log_level: str
+    model_file: Optional[str] = None  # a file name in model_dir or a format (see agent.serving.formats)
+    compile_program: bool = False
 
     @property
     def model_dir(self) -> Path:
@@ -107,6 +109,8 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         crash_window=settings.serve_crash_window,
         gpus=gpus,
         log_level=settings.log_level,
+        model_file=settings.serve_model_file,
+        compile_program=settings.serve_compile,
     )
 
 

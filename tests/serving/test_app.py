@@ -20,7 +20,7 @@ def expected() -> np.ndarray:
 
     path = Path("/tmp") / f"torchbay-expected-{id(object())}.pt"
     make_mlp(path)
-    model = torch.jit.load(str(path))
+    model = torch.export.load(str(path)).module()
     path.unlink()
     with torch.no_grad():
         return model(torch.tensor(ROWS, dtype=torch.float32)).numpy()
