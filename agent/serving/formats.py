@@ -190,7 +190,8 @@ def _load_export(path: Path, device: str, compile_program: bool, log: logging.Lo
     import torch
 
     try:
-        program = torch.export.load(str(path))
+        with open(path, "rb") as stream:  # a stream: torch warns about file names not ending in .pt2
+            program = torch.export.load(stream)
     except Exception as err:  # torch's deserializer raises many types for a damaged or foreign archive
         raise ModelLoadError(f"{path} looks like a torch.export program but does not load ({_short(err)}); save "
                              "it again with torch.export.save from the same torch version") from err
@@ -235,16 +236,23 @@ def _dim_range(program: Any, size: Any) -> BatchRange:
     bounds = program.range_constraints.get(symbol)
     if bounds is None:
         return BatchRange(1, None)
-    low, high = int(bounds.lower), bounds.upper
-    high_int = None if high.is_infinite or int(high) >= 2 ** 62 else int(high)
-    return BatchRange(max(low, 1) if low <= 1 else low, high_int)
+    return BatchRange(max(_finite(bounds.lower) or 1, 1), _finite(bounds.upper))
+
+
+def _finite(value: Any) -> Optional[int]:
+    """A sympy bound as an int; None for infinity (sympy's oo or torch's int_oo)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return None if abs(number) >= 2 ** 62 else number
 
 
 def _dim_example(program: Any, size: Any, batch: Optional[BatchRange]) -> int:
     if isinstance(size, int):
         return size
     bounds = program.range_constraints.get(size.node.expr)
-    low = int(bounds.lower) if bounds is not None else 1
+    low = (_finite(bounds.lower) or 1) if bounds is not None else 1
     hint = getattr(size.node, "hint", None)
     if isinstance(hint, int) and (bounds is None or low <= hint):
         return max(low, 1) if hint > 1 and batch is not None and low <= 1 else hint

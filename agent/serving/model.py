@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from agent.errors import ModelLoadError, RequestError
 from agent.serving import codecs
-from agent.serving.formats import EAGER, EXPORT, BatchRange, Loaded, choose_model_file, load_model_file, \
+from agent.serving.formats import AOTI, EAGER, EXPORT, BatchRange, Loaded, choose_model_file, load_model_file, \
     program_inputs
 
 __all__ = ["Context", "ModelHandler", "find_model_file"]
@@ -283,6 +283,8 @@ class ModelHandler:
         import torch
 
         inputs = data if isinstance(data, tuple) else (data,)
+        if self.format == AOTI and self._example is not None:
+            _check_inputs(inputs, self._example, self.batch)
         if self.device != "cpu":
             inputs = tuple(item.to(self.device) for item in inputs)
         try:
@@ -293,6 +295,29 @@ class ModelHandler:
         if isinstance(output, torch.Tensor) and output.device.type != "cpu":
             output = output.cpu()
         return output
+
+
+def _check_inputs(inputs: Sequence[Any], example: Sequence[Any], batch: Optional[BatchRange]) -> None:
+    """400 unless ``inputs`` match the shapes and dtypes a compiled package was built for (its kernels do not
+    check them all)."""
+    def shape(t: Any, rows: str = "N") -> str:
+        dims = [rows] + [str(d) for d in t.shape[1:]] if batch is not None and batch.low != batch.high \
+            else [str(d) for d in t.shape]
+        return f"({', '.join(dims)}) {str(t.dtype).replace('torch.', '')}"
+
+    ok = len(inputs) == len(example)
+    for got, want in zip(inputs, example):
+        if not ok:
+            break
+        fixed = 1 if batch is not None and batch.low != batch.high else 0
+        ok = getattr(got, "dtype", None) == want.dtype and got.dim() == want.dim() \
+            and tuple(got.shape[fixed:]) == tuple(want.shape[fixed:])
+    if not ok:
+        wanted = "; ".join(shape(t) for t in example)
+        seen = "; ".join(f"({', '.join(str(d) for d in getattr(t, 'shape', ()))}) "
+                         f"{str(getattr(t, 'dtype', type(t).__name__)).replace('torch.', '')}" for t in inputs)
+        raise RequestError(400, f"the model rejected the input: it takes {wanted}, got {seen}; "
+                                "check the shape and dtype you send")
 
 
 def _to_tensor(array: Any) -> Any:
@@ -372,7 +397,8 @@ def _body_and_type(result: Any, accept: str) -> tuple[bytes, str]:
 
 
 def _short(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = str(err).split("Exception raised from", 1)[0]  # c10 errors append a C++ backtrace
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(err).__name__
     text = re.sub(r"^(RuntimeError|ValueError|TypeError|builtins\.\w+):\s*", "", text)
     return text[:300]

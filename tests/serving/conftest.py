@@ -43,7 +43,8 @@ def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export")
         if fmt == "export":
             batch = torch.export.Dim("batch", min=1)
             program = torch.export.export(model, (torch.zeros(2, inputs),), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(scratch))
+            with open(scratch, "wb") as stream:  # a stream: torch warns about names not ending in .pt2
+                torch.export.save(program, stream)
         else:
             with warnings.catch_warnings():  # deprecated on purpose: the legacy format stays served
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -171,11 +172,20 @@ def as_json(body: bytes) -> object:
 @pytest.fixture(scope="session")
 def exported_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with :func:`mlp` as ``model.pt2`` (torch.export, dynamic batch 1..64) and ``model.aoti.pt2``
-    (AOTInductor, compiled once per session: about 30-60 s on 2 cores), written by ``export_model``."""
+    (AOTInductor, compiled once per session: about 30-100 s on 2 cores), written by ``export_model``.
+
+    With ``TORCHBAY_TEST_ARTIFACTS`` set, the folder lives there (per torch version) and is reused across runs.
+    """
     import torch
 
     from agent.export import export_model
 
-    out = tmp_path_factory.mktemp("exported-mlp")
+    cache = os.environ.get("TORCHBAY_TEST_ARTIFACTS")
+    if cache:
+        out = Path(cache) / f"exported-mlp-torch-{torch.__version__}"
+        if (out / "model.aoti.pt2").is_file() and (out / "model.pt2").is_file():
+            return out
+    else:
+        out = tmp_path_factory.mktemp("exported-mlp")
     export_model(mlp(), torch.zeros(1, 4), out, aoti=True, max_batch=64)
     return out

@@ -18,7 +18,7 @@ SLOW_LOAD = '''
 import os, time, torch
 def model_fn(model_dir):
     time.sleep(4)
-    return torch.export.load(os.path.join(model_dir, "model.pt")).module()
+    return torch.export.load(open(os.path.join(model_dir, "model.pt"), "rb")).module()
 '''
 
 CRASHY = '''
