@@ -222,9 +222,12 @@ def program_inputs(program: Any) -> tuple[Optional[BatchRange], Optional[tuple]]
     batch: Optional[BatchRange] = None
     if values[0].dim() > 0:
         batch = _dim_range(program, values[0].shape[0])
+    first = values[0].shape[0] if values[0].dim() > 0 else None
     example = []
     for value in values:
-        shape = [_dim_example(program, size, batch) for size in value.shape]
+        shape = [max(batch.low, 1) if (i == 0 and batch is not None and not isinstance(size, int)
+                                       and not isinstance(first, int) and size.node.expr == first.node.expr)
+                 else _dim_example(program, size, batch) for i, size in enumerate(value.shape)]
         example.append(torch.zeros(shape, dtype=value.dtype))
     return batch, tuple(example)
 
@@ -249,14 +252,17 @@ def _finite(value: Any) -> Optional[int]:
 
 
 def _dim_example(program: Any, size: Any, batch: Optional[BatchRange]) -> int:
+    """A size for one dim of the warm-up input: static sizes as they are, dim 0 at the batch's low end,
+    other dynamic dims at the size the program was traced with when known (else their low end)."""
     if isinstance(size, int):
         return size
     bounds = program.range_constraints.get(size.node.expr)
-    low = (_finite(bounds.lower) or 1) if bounds is not None else 1
+    low = max(_finite(bounds.lower) or 1, 1) if bounds is not None else 1
+    high = _finite(bounds.upper) if bounds is not None else None
     hint = getattr(size.node, "hint", None)
-    if isinstance(hint, int) and (bounds is None or low <= hint):
-        return max(low, 1) if hint > 1 and batch is not None and low <= 1 else hint
-    return max(low, 1)
+    if isinstance(hint, int) and hint >= low and (high is None or hint <= high):
+        return hint
+    return low
 
 
 def _load_aoti(path: Path, device: str) -> Loaded:

@@ -62,6 +62,7 @@ def test_torchscript_load_and_warm_up_before_fork(tmp_path: Path) -> None:
     _run(tmp_path / "model.pt")
 
 
+@pytest.mark.timeout(900)  # `exported_mlp` may compile an AOTInductor package first
 @pytest.mark.parametrize("name", ["model.pt2", "model.aoti.pt2"])
 def test_export_and_aoti_load_and_warm_up_before_fork(exported_mlp: Path, name: str) -> None:
     _run(exported_mlp / name)

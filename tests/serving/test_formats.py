@@ -22,6 +22,8 @@ from agent.serving.formats import AOTI, EXPORT, TORCHSCRIPT, BatchRange, choose_
 from tests.serving.conftest import make_mlp, mlp_forward
 
 TOLERANCE = 1e-5
+# The first test to use `exported_mlp` compiles an AOTInductor package (up to minutes on 2 loaded cores).
+pytestmark = pytest.mark.timeout(900)
 EAGER_HOOKS = '''
 import torch
 
