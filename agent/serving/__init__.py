@@ -9,6 +9,7 @@ before the workers fork.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -100,6 +101,10 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
         handler.load()
         handler.warm_up()
     serving = Serving(config, handler, SharedState(), log)
+    # Everything loaded so far (torch, the model, torch.export's and inductor's state) is kept out of the
+    # workers' garbage collections: pages stay shared after the fork, and a worker exiting on SIGTERM does
+    # not spend seconds collecting the master's objects (measured: 8.7 s -> 1.0 s for an ExportedProgram).
+    gc.freeze()
 
     def worker_boot(gpu: Optional[int]) -> None:
         torch.set_num_threads(config.torch_threads)
