@@ -3,6 +3,7 @@
     torchbay train [--job SPEC]     run a training job (agent.training)
     torchbay serve [...]            serve a model (agent.serving)
     torchbay transform --job SPEC   run a batch transform job (agent.transform)
+    torchbay export MODULE [...]    write model.pt2 (torch.export) and model.aoti.pt2 (agent.export)
     torchbay settings [--section S] print every setting as a Markdown table (the README's table)
 """
 
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "train": ("agent.training", "run a training job (the SageMaker train contract)"),
     "serve": ("agent.serving", "serve a model (the SageMaker serve contract)"),
     "transform": ("agent.transform", "run a batch transform job (a CreateTransformJob-shaped spec)"),
+    "export": ("agent.export", "export a module to a torch.export program (and an AOTInductor package)"),
     "settings": (None, "print every setting as a Markdown table"),
 }
 EXIT_USAGE = 64  # EX_USAGE
@@ -40,7 +42,7 @@ def settings_table(section: Optional[str] = None) -> str:
         if section and setting.section != section:
             continue
         variables = ", ".join(f"`{v}`" for v in setting.env)
-        default = "(unset)" if setting.default is None else f"`{setting.default}`"
+        default = "(unset)" if setting.default is None else f"`{setting.default}`".replace("|", "\\|")
         meaning = setting.help.replace("|", "\\|")
         rows.append(f"| {setting.name} ({setting.section}) | {variables} | {default} | {meaning} |")
     return "\n".join(rows) + "\n"

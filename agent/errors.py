@@ -25,6 +25,7 @@ __all__ = [
     "DiskFullError",
     "DistributedError",
     "ModelLoadError",
+    "ExportError",
     "RequestError",
     "TransformError",
     "exit_code_for",
@@ -139,6 +140,12 @@ class ModelLoadError(TorchBayError):
     """The model could not be found or loaded for serving."""
 
     exit_code = 3  # gunicorn's WORKER_BOOT_ERROR
+
+
+class ExportError(TorchBayError):
+    """``torchbay export`` could not load, export or compile the module it was given."""
+
+    exit_code = 65  # EX_DATAERR
 
 
 class RequestError(TorchBayError):

@@ -295,6 +295,13 @@ _SERVING = (
     _s("serve_stuck_timeout", "TORCHBAY_SERVE_STUCK_TIMEOUT", _opt_float, None,
        "Seconds one model call may run before its worker is replaced (/ping says 503 naming it meanwhile; "
        "unset: SAGEMAKER_MODEL_SERVER_TIMEOUT + 30).", "serving", _positive),
+    _s("serve_model_file", "TORCHBAY_SERVE_MODEL_FILE", _opt_str, None,
+       "Which file in <model> to serve: a file name, or a format (aoti, export, torchscript). Unset: the only "
+       ".pt2/.pt/.pth file; with several, the first of aoti, export, torchscript present (model.* first).",
+       "serving"),
+    _s("serve_compile", "TORCHBAY_SERVE_COMPILE", parse_bool, False,
+       "Run a torch.export program through torch.compile (compiled by the warm-up, before the fork on CPU; "
+       "the compile time is logged).", "serving"),
     _s("serve_multi_model", ("TORCHBAY_MULTI_MODEL", "SAGEMAKER_MULTI_MODEL"), parse_bool, False,
        "Multi-model mode: the SageMaker /models contract, models loaded and unloaded at run time under "
        "<root>/models, one worker process (see the README's multi-model section).", "serving"),

@@ -9,6 +9,7 @@ before the workers fork.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -96,13 +97,18 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     from agent.serving.shared import SharedState
 
     handler = ModelHandler(config.model_dir, config.code_dir, config.program,
-                           default_accept=config.default_accept, batch_size=config.batch_size, log=log)
+                           default_accept=config.default_accept, batch_size=config.batch_size, log=log,
+                           model_file=config.model_file, compile_program=config.compile_program)
     if config.preload:
         # One thread in the master: no OpenMP pool exists to be broken by the fork.
         torch.set_num_threads(1)
         handler.load()
         handler.warm_up()
     serving = Serving(config, handler, SharedState(), log)
+    # Everything loaded so far (torch, the model, torch.export's and inductor's state) is kept out of the
+    # workers' garbage collections: pages stay shared after the fork, and a worker exiting on SIGTERM does
+    # not spend seconds collecting the master's objects (measured: 8.7 s -> 1.0 s for an ExportedProgram).
+    gc.freeze()
 
     def worker_boot(gpu: Optional[int]) -> None:
         torch.set_num_threads(config.torch_threads)

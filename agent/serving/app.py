@@ -49,7 +49,7 @@ class Serving:
 
     def start_worker(self) -> None:
         """In a freshly forked worker: start the inference thread."""
-        batch = self.config.batch_size if not self.handler.has_transform else 1
+        batch = self.config.batch_size if not self.handler.has_transform and self.handler.batchable else 1
         self.runner = Runner(self._run_one, self._run_batch if batch > 1 else None,
                              max_batch=batch, max_delay=self.config.batch_delay,
                              on_batch=self.state.record_batch, log=self.log)

@@ -43,6 +43,8 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_json_depth: int = 32
     stuck_timeout: float = 90.0  # seconds one model call may run before its worker is replaced
+    model_file: Optional[str] = None  # a file name in model_dir or a format (see agent.serving.formats)
+    compile_program: bool = False
 
     @property
     def model_dir(self) -> Path:
@@ -121,6 +123,8 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         max_image_pixels=settings.serve_max_image_pixels,
         max_json_depth=settings.serve_max_json_depth,
         stuck_timeout=settings.serve_stuck_timeout or settings.serve_timeout + 30.0,
+        model_file=settings.serve_model_file,
+        compile_program=settings.serve_compile,
     )
 
 

@@ -1,7 +1,8 @@
 """The model and the user's hooks, called exactly as the SageMaker PyTorch inference toolkit calls them.
 
-By default ``model.pt`` (or the only ``.pt``/``.pth``) is loaded with ``torch.jit.load``, put in
-eval mode and called under ``torch.inference_mode()``. When ``<model>/code/<program>`` exists, its
+By default the model file in ``<model>/`` (an AOTInductor package, a ``torch.export`` program or a
+TorchScript model; see :mod:`agent.serving.formats`) is loaded for inference and called under
+``torch.inference_mode()``. When ``<model>/code/<program>`` exists, its
 ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn`` or ``transform_fn`` replace the defaults;
 each may take a trailing ``context`` argument, detected by its parameter count.
 """
@@ -13,12 +14,15 @@ import inspect
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from agent.errors import ModelLoadError, RequestError
 from agent.serving import codecs
+from agent.serving.formats import AOTI, EAGER, EXPORT, BatchRange, Loaded, choose_model_file, load_model_file, \
+    program_inputs
 
 __all__ = ["Context", "ModelHandler", "find_model_file"]
 
@@ -39,22 +43,10 @@ class Context:
     system_properties: Mapping[str, Any] = field(default_factory=dict)
 
 
-def find_model_file(model_dir: Path) -> Path:
-    """``model.pt``, else the only ``*.pt``/``*.pth`` in ``model_dir``; ModelLoadError otherwise."""
-    preferred = model_dir / "model.pt"
-    if preferred.is_file():
-        return preferred
-    found = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".pt", ".pth")) \
-        if model_dir.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ModelLoadError(
-            f"no model.pt (or other .pt/.pth file) in {model_dir}; save one with torch.jit.save, set "
-            "TORCHBAY_MODEL_URI to a model.tar.gz, or give code/inference.py a model_fn"
-        )
-    names = ", ".join(p.name for p in found)
-    raise ModelLoadError(f"{model_dir} holds several model files ({names}); name the one to serve model.pt")
+def find_model_file(model_dir: Path, choice: Optional[str] = None) -> Path:
+    """The model file to serve in ``model_dir`` (``choice``: a file name or a format; see
+    :func:`agent.serving.formats.choose_model_file`); ModelLoadError when there is none or it is ambiguous."""
+    return choose_model_file(Path(model_dir), choice)[0]
 
 
 def _arity_call(func: Callable[..., Any], context: Context) -> Callable[..., Any]:
@@ -77,7 +69,8 @@ class ModelHandler:
 
     def __init__(self, model_dir: Path, code_dir: Path, program: str, *, default_accept: str,
                  device: str = "cpu", gpu_id: Optional[int] = None, batch_size: int = 1,
-                 log: Optional[logging.Logger] = None) -> None:
+                 log: Optional[logging.Logger] = None, model_file: Optional[str] = None,
+                 compile_program: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.code_dir = Path(code_dir)
         self.program = program
@@ -90,6 +83,13 @@ class ModelHandler:
         self._user: dict[str, Callable[..., Any]] = {}
         self.model: Any = None
         self.loaded = False
+        self.model_file = model_file  # TORCHBAY_SERVE_MODEL_FILE: a file name or a format
+        self.compile_program = compile_program
+        self.format: Optional[str] = None  # aoti, export, torchscript, eager (None: a transform_fn's own)
+        self.batch: Optional[BatchRange] = None  # the batch sizes the model takes (None: unknown)
+        self.shares_weights = True
+        self._example: Optional[tuple] = None
+        self._batch_logged = False
 
     # --- loading -----------------------------------------------------------------------------
     def use_gpu(self, gpu_id: int) -> None:
@@ -131,12 +131,65 @@ class ModelHandler:
             raise ModelLoadError(f"loading the model from {self.model_dir} failed: {_short(err)}") from err
         if self.model is None and not self.has_transform:
             raise ModelLoadError(f"model_fn in {self.user_module} returned None; return the loaded model")
+        if "model_fn" in self._user and self.model is not None:
+            self.model = self._adopt_user_model(self.model)
+        if self.batch is not None and self.batch.low == self.batch.high and self.context.batch_size > 1:
+            self._log.info("the model takes a %s only: dynamic batching (batch size %d) is off, requests run one "
+                           "by one; export it with a dynamic batch dimension (torchbay export) to batch",
+                           self.batch.describe(), self.context.batch_size)
         self.loaded = True
 
+    @property
+    def batchable(self) -> bool:
+        """Whether requests may be joined along dim 0 (False for a model with a static batch)."""
+        return self.batch is None or self.batch.low != self.batch.high
+
     def warm_up(self) -> None:
-        """Run the user's ``model_warmup_fn(model_dir, model)`` if there is one."""
+        """Run the user's ``model_warmup_fn(model_dir, model)`` if there is one, else one forward() of an input
+        the model declares (a batch of one, and a full batch where batching is on), so first requests are not
+        slow and a torch.compile'd program is compiled here (before the fork, with preload)."""
+        import torch
+
         if "model_warmup_fn" in self._user:
             self._user["model_warmup_fn"](str(self.model_dir), self.model)
+            return
+        if self._example is None or "predict_fn" in self._user or self.model is None:
+            return
+        examples = [self._example]
+        rows = self.context.batch_size
+        if rows > 1 and self.batch is not None and self.batch.accepts(rows) and self.batch.low != rows:
+            examples.append(tuple(torch.cat([t] * rows) if i == 0 else t for i, t in enumerate(self._example)))
+        started = time.monotonic()
+        try:
+            with torch.inference_mode():
+                for example in examples:
+                    self.model(*example)
+        except Exception as err:  # the model's own failure on its declared input: a load failure
+            self._log.exception("warm-up failed")
+            raise ModelLoadError(f"the model failed on an input of the shape it declares: {_short(err)}") from err
+        what = "compile and warm-up" if self.compile_program and self.format == EXPORT else "warm-up"
+        self._log.info("%s: %d forward() in %.2f s (input %s)", what, len(examples), time.monotonic() - started,
+                       ", ".join(str(tuple(t.shape)) for t in examples[-1]))
+
+    def _adopt_user_model(self, model: Any) -> Any:
+        """What ``model_fn`` returned, made ready: an ExportedProgram runs through ``.module()``; an eager
+        ``nn.Module`` goes to eval mode and this worker's device."""
+        import torch
+
+        if isinstance(model, torch.export.ExportedProgram):
+            self.batch, self._example = program_inputs(model)
+            self.format = EXPORT
+            module = model.module()
+            return module.to(self.device) if self.device != "cpu" else module
+        if isinstance(model, torch.nn.Module):
+            self.format = EAGER
+            try:
+                model.eval()
+            except (NotImplementedError, RuntimeError):  # an exported module: its mode was fixed by export
+                pass
+            if self.device != "cpu" and "predict_fn" not in self._user:
+                model = model.to(self.device)
+        return model
 
     def _import_hooks(self) -> None:
         path = self.user_module
@@ -169,19 +222,12 @@ class ModelHandler:
         self._log.info("using hooks from %s: %s", path, ", ".join(sorted(self._user)) or "none")
 
     def _default_model_fn(self) -> Any:
-        import torch
-
-        path = find_model_file(self.model_dir)
-        try:
-            model = torch.jit.load(str(path), map_location=self.device)
-        except (RuntimeError, ValueError) as err:
-            raise ModelLoadError(
-                f"{path} is not a TorchScript model ({_short(err)}); save it with "
-                "torch.jit.save(torch.jit.script(model), 'model.pt') or give code/inference.py a model_fn"
-            ) from err
-        model.eval()
-        self._log.info("loaded TorchScript model %s on %s", path, self.device)
-        return model
+        path, fmt = choose_model_file(self.model_dir, self.model_file, self._log)
+        loaded: Loaded = load_model_file(path, fmt, self.device, compile_program=self.compile_program,
+                                         log=self._log)
+        self.format, self.batch, self._example = loaded.format, loaded.batch, loaded.example
+        self.shares_weights = loaded.shares_weights
+        return loaded.model
 
     # --- requests ----------------------------------------------------------------------------
     def check_accept(self, accept: Optional[str]) -> str:
@@ -210,6 +256,12 @@ class ModelHandler:
         import torch
 
         rows = [int(item.shape[0]) for item in inputs]
+        if self.batch is not None and not self.batch.accepts(sum(rows)):
+            if not self._batch_logged:
+                self._batch_logged = True
+                self._log.info("the model takes a %s: a batch of %d rows runs request by request (logged once)",
+                               self.batch.describe(), sum(rows))
+            return [self.predict(item) for item in inputs]
         joined = torch.cat(list(inputs), dim=0)
         output = self.predict(joined)
         if not isinstance(output, torch.Tensor) or output.dim() == 0 or int(output.shape[0]) != sum(rows):
@@ -234,16 +286,41 @@ class ModelHandler:
         import torch
 
         inputs = data if isinstance(data, tuple) else (data,)
+        if self.format == AOTI and self._example is not None:
+            _check_inputs(inputs, self._example, self.batch)
         if self.device != "cpu":
             inputs = tuple(item.to(self.device) for item in inputs)
         try:
             with torch.inference_mode():
                 output = self.model(*inputs)
-        except RuntimeError as err:
+        except (RuntimeError, AssertionError) as err:  # AssertionError: an exported program's shape guards
             raise _classify_model_error(err) from err
         if isinstance(output, torch.Tensor) and output.device.type != "cpu":
             output = output.cpu()
         return output
+
+
+def _check_inputs(inputs: Sequence[Any], example: Sequence[Any], batch: Optional[BatchRange]) -> None:
+    """400 unless ``inputs`` match the shapes and dtypes a compiled package was built for (its kernels do not
+    check them all)."""
+    def shape(t: Any, rows: str = "N") -> str:
+        dims = [rows] + [str(d) for d in t.shape[1:]] if batch is not None and batch.low != batch.high \
+            else [str(d) for d in t.shape]
+        return f"({', '.join(dims)}) {str(t.dtype).replace('torch.', '')}"
+
+    ok = len(inputs) == len(example)
+    for got, want in zip(inputs, example):
+        if not ok:
+            break
+        fixed = 1 if batch is not None and batch.low != batch.high else 0
+        ok = getattr(got, "dtype", None) == want.dtype and got.dim() == want.dim() \
+            and tuple(got.shape[fixed:]) == tuple(want.shape[fixed:])
+    if not ok:
+        wanted = "; ".join(shape(t) for t in example)
+        seen = "; ".join(f"({', '.join(str(d) for d in getattr(t, 'shape', ()))}) "
+                         f"{str(getattr(t, 'dtype', type(t).__name__)).replace('torch.', '')}" for t in inputs)
+        raise RequestError(400, f"the model rejected the input: it takes {wanted}, got {seen}; "
+                                "check the shape and dtype you send")
 
 
 def _to_tensor(array: Any) -> Any:
@@ -323,7 +400,8 @@ def _body_and_type(result: Any, accept: str) -> tuple[bytes, str]:
 
 
 def _short(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = str(err).split("Exception raised from", 1)[0]  # c10 errors append a C++ backtrace
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(err).__name__
     text = re.sub(r"^(RuntimeError|ValueError|TypeError|builtins\.\w+):\s*", "", text)
     return text[:300]

@@ -229,7 +229,7 @@ demo: done in {time.monotonic() - started:.0f} s. Where things are:
   metrics           {local / 'torchbay' / 'metrics.jsonl'}; in S3 under s3://{BUCKET}/output/dcgan-demo/
   TensorBoard       {local / 'tensorboard'} and s3://{BUCKET}/tensorboard/  (tensorboard --logdir {local / 'tensorboard'})
   sample grids      {local / 'data' / 'samples'} (also in output.tar.gz)
-  model             {root / 'model' / 'model.pt'}; s3://{BUCKET}/{model_key}
+  model             {root / 'model' / 'model.pt2'}; s3://{BUCKET}/{model_key}
   generated images  {gen_dir / 'grid.png'} and {gen_dir / 'images.npy'}
   everything in S3  mirrored under {out / 's3'}""")
         return 0

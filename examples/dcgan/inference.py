@@ -1,4 +1,5 @@
-"""Serving hooks for the DCGAN generator (SageMaker PyTorch style; the model is the TorchScript model.pt).
+"""Serving hooks for the DCGAN generator (SageMaker PyTorch style; the model is the torch.export
+program model.pt2, loaded by the server).
 
 Request: noise as NPY (``application/x-npy``, shape N x nz or N x nz x 1 x 1) or JSON
 (``{"noise": [[...], ...]}`` or ``{"count": N, "seed": S}`` to draw the noise on the server).

@@ -3,8 +3,8 @@
 Runs unchanged under SageMaker, ``torchbay train`` or plain ``torchrun --nproc-per-node 2 train.py``:
 the folders come from the SM_* environment (or the flags), the ranks from torchrun's variables.
 Gloo on CPU, NCCL on GPUs. Rank 0 writes TensorBoard scalars (both losses, batch and data time),
-a grid of fake samples per epoch under the output folder, and the generator as TorchScript
-(``model.pt``) plus ``code/inference.py`` into the model folder.
+a grid of fake samples per epoch under the output folder, and the generator as a ``torch.export``
+program with a dynamic batch (``model.pt2``) plus ``code/inference.py`` into the model folder.
 """
 
 from __future__ import annotations
@@ -201,10 +201,13 @@ def main(argv=None) -> int:
         generator = net_g.module if distributed else net_g
         generator = generator.cpu().eval()
         os.makedirs(args.model_dir, exist_ok=True)
-        torch.jit.save(torch.jit.script(generator), os.path.join(args.model_dir, "model.pt"))
+        # torch.export (TorchScript is deprecated): eval mode, any batch size from 1 up.
+        noise = torch.zeros(2, args.nz, 1, 1)
+        program = torch.export.export(generator, (noise,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, os.path.join(args.model_dir, "model.pt2"))
         os.makedirs(os.path.join(args.model_dir, "code"), exist_ok=True)
         shutil.copy(os.path.join(HERE, "inference.py"), os.path.join(args.model_dir, "code", "inference.py"))
-        log.info("saved the generator (TorchScript) to %s", os.path.join(args.model_dir, "model.pt"))
+        log.info("saved the generator (torch.export) to %s", os.path.join(args.model_dir, "model.pt2"))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -43,7 +43,7 @@ def test_two_process_ddp_run_writes_model_grids_and_tensorboard(tmp_path: Path) 
     assert [g.name for g in grids] == ["fake_samples_epoch_001.png", "fake_samples_epoch_002.png"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "model" / "code" / "inference.py").is_file()
-    generator = torch.jit.load(str(tmp_path / "model" / "model.pt"))
+    generator = torch.export.load(str(tmp_path / "model" / "model.pt2")).module()
     with torch.no_grad():
         images = generator(torch.randn(4, 100, 1, 1))
     assert images.shape == (4, 3, 32, 32) and float(images.abs().max()) <= 1.0

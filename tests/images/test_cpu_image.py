@@ -111,7 +111,7 @@ def test_two_container_training_job_puts_model_and_outputs_in_s3(trained: dict) 
     found = {}
     for key in models:
         found.update(_members(trained["s3"], trained["bucket"], key))
-    assert "model.pt" in found and found["model.pt"][:2] == b"PK", f"no TorchScript model.pt in {models}"
+    assert "model.pt2" in found and found["model.pt2"][:2] == b"PK", f"no torch.export model.pt2 in {models}"
     assert "code/inference.py" in found
     samples = {}
     for key in outputs:
@@ -134,7 +134,7 @@ def _wait_healthy(engine: Engine, name: str, timeout: float = 240) -> str:
 
 def test_serve_image_healthy_answers_and_stops_on_sigterm(engine: Engine, net: Net, trained: dict) -> None:
     model = next((k for k in trained["keys"] if k.endswith("model.tar.gz")
-                  and "model.pt" in _members(trained["s3"], trained["bucket"], k)), None)
+                  and "model.pt2" in _members(trained["s3"], trained["bucket"], k)), None)
     assert model, f"the training job left no model to serve: {trained['keys']}"
     name = f"tbtest-serve-{uuid.uuid4().hex[:6]}"
     try:

@@ -20,7 +20,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
@@ -88,13 +87,12 @@ def _tiny_model() -> bytes:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2 + 1
 
-    script = io.BytesIO()
-    with warnings.catch_warnings():  # TorchScript is what torchbay serve loads by default
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(Affine()), script)
+    script = io.BytesIO()  # a torch.export program (TorchScript is deprecated), any batch size
+    program = torch.export.export(Affine(), (torch.zeros(2, 2),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, script)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as archive:
-        info = tarfile.TarInfo("model.pt")
+        info = tarfile.TarInfo("model.pt2")
         info.size = len(script.getvalue())
         archive.addfile(info, io.BytesIO(script.getvalue()))
     return buf.getvalue()

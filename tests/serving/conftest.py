@@ -17,14 +17,50 @@ import pytest
 from tests.conftest import REPO, free_port
 
 
-def make_mlp(path: Path, inputs: int = 4, outputs: int = 3) -> None:
-    """A TorchScript MLP with fixed weights, so answers can be checked."""
+def mlp(inputs: int = 4, outputs: int = 3):
+    """The eager MLP every serving test serves (fixed weights, so answers can be checked), in eval mode."""
     import torch
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(inputs, 8), torch.nn.ReLU(), torch.nn.Linear(8, outputs))
+    return torch.nn.Sequential(torch.nn.Linear(inputs, 8), torch.nn.ReLU(), torch.nn.Linear(8, outputs)).eval()
+
+
+_MADE: dict = {}  # (inputs, outputs, fmt) -> the file's bytes: torch.export takes a second or more per call
+
+
+def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export") -> None:
+    """:func:`mlp` saved at ``path`` as a torch.export program with a dynamic batch (whatever the file's name:
+    the server reads the format from the contents), or with ``fmt="torchscript"`` as TorchScript (only for the
+    tests that check the deprecated format is still served)."""
+    import warnings
+
+    import torch
+
+    key = (inputs, outputs, fmt)
+    if key not in _MADE:
+        scratch = Path(f"/tmp/torchbay-mlp-{os.getpid()}-{inputs}-{outputs}-{fmt}.pt")
+        model = mlp(inputs, outputs)
+        if fmt == "export":
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(model, (torch.zeros(2, inputs),), dynamic_shapes=({0: batch},))
+            with open(scratch, "wb") as stream:  # a stream: torch warns about names not ending in .pt2
+                torch.export.save(program, stream)
+        else:
+            with warnings.catch_warnings():  # deprecated on purpose: the legacy format stays served
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(torch.jit.script(model), str(scratch))
+        _MADE[key] = scratch.read_bytes()
+        scratch.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(torch.jit.script(model), str(path))
+    path.write_bytes(_MADE[key])
+
+
+def mlp_forward(rows) -> "np.ndarray":
+    """The eager forward() of :func:`mlp` (4 inputs, 3 outputs) on ``rows``."""
+    import torch
+
+    with torch.no_grad():
+        return mlp()(torch.as_tensor(rows, dtype=torch.float32)).numpy()
 
 
 class Server:
@@ -131,3 +167,25 @@ def serve_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 def as_json(body: bytes) -> object:
     return json.loads(body)
+
+
+@pytest.fixture(scope="session")
+def exported_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with :func:`mlp` as ``model.pt2`` (torch.export, dynamic batch 1..64) and ``model.aoti.pt2``
+    (AOTInductor, compiled once per session: about 30-100 s on 2 cores), written by ``export_model``.
+
+    With ``TORCHBAY_TEST_ARTIFACTS`` set, the folder lives there (per torch version) and is reused across runs.
+    """
+    import torch
+
+    from agent.export import export_model
+
+    cache = os.environ.get("TORCHBAY_TEST_ARTIFACTS")
+    if cache:
+        out = Path(cache) / f"exported-mlp-torch-{torch.__version__}"
+        if (out / "model.aoti.pt2").is_file() and (out / "model.pt2").is_file():
+            return out
+    else:
+        out = tmp_path_factory.mktemp("exported-mlp")
+    export_model(mlp(), torch.zeros(1, 4), out, aoti=True, max_batch=64)
+    return out

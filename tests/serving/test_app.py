@@ -20,7 +20,7 @@ def expected() -> np.ndarray:
 
     path = Path("/tmp") / f"torchbay-expected-{id(object())}.pt"
     make_mlp(path)
-    model = torch.jit.load(str(path))
+    model = torch.export.load(open(path, "rb")).module()
     path.unlink()
     with torch.no_grad():
         return model(torch.tensor(ROWS, dtype=torch.float32)).numpy()
@@ -98,15 +98,34 @@ def test_each_content_type_both_ways(server, expected, content_type: str, accept
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_image_in(server) -> None:
+class _ChannelMean:
+    """An exported model of images: (N, 3, H, W) -> the mean of each channel, (N, 3)."""
+
+    @staticmethod
+    def save(path: Path) -> None:
+        import torch
+
+        class Mean(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x.mean(dim=(2, 3))
+
+        dims = {0: torch.export.Dim("n", min=1), 2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)}
+        program = torch.export.export(Mean(), (torch.zeros(2, 3, 5, 6),), dynamic_shapes=(dims,))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(path))
+
+
+def test_image_in(serve, tmp_path: Path) -> None:
     from PIL import Image
 
+    _ChannelMean.save(tmp_path / "model" / "model.pt2")
+    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
     out = io.BytesIO()
     Image.new("RGB", (4, 2), (255, 0, 0)).save(out, format="PNG")
     status, _, body = server.post(out.getvalue(), "image/png")
-    # the MLP takes 4 features: a 1x3x2x4 image reaches the model, which answers for each of its rows
+    # a 1x3x2x4 float image in 0..1 reaches the model
     assert status == 200, body
-    assert np.asarray(json.loads(body)).shape == (1, 3, 2, 3)
+    np.testing.assert_allclose(np.asarray(json.loads(body)), [[1.0, 0.0, 0.0]], atol=1e-6)
 
 
 def test_accept_q_values_and_default(server) -> None:

@@ -156,7 +156,7 @@ def test_server_batches_concurrent_requests(serve, tmp_path: Path) -> None:
     import torch
 
     make_mlp(tmp_path / "model" / "model.pt")
-    model = torch.jit.load(str(tmp_path / "model" / "model.pt"))
+    model = torch.export.load(open(tmp_path / "model" / "model.pt", "rb")).module()
     server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TORCHBAY_SERVE_BATCH_SIZE": "8",
                         "TORCHBAY_SERVE_BATCH_DELAY_MS": "50", "TORCHBAY_SERVE_HTTP_THREADS": "16"})
     rng = np.random.default_rng(0)

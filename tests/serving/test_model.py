@@ -12,7 +12,7 @@ import json, os, torch
 
 def model_fn(model_dir, context):
     assert context.system_properties["model_dir"] == model_dir
-    return torch.jit.load(os.path.join(model_dir, "model.pt"))
+    return torch.export.load(open(os.path.join(model_dir, "model.pt"), "rb")).module()
 
 def model_warmup_fn(model_dir, model):
     model(torch.zeros(1, 4))            # a forward() in the master, before the workers fork

@@ -18,7 +18,7 @@ SLOW_LOAD = '''
 import os, time, torch
 def model_fn(model_dir):
     time.sleep(4)
-    return torch.jit.load(os.path.join(model_dir, "model.pt"))
+    return torch.export.load(open(os.path.join(model_dir, "model.pt"), "rb")).module()
 '''
 
 CRASHY = '''
@@ -76,7 +76,7 @@ def test_model_that_fails_to_load_is_never_healthy(serve, tmp_path: Path) -> Non
         time.sleep(0.1)
     assert 200 not in statuses
     assert server.proc.returncode == 3
-    assert "is not a TorchScript model" in server.output()
+    assert "is not a model archive" in server.output()
 
 
 def test_crashing_worker_makes_ping_unhealthy_then_recovers(serve, tmp_path: Path) -> None:
@@ -167,7 +167,8 @@ def test_four_workers_share_the_weights(serve, tmp_path: Path) -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4096), torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 3))
     (tmp_path / "model").mkdir()
-    torch.jit.save(torch.jit.script(model), str(tmp_path / "model" / "model.pt"))  # 64 MiB of weights
+    program = torch.export.export(model.eval(), (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, str(tmp_path / "model" / "model.pt2"))  # 64 MiB of weights
     pss = {}
     for workers in (1, 4):
         server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)})
