@@ -277,7 +277,7 @@ def test_serve_with_a_sagemaker_inference_module(tmp_path: Path) -> None:
 
 
         def model_fn(model_dir):
-            return torch.jit.load(f"{model_dir}/model.pt")
+            return torch.export.load(f"{model_dir}/model.pt").module()  # make_mlp writes torch.export
 
 
         def input_fn(input_data, content_type):

@@ -31,7 +31,7 @@ SLOW_LOAD = '''
 import os, time, torch
 def model_fn(model_dir):
     time.sleep(3)
-    return torch.jit.load(os.path.join(model_dir, "model.pt"))
+    return torch.export.load(os.path.join(model_dir, "model.pt")).module()  # make_mlp writes torch.export
 '''
 MME = {"SAGEMAKER_MULTI_MODEL": "true", "TORCHBAY_SERVE_HTTP_THREADS": "16"}
 
