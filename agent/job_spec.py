@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from agent.errors import JobSpecError
 from agent.job import Channel, Job, Layout, MetricDefinition, Resource, frozen_map
 from agent.job_files import decode_hyperparameters, encode_hyperparameter, hosts_from_settings
 from agent.settings import Settings
 
-__all__ = ["job_from_spec"]
+__all__ = ["job_from_spec", "check_schema"]
 
 # Keys of CreateTrainingJob that TorchBay reads. A schema node is a type, a tuple of types, a dict
 # (an object: key -> node, "*required" -> required keys) or a one-element list (an array of node).
@@ -65,11 +65,17 @@ def _type_name(expected: Any) -> str:
     return _TYPE_NAMES.get(expected, getattr(expected, "__name__", str(expected)))
 
 
-def _check(value: Any, node: Any, path: str, source: str) -> None:
-    """Validate ``value`` against a schema node; raises JobSpecError naming the key path and the source."""
+def check_schema(value: Any, schema: Any, source: str, *, kind: str = "job spec",
+                 request: str = "CreateTrainingJob") -> None:
+    """Validate ``value`` against a schema node (see _SPEC_SCHEMA); raises JobSpecError naming the key path and
+    the source, never a value that may be secret. The transform spec (agent/transform/spec.py) uses it too."""
     def fail(what: str) -> None:
-        raise JobSpecError(f"job spec {source}: {what}; see the CreateTrainingJob fields in the README")
+        raise JobSpecError(f"{kind} {source}: {what}; see the {request} fields in the README")
 
+    _check(value, schema, "", fail)
+
+
+def _check(value: Any, node: Any, path: str, fail: Callable[[str], None]) -> None:
     if isinstance(node, dict):
         if not isinstance(value, dict):
             fail(f"{path or 'the spec'} must be an object, got {type(value).__name__}{_shown(path, value)}")
@@ -77,12 +83,12 @@ def _check(value: Any, node: Any, path: str, source: str) -> None:
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
             if values_node is not None:
-                _check(item, values_node, where, source)
+                _check(item, values_node, where, fail)
             elif key.startswith("*") or key not in node:
                 known = ", ".join(k for k in node if not k.startswith("*"))
                 fail(f"unknown key {where!r} (known here: {known})")
             else:
-                _check(item, node[key], where, source)
+                _check(item, node[key], where, fail)
         for key in node.get("*required", ()):
             if key not in value:
                 fail(f"missing required key {(path + '.' if path else '') + key!r}")
@@ -91,7 +97,7 @@ def _check(value: Any, node: Any, path: str, source: str) -> None:
         if not isinstance(value, list):
             fail(f"{path} must be an array, got {type(value).__name__}{_shown(path, value)}")
         for index, item in enumerate(value):
-            _check(item, node[0], f"{path}[{index}]", source)
+            _check(item, node[0], f"{path}[{index}]", fail)
         return
     accepted = node if isinstance(node, tuple) else (node,)
     ok = isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
@@ -128,7 +134,7 @@ def _read_spec(text: str, source: str) -> dict[str, Any]:
         spec = json.loads(text)
     except json.JSONDecodeError as err:
         raise JobSpecError(f"job spec {source} is not valid JSON: {err}; fix the JSON") from err
-    _check(spec, _SPEC_SCHEMA, "", source)
+    check_schema(spec, _SPEC_SCHEMA, source)
     return spec
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from agent.errors import JobSpecError
+from agent.job_spec import check_schema
 
 __all__ = ["TransformSpec", "read_transform_spec", "transform_spec_from_dict", "SPLIT_TYPES"]
 
@@ -49,7 +50,6 @@ _SCHEMA = {
     "Tags": [{"Key": str, "Value": str}],
     "*required": ("TransformJobName", "TransformInput", "TransformOutput"),
 }
-_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "an array"}
 # Keys that change what the outputs hold; their hash marks each .out so a rerun skips only equal work.
 _OUTPUT_KEYS = ("ModelName", "BatchStrategy", "MaxPayloadInMB", "Environment", "TransformInput", "TransformOutput",
                 "DataProcessing")
@@ -105,7 +105,7 @@ def read_transform_spec(job_arg: str) -> TransformSpec:
 
 def transform_spec_from_dict(spec: Any, source: str = "(dict)") -> TransformSpec:
     """Validate a parsed spec; raises JobSpecError."""
-    _check(spec, _SCHEMA, "", source)
+    check_schema(spec, _SCHEMA, source, kind="transform spec", request="CreateTransformJob")
 
     def choice(value: str, allowed: tuple[str, ...], path: str) -> str:
         if value not in allowed:
@@ -171,37 +171,3 @@ def transform_spec_from_dict(spec: Any, source: str = "(dict)") -> TransformSpec
     )
 
 
-def _check(value: Any, node: Any, path: str, source: str) -> None:
-    def fail(what: str) -> None:
-        raise JobSpecError(f"transform spec {source}: {what}; see the CreateTransformJob fields in the README")
-
-    if isinstance(node, dict):
-        if not isinstance(value, dict):
-            fail(f"{path or 'the spec'} must be an object, got {type(value).__name__} {_short(value)}")
-        values_node = node.get("*values")
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if values_node is not None:
-                _check(item, values_node, where, source)
-            elif key.startswith("*") or key not in node:
-                known = ", ".join(k for k in node if not k.startswith("*"))
-                fail(f"unknown key {where!r} (known here: {known})")
-            else:
-                _check(item, node[key], where, source)
-        for key in node.get("*required", ()):
-            if key not in value:
-                fail(f"missing required key {(path + '.' if path else '') + key!r}")
-        return
-    if isinstance(node, list):
-        if not isinstance(value, list):
-            fail(f"{path} must be an array, got {type(value).__name__} {_short(value)}")
-        for index, item in enumerate(value):
-            _check(item, node[0], f"{path}[{index}]", source)
-        return
-    if not isinstance(value, node) or (isinstance(value, bool) and node is not bool):
-        fail(f"{path} must be {_TYPE_NAMES.get(node, node.__name__)}, got {type(value).__name__} {_short(value)}")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
