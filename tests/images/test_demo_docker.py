@@ -27,7 +27,7 @@ def test_demo_trains_and_serves_with_docker_run(engine: Engine, tmp_path: Path) 
     train_log = (out / "logs" / "train.log").read_text()
     # In the container: the agent's root is the image's /opt/ml (a local run would name the host folder).
     assert "root /opt/ml" in train_log and "rank 0/2" in train_log and "rank 1/2" in train_log, train_log[-3000:]
-    assert (out / "ml" / "model" / "model.pt").read_bytes()[:2] == b"PK"
+    assert (out / "ml" / "model" / "model.pt2").read_bytes()[:2] == b"PK"  # the generator as torch.export
     assert list((out / "ml" / "output" / "data" / "samples").glob("*.png")), "no sample grid"
     images = np.load(out / "generated" / "images.npy", allow_pickle=False)
     assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
