@@ -25,7 +25,7 @@ from agent.serving.config import ServeConfig
 from agent.serving.model import ModelHandler
 from agent.serving.shared import SharedState
 
-__all__ = ["Serving", "create_app"]
+__all__ = ["Serving", "create_app", "count_requests", "json_error", "status_phrase"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
     registry = _registry(serving.state)
 
     def error(status: int, message: str) -> Response:
-        _, body, content_type, _ = _error(status, message)
+        _, body, content_type, _ = json_error(status, message)
         return Response(body, status=status, content_type=content_type)
 
     @app.get("/ping")
@@ -117,7 +117,7 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Response:
         status = err.code or 500
-        return error(status, err.description or _phrase(status))
+        return error(status, err.description or status_phrase(status))
 
     flask_app = app.wsgi_app
     state = serving.state
@@ -134,19 +134,30 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
             start_response(_status_line(status), headers)
             state.record_request("invocations", status, time.monotonic() - started)
             return [payload]
+        return others(environ, start_response)
+
+    others = count_requests(flask_app, state, lambda path: path.strip("/") or "other")
+    app.wsgi_app = counted  # type: ignore[method-assign]
+    return app
+
+
+def count_requests(wsgi: Callable[..., Iterable[bytes]], state: SharedState,
+                   endpoint_of: Callable[[str], str]) -> Callable[..., Iterable[bytes]]:
+    """``wsgi`` with every response counted in the shared metrics, under ``endpoint_of(PATH_INFO)``."""
+    def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.monotonic()
         seen: list[int] = []
 
         def capture(status: str, headers: list, exc_info: Any = None) -> Any:
             seen.append(int(status[:3]))
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
-        result = flask_app(environ, capture)
-        path = environ.get("PATH_INFO", "").strip("/") or "other"
-        state.record_request(path, seen[0] if seen else 500, time.monotonic() - started)
+        result = wsgi(environ, capture)
+        state.record_request(endpoint_of(environ.get("PATH_INFO", "")), seen[0] if seen else 500,
+                             time.monotonic() - started)
         return result
 
-    app.wsgi_app = counted  # type: ignore[method-assign]
-    return app
+    return counted
 
 
 class _Invoker:
@@ -176,11 +187,11 @@ class _Invoker:
         serving, config = self._serving, self._config
         runner = serving.runner
         if runner is None:
-            return _error(503, "this worker is not ready yet; retry")
+            return json_error(503, "this worker is not ready yet; retry")
         limit = config.max_payload_bytes
         length = _content_length(environ)
         if length is not None and length > limit:
-            return _error(413, f"the body has {length} bytes, over the limit of {limit} "
+            return json_error(413, f"the body has {length} bytes, over the limit of {limit} "
                                f"({limit / 1048576:g} MiB); send less or raise SAGEMAKER_MAX_PAYLOAD_IN_MB",
                           close=True)
         content_type = environ.get("CONTENT_TYPE") or codecs.JSON
@@ -197,7 +208,7 @@ class _Invoker:
                 else:
                     body = environ["wsgi.input"].read(limit + 1)
                 if len(body) > limit:
-                    return _error(413, f"the body is over the limit of {limit} bytes; send less or raise "
+                    return json_error(413, f"the body is over the limit of {limit} bytes; send less or raise "
                                        "SAGEMAKER_MAX_PAYLOAD_IN_MB", close=True)
                 decoded = check_decoded_size(body, content_type, self._limits)
                 with self._gate.admit(len(body), decoded) as is_large:
@@ -221,28 +232,28 @@ class _Invoker:
                 self._log.warning("a request took longer than %g s; answered 504 (the call is abandoned; a "
                                   "call still running after %g s replaces the worker)", config.timeout,
                                   config.stuck_timeout)
-                return _error(504, f"the model did not answer within {config.timeout:g} s; raise "
+                return json_error(504, f"the model did not answer within {config.timeout:g} s; raise "
                                    "SAGEMAKER_MODEL_SERVER_TIMEOUT or send less per request")
             payload, out_type = result if handler.has_transform else handler.output(result, accept)
         except RequestError as err:
             if err.status >= 500:
                 self._log.error("invocation failed (%d): %s", err.status, err.message,
                                 exc_info=err.__cause__ or err)
-            return _error(err.status, err.message)
+            return json_error(err.status, err.message)
         except MemoryError:
             self._log.error("a request ran out of memory while decoding or predicting; answered 413")
-            return _error(413, "the request needs more memory than this worker has; send less per request "
+            return json_error(413, "the request needs more memory than this worker has; send less per request "
                                "(or lower TORCHBAY_SERVE_MAX_DECODED_MB so such requests are refused up front)")
         except RecursionError:
-            return _error(400, "the body nests too deeply to decode; send a flat array of rows")
+            return json_error(400, "the body nests too deeply to decode; send a flat array of rows")
         except (SystemExit, KeyboardInterrupt) as err:  # model code called sys.exit(): the request fails, not the worker
             self._log.error("model code raised %s(%r) during a request; answered 500, the worker lives on",
                             type(err).__name__, getattr(err, "code", None))
-            return _error(500, f"the model code called sys.exit({getattr(err, 'code', '')}) during the request; "
+            return json_error(500, f"the model code called sys.exit({getattr(err, 'code', '')}) during the request; "
                                "raise an exception instead")
         except Exception as err:  # top of a request: a bug or an unexpected failure; logged, never fatal
             self._log.exception("invocation failed")
-            return _error(500, f"the model failed: {_exception_name(err)}: {_last_line(err)}; see the server log")
+            return json_error(500, f"the model failed: {_exception_name(err)}: {_last_line(err)}; see the server log")
         return 200, payload, out_type, False
 
 
@@ -276,13 +287,13 @@ def _content_length(environ: dict) -> Optional[int]:
     return length if length >= 0 else None
 
 
-def _error(status: int, message: str, *, close: bool = False) -> tuple[int, bytes, str, bool]:
-    body = json.dumps({"code": status, "error": _phrase(status), "message": message}).encode()
+def json_error(status: int, message: str, *, close: bool = False) -> tuple[int, bytes, str, bool]:
+    body = json.dumps({"code": status, "error": status_phrase(status), "message": message}).encode()
     return status, body, codecs.JSON, close
 
 
 def _status_line(status: int) -> str:
-    return f"{status} {_phrase(status).upper()}"  # as werkzeug writes it
+    return f"{status} {status_phrase(status).upper()}"  # as werkzeug writes it
 
 
 def _registry(state: SharedState) -> Any:
@@ -293,7 +304,7 @@ def _registry(state: SharedState) -> Any:
     return registry
 
 
-def _phrase(status: int) -> str:
+def status_phrase(status: int) -> str:
     try:
         return http.HTTPStatus(status).phrase
     except ValueError:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -34,6 +33,7 @@ from werkzeug.exceptions import HTTPException
 
 from agent.errors import ObjectMissing, RequestError, StorageError, TorchBayError
 from agent.serving import codecs
+from agent.serving.app import Serving, _Invoker, count_requests, json_error, status_phrase
 from agent.serving.config import ServeConfig
 from agent.serving.registry import READY, LoadedModel, ModelRegistry
 from agent.serving.shared import SharedState
@@ -115,7 +115,6 @@ class MultiModelServing:
     # --- loading -------------------------------------------------------------------------------
     def load(self, name: str, url: Optional[str], *, evict: bool) -> LoadedModel:
         """Fetch (when remote) and load model ``name``; raises RequestError 400/403/404/409/500/507."""
-        from agent.serving.app import Serving, _Invoker
         from agent.serving.fetch import install_requirements
         from agent.serving.model import ModelHandler
 
@@ -222,10 +221,10 @@ class MultiModelServing:
                 self.load(name, None, evict=True)
             except RequestError as err:
                 if err.status != 409:  # 409: another request is loading it; wait for that load below
-                    return _error(err.status, err.message)
+                    return json_error(err.status, err.message)
             entry = self.registry.acquire(name, wait=self.config.timeout)
         if entry is None:
-            return _error(404, f"model {name!r} is not loaded; load it with POST /models (GET /models lists the "
+            return json_error(404, f"model {name!r} is not loaded; load it with POST /models (GET /models lists the "
                                "loaded ones)")
         try:
             result = entry.invoke(environ)
@@ -266,20 +265,6 @@ def _model_bytes(model: Any) -> int:
     return total
 
 
-def _error(status: int, message: str, *, close: bool = False) -> tuple[int, bytes, str, bool]:
-    body = json.dumps({"code": status, "error": _phrase(status), "message": message}).encode()
-    return status, body, codecs.JSON, close
-
-
-def _phrase(status: int) -> str:
-    import http
-
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
 def create_multimodel_app(mms: MultiModelServing) -> Callable[..., Iterable[bytes]]:
     """The WSGI application of multi-model mode."""
     app = Flask("torchbay.serve.multimodel")
@@ -296,7 +281,7 @@ def create_multimodel_app(mms: MultiModelServing) -> Callable[..., Iterable[byte
         return Response(json.dumps(doc), status=status, content_type=codecs.JSON)
 
     def error(status: int, message: str) -> Response:
-        return reply(_error(status, message))
+        return reply(json_error(status, message))
 
     @app.get("/ping")
     def ping() -> Response:
@@ -394,26 +379,12 @@ def create_multimodel_app(mms: MultiModelServing) -> Callable[..., Iterable[byte
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Response:
-        return error(err.code or 500, err.description or _phrase(err.code or 500))
+        return error(err.code or 500, err.description or status_phrase(err.code or 500))
 
-    flask_app = app.wsgi_app
+    def endpoint_of(path: str) -> str:
+        return "invocations" if path == "/invocations" or path.endswith("/invoke") else (path.strip("/") or "other")
 
-    def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        started = time.monotonic()
-        seen: list[int] = []
-
-        def capture(status: str, headers: list, exc_info: Any = None) -> Any:
-            seen.append(int(status[:3]))
-            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
-
-        result = flask_app(environ, capture)
-        path = environ.get("PATH_INFO", "")
-        endpoint = "invocations" if path == "/invocations" or path.endswith("/invoke") else \
-            (path.strip("/") or "other")
-        mms.state.record_request(endpoint, seen[0] if seen else 500, time.monotonic() - started)
-        return result
-
-    app.wsgi_app = counted  # type: ignore[method-assign]
+    app.wsgi_app = count_requests(app.wsgi_app, mms.state, endpoint_of)  # type: ignore[method-assign]
     return app
 
 
