@@ -1,19 +1,26 @@
-"""The user's command's guard: the leader of its process group, so nothing it starts outlives the agent.
+"""The user's command's guard: the leader of its process group, so nothing it starts outlives the
+agent.
 
-Run as a plain script (``python -I -S _guard.py AGENT_PID FAILURE_FILE -- ARGV...``; it imports only the
+Run as a plain script (``python -I -S _guard.py AGENT_PID FAILURE_FILE -- ARGV...``; it imports only
+the
 standard library) by agent.process.ProcessGroup. It
 
-- marks itself a child subreaper, so descendants whose parent exits (``setsid`` daemons included) become
+- marks itself a child subreaper, so descendants whose parent exits (``setsid`` daemons included)
+  become
   its children instead of PID 1's;
 - asks the kernel for SIGTERM when the agent (its parent) dies, SIGKILL included;
-- forks and execs ARGV first (in the guard's process group; ctypes is imported while the command starts),
+- forks and execs ARGV first (in the guard's process group; ctypes is imported while the command
+  starts),
   reaps every child, and exits as the command did (same code, same signal); if the guard itself is
-  SIGKILLed (the agent's group SIGKILL reaches the command too), the agent, a subreaper as well, finds what
+  SIGKILLed (the agent's group SIGKILL reaches the command too), the agent, a subreaper as well,
+  finds what
   is left at its stop;
-- when the agent dies: SIGKILLs every descendant it can find, writes FAILURE_FILE if it does not exist,
+- when the agent dies: SIGKILLs every descendant it can find, writes FAILURE_FILE if it does not
+  exist,
   and exits.
 
-Signals sent to the group by the agent (SIGTERM, SIGINT) reach the command directly; the guard ignores them.
+Signals sent to the group by the agent (SIGTERM, SIGINT) reach the command directly; the guard
+ignores them.
 """
 
 import os
@@ -46,7 +53,7 @@ def _descendants(root):
                 stat = handle.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         children.setdefault(int(fields[1]), []).append(int(name))
     found, todo = [], [root]
     while todo:
@@ -57,7 +64,8 @@ def _descendants(root):
 
 
 def _kill_all(me):
-    """SIGKILL every descendant (a subreaper gets the orphans, so the tree holds them all) until none is left."""
+    """SIGKILL every descendant (a subreaper gets the orphans, so the tree holds them all) until
+    none is left."""
     for _ in range(200):
         pids = _descendants(me)
         for pid in pids:
@@ -80,8 +88,11 @@ def _kill_all(me):
 def _write_failure(path, agent):
     if not path or os.path.exists(path):
         return
-    text = (f"The TorchBay agent (PID {agent}) died while the training script ran (killed, or out of memory); "
-            "the script and every process it started were stopped. Nothing was uploaded at the end.\n")
+    text = (
+        f"The TorchBay agent (PID {agent}) died while the training script ran (killed, or out of "
+        "memory); "
+        "the script and every process it started were stopped. Nothing was uploaded at the end.\n"
+    )
     try:
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -104,7 +115,11 @@ def _exit_like(status):
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         os._exit(128 + signum)
-    os._exit(os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else os.WEXITSTATUS(status))
+    os._exit(
+        os.waitstatus_to_exitcode(status)
+        if hasattr(os, "waitstatus_to_exitcode")
+        else os.WEXITSTATUS(status)
+    )
 
 
 def main(args):

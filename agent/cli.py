@@ -1,26 +1,33 @@
-"""``torchbay``: one command, subcommands dispatched lazily so ``train`` never loads serving (or torch).
+"""``torchbay``: one command, subcommands dispatched lazily so ``train`` never loads serving (or
+torch).
 
-    torchbay train [--job SPEC]     run a training job (agent.training)
-    torchbay serve [...]            serve a model (agent.serving)
-    torchbay transform --job SPEC   run a batch transform job (agent.transform)
-    torchbay export MODULE [...]    write model.pt2 (torch.export) and model.aoti.pt2 (agent.export)
-    torchbay settings [--section S] print every setting as a Markdown table (the README's table)
+torchbay train [--job SPEC]     run a training job (agent.training)
+torchbay serve [...]            serve a model (agent.serving)
+torchbay transform --job SPEC   run a batch transform job (agent.transform)
+torchbay export MODULE [...]    write model.pt2 (torch.export) and model.aoti.pt2 (agent.export)
+torchbay settings [--section S] print every setting as a Markdown table (the README's table)
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["main", "run", "settings_table", "SUBCOMMANDS"]
+__all__ = ["SUBCOMMANDS", "main", "run", "settings_table"]
 
 # name -> (module with main(argv) -> int, one-line help)
 SUBCOMMANDS = {
     "train": ("agent.training", "run a training job (the SageMaker train contract)"),
     "serve": ("agent.serving", "serve a model (the SageMaker serve contract)"),
-    "transform": ("agent.transform", "run a batch transform job (a CreateTransformJob-shaped spec)"),
-    "export": ("agent.export", "export a module to a torch.export program (and an AOTInductor package)"),
+    "transform": (
+        "agent.transform",
+        "run a batch transform job (a CreateTransformJob-shaped spec)",
+    ),
+    "export": (
+        "agent.export",
+        "export a module to a torch.export program (and an AOTInductor package)",
+    ),
     "settings": (None, "print every setting as a Markdown table"),
 }
 EXIT_USAGE = 64  # EX_USAGE
@@ -29,11 +36,14 @@ EXIT_USAGE = 64  # EX_USAGE
 def _usage() -> str:
     lines = ["usage: torchbay {" + ",".join(SUBCOMMANDS) + "} [args...]", ""]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "torchbay SUBCOMMAND --help shows a subcommand's options; torchbay --version the version."]
+    lines += [
+        "",
+        "torchbay SUBCOMMAND --help shows a subcommand's options; torchbay --version the version.",
+    ]
     return "\n".join(lines)
 
 
-def settings_table(section: Optional[str] = None) -> str:
+def settings_table(section: str | None = None) -> str:
     """Every declared setting as a Markdown table: setting, variable(s), default, meaning."""
     from agent.settings import ALL_SETTINGS
 
@@ -42,7 +52,9 @@ def settings_table(section: Optional[str] = None) -> str:
         if section and setting.section != section:
             continue
         variables = ", ".join(f"`{v}`" for v in setting.env)
-        default = "(unset)" if setting.default is None else f"`{setting.default}`".replace("|", "\\|")
+        default = (
+            "(unset)" if setting.default is None else f"`{setting.default}`".replace("|", "\\|")
+        )
         meaning = setting.help.replace("|", "\\|")
         rows.append(f"| {setting.name} ({setting.section}) | {variables} | {default} | {meaning} |")
     return "\n".join(rows) + "\n"
@@ -51,14 +63,18 @@ def settings_table(section: Optional[str] = None) -> str:
 def _settings_main(argv: Sequence[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="torchbay settings", description="Print every setting as Markdown.")
-    parser.add_argument("--section", default=None, help="only this section (general, train, data, ...)")
+    parser = argparse.ArgumentParser(
+        prog="torchbay settings", description="Print every setting as Markdown."
+    )
+    parser.add_argument(
+        "--section", default=None, help="only this section (general, train, data, ...)"
+    )
     args = parser.parse_args(list(argv))
     sys.stdout.write(settings_table(args.section))
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to its subcommand's ``main(rest)``; returns its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -76,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name == "settings":
         return _settings_main(rest)
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    entry: Callable[[Sequence[str]], int] = getattr(module, "main")
+    entry: Callable[[Sequence[str]], int] = module.main
     return int(entry(rest))
 
 

@@ -8,29 +8,29 @@ or with 128+N for signal N.
 from __future__ import annotations
 
 __all__ = [
-    "EXIT_OK",
     "EXIT_INTERNAL",
-    "TorchBayError",
-    "ConfigError",
-    "JobSpecError",
-    "ChannelError",
-    "StorageError",
-    "EndpointUnreachable",
+    "EXIT_OK",
+    "ArchiveError",
     "BucketMissing",
-    "ObjectMissing",
-    "UnsafePathError",
-    "EntryPointError",
-    "InstallError",
-    "PackageConflictError",
+    "ChannelError",
+    "ConfigError",
     "DiskFullError",
     "DistributedError",
-    "ModelLoadError",
+    "EndpointUnreachable",
+    "EntryPointError",
     "ExportError",
+    "InstallError",
+    "JobSpecError",
+    "ModelLoadError",
+    "ObjectMissing",
+    "PackageConflictError",
     "RequestError",
+    "StorageError",
+    "TorchBayError",
     "TransformError",
-    "exit_code_for",
-    "ArchiveError",
+    "UnsafePathError",
     "UploadIncomplete",
+    "exit_code_for",
 ]
 
 EXIT_OK = 0
@@ -55,13 +55,15 @@ class TorchBayError(Exception):
 
 
 class ConfigError(TorchBayError):
-    """A config file under input/config, a setting or an environment variable is malformed or missing."""
+    """A config file under input/config, a setting or an environment variable is malformed or
+    missing."""
 
     exit_code = 78  # EX_CONFIG
 
 
 class JobSpecError(TorchBayError):
-    """The job spec (CreateTrainingJob-shaped JSON) has an unknown key, a wrong type or a missing field."""
+    """The job spec (CreateTrainingJob-shaped JSON) has an unknown key, a wrong type or a missing
+    field."""
 
     exit_code = 65  # EX_DATAERR
 
@@ -115,9 +117,12 @@ class InstallError(TorchBayError):
 
 
 class PackageConflictError(InstallError):
-    """The user's requirements would replace a package the agent itself needs (nothing was installed)."""
+    """The user's requirements would replace a package the agent itself needs (nothing was
+    installed)."""
 
-    def __init__(self, message: str, *, package: str = "", asked: str = "", needed: str = "") -> None:
+    def __init__(
+        self, message: str, *, package: str = "", asked: str = "", needed: str = ""
+    ) -> None:
         super().__init__(message)
         self.package = package
         self.asked = asked
@@ -149,7 +154,8 @@ class ExportError(TorchBayError):
 
 
 class RequestError(TorchBayError):
-    """One inference request failed; ``status`` is the HTTP status its JSON reply carries (never an exit)."""
+    """One inference request failed; ``status`` is the HTTP status its JSON reply carries (never an
+    exit)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

@@ -9,17 +9,27 @@ files with agent.job_files (which also writes them: ``write_config_files``).
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from agent.settings import Settings, read_settings
 
-__all__ = ["Layout", "Channel", "Resource", "MetricDefinition", "Job", "frozen_map", "load_job",
-           "write_config_files", "resource_config"]
+__all__ = [
+    "Channel",
+    "Job",
+    "Layout",
+    "MetricDefinition",
+    "Resource",
+    "frozen_map",
+    "load_job",
+    "resource_config",
+    "write_config_files",
+]
 
 
-def frozen_map(data: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+def frozen_map(data: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     """A read-only copy of ``data`` (the Job's mapping fields)."""
     return types.MappingProxyType(dict(data or {}))
 
@@ -116,20 +126,21 @@ class Layout:
 
 @dataclass(frozen=True)
 class Channel:
-    """One input channel, as CreateTrainingJob's ``InputDataConfig[]`` and inputdataconfig.json describe it.
+    """One input channel, as CreateTrainingJob's ``InputDataConfig[]`` and inputdataconfig.json
+    describe it.
 
     ``uri`` is None when the platform (SageMaker) already put the data in place.
     """
 
     name: str
-    uri: Optional[str] = None
+    uri: str | None = None
     s3_data_type: str = "S3Prefix"  # S3Prefix | ManifestFile | AugmentedManifestFile
     distribution: str = "FullyReplicated"  # FullyReplicated | ShardedByS3Key
     input_mode: str = "File"  # File | Pipe | FastFile
-    content_type: Optional[str] = None
+    content_type: str | None = None
     compression: str = "None"  # None | Gzip
     record_wrapper: str = "None"  # None | RecordIO
-    shuffle_seed: Optional[int] = None
+    shuffle_seed: int | None = None
 
     def inputdataconfig(self) -> dict[str, Any]:
         """This channel's entry in inputdataconfig.json, as SageMaker writes it."""
@@ -180,23 +191,28 @@ class Job:
     layout: Layout
     settings: Settings
     resource: Resource
-    hyperparameters: Mapping[str, Any] = field(default_factory=frozen_map)  # JSON-decoded, sagemaker_* included
+    hyperparameters: Mapping[str, Any] = field(
+        default_factory=frozen_map
+    )  # JSON-decoded, sagemaker_* included
     channels: tuple[Channel, ...] = ()
     input_mode: str = "File"
-    output_path: Optional[str] = None  # OutputDataConfig.S3OutputPath
-    checkpoint_uri: Optional[str] = None
-    checkpoint_local_path: Optional[Path] = None
-    tensorboard_uri: Optional[str] = None
-    tensorboard_local_path: Optional[Path] = None
+    output_path: str | None = None  # OutputDataConfig.S3OutputPath
+    checkpoint_uri: str | None = None
+    checkpoint_local_path: Path | None = None
+    tensorboard_uri: str | None = None
+    tensorboard_local_path: Path | None = None
     instance_count: int = 1
-    max_runtime: Optional[float] = None  # seconds
+    max_runtime: float | None = None  # seconds
     environment: Mapping[str, str] = field(default_factory=frozen_map)  # the spec's Environment
     metric_definitions: tuple[MetricDefinition, ...] = ()
     on_sagemaker: bool = False  # the platform already wrote the config and staged the data
-    base_env: Mapping[str, str] = field(default_factory=frozen_map)  # the agent's own environment, read once
-    # The cluster identity (agent.distributed.cluster.Cluster), found once by load_job; ``resource`` agrees
+    base_env: Mapping[str, str] = field(
+        default_factory=frozen_map
+    )  # the agent's own environment, read once
+    # The cluster identity (agent.distributed.cluster.Cluster), found once by load_job; ``resource``
+    # agrees
     # with it. None only for Job objects built by hand (tests), which then discover on use.
-    cluster: Optional[Any] = None
+    cluster: Any | None = None
 
     def channel(self, name: str) -> Channel:
         for channel in self.channels:
@@ -205,26 +221,31 @@ class Job:
         raise KeyError(name)
 
     @property
-    def job_output_uri(self) -> Optional[str]:
+    def job_output_uri(self) -> str | None:
         """``<S3OutputPath>/<job>/output``: where model.tar.gz, output.tar.gz and logs go."""
         if not self.output_path:
             return None
         return f"{self.output_path.rstrip('/')}/{self.name}/output"
 
 
-# --- reading and writing the job (agent/job_spec.py, agent/job_files.py) ---------------------------
+# --- reading and writing the job (agent/job_spec.py, agent/job_files.py)
+# ---------------------------
 
 
-def load_job(env: Mapping[str, str], job_arg: Optional[str] = None) -> Job:
-    """Read the job once: from ``job_arg`` (a path or inline JSON), else TORCHBAY_JOB, else the config files.
+def load_job(env: Mapping[str, str], job_arg: str | None = None) -> Job:
+    """Read the job once: from ``job_arg`` (a path or inline JSON), else TORCHBAY_JOB, else the
+    config files.
 
     Host discovery runs here, once (agent.distributed.identity): ``job.cluster`` is the job's only
     notion of the cluster and ``job.resource`` (current host, hosts, interface) agrees with it.
 
-    Raises JobSpecError (a bad spec field, naming the key and the file) or ConfigError (a bad config file
+    Raises JobSpecError (a bad spec field, naming the key and the file) or ConfigError (a bad config
+    file
     or setting).
     """
-    from agent.job_files import job_from_config_files  # the readers build the shapes above: imported on use
+    from agent.job_files import (
+        job_from_config_files,
+    )  # the readers build the shapes above: imported on use
     from agent.job_spec import job_from_spec
 
     settings = read_settings(env)
@@ -253,7 +274,8 @@ def resource_config(resource: Resource) -> dict[str, Any]:
 
 
 def write_config_files(job: Job) -> None:
-    """Write hyperparameters.json, inputdataconfig.json and resourceconfig.json as the platform would."""
+    """Write hyperparameters.json, inputdataconfig.json and resourceconfig.json as the platform
+    would."""
     from agent.job_files import write_config_files as write
 
     write(job)

@@ -1,18 +1,24 @@
-"""The pip guard: the user's requirements may add packages, never replace one the agent itself needs.
+"""The pip guard: the user's requirements may add packages, never replace one the agent itself
+needs.
 
 The agent and the user's code share one Python environment (serving runs the user's ``inference.py``
-inside the agent's own gunicorn/flask workers, so the two cannot live in separate environments). Before
-pip runs, :func:`agent_needs` walks the installed dependency closure of the ``torchbay`` distribution and
+inside the agent's own gunicorn/flask workers, so the two cannot live in separate environments).
+Before
+pip runs, :func:`agent_needs` walks the installed dependency closure of the ``torchbay``
+distribution and
 collects, for every package in it, the version range its dependents declare. Then:
 
-1. the requirement files pip is given are read: a pin or range on one of those packages that excludes
+1. the requirement files pip is given are read: a pin or range on one of those packages that
+   excludes
    every version the agent accepts is refused at once, naming the package, the version asked for and
    the range the agent needs (no network, nothing changed);
-2. pip itself runs with a constraints file of those ranges (``-c``), so a requirement that pulls a bad
+2. pip itself runs with a constraints file of those ranges (``-c``), so a requirement that pulls a
+   bad
    version in transitively (a package pinning ``flask==1.1.1``) makes pip's resolver stop before it
    installs anything; :func:`conflict_from_pip` turns pip's report into the same message.
 
-A version inside the range is allowed (``flask==3.0.0`` when the agent needs ``flask>=2.3``), and so is
+A version inside the range is allowed (``flask==3.0.0`` when the agent needs ``flask>=2.3``), and so
+is
 every package the agent does not use. ``torchbay`` itself is pinned to the installed version.
 """
 
@@ -20,14 +26,20 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from agent.errors import PackageConflictError
 
-__all__ = ["Needed", "agent_needs", "write_constraints", "check_requirement_files", "conflict_from_pip",
-           "AGENT_DISTRIBUTION"]
+__all__ = [
+    "AGENT_DISTRIBUTION",
+    "Needed",
+    "agent_needs",
+    "check_requirement_files",
+    "conflict_from_pip",
+    "write_constraints",
+]
 
 AGENT_DISTRIBUTION = "torchbay"
 _CANON = re.compile(r"[-_.]+")
@@ -40,7 +52,8 @@ def canonical(name: str) -> str:
 
 @dataclass(frozen=True)
 class Needed:
-    """A package in the agent's dependency closure: its installed version and the range its dependents need."""
+    """A package in the agent's dependency closure: its installed version and the range its
+    dependents need."""
 
     name: str
     installed: str
@@ -58,7 +71,8 @@ class Needed:
 
 
 def agent_needs(root: str = AGENT_DISTRIBUTION) -> dict[str, Needed]:
-    """The installed dependency closure of ``root``, by canonical name; {} when ``root`` is not installed."""
+    """The installed dependency closure of ``root``, by canonical name; {} when ``root`` is not
+    installed."""
     from importlib import metadata
 
     from packaging.requirements import InvalidRequirement, Requirement
@@ -97,11 +111,17 @@ def agent_needs(root: str = AGENT_DISTRIBUTION) -> dict[str, Needed]:
             versions[key] = child.version
             names[key] = child.metadata["Name"] or req.name
             queue.append(child)
-    needed = {canonical(root): Needed(names[canonical(root)], top.version, f"=={top.version}", ("the agent",))}
+    needed = {
+        canonical(root): Needed(
+            names[canonical(root)], top.version, f"=={top.version}", ("the agent",)
+        )
+    }
     for key, version in versions.items():
         if key == canonical(root):
             continue
-        needed[key] = Needed(names[key], version, str(specs.get(key, "")), tuple(sorted(set(users.get(key, [])))))
+        needed[key] = Needed(
+            names[key], version, str(specs.get(key, "")), tuple(sorted(set(users.get(key, []))))
+        )
     return needed
 
 
@@ -109,9 +129,14 @@ def write_constraints(needed: dict[str, Needed], path: Path) -> Path:
     """A pip constraints file holding every range in ``needed``."""
     from agent.storage import write_text_atomically
 
-    lines = [f"{canonical(n.name)}{n.specifier}" for n in sorted(needed.values(), key=lambda n: n.name.lower())
-             if n.specifier]
-    write_text_atomically(path, "# The versions TorchBay itself needs (agent/pipguard.py)\n" + "\n".join(lines) + "\n")
+    lines = [
+        f"{canonical(n.name)}{n.specifier}"
+        for n in sorted(needed.values(), key=lambda n: n.name.lower())
+        if n.specifier
+    ]
+    write_text_atomically(
+        path, "# The versions TorchBay itself needs (agent/pipguard.py)\n" + "\n".join(lines) + "\n"
+    )
     return path
 
 
@@ -133,7 +158,8 @@ def _requirement_lines(path: Path, depth: int = 0) -> Iterable[tuple[Path, str]]
 
 
 def check_requirement_files(files: Sequence[Path], needed: dict[str, Needed], *, what: str) -> None:
-    """Raise PackageConflictError for a requirement in ``files`` that no version the agent accepts satisfies."""
+    """Raise PackageConflictError for a requirement in ``files`` that no version the agent accepts
+    satisfies."""
     if not needed:
         return
     from packaging.requirements import InvalidRequirement, Requirement
@@ -149,10 +175,16 @@ def check_requirement_files(files: Sequence[Path], needed: dict[str, Needed], *,
             if canonical(req.name) == "sagemaker-containers" and sys.version_info >= (3, 10):
                 raise PackageConflictError(
                     f"{origin.name} asks for {line}, which cannot run on Python 3.10+ (it imports "
-                    "collections.Mapping) and pins flask==1.1.1, which would replace the agent's Flask; nothing "
-                    f"from {what} was installed. Remove it: TorchBay provides sagemaker_containers.training_env() "
-                    "and sagemaker_containers.beta.framework itself (README: 'The SageMaker toolkits' Python API')",
-                    package="sagemaker-containers", asked=line, needed="")
+                    "collections.Mapping) and pins flask==1.1.1, which would replace the agent's "
+                    "Flask; nothing "
+                    f"from {what} was installed. Remove it: TorchBay provides "
+                    "sagemaker_containers.training_env() "
+                    "and sagemaker_containers.beta.framework itself (README: 'The SageMaker "
+                    "toolkits' Python API')",
+                    package="sagemaker-containers",
+                    asked=line,
+                    needed="",
+                )
             need = needed.get(canonical(req.name))
             if need is None or not str(req.specifier):
                 continue
@@ -161,7 +193,8 @@ def check_requirement_files(files: Sequence[Path], needed: dict[str, Needed], *,
 
 
 def _disjoint(asked: str, need: Needed) -> bool:
-    """True when ``asked`` pins a version (== / ===) the agent's range rejects, or excludes the installed one
+    """True when ``asked`` pins a version (== / ===) the agent's range rejects, or excludes the
+    installed one
     while the agent's range is a single version."""
     from packaging.specifiers import SpecifierSet
 
@@ -170,7 +203,9 @@ def _disjoint(asked: str, need: Needed) -> bool:
     if pins:
         return not any(need.accepts(v) for v in pins)
     agent_set = SpecifierSet(need.specifier)
-    agent_pins = [s.version for s in agent_set if s.operator in ("==", "===") and "*" not in s.version]
+    agent_pins = [
+        s.version for s in agent_set if s.operator in ("==", "===") and "*" not in s.version
+    ]
     if agent_pins:
         return not any(asked_set.contains(v, prereleases=True) for v in agent_pins)
     return False  # two open ranges: pip's resolver with the constraints decides
@@ -178,20 +213,33 @@ def _disjoint(asked: str, need: Needed) -> bool:
 
 def _conflict(need: Needed, asked: str, who: str, what: str) -> PackageConflictError:
     return PackageConflictError(
-        f"{who} {asked}, but TorchBay itself needs {need.describe()}; installing it would replace a package the "
+        f"{who} {asked}, but TorchBay itself needs {need.describe()}; installing it would replace a "
+        ""
+        ""
+        "package the "
         f"agent runs on, so nothing from {what} was installed. Drop the pin or ask for a version in "
+        ""
+        ""
+        ""
         f"{need.name}{need.specifier}",
-        package=need.name, asked=asked, needed=need.specifier,
+        package=need.name,
+        asked=asked,
+        needed=need.specifier,
     )
 
 
 _TOOLKITS = {"sagemaker-training", "sagemaker-inference", "sagemaker-containers"}
-_USER_ASKED = re.compile(r"^\s*(?:The user requested|(\S+) \S+ depends on) (?!\(constraint\))(\S+?)\s*$")
+_USER_ASKED = re.compile(
+    r"^\s*(?:The user requested|(\S+) \S+ depends on) (?!\(constraint\))(\S+?)\s*$"
+)
 _CONSTRAINT = re.compile(r"^\s*The user requested \(constraint\) (\S+)\s*$")
 
 
-def conflict_from_pip(lines: Sequence[str], needed: dict[str, Needed], *, what: str) -> Optional[PackageConflictError]:
-    """The PackageConflictError for pip's "conflicting dependencies" report, when a constraint of ours is in it."""
+def conflict_from_pip(
+    lines: Sequence[str], needed: dict[str, Needed], *, what: str
+) -> PackageConflictError | None:
+    """The PackageConflictError for pip's "conflicting dependencies" report, when a constraint of
+    ours is in it."""
     from packaging.requirements import InvalidRequirement, Requirement
 
     constrained: set[str] = set()
@@ -210,9 +258,13 @@ def conflict_from_pip(lines: Sequence[str], needed: dict[str, Needed], *, what: 
                 req = Requirement(match.group(2))
             except InvalidRequirement:
                 continue
-            who = f"{match.group(1)} (from {what}) depends on" if match.group(1) else f"{what} asks for"
+            who = (
+                f"{match.group(1)} (from {what}) depends on"
+                if match.group(1)
+                else f"{what} asks for"
+            )
             if match.group(1) and canonical(match.group(1)) in _TOOLKITS:
-                who = f"{who[:-len(' depends on')]} (TorchBay provides its Python API itself: remove it) depends on"
+                who = f"{who[: -len(' depends on')]} (TorchBay provides its Python API itself: remove it) depends on"
             asked.setdefault(canonical(req.name), (who, f"{req.name}{req.specifier}"))
     for key in sorted(constrained):
         need = needed.get(key)

@@ -1,4 +1,5 @@
-"""Running the user's command: its own session and process group, signals forwarded, a deadline, exit codes.
+"""Running the user's command: its own session and process group, signals forwarded, a deadline,
+exit codes.
 
 ``ProcessGroup.start`` starts the command; ``supervise`` waits for it while watching a stop request
 (SIGTERM/SIGINT to the agent, set by ``StopRequest``) and a deadline (MaxRuntimeInSeconds). Either
@@ -6,11 +7,15 @@ sends SIGTERM to the whole group, then SIGKILL after the grace period. The resul
 child's exit code, 128+N when a signal N ended it.
 
 With ``guard=True`` (the training script) the command runs under ``agent/_guard.py``, a tiny
-standard-library process that leads the group: it is a child subreaper with PR_SET_PDEATHSIG, so when
+standard-library process that leads the group: it is a child subreaper with PR_SET_PDEATHSIG, so
+when
 the agent dies however it dies (SIGKILL included) every process the command started, ``setsid`` ones
-too, is killed. The agent is a child subreaper too: processes that left the group are found at a normal
-stop by the tag the guard's environment carries (``TORCHBAY_PROCESS_TAG``), logged by PID and command,
-and stopped. :func:`check_command_size` refuses a command line Linux would refuse (E2BIG), naming the
+too, is killed. The agent is a child subreaper too: processes that left the group are found at a
+normal
+stop by the tag the guard's environment carries (``TORCHBAY_PROCESS_TAG``), logged by PID and
+command,
+and stopped. :func:`check_command_size` refuses a command line Linux would refuse (E2BIG), naming
+the
 hyperparameter that made it too big.
 """
 
@@ -25,16 +30,26 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Union
 
 from agent.errors import EntryPointError, JobSpecError
 
-__all__ = ["ProcessGroup", "StopRequest", "RunResult", "supervise", "exit_code_of", "check_command_size",
-           "MAX_ARG_STRLEN"]
+__all__ = [
+    "MAX_ARG_STRLEN",
+    "ProcessGroup",
+    "RunResult",
+    "StopRequest",
+    "check_command_size",
+    "exit_code_of",
+    "supervise",
+]
 
-MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value string exec accepts (with its NUL)
+MAX_ARG_STRLEN = (
+    32 * 4096
+)  # Linux: the longest single argument or NAME=value string exec accepts (with its NUL)
 TAG_VARIABLE = "TORCHBAY_PROCESS_TAG"
 _GUARD = Path(__file__).with_name("_guard.py")
 _PR_SET_CHILD_SUBREAPER = 36
@@ -53,10 +68,10 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def install(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> "StopRequest":
+    def install(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> StopRequest:
         """Install handlers (main thread only); ``restore`` puts the previous ones back."""
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -88,14 +103,16 @@ class StopRequest:
 class RunResult:
     """How the user's command ended.
 
-    ``exit_code`` is the child's (128+N for signal N); ``stopped_by`` is None, ``"signal"`` (the agent got
-    SIGTERM/SIGINT; ``signum`` says which) or ``"max_runtime"``; ``killed`` is True when the grace period ran
+    ``exit_code`` is the child's (128+N for signal N); ``stopped_by`` is None, ``"signal"`` (the
+    agent got
+    SIGTERM/SIGINT; ``signum`` says which) or ``"max_runtime"``; ``killed`` is True when the grace
+    period ran
     out and SIGKILL was sent.
     """
 
     exit_code: int
-    stopped_by: Optional[str] = None
-    signum: Optional[int] = None
+    stopped_by: str | None = None
+    signum: int | None = None
     killed: bool = False
     duration: float = 0.0
 
@@ -106,9 +123,18 @@ Output = Union[int, IO[bytes], None]
 class ProcessGroup:
     """One command in a new session (so its own process group), with an explicit environment."""
 
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Optional[Path] = None,
-                 stdout: Output = None, stderr: Output = None, guard: bool = False,
-                 failure_file: Optional[Path] = None, log: Optional[logging.Logger] = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None = None,
+        stdout: Output = None,
+        stderr: Output = None,
+        guard: bool = False,
+        failure_file: Path | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
         self.argv = list(argv)
         self._env = dict(env)
         self._cwd = cwd
@@ -118,10 +144,10 @@ class ProcessGroup:
         self._failure_file = failure_file
         self._log = log or logging.getLogger("torchbay")
         self._tag = uuid.uuid4().hex
-        self._proc: Optional[subprocess.Popen] = None
-        self.started_at: Optional[float] = None
+        self._proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
 
-    def start(self) -> "ProcessGroup":
+    def start(self) -> ProcessGroup:
         """Start the command; raises EntryPointError when it cannot be executed at all.
 
         Must be called from the main thread when ``guard`` is set: the kernel's parent-death signal
@@ -133,16 +159,31 @@ class ProcessGroup:
         if self._guard:
             self._check_executable(env)
             env[TAG_VARIABLE] = self._tag
-            argv = [sys.executable, "-I", "-S", str(_GUARD), str(os.getpid()), str(self._failure_file or ""), "--",
-                    *self.argv]
+            argv = [
+                sys.executable,
+                "-I",
+                "-S",
+                str(_GUARD),
+                str(os.getpid()),
+                str(self._failure_file or ""),
+                "--",
+                *self.argv,
+            ]
         try:
             self._proc = subprocess.Popen(
-                argv, env=env, cwd=str(self._cwd) if self._cwd else None, stdin=subprocess.DEVNULL,
-                stdout=self._stdout, stderr=self._stderr, start_new_session=True, close_fds=True,
+                argv,
+                env=env,
+                cwd=str(self._cwd) if self._cwd else None,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stdout,
+                stderr=self._stderr,
+                start_new_session=True,
+                close_fds=True,
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as err:
             raise EntryPointError(
-                f"cannot start {self.argv[0]!r}: {err.strerror or err}; check the entry point and its permissions"
+                f"cannot start {self.argv[0]!r}: {err.strerror or err}; check the entry point and "
+                "its permissions"
             ) from err
         self.started_at = time.monotonic()
         if self._guard:
@@ -153,19 +194,28 @@ class ProcessGroup:
         """What Popen would have said about ``argv[0]``, said before the guard runs it."""
         program = self.argv[0]
         if os.sep in program:
-            full = program if os.path.isabs(program) else os.path.join(str(self._cwd or "."), program)
+            full = (
+                program if os.path.isabs(program) else os.path.join(str(self._cwd or "."), program)
+            )
             if not os.path.exists(full):
-                raise EntryPointError(f"cannot start {program!r}: No such file or directory; check the entry point "
-                                      "and its permissions")
+                raise EntryPointError(
+                    f"cannot start {program!r}: No such file or directory; check the entry point "
+                    "and its permissions"
+                )
             if os.path.isdir(full) or not os.access(full, os.X_OK):
-                raise EntryPointError(f"cannot start {program!r}: Permission denied; check the entry point and its "
-                                      "permissions")
+                raise EntryPointError(
+                    f"cannot start {program!r}: Permission denied; check the entry point and its "
+                    "permissions"
+                )
         elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-            raise EntryPointError(f"cannot start {program!r}: No such file or directory; check the entry point and "
-                                  "its permissions")
+            raise EntryPointError(
+                f"cannot start {program!r}: No such file or directory; check the entry point and "
+                "its permissions"
+            )
 
     def stop_strays(self, grace: float) -> list[str]:
-        """Stop the processes this command started that left its group (``setsid``, double forks) and are still
+        """Stop the processes this command started that left its group (``setsid``, double forks)
+        and are still
         running; each is logged by PID and command. Returns their descriptions."""
         if not self._guard:
             return []
@@ -179,8 +229,11 @@ class ProcessGroup:
             except Exception:  # psutil.Error: it ended meanwhile
                 what = f"PID {proc.pid}"
             described.append(what)
-            self._log.warning("%s was started by the training script, left its process group and was still "
-                              "running after it ended; stopping it", what)
+            self._log.warning(
+                "%s was started by the training script, left its process group and was still "
+                "running after it ended; stopping it",
+                what,
+            )
             try:
                 proc.terminate()
             except Exception:  # psutil.NoSuchProcess: already gone
@@ -197,16 +250,16 @@ class ProcessGroup:
         return described
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         """The exit code (128+N for signal N) once the leader has exited, else None."""
         assert self._proc is not None, "start() first"
         code = self._proc.poll()
         return None if code is None else exit_code_of(code)
 
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+    def wait(self, timeout: float | None = None) -> int | None:
         """Wait up to ``timeout`` seconds for the leader; its exit code, or None if still running."""
         assert self._proc is not None, "start() first"
         try:
@@ -238,7 +291,8 @@ class ProcessGroup:
             return False
 
     def terminate(self, grace: float, signum: int = _SIGTERM) -> bool:
-        """``signum`` (SIGTERM) to the group, up to ``grace`` seconds for it to exit, then SIGKILL; True if killed."""
+        """``signum`` (SIGTERM) to the group, up to ``grace`` seconds for it to exit, then SIGKILL;
+        True if killed."""
         if not self.group_alive():
             return False
         self.signal(signum)
@@ -258,16 +312,23 @@ class ProcessGroup:
         return True
 
 
-def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runtime: Optional[float] = None,
-              on_tick: Optional[Callable[[], None]] = None) -> RunResult:
-    """Wait for ``group``'s leader; a stop request or ``max_runtime`` ends it (the signal, grace, SIGKILL).
+def supervise(
+    group: ProcessGroup,
+    *,
+    stop: StopRequest,
+    grace: float,
+    max_runtime: float | None = None,
+    on_tick: Callable[[], None] | None = None,
+) -> RunResult:
+    """Wait for ``group``'s leader; a stop request or ``max_runtime`` ends it (the signal, grace,
+    SIGKILL).
 
     When the leader exits on its own, what it left behind in its group gets the same SIGTERM/SIGKILL
     treatment so no orphan outlives the job.
     """
     started = group.started_at or time.monotonic()
     deadline = started + max_runtime if max_runtime else None
-    stopped_by: Optional[str] = None
+    stopped_by: str | None = None
     while True:
         code = group.wait(_POLL)
         if code is not None:
@@ -281,18 +342,28 @@ def supervise(group: ProcessGroup, *, stop: StopRequest, grace: float, max_runti
         elif deadline is not None and time.monotonic() >= deadline:
             stopped_by = "max_runtime"
         if stopped_by is not None:
-            # The signal the agent got is passed on (SIGINT stays SIGINT for a KeyboardInterrupt handler).
-            forward = stop.signum if stopped_by == "signal" and stop.signum is not None else signal.SIGTERM
+            # The signal the agent got is passed on (SIGINT stays SIGINT for a KeyboardInterrupt
+            # handler).
+            forward = (
+                stop.signum
+                if stopped_by == "signal" and stop.signum is not None
+                else signal.SIGTERM
+            )
             killed = group.terminate(grace, forward)
             code = group.wait(10)
             group.stop_strays(min(grace, 5.0))
-            return RunResult(code if code is not None else 128 + signal.SIGKILL, stopped_by,
-                             stop.signum if stopped_by == "signal" else None, killed,
-                             duration=time.monotonic() - started)
+            return RunResult(
+                code if code is not None else 128 + signal.SIGKILL,
+                stopped_by,
+                stop.signum if stopped_by == "signal" else None,
+                killed,
+                duration=time.monotonic() - started,
+            )
 
 
 def _become_subreaper() -> None:
-    """Orphans of our descendants become our children (not PID 1's), so they can be found and stopped."""
+    """Orphans of our descendants become our children (not PID 1's), so they can be found and
+    stopped."""
     try:
         import ctypes
 
@@ -302,7 +373,8 @@ def _become_subreaper() -> None:
 
 
 def _reap_zombies(pgid: int) -> None:
-    """Reap our dead children of process group ``pgid`` (orphans that came to us as a subreaper), so they
+    """Reap our dead children of process group ``pgid`` (orphans that came to us as a subreaper), so
+    they
     neither count as alive nor linger as zombies."""
     try:
         import psutil
@@ -319,7 +391,8 @@ def _reap_zombies(pgid: int) -> None:
 
 
 def _tagged_processes(tag: str) -> list:
-    """Our descendants whose environment carries ``tag`` (the guard's tag; every process the command started
+    """Our descendants whose environment carries ``tag`` (the guard's tag; every process the command
+    started
     inherits it unless it cleared its environment)."""
     try:
         import psutil
@@ -335,12 +408,16 @@ def _tagged_processes(tag: str) -> list:
     return found
 
 
-def check_command_size(argv: Sequence[str], env: Mapping[str, str], named: Mapping[str, Any]) -> None:
-    """Raise JobSpecError when exec would refuse ``argv`` + ``env`` (E2BIG), naming the biggest of ``named``
+def check_command_size(
+    argv: Sequence[str], env: Mapping[str, str], named: Mapping[str, Any]
+) -> None:
+    """Raise JobSpecError when exec would refuse ``argv`` + ``env`` (E2BIG), naming the biggest of
+    ``named``
     (hyperparameter name -> value) and its size.
 
     Linux takes at most MAX_ARG_STRLEN bytes per argument or ``NAME=value`` string, and all of them
-    together (plus a pointer each) within ARG_MAX (a quarter of the stack limit, usually 2 MiB); every
+    together (plus a pointer each) within ARG_MAX (a quarter of the stack limit, usually 2 MiB);
+    every
     hyperparameter is in argv and again in SM_HP_<NAME>, SM_HPS and SM_TRAINING_ENV.
     """
     strings = [a.encode("utf-8", "surrogateescape") for a in argv]
@@ -350,13 +427,22 @@ def check_command_size(argv: Sequence[str], env: Mapping[str, str], named: Mappi
         arg_max = os.sysconf("SC_ARG_MAX")
     except (ValueError, OSError):
         arg_max = 2 * 1024 * 1024
-    total = sum(len(s) + 1 + 8 for s in strings) + 4096  # + pointers and the kernel's auxiliary vector room
+    total = (
+        sum(len(s) + 1 + 8 for s in strings) + 4096
+    )  # + pointers and the kernel's auxiliary vector room
     if len(longest) + 1 <= MAX_ARG_STRLEN and total <= arg_max:
         return
-    sizes = sorted(((len(str(v).encode("utf-8", "surrogateescape")), k) for k, v in named.items()), reverse=True)
+    sizes = sorted(
+        ((len(str(v).encode("utf-8", "surrogateescape")), k) for k, v in named.items()),
+        reverse=True,
+    )
     if len(longest) + 1 > MAX_ARG_STRLEN:
         limit = f"one argument or environment variable can hold at most {MAX_ARG_STRLEN - 1} bytes on Linux"
-        where = longest.split(b"=", 1)[0].decode("utf-8", "replace")[:60] if not longest.startswith(b"-") else None
+        where = (
+            longest.split(b"=", 1)[0].decode("utf-8", "replace")[:60]
+            if not longest.startswith(b"-")
+            else None
+        )
     else:
         limit = f"the command line and environment together would take {total} bytes, over ARG_MAX ({arg_max})"
         where = None
@@ -366,7 +452,9 @@ def check_command_size(argv: Sequence[str], env: Mapping[str, str], named: Mappi
     else:
         subject = f"the command line is too long ({total} bytes)"
     raise JobSpecError(
-        f"{subject}: {limit}{f' (here {where})' if where else ''}, and the script gets every hyperparameter as an "
-        "argument and in SM_HP_<NAME>, SM_HPS and SM_TRAINING_ENV; put large values in a file (a data channel "
+        f"{subject}: {limit}{f' (here {where})' if where else ''}, and the script gets every "
+        "hyperparameter as an "
+        "argument and in SM_HP_<NAME>, SM_HPS and SM_TRAINING_ENV; put large values in a file (a "
+        "data channel "
         "or the source directory) and pass its path as the hyperparameter"
     )

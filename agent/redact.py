@@ -1,6 +1,8 @@
-"""Masking secrets in what the agent writes: log lines, the failure file, captured output, argv shown in logs.
+"""Masking secrets in what the agent writes: log lines, the failure file, captured output, argv
+shown in logs.
 
-A :class:`Redactor` knows which names look secret (the ``TORCHBAY_SECRET_NAMES`` pattern, searched in
+A :class:`Redactor` knows which names look secret (the ``TORCHBAY_SECRET_NAMES`` pattern, searched
+in
 the name lower-cased with camelCase, ``-`` and ``.`` turned into ``_``) and the secret values it has
 learnt (hyperparameters and environment variables with such names, and the password of any
 ``scheme://user:password@host`` URL among their values). :meth:`Redactor.text` replaces every known
@@ -15,28 +17,44 @@ import json
 import logging
 import re
 import threading
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["MASK", "MIN_SECRET_LENGTH", "DEFAULT_SECRET_NAMES", "Redactor", "RedactingFilter", "normalize_name",
-           "looks_secret", "redact_urls"]
+__all__ = [
+    "DEFAULT_SECRET_NAMES",
+    "MASK",
+    "MIN_SECRET_LENGTH",
+    "RedactingFilter",
+    "Redactor",
+    "looks_secret",
+    "normalize_name",
+    "redact_urls",
+]
 
 MASK = "****"
-MIN_SECRET_LENGTH = 4  # shorter values are masked only where their name shows (argv), never as substrings
-DEFAULT_SECRET_NAMES = (r"password|passwd|passphrase|secret|credential|api_?key|private_?key"
-                        r"|(^|_)(token|auth|cookie)(_|$)|(^|_)key$")
+MIN_SECRET_LENGTH = (
+    4  # shorter values are masked only where their name shows (argv), never as substrings
+)
+DEFAULT_SECRET_NAMES = (
+    r"password|passwd|passphrase|secret|credential|api_?key|private_?key"
+    r"|(^|_)(token|auth|cookie)(_|$)|(^|_)key$"
+)
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
-# Both start with a literal "://", so a long value without one is scanned once (no quadratic backtracking).
+# Both start with a literal "://", so a long value without one is scanned once (no quadratic
+# backtracking).
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)([^/\s@]+)(@)")
 _URL_USERINFO = re.compile(r"(://)([^/\s@]+)(@)")
 
 
 def normalize_name(name: str) -> str:
-    """``apiToken`` -> ``api_token``, ``SM_HP_API-TOKEN`` -> ``sm_hp_api_token``: the form the pattern sees."""
+    """``apiToken`` -> ``api_token``, ``SM_HP_API-TOKEN`` -> ``sm_hp_api_token``: the form the
+    pattern sees."""
     return re.sub(r"[-.\s]+", "_", _CAMEL.sub(r"\1_\2", str(name))).lower()
 
 
 def looks_secret(name: str, pattern: str = DEFAULT_SECRET_NAMES) -> bool:
-    """Whether ``name`` (a hyperparameter, variable or JSON field name) looks like it holds a secret."""
+    """Whether ``name`` (a hyperparameter, variable or JSON field name) looks like it holds a
+    secret."""
     return re.search(pattern, normalize_name(name)) is not None
 
 
@@ -62,7 +80,8 @@ class Redactor:
         return self._pattern.search(normalize_name(name)) is not None
 
     def learn(self, named: Mapping[str, Any]) -> int:
-        """Remember the values of secret-looking names in ``named`` (and URL passwords in any value); returns
+        """Remember the values of secret-looking names in ``named`` (and URL passwords in any
+        value); returns
         how many values are known now."""
         found: list[str] = []
         for name, value in named.items():
@@ -80,7 +99,9 @@ class Redactor:
         with self._lock:
             known = set(self._values)
             known.update(v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH)
-            self._values = tuple(sorted(known, key=len, reverse=True))  # longest first: no partial leftovers
+            self._values = tuple(
+                sorted(known, key=len, reverse=True)
+            )  # longest first: no partial leftovers
             self._bytes = tuple((v.encode("utf-8", "replace"), MASK.encode()) for v in self._values)
 
     @property
@@ -98,7 +119,8 @@ class Redactor:
         return text
 
     def data(self, block: bytes) -> bytes:
-        """The byte form of :meth:`text` for captured output (no URL rewriting: the script's bytes stay)."""
+        """The byte form of :meth:`text` for captured output (no URL rewriting: the script's bytes
+        stay)."""
         for value, mask in self._bytes:
             if value in block:
                 block = block.replace(value, mask)
@@ -126,7 +148,8 @@ class Redactor:
 
 
 def _forms(value: Any) -> list[str]:
-    """The spellings a value takes where it is written: raw, ``str()`` of the JSON-decoded value (argv),
+    """The spellings a value takes where it is written: raw, ``str()`` of the JSON-decoded value
+    (argv),
     and its JSON encoding (SM_HPS, SM_TRAINING_ENV)."""
     if value is None:
         return []
@@ -147,9 +170,10 @@ def _forms(value: Any) -> list[str]:
 
 
 class RedactingFilter(logging.Filter):
-    """A handler filter: masks secrets in each record (message, arguments and traceback) and caps its length."""
+    """A handler filter: masks secrets in each record (message, arguments and traceback) and caps
+    its length."""
 
-    def __init__(self, redactor: Redactor, max_chars: Optional[int] = 16384) -> None:
+    def __init__(self, redactor: Redactor, max_chars: int | None = 16384) -> None:
         super().__init__()
         self.redactor = redactor
         self.max_chars = max_chars
@@ -157,7 +181,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = self.redactor.text(record.getMessage())
         if self.max_chars is not None and len(message) > self.max_chars:
-            message = f"{message[:self.max_chars]} [... {len(message) - self.max_chars} more characters cut]"
+            message = f"{message[: self.max_chars]} [... {len(message) - self.max_chars} more characters cut]"
         record.msg, record.args = message, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -5,43 +5,62 @@ from __future__ import annotations
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Optional, Union
+from typing import IO, Any
 
 from agent.errors import ArchiveError, UnsafePathError
 
-__all__ = ["safe_join", "safe_extract_tar"]
+__all__ = ["safe_extract_tar", "safe_join"]
 
 
-def safe_join(root: Union[str, Path], relative: str, *, what: str = "key") -> Path:
-    """``root/relative``, refusing names that are absolute, contain ``..`` or NUL, or resolve outside ``root``.
+def safe_join(root: str | Path, relative: str, *, what: str = "key") -> Path:
+    """``root/relative``, refusing names that are absolute, contain ``..`` or NUL, or resolve
+    outside ``root``.
 
     Raises UnsafePathError naming the offending ``what`` (e.g. ``key 'a/../../etc'``).
     """
     if not relative or "\x00" in relative:
-        raise UnsafePathError(f"{what} {relative!r} is empty or contains a NUL byte; refusing to write it")
-    if relative.startswith("/") or relative.startswith("\\"):
-        raise UnsafePathError(f"{what} {relative!r} is an absolute path; refusing to write outside {root}")
+        raise UnsafePathError(
+            f"{what} {relative!r} is empty or contains a NUL byte; refusing to write it"
+        )
+    if relative.startswith(("/", "\\")):
+        raise UnsafePathError(
+            f"{what} {relative!r} is an absolute path; refusing to write outside {root}"
+        )
     parts = PurePosixPath(relative.replace("\\", "/")).parts
     if any(part == ".." for part in parts):
-        raise UnsafePathError(f"{what} {relative!r} contains '..'; refusing to write outside {root}")
+        raise UnsafePathError(
+            f"{what} {relative!r} contains '..'; refusing to write outside {root}"
+        )
     root_path = Path(root).resolve()
     target = (root_path / Path(*parts)).resolve() if parts else root_path
     if target != root_path and root_path not in target.parents:
-        raise UnsafePathError(f"{what} {relative!r} resolves to {target}, outside {root_path}; refusing to write it")
+        raise UnsafePathError(
+            f"{what} {relative!r} resolves to {target}, outside {root_path}; refusing to write it"
+        )
     if target == root_path:
-        raise UnsafePathError(f"{what} {relative!r} names the target folder itself; refusing to write it")
+        raise UnsafePathError(
+            f"{what} {relative!r} names the target folder itself; refusing to write it"
+        )
     return target
 
 
-def safe_extract_tar(source: Union[str, Path, IO[bytes]], dest: Union[str, Path], *, what: str = "archive",
-                     max_bytes: Optional[int] = None, max_members: Optional[int] = None,
-                     limit_names: tuple[str, str] = ("TORCHBAY_SOURCE_MAX_BYTES", "TORCHBAY_SOURCE_MAX_MEMBERS")) -> int:
+def safe_extract_tar(
+    source: str | Path | IO[bytes],
+    dest: str | Path,
+    *,
+    what: str = "archive",
+    max_bytes: int | None = None,
+    max_members: int | None = None,
+    limit_names: tuple[str, str] = ("TORCHBAY_SOURCE_MAX_BYTES", "TORCHBAY_SOURCE_MAX_MEMBERS"),
+) -> int:
     """Extract a (possibly gzipped) tar into ``dest`` and return the number of members.
 
     Every member is checked before anything is written: absolute names, ``..``, links that point
-    outside ``dest``, and device files raise UnsafePathError naming the member. A truncated or corrupt
+    outside ``dest``, and device files raise UnsafePathError naming the member. A truncated or
+    corrupt
     archive raises ArchiveError naming the byte offset reached and the last member read; more than
-    ``max_members`` members or ``max_bytes`` unpacked bytes (a gzip bomb) raise ArchiveError before those
+    ``max_members`` members or ``max_bytes`` unpacked bytes (a gzip bomb) raise ArchiveError before
+    those
     bytes are written (``limit_names`` are the settings named in that message).
     """
     dest_path = Path(dest)
@@ -51,9 +70,13 @@ def safe_extract_tar(source: Union[str, Path, IO[bytes]], dest: Union[str, Path]
     tally = _Tally(what, raw, max_bytes, max_members, limit_names)
     try:
         try:
-            archive = tarfile.open(fileobj=raw, mode="r:*" if isinstance(source, (str, Path)) else "r|*")
+            archive = tarfile.open(
+                fileobj=raw, mode="r:*" if isinstance(source, (str, Path)) else "r|*"
+            )
         except (tarfile.TarError, EOFError, zlib.error) as err:
-            raise ArchiveError(f"{what} is not a readable tar archive ({err}); rebuild it with tar -czf") from err
+            raise ArchiveError(
+                f"{what} is not a readable tar archive ({err}); rebuild it with tar -czf"
+            ) from err
         with archive:
             if isinstance(source, (str, Path)):
                 members = []
@@ -80,8 +103,14 @@ _CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EO
 class _Tally:
     """Counts members and unpacked bytes against the limits; turns read errors into ArchiveError."""
 
-    def __init__(self, what: str, raw: Any, max_bytes: Optional[int], max_members: Optional[int],
-                 limit_names: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        what: str,
+        raw: Any,
+        max_bytes: int | None,
+        max_members: int | None,
+        limit_names: tuple[str, str],
+    ) -> None:
         self.what = what
         self.raw = raw
         self.max_bytes = max_bytes
@@ -89,7 +118,7 @@ class _Tally:
         self.limit_names = limit_names
         self.count = 0
         self.bytes = 0
-        self.reading: Optional[str] = None
+        self.reading: str | None = None
 
     def members(self, archive: tarfile.TarFile) -> Any:
         while True:
@@ -102,12 +131,16 @@ class _Tally:
             self.count += 1
             self.bytes += member.size if member.isfile() else 0
             if self.max_members is not None and self.count > self.max_members:
-                raise ArchiveError(f"{self.what} holds more than {self.max_members} members; raise "
-                                   f"{self.limit_names[1]} if that is expected, or ship fewer files")
+                raise ArchiveError(
+                    f"{self.what} holds more than {self.max_members} members; raise "
+                    f"{self.limit_names[1]} if that is expected, or ship fewer files"
+                )
             if self.max_bytes is not None and self.bytes > self.max_bytes:
-                raise ArchiveError(f"{self.what} unpacks to more than {self.max_bytes} bytes (member "
-                                   f"{member.name!r} alone is {member.size}); refusing to extract it: raise "
-                                   f"{self.limit_names[0]} if that is expected")
+                raise ArchiveError(
+                    f"{self.what} unpacks to more than {self.max_bytes} bytes (member "
+                    f"{member.name!r} alone is {member.size}); refusing to extract it: raise "
+                    f"{self.limit_names[0]} if that is expected"
+                )
             self.reading = member.name
             yield member
 
@@ -117,9 +150,12 @@ class _Tally:
         except (OSError, ValueError, AttributeError):
             offset = "an unknown byte"
         after = f" while reading member {self.reading!r}" if self.reading else ""
-        return ArchiveError(f"{self.what} is truncated or corrupt: it ends or breaks at {offset}{after} "
-                            f"({type(err).__name__}: {err or 'unexpected end of data'}); upload it again, or rebuild "
-                            "it with tar -czf")
+        return ArchiveError(
+            f"{self.what} is truncated or corrupt: it ends or breaks at {offset}{after} "
+            f"({type(err).__name__}: {err or 'unexpected end of data'}); upload it again, or "
+            "rebuild "
+            "it with tar -czf"
+        )
 
 
 def _check_member(member: tarfile.TarInfo, root: Path, what: str) -> None:
@@ -138,12 +174,13 @@ def _check_member(member: tarfile.TarInfo, root: Path, what: str) -> None:
             resolved = (root / link).resolve()
         if link.startswith("/") or (resolved != root and root not in resolved.parents):
             raise UnsafePathError(
-                f"{what} member {name!r} links to {link!r}, outside the target folder; refusing to extract it"
+                f"{what} member {name!r} links to {link!r}, outside the target folder; refusing to "
+                "extract it"
             )
 
 
 def _extract(archive: tarfile.TarFile, members: list, root: Path, tally: _Tally) -> None:
-    data_filter: Optional[object] = getattr(tarfile, "data_filter", None)
+    data_filter: object | None = getattr(tarfile, "data_filter", None)
     try:
         if data_filter is not None:
             try:

@@ -13,9 +13,10 @@ import shutil
 import threading
 import urllib.parse
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional
+from typing import IO, Any
 
 from agent.errors import (
     BucketMissing,
@@ -25,7 +26,15 @@ from agent.errors import (
     StorageError,
 )
 
-__all__ = ["Location", "ObjectInfo", "Storage", "parse_uri", "open_storage", "redact", "write_text_atomically"]
+__all__ = [
+    "Location",
+    "ObjectInfo",
+    "Storage",
+    "open_storage",
+    "parse_uri",
+    "redact",
+    "write_text_atomically",
+]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
@@ -34,7 +43,8 @@ _COPY_BUFFER = 1024 * 1024
 
 @dataclass(frozen=True)
 class Location:
-    """A parsed URI: ``scheme`` is ``s3`` or ``file``; for ``file`` the bucket is empty and key is an absolute path."""
+    """A parsed URI: ``scheme`` is ``s3`` or ``file``; for ``file`` the bucket is empty and key is
+    an absolute path."""
 
     scheme: str
     bucket: str
@@ -46,7 +56,7 @@ class Location:
             return f"s3://{self.bucket}/{self.key}"
         return "file://" + self.key
 
-    def child(self, relative: str) -> "Location":
+    def child(self, relative: str) -> Location:
         """The location of ``relative`` under this one, treated as a folder."""
         relative = relative.lstrip("/")
         if self.scheme == "s3":
@@ -57,12 +67,13 @@ class Location:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object seen in a listing: its full ``key`` (a path for ``file://``), size in bytes and ETag if known."""
+    """One object seen in a listing: its full ``key`` (a path for ``file://``), size in bytes and
+    ETag if known."""
 
     location: Location
     size: int
-    etag: Optional[str] = None
-    mtime: Optional[float] = None
+    etag: str | None = None
+    mtime: float | None = None
 
     @property
     def key(self) -> str:
@@ -88,7 +99,8 @@ def parse_uri(uri: str) -> Location:
         parsed = urllib.parse.urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(
-                f"URI {uri!r} names host {parsed.netloc!r}; file URIs need three slashes: file:///abs/path"
+                f"URI {uri!r} names host {parsed.netloc!r}; file URIs need three slashes: "
+                "file:///abs/path"
             )
         return Location("file", "", urllib.parse.unquote(parsed.path) or "/")
     if uri.startswith("/"):
@@ -122,14 +134,15 @@ class Storage(ABC):
 
     @abstractmethod
     def list(self, uri: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with the URI's key (S3 prefix semantics; folders recurse), in key order."""
+        """Every object whose key starts with the URI's key (S3 prefix semantics; folders recurse),
+        in key order."""
 
     @abstractmethod
-    def head(self, uri: str) -> Optional[ObjectInfo]:
+    def head(self, uri: str) -> ObjectInfo | None:
         """The object's info, or None when it does not exist."""
 
     @abstractmethod
-    def open(self, uri: str, start: int = 0, end: Optional[int] = None) -> IO[bytes]:
+    def open(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
         """A readable stream of bytes ``start`` to ``end`` (exclusive; None = to the end)."""
 
     @abstractmethod
@@ -144,12 +157,12 @@ class Storage(ABC):
     def delete(self, uri: str) -> None:
         """Delete an object; deleting a missing object is not an error."""
 
-    def get_bytes(self, uri: str, start: int = 0, end: Optional[int] = None) -> bytes:
+    def get_bytes(self, uri: str, start: int = 0, end: int | None = None) -> bytes:
         """The object's bytes (or a range of them)."""
         with self.open(uri, start, end) as stream:
             return stream.read()
 
-    def get_file(self, uri: str, dest: Path, expected_size: Optional[int] = None) -> int:
+    def get_file(self, uri: str, dest: Path, expected_size: int | None = None) -> int:
         """Download to ``dest`` via ``dest.part`` and an atomic rename; returns the byte count.
 
         A byte count different from ``expected_size`` raises StorageError and leaves no file behind.
@@ -170,7 +183,10 @@ class Storage(ABC):
             part.unlink(missing_ok=True)
             if err.errno == errno.ENOSPC:
                 raise DiskFullError(
-                    f"disk full while writing {dest} from {uri}; free space on {dest.parent} or use a bigger volume"
+                    f"disk full while writing {dest} from {uri}; free space on {dest.parent} or use "
+                    ""
+                    ""
+                    "a bigger volume"
                 ) from err
             raise
         except BaseException:
@@ -179,7 +195,8 @@ class Storage(ABC):
         if expected_size is not None and written != expected_size:
             part.unlink(missing_ok=True)
             raise StorageError(
-                f"short read: {uri} gave {written} bytes, the listing said {expected_size}; retry the download"
+                f"short read: {uri} gave {written} bytes, the listing said {expected_size}; retry "
+                "the download"
             )
         os.replace(part, dest)
         return written
@@ -190,7 +207,8 @@ class FileStorage(Storage):
 
     def list(self, uri: str) -> Iterator[ObjectInfo]:
         prefix = parse_uri(uri).key
-        # A folder prefix lists the folder; otherwise match names that start with the prefix, like S3.
+        # A folder prefix lists the folder; otherwise match names that start with the prefix, like
+        # S3.
         if os.path.isdir(prefix):
             root, name_prefix = prefix, ""
         else:
@@ -212,7 +230,7 @@ class FileStorage(Storage):
         found.sort(key=lambda info: info.key)
         return iter(found)
 
-    def head(self, uri: str) -> Optional[ObjectInfo]:
+    def head(self, uri: str) -> ObjectInfo | None:
         path = parse_uri(uri).key
         try:
             st = os.stat(path)
@@ -222,7 +240,7 @@ class FileStorage(Storage):
             return None
         return ObjectInfo(Location("file", "", path), st.st_size, None, st.st_mtime)
 
-    def open(self, uri: str, start: int = 0, end: Optional[int] = None) -> IO[bytes]:
+    def open(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
         path = parse_uri(uri).key
         try:
             handle = open(path, "rb")
@@ -253,7 +271,9 @@ class FileStorage(Storage):
             _unlink_quiet(tmp)
             if err.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full while writing {dest}; free space there") from err
-            raise StorageError(f"cannot write {uri}: {err.strerror}; check the path and permissions") from err
+            raise StorageError(
+                f"cannot write {uri}: {err.strerror}; check the path and permissions"
+            ) from err
 
     def delete(self, uri: str) -> None:
         _unlink_quiet(parse_uri(uri).key)
@@ -278,7 +298,7 @@ class _Limited:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "_Limited":
+    def __enter__(self) -> _Limited:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -298,8 +318,16 @@ class S3Storage(Storage):
     ``client`` is a boto3 S3 client; when None one is made with :func:`make_s3_client`.
     """
 
-    def __init__(self, client: Any = None, *, endpoint_url: Optional[str] = None, max_pool_connections: int = 32) -> None:
-        self._client = client if client is not None else make_s3_client(endpoint_url, max_pool_connections)
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        endpoint_url: str | None = None,
+        max_pool_connections: int = 32,
+    ) -> None:
+        self._client = (
+            client if client is not None else make_s3_client(endpoint_url, max_pool_connections)
+        )
         self._transfer_lock = threading.Lock()
         self._transfer_config: Any = None
 
@@ -331,7 +359,7 @@ class S3Storage(Storage):
         except Exception as err:  # botocore's exception classes are made at run time
             raise self._translate(err, uri) from err
 
-    def head(self, uri: str) -> Optional[ObjectInfo]:
+    def head(self, uri: str) -> ObjectInfo | None:
         loc = parse_uri(uri)
         try:
             resp = self._client.head_object(Bucket=loc.bucket, Key=loc.key)
@@ -340,10 +368,14 @@ class S3Storage(Storage):
             if isinstance(translated, ObjectMissing):
                 return None
             raise translated from err
-        return ObjectInfo(loc, int(resp["ContentLength"]), resp.get("ETag", "").strip('"') or None,
-                          resp["LastModified"].timestamp() if "LastModified" in resp else None)
+        return ObjectInfo(
+            loc,
+            int(resp["ContentLength"]),
+            resp.get("ETag", "").strip('"') or None,
+            resp["LastModified"].timestamp() if "LastModified" in resp else None,
+        )
 
-    def open(self, uri: str, start: int = 0, end: Optional[int] = None) -> IO[bytes]:
+    def open(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
         loc = parse_uri(uri)
         kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
         if start or end is not None:
@@ -403,27 +435,44 @@ def translate_s3_error(err: Exception, uri: str, where: str = "the S3 endpoint")
     response = getattr(err, "response", None)
     if isinstance(response, dict):
         code = str(response.get("Error", {}).get("Code", ""))
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError") or \
-            "Could not connect" in str(err):
+    if name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+    ) or "Could not connect" in str(err):
         return EndpointUnreachable(
             f"cannot reach {where} for {uri}; check AWS_ENDPOINT_URL and that the server is up"
         )
     if code == "NoSuchBucket":
         bucket = parse_uri(uri).bucket if uri.startswith("s3://") else uri
-        return BucketMissing(f"bucket {bucket!r} does not exist at {where} (for {uri}); create it or fix the URI")
+        return BucketMissing(
+            f"bucket {bucket!r} does not exist at {where} (for {uri}); create it or fix the URI"
+        )
     if code in ("NoSuchKey", "404", "NotFound"):
         return ObjectMissing(f"{uri} does not exist at {where}; check the key")
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return StorageError(f"access denied to {uri} at {where} ({code}); check the credentials and the bucket policy")
+        return StorageError(
+            f"access denied to {uri} at {where} ({code}); check the credentials and the bucket "
+            "policy"
+        )
     if name == "NoCredentialsError":
         return StorageError(
-            f"no AWS credentials found for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role"
+            f"no AWS credentials found for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a "
+            "profile or a role"
         )
-    return StorageError(f"S3 request for {uri} at {where} failed: {redact(code or name)}: {redact(str(err))[:300]}")
+    return StorageError(
+        f"S3 request for {uri} at {where} failed: {redact(code or name)}: {redact(str(err))[:300]}"
+    )
 
 
-def make_s3_client(endpoint_url: Optional[str] = None, max_pool_connections: int = 32, *,
-                   max_attempts: int = 8, connect_timeout: float = 10) -> Any:
+def make_s3_client(
+    endpoint_url: str | None = None,
+    max_pool_connections: int = 32,
+    *,
+    max_attempts: int = 8,
+    connect_timeout: float = 10,
+) -> Any:
     """A boto3 S3 client with standard retries and a connection pool sized for threads.
 
     The endpoint comes from ``endpoint_url``, else the standard AWS settings (``AWS_ENDPOINT_URL``,
@@ -444,7 +493,7 @@ def make_s3_client(endpoint_url: Optional[str] = None, max_pool_connections: int
     return session.client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
-def open_storage(uri: str, *, s3_client: Any = None, endpoint_url: Optional[str] = None) -> Storage:
+def open_storage(uri: str, *, s3_client: Any = None, endpoint_url: str | None = None) -> Storage:
     """The backend for ``uri``'s scheme. Pass ``s3_client`` to share one client across calls."""
     scheme = parse_uri(uri).scheme
     if scheme == "s3":

@@ -1,10 +1,15 @@
 """The train lifecycle (``torchbay train``, ``entrypoints/train``).
 
-load_job → write config files (not on SageMaker) → fetch code → install requirements → stage channels →
-restore checkpoints and start live sync → wait for hosts → plan the launch → start log capture → start
-the user's process group → telemetry → wait (SIGTERM/SIGINT/MaxRuntimeInSeconds → SIGTERM to the group,
-SIGKILL after the grace period) → drain logs → upload model.tar.gz and output.tar.gz → finish checkpoint
-sync → telemetry → success or failure file → exit with the user's code (TorchBay errors: agent/errors.py).
+load_job → write config files (not on SageMaker) → fetch code → install requirements → stage
+channels →
+restore checkpoints and start live sync → wait for hosts → plan the launch → start log capture →
+start
+the user's process group → telemetry → wait (SIGTERM/SIGINT/MaxRuntimeInSeconds → SIGTERM to the
+group,
+SIGKILL after the grace period) → drain logs → upload model.tar.gz and output.tar.gz → finish
+checkpoint
+sync → telemetry → success or failure file → exit with the user's code (TorchBay errors:
+agent/errors.py).
 
 This module never imports torch, and boto3 only when an s3:// URI is used.
 """
@@ -19,34 +24,48 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Optional, Sequence
+from typing import Any, BinaryIO
 
-from agent.errors import EXIT_INTERNAL, EXIT_OK, DiskFullError, StorageError, TorchBayError, exit_code_for
+from agent.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    DiskFullError,
+    StorageError,
+    TorchBayError,
+    exit_code_for,
+)
 from agent.job import Job, load_job, write_config_files
+from agent.redact import RedactingFilter, Redactor
 from agent.settings import read_settings
-from agent.redact import Redactor, RedactingFilter
 from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
 
-__all__ = ["main", "parse_args", "FAILURE_REASON_MAX", "failure_reason"]
+__all__ = ["FAILURE_REASON_MAX", "failure_reason", "main", "parse_args"]
 
 FAILURE_REASON_MAX = 1024  # SageMaker's FailureReason cap
 _STDERR_TAIL_LINES = 20
 _LOG_FORMAT = "%(asctime)s torchbay %(levelname)s %(message)s"
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
-                             r"(?::\s?(.*))?$")
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
+    r"(?::\s?(.*))?$"
+)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """``torchbay train [--job SPEC]``."""
     parser = argparse.ArgumentParser(
         prog="torchbay train",
         description="Run a SageMaker-shaped training job: the job spec (or the config files under the root), "
-                    "the user's code, data, process supervision, outputs and the failure report.",
+        "the user's code, data, process supervision, outputs and the failure report.",
     )
-    parser.add_argument("--job", metavar="SPEC", default=None,
-                        help="a CreateTrainingJob-shaped JSON file, or the JSON itself (default: TORCHBAY_JOB, "
-                             "else the config files under TORCHBAY_ROOT/input/config)")
+    parser.add_argument(
+        "--job",
+        metavar="SPEC",
+        default=None,
+        help="a CreateTrainingJob-shaped JSON file, or the JSON itself (default: TORCHBAY_JOB, "
+        "else the config files under TORCHBAY_ROOT/input/config)",
+    )
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
@@ -54,8 +73,13 @@ class _Stopped(Exception):
     """A stop signal arrived before the user's script started (internal to this module)."""
 
 
-def failure_reason(exit_code: int, stderr_tail: Sequence[str], *, argv: Sequence[str] = (),
-                   stopped: Optional[str] = None) -> str:
+def failure_reason(
+    exit_code: int,
+    stderr_tail: Sequence[str],
+    *,
+    argv: Sequence[str] = (),
+    stopped: str | None = None,
+) -> str:
     """A readable reason for a failed user process, at most FAILURE_REASON_MAX characters.
 
     ``<ExcType>: <message>`` (found in the stderr tail) first, then the exit code and how it ended,
@@ -76,7 +100,9 @@ def failure_reason(exit_code: int, stderr_tail: Sequence[str], *, argv: Sequence
     if stopped:
         how += f"; {stopped}"
     program = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:3]))
-    head.append(f"The training script failed with {how}" + (f" ({program} ...)" if program else "") + ".")
+    head.append(
+        f"The training script failed with {how}" + (f" ({program} ...)" if program else "") + "."
+    )
     text = "\n".join(head)
     tail = [line.rstrip() for line in stderr_tail if line.strip()]
     if tail:
@@ -92,11 +118,13 @@ def failure_reason(exit_code: int, stderr_tail: Sequence[str], *, argv: Sequence
     return text[:FAILURE_REASON_MAX]
 
 
-def _find_exception(lines: Sequence[str]) -> Optional[str]:
+def _find_exception(lines: Sequence[str]) -> str | None:
     """The ``Type: message`` line of the last Python traceback in ``lines``, if any."""
-    last_traceback = max((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line),
-                         default=None)
-    candidates = lines[last_traceback + 1:] if last_traceback is not None else lines
+    last_traceback = max(
+        (i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line),
+        default=None,
+    )
+    candidates = lines[last_traceback + 1 :] if last_traceback is not None else lines
     found = None
     for line in candidates:
         text = line.rstrip()
@@ -104,7 +132,12 @@ def _find_exception(lines: Sequence[str]) -> Optional[str]:
             match = _EXCEPTION_LINE.match(text)
             if match:
                 found = text
-            elif last_traceback is not None and found is None and ":" in text and not text.startswith("During"):
+            elif (
+                last_traceback is not None
+                and found is None
+                and ":" in text
+                and not text.startswith("During")
+            ):
                 found = text  # a custom exception class without a conventional suffix
     if found is None and last_traceback is not None:
         for line in reversed(candidates):
@@ -113,7 +146,7 @@ def _find_exception(lines: Sequence[str]) -> Optional[str]:
     return found
 
 
-def _configure_logging(level: str, redactor: Optional[Redactor] = None) -> logging.Logger:
+def _configure_logging(level: str, redactor: Redactor | None = None) -> logging.Logger:
     log = logging.getLogger("torchbay")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
@@ -137,14 +170,20 @@ def _make_tarball(folder: Path, dest: Path) -> None:
     except OSError as err:
         dest.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise DiskFullError(f"disk full while packing {folder} into {dest}; free space on {dest.parent}") from err
-        raise StorageError(f"cannot pack {folder} into {dest}: {err}; check the files' permissions") from err
+            raise DiskFullError(
+                f"disk full while packing {folder} into {dest}; free space on {dest.parent}"
+            ) from err
+        raise StorageError(
+            f"cannot pack {folder} into {dest}: {err}; check the files' permissions"
+        ) from err
 
 
 def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> list[str]:
-    """``argv`` under ``stdbuf -oL -eL`` (C stdio line-buffered in the child and its children) when asked and found.
+    """``argv`` under ``stdbuf -oL -eL`` (C stdio line-buffered in the child and its children) when
+    asked and found.
 
-    The child's output goes to files, where C stdio would otherwise buffer 4 KiB blocks that a crash loses.
+    The child's output goes to files, where C stdio would otherwise buffer 4 KiB blocks that a crash
+    loses.
     """
     if not enabled:
         return list(argv)
@@ -152,7 +191,10 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
 
     stdbuf = shutil.which("stdbuf")
     if stdbuf is None:
-        log.info("stdbuf not found: C-level output of the script is block-buffered (Python output is not)")
+        log.info(
+            "stdbuf not found: C-level output of the script is block-buffered (Python output is "
+            "not)"
+        )
         return list(argv)
     return [stdbuf, "-oL", "-eL", *argv]
 
@@ -160,8 +202,15 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
 class _Lifecycle:
     """One train run. ``run`` returns the exit code; every step after load_job ends in ``_finish``."""
 
-    def __init__(self, job: Job, *, log: logging.Logger, stop: Any, out: BinaryIO,
-                 redactor: Optional[Redactor] = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        log: logging.Logger,
+        stop: Any,
+        out: BinaryIO,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.job = job
         self.redactor = redactor or Redactor(job.settings.secret_names)
         self._log_storage: Any = None
@@ -169,8 +218,8 @@ class _Lifecycle:
         self.log = log
         self.stop = stop
         self.out = out
-        self.exit_code: Optional[int] = None
-        self.reason: Optional[str] = None
+        self.exit_code: int | None = None
+        self.reason: str | None = None
         self._storages: dict[str, Storage] = {}
         self._s3_client: Any = None
         self._capture: Any = None
@@ -181,7 +230,9 @@ class _Lifecycle:
         self._argv: list[str] = []
         self._rank = 0
         self._agent_log: Any = None
-        self._exchange: Any = None  # the identity exchange with the other hosts (agent.distributed.exchange)
+        self._exchange: Any = (
+            None  # the identity exchange with the other hosts (agent.distributed.exchange)
+        )
 
     # --- storage, shared by the fetch and the uploads --------------------------------------------
     def storage_for(self, uri: str) -> Storage:
@@ -197,35 +248,51 @@ class _Lifecycle:
         return self._storages[scheme]
 
     def upload_storage_for(self, uri: str) -> Storage:
-        """The storage for end-of-job uploads: an S3 client with few built-in retries (agent.uploads retries
+        """The storage for end-of-job uploads: an S3 client with few built-in retries (agent.uploads
+        retries
         with its own backoff, up to the upload deadline)."""
         if parse_uri(uri).scheme != "s3":
             return self.storage_for(uri)
         if "s3-uploads" not in self._storages:
             from agent.storage import S3Storage, make_s3_client
 
-            self._storages["s3-uploads"] = S3Storage(make_s3_client(self.job.settings.endpoint_url, 16,
-                                                                    max_attempts=2, connect_timeout=5))
+            self._storages["s3-uploads"] = S3Storage(
+                make_s3_client(
+                    self.job.settings.endpoint_url, 16, max_attempts=2, connect_timeout=5
+                )
+            )
         return self._storages["s3-uploads"]
 
     def _check_stop(self, step: str) -> None:
         if self.stop.requested:
             raise _Stopped(step)
 
-    # --- the steps ------------------------------------------------------------------------------------
+    # --- the steps
+    # ------------------------------------------------------------------------------------
     def run(self) -> int:
         job, log = self.job, self.log
         layout = job.layout
-        for folder in (layout.model_dir, layout.output_data_dir, layout.intermediate_dir, layout.code_dir,
-                       layout.data_dir, layout.agent_dir):
+        for folder in (
+            layout.model_dir,
+            layout.output_data_dir,
+            layout.intermediate_dir,
+            layout.code_dir,
+            layout.data_dir,
+            layout.agent_dir,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         for stale in (layout.failure_file, layout.success_file):
             stale.unlink(missing_ok=True)
         _reserve_room(layout.agent_dir / _RESERVE_NAME)
         self._attach_job_log()
-        log.info("job %s on %s (%d host(s)); root %s%s", job.name, job.resource.current_host,
-                 job.resource.host_count, layout.root, " (SageMaker: config and data in place)"
-                 if job.on_sagemaker else "")
+        log.info(
+            "job %s on %s (%d host(s)); root %s%s",
+            job.name,
+            job.resource.current_host,
+            job.resource.host_count,
+            layout.root,
+            " (SageMaker: config and data in place)" if job.on_sagemaker else "",
+        )
         if job.cluster is not None and job.cluster.multi_host:
             from agent.distributed import start_exchange
 
@@ -244,8 +311,13 @@ class _Lifecycle:
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
-            disk = DiskFullError(f"disk full: {err.strerror} ({err.filename or 'a file under ' + str(layout.root)}); "
-                                 "free space or give the job a bigger volume")
+            disk = DiskFullError(
+                f"disk full: {err.strerror} ({err.filename or 'a file under ' + str(layout.root)}); "
+                ""
+                ""
+                ""
+                "free space or give the job a bigger volume"
+            )
             self.exit_code, self.reason = disk.exit_code, f"DiskFullError: {disk}"
             log.error("%s (exit code %d)", self.reason, disk.exit_code)
         except Exception as err:  # the process top level: log it and still upload what exists
@@ -256,7 +328,9 @@ class _Lifecycle:
             from agent.distributed import peer_reason
 
             self._exchange.close(self.exit_code, self.reason)
-            self.reason = peer_reason(self._exchange, job.resource.current_host, self.exit_code, self.reason)
+            self.reason = peer_reason(
+                self._exchange, job.resource.current_host, self.exit_code, self.reason
+            )
         self._finish()
         assert self.exit_code is not None
         return self.exit_code
@@ -275,7 +349,9 @@ class _Lifecycle:
         install_requirements(job, log=log, stop=self.stop)
         self._check_stop("pip install")
         entry = resolve_entry_point(job)
-        if any(channel.uri is not None for channel in job.channels):  # on SageMaker the data is in place
+        if any(
+            channel.uri is not None for channel in job.channels
+        ):  # on SageMaker the data is in place
             from agent.data import prepare_channels
 
             self._data = prepare_channels(job, log=log)
@@ -286,11 +362,15 @@ class _Lifecycle:
             self._sync = LiveSync(job, log=log)
             restored = self._sync.restore()
             if restored:
-                log.info("restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri))
+                log.info(
+                    "restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri)
+                )
             self._check_stop("checkpoint restore")
         from agent.distributed import plan_launch, wait_for_hosts
 
-        wait_for_hosts(job, log=log, exchange=self._exchange, should_stop=lambda: self.stop.requested)
+        wait_for_hosts(
+            job, log=log, exchange=self._exchange, should_stop=lambda: self.stop.requested
+        )
         self._check_stop("the wait for hosts")
         args = user_args(job)
         self._plan = plan = plan_launch(job, entry, args, log=log)
@@ -299,9 +379,15 @@ class _Lifecycle:
 
         agent_dir = job.layout.agent_dir
         self._capture = capture = LogCapture(
-            host=job.resource.current_host, log_dir=agent_dir / "logs", out=self.out, job_log=job.layout.job_log_file,
-            settings=job.settings, metric_definitions=job.metric_definitions,
-            metrics_file=job.layout.metrics_file, tensorboard_dir=job.tensorboard_local_path, log=log,
+            host=job.resource.current_host,
+            log_dir=agent_dir / "logs",
+            out=self.out,
+            job_log=job.layout.job_log_file,
+            settings=job.settings,
+            metric_definitions=job.metric_definitions,
+            metrics_file=job.layout.metrics_file,
+            tensorboard_dir=job.tensorboard_local_path,
+            log=log,
             **({"mask": self.redactor.data} if self.redactor.active else {}),
         )
         self._rank = plan.rank_base
@@ -313,15 +399,26 @@ class _Lifecycle:
         from agent.process import check_command_size
 
         check_command_size(plan.argv, env, job.hyperparameters)
-        shown = [word if len(word) <= 256 else f"{word[:64]}...({len(word)} chars)"
-                 for word in self.redactor.argv(plan.argv)]
+        shown = [
+            word if len(word) <= 256 else f"{word[:64]}...({len(word)} chars)"
+            for word in self.redactor.argv(plan.argv)
+        ]
         log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
         argv = _line_buffered(plan.argv, job.settings.line_buffer, log)
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
-            group = ProcessGroup(argv, env=env, cwd=entry.code_dir, stdout=child_out, stderr=child_err, guard=True,
-                                 failure_file=job.layout.failure_file, log=log).start()
+            group = ProcessGroup(
+                argv,
+                env=env,
+                cwd=entry.code_dir,
+                stdout=child_out,
+                stderr=child_err,
+                guard=True,
+                failure_file=job.layout.failure_file,
+                log=log,
+            ).start()
         self._script_started = True
-        # Watching and sampling start once the script runs, off its start-up path; files written before the
+        # Watching and sampling start once the script runs, off its start-up path; files written
+        # before the
         # watch begins are picked up by LiveSync.start itself.
         if self._sync is None:
             from agent.sync import LiveSync
@@ -329,7 +426,9 @@ class _Lifecycle:
             self._sync = LiveSync(job, log=log)
         self._sync.start()
         self._start_telemetry(group)
-        result = supervise(group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime)
+        result = supervise(
+            group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime
+        )
         self.exit_code = result.exit_code
         stopped = None
         if result.stopped_by == "signal":
@@ -339,7 +438,9 @@ class _Lifecycle:
         if stopped:
             stopped += " (SIGKILL after the grace period)" if result.killed else ""
             log.warning("%s; exit code %d", stopped, result.exit_code)
-        log.info("the script ended with exit code %d after %.1f s", result.exit_code, result.duration)
+        log.info(
+            "the script ended with exit code %d after %.1f s", result.exit_code, result.duration
+        )
         if result.exit_code != EXIT_OK:
             capture.close()
             self.reason = self._user_failure(result.exit_code, stopped)
@@ -353,15 +454,24 @@ class _Lifecycle:
         from agent.uploads import DeadlineStorage
 
         uri = self.job.job_output_uri
-        self._log_storage = DeadlineStorage(lambda: self.upload_storage_for(uri), log=self.log,
-                                            part_size=self.job.settings.upload_part_size) if uri else None
+        self._log_storage = (
+            DeadlineStorage(
+                lambda: self.upload_storage_for(uri),
+                log=self.log,
+                part_size=self.job.settings.upload_part_size,
+            )
+            if uri
+            else None
+        )
         self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid, storage=self._log_storage)
         self._telemetry.start()
 
-    def _user_failure(self, exit_code: int, stopped: Optional[str]) -> str:
+    def _user_failure(self, exit_code: int, stopped: str | None) -> str:
         tail = self._capture.stderr_tail(self._rank, _STDERR_TAIL_LINES) if self._capture else []
         reason = failure_reason(exit_code, tail, argv=self._argv, stopped=stopped)
-        if self._plan is not None and (self._plan.torchrun_log_dir is not None or self._plan.error_file is not None):
+        if self._plan is not None and (
+            self._plan.torchrun_log_dir is not None or self._plan.error_file is not None
+        ):
             from agent.distributed import first_failure
 
             first = first_failure(self._plan)
@@ -369,7 +479,8 @@ class _Lifecycle:
                 reason = (first + "\n" + reason)[:FAILURE_REASON_MAX]
         return reason
 
-    # --- the end of every job ----------------------------------------------------------------------------
+    # --- the end of every job
+    # ----------------------------------------------------------------------------
     def _finish(self) -> None:
         """Every end-of-job step runs, whatever failed before it; then the status file is written."""
         deadline = time.monotonic() + self.job.settings.upload_timeout
@@ -378,34 +489,47 @@ class _Lifecycle:
         if self._data is not None:
             self._step("stopping the Pipe feeders", lambda: self._data.stop(10.0))
         deadlines = [deadline]
-        self._step("uploading the outputs", lambda: deadlines.append(self._upload_outputs(deadline)))
+        self._step(
+            "uploading the outputs", lambda: deadlines.append(self._upload_outputs(deadline))
+        )
         deadline = max(d for d in deadlines if d is not None)
         if self._sync is not None:
             self._step("uploading the checkpoints", lambda: self._close_sync(deadline))
         if self._log_storage is not None:
-            self._log_storage.set_deadline(deadline)  # the final job log and metrics uploads retry too
+            self._log_storage.set_deadline(
+                deadline
+            )  # the final job log and metrics uploads retry too
         if self._telemetry is not None:
             self._step("closing telemetry", self._telemetry.close)
         self._write_status()
         self._ship_report()
 
     def _attach_job_log(self) -> None:
-        """The agent's own lines go to the job log too, tagged as the agent's (agent/telemetry/agentlog.py)."""
+        """The agent's own lines go to the job log too, tagged as the agent's
+        (agent/telemetry/agentlog.py)."""
         from agent.telemetry.agentlog import AgentLogHandler
 
         settings = self.job.settings
         try:
-            self._agent_log = AgentLogHandler(self.job.layout.job_log_file, host=self.job.resource.current_host,
-                                              tag_format=settings.log_tag, json_lines=settings.log_json,
-                                              fmt=logging.Formatter(_LOG_FORMAT))
+            self._agent_log = AgentLogHandler(
+                self.job.layout.job_log_file,
+                host=self.job.resource.current_host,
+                tag_format=settings.log_tag,
+                json_lines=settings.log_json,
+                fmt=logging.Formatter(_LOG_FORMAT),
+            )
         except OSError as err:
-            self.log.warning("the agent's lines will not be in the job log: cannot open %s (%s)",
-                             self.job.layout.job_log_file, err)
+            self.log.warning(
+                "the agent's lines will not be in the job log: cannot open %s (%s)",
+                self.job.layout.job_log_file,
+                err,
+            )
             return
         self.log.addHandler(self._agent_log)
 
     def _ship_report(self) -> None:
-        """This host's job log and failure/success file beside the outputs (agent/telemetry/shipping.py)."""
+        """This host's job log and failure/success file beside the outputs
+        (agent/telemetry/shipping.py)."""
         base = self.job.job_output_uri
         try:
             if base and not self.job.on_sagemaker:
@@ -413,10 +537,18 @@ class _Lifecycle:
 
                 layout = self.job.layout
                 # the deadline-bound storage of the final uploads when the script ran, else one try
-                storage = self._log_storage if self._log_storage is not None else self.storage_for(base)
-                ship_host_report(storage, base, self.job.resource.current_host,
-                                 job_log=layout.job_log_file, failure_file=layout.failure_file,
-                                 success_file=layout.success_file, log=self.log)
+                storage = (
+                    self._log_storage if self._log_storage is not None else self.storage_for(base)
+                )
+                ship_host_report(
+                    storage,
+                    base,
+                    self.job.resource.current_host,
+                    job_log=layout.job_log_file,
+                    failure_file=layout.failure_file,
+                    success_file=layout.success_file,
+                    log=self.log,
+                )
         except (TorchBayError, OSError) as err:  # the report never changes the job's exit code
             self.log.warning("could not upload this host's job log and status file: %s", err)
         finally:
@@ -426,7 +558,8 @@ class _Lifecycle:
                 self._agent_log = None
 
     def _step(self, what: str, action: Any) -> None:
-        # The end of a job is a top level of its own: one failing step must not skip the others or the
+        # The end of a job is a top level of its own: one failing step must not skip the others or
+        # the
         # status file, so any exception is logged and (for a job that had succeeded) fails it.
         try:
             action()
@@ -434,24 +567,32 @@ class _Lifecycle:
             self._fail_late(err)
         except Exception as err:
             self.log.exception("internal error while %s: %s", what, err)
-            self._fail_late(TorchBayError(f"internal error while {what}: {type(err).__name__}: {redact(str(err))}; "
-                                          "please report it with the log"))
+            self._fail_late(
+                TorchBayError(
+                    f"internal error while {what}: {type(err).__name__}: {redact(str(err))}; "
+                    "please report it with the log"
+                )
+            )
 
     def _close_sync(self, deadline: float) -> None:
         left = self._sync.close(deadline)
         if left:
-            raise StorageError(f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
-                               f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT")
+            raise StorageError(
+                f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
+                f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"
+            )
 
     def _fail_late(self, err: TorchBayError) -> None:
-        """An error after the script ended: it fails a job that had succeeded; otherwise it is logged."""
+        """An error after the script ended: it fails a job that had succeeded; otherwise it is
+        logged."""
         self.log.error("%s", err)
         if self.exit_code in (None, EXIT_OK):
             self.exit_code = err.exit_code
             self.reason = f"{type(err).__name__}: {err}"
 
-    def _upload_outputs(self, deadline: float) -> Optional[float]:
-        """Pack and upload model.tar.gz and output.tar.gz; returns the upload deadline, which starts once
+    def _upload_outputs(self, deadline: float) -> float | None:
+        """Pack and upload model.tar.gz and output.tar.gz; returns the upload deadline, which starts
+        once
         they are packed (packing is local work, not upload time)."""
         job = self.job
         base = job.job_output_uri
@@ -459,15 +600,22 @@ class _Lifecycle:
             return None
         node_rank = self._plan.rank_base if self._plan is not None else job.resource.host_index
         if node_rank != 0:
-            # Every host would write the same two keys; the first host's model and outputs are the job's.
-            self.log.info("model/ and output/data/ are uploaded by the first host, not by %s (rank %d)",
-                          job.resource.current_host, node_rank)
+            # Every host would write the same two keys; the first host's model and outputs are the
+            # job's.
+            self.log.info(
+                "model/ and output/data/ are uploaded by the first host, not by %s (rank %d)",
+                job.resource.current_host,
+                node_rank,
+            )
             return None
         layout = job.layout
         missed: list[str] = []
         packed: list[tuple[Path, Path, str]] = []
         try:
-            for folder, name in ((layout.model_dir, "model.tar.gz"), (layout.output_data_dir, "output.tar.gz")):
+            for folder, name in (
+                (layout.model_dir, "model.tar.gz"),
+                (layout.output_data_dir, "output.tar.gz"),
+            ):
                 archive = layout.agent_dir / "upload" / name
                 try:
                     _make_tarball(folder, archive)
@@ -475,10 +623,15 @@ class _Lifecycle:
                     self._fail_late(err)
                     continue
                 packed.append((folder, archive, f"{base}/{name}"))
-            # The deadline starts once the archives are packed; a job whose script never ran (a bad spec, an
-            # endpoint that never answered) tries once instead of waiting out the deadline for empty folders.
-            deadline = max(deadline, time.monotonic() + job.settings.upload_timeout) if self._script_started \
+            # The deadline starts once the archives are packed; a job whose script never ran (a bad
+            # spec, an
+            # endpoint that never answered) tries once instead of waiting out the deadline for empty
+            # folders.
+            deadline = (
+                max(deadline, time.monotonic() + job.settings.upload_timeout)
+                if self._script_started
                 else time.monotonic()
+            )
             for folder, archive, uri in packed:
                 try:
                     self._upload_one(folder, archive, uri, deadline)
@@ -491,16 +644,26 @@ class _Lifecycle:
             for _folder, archive, _uri in packed:
                 archive.unlink(missing_ok=True)
         if missed:
-            raise StorageError(f"not uploaded: {' and '.join(missed)}; the upload deadline "
-                               f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.upload_timeout:g} s) passed or the upload "
-                               "failed for good (see the log); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT")
+            raise StorageError(
+                f"not uploaded: {' and '.join(missed)}; the upload deadline "
+                f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.upload_timeout:g} s) passed or the upload "
+                "failed for good (see the log); check the endpoint, or raise "
+                "TORCHBAY_UPLOAD_TIMEOUT"
+            )
         return deadline
 
     def _upload_one(self, folder: Path, archive: Path, uri: str, deadline: float) -> None:
         from agent.uploads import put_until
 
-        put_until(self.upload_storage_for(uri), archive, uri, deadline, log=self.log,
-                  part_size=self.job.settings.upload_part_size, what=archive.name)
+        put_until(
+            self.upload_storage_for(uri),
+            archive,
+            uri,
+            deadline,
+            log=self.log,
+            part_size=self.job.settings.upload_part_size,
+            what=archive.name,
+        )
         self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
 
     def _write_status(self) -> None:
@@ -515,13 +678,22 @@ class _Lifecycle:
             self.log.info("keeping the failure file the script wrote: %s", layout.failure_file)
             reserve.unlink(missing_ok=True)
             return
-        reason = self.redactor.text(redact(self.reason or f"the job failed with exit code {self.exit_code}"))
+        reason = self.redactor.text(
+            redact(self.reason or f"the job failed with exit code {self.exit_code}")
+        )
         try:
             _write_small(layout.failure_file, reason[:FAILURE_REASON_MAX], reserve)
         except OSError as err:
-            self.log.error("cannot write the failure file %s (%s); the reason was: %s", layout.failure_file, err, reason)
+            self.log.error(
+                "cannot write the failure file %s (%s); the reason was: %s",
+                layout.failure_file,
+                err,
+                reason,
+            )
             return
-        self.log.error("failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX])
+        self.log.error(
+            "failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX]
+        )
 
 
 _RESERVE_NAME = "failure.reserve"
@@ -560,8 +732,12 @@ def _write_small(path: Path, text: str, reserve: Path) -> None:
             handle.write(text)
 
 
-def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logger,
-                   redactor: Optional[Redactor] = None) -> None:
+def _early_failure(
+    env: Mapping[str, str],
+    err: TorchBayError,
+    log: logging.Logger,
+    redactor: Redactor | None = None,
+) -> None:
     """Write the failure file for an error before the job could be read, when the root is known."""
     try:
         root = Path(read_settings(env).root)
@@ -569,13 +745,20 @@ def _early_failure(env: Mapping[str, str], err: TorchBayError, log: logging.Logg
         return
     try:
         text = f"{type(err).__name__}: {err}"
-        write_text_atomically(root / "output" / "failure", (redactor.text(text) if redactor else text)[:FAILURE_REASON_MAX])
+        write_text_atomically(
+            root / "output" / "failure",
+            (redactor.text(text) if redactor else text)[:FAILURE_REASON_MAX],
+        )
     except OSError as os_err:
         log.warning("cannot write the failure file under %s: %s", root, os_err)
 
 
-def main(argv: Optional[Sequence[str]] = None, *, env: Optional[Mapping[str, str]] = None,
-         out: Optional[BinaryIO] = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    out: BinaryIO | None = None,
+) -> int:
     """Run one training job; returns the exit code (the user's, or a TorchBay error's)."""
     args = parse_args(argv)
     env = dict(os.environ) if env is None else dict(env)
@@ -599,7 +782,9 @@ def main(argv: Optional[Sequence[str]] = None, *, env: Optional[Mapping[str, str
         redactor.set_pattern(job.settings.secret_names)
         for named in (job.base_env, job.environment, job.hyperparameters):
             redactor.learn(named)
-        return _Lifecycle(job, log=log, stop=stop, out=out or sys.stdout.buffer, redactor=redactor).run()
+        return _Lifecycle(
+            job, log=log, stop=stop, out=out or sys.stdout.buffer, redactor=redactor
+        ).run()
     except Exception as err:  # the process top level
         log.exception("internal error: %s", err)
         return exit_code_for(err)

@@ -1,4 +1,5 @@
-"""End-of-job uploads that outlast an outage: retried with backoff until a deadline, multipart resumed.
+"""End-of-job uploads that outlast an outage: retried with backoff until a deadline, multipart
+resumed.
 
 :func:`put_until` sends one file. Below the part size it is one PUT, sent again after each failure;
 above, one multipart upload whose ``UploadId`` is kept across failures: after an outage the parts S3
@@ -19,22 +20,34 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional
+from typing import IO, Any
 
 from agent.errors import BucketMissing, StorageError, UploadIncomplete
 from agent.storage import ObjectInfo, S3Storage, Storage, parse_uri, redact, translate_s3_error
 
-__all__ = ["put_until", "DeadlineStorage", "S3_MIN_PART"]
+__all__ = ["S3_MIN_PART", "DeadlineStorage", "put_until"]
 
 S3_MIN_PART = 5 * 1024 * 1024
 _PART_THREADS = 4
 _FIRST_PAUSE = 0.25
 _MAX_PAUSE = 4.0
 # Error codes that waiting does not fix.
-_FATAL_CODES = frozenset({"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                          "AllAccessDisabled", "InvalidBucketName", "EntityTooLarge", "InvalidArgument",
-                          "403", "400"})
+_FATAL_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AllAccessDisabled",
+        "InvalidBucketName",
+        "EntityTooLarge",
+        "InvalidArgument",
+        "403",
+        "400",
+    }
+)
 
 
 class _Fatal(Exception):
@@ -45,9 +58,18 @@ class _UploadLost(Exception):
     """The server no longer knows the multipart upload (NoSuchUpload): start a new one."""
 
 
-def put_until(storage: Storage, path: Path, uri: str, deadline: float, *, log: logging.Logger,
-              part_size: int = 16 * 1024 * 1024, what: Optional[str] = None) -> int:
-    """Upload ``path`` to ``uri``, retrying until ``deadline``; returns the attempts it took (1: no retry).
+def put_until(
+    storage: Storage,
+    path: Path,
+    uri: str,
+    deadline: float,
+    *,
+    log: logging.Logger,
+    part_size: int = 16 * 1024 * 1024,
+    what: str | None = None,
+) -> int:
+    """Upload ``path`` to ``uri``, retrying until ``deadline``; returns the attempts it took (1: no
+    retry).
 
     At least one attempt is made even when the deadline has passed. Raises UploadIncomplete when the
     deadline passes first, or the StorageError of a failure that retrying cannot fix.
@@ -62,8 +84,15 @@ def put_until(storage: Storage, path: Path, uri: str, deadline: float, *, log: l
     return _retry(lambda: storage.put_file(path, uri), lambda: "", uri, what, deadline, log)
 
 
-def _retry(attempt: Callable[[], None], describe: Callable[[], str], uri: str, what: str, deadline: float,
-           log: logging.Logger, on_give_up: Optional[Callable[[], None]] = None) -> int:
+def _retry(
+    attempt: Callable[[], None],
+    describe: Callable[[], str],
+    uri: str,
+    what: str,
+    deadline: float,
+    log: logging.Logger,
+    on_give_up: Callable[[], None] | None = None,
+) -> int:
     attempts = 0
     pause = _FIRST_PAUSE
     while True:
@@ -71,7 +100,9 @@ def _retry(attempt: Callable[[], None], describe: Callable[[], str], uri: str, w
         try:
             attempt()
             if attempts > 1:
-                log.info("%s reached %s after %d attempts%s", what, redact(uri), attempts, describe())
+                log.info(
+                    "%s reached %s after %d attempts%s", what, redact(uri), attempts, describe()
+                )
             return attempts
         except _Fatal as err:
             if on_give_up is not None:
@@ -88,21 +119,37 @@ def _retry(attempt: Callable[[], None], describe: Callable[[], str], uri: str, w
                 if on_give_up is not None:
                     on_give_up()
                 raise UploadIncomplete(
-                    f"{what} was not uploaded to {redact(uri)}: the upload deadline passed after {attempts} "
-                    f"attempt(s){describe()}; last error: {err}; check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"
+                    f"{what} was not uploaded to {redact(uri)}: the upload deadline passed after "
+                    f"{attempts} "
+                    f"attempt(s){describe()}; last error: {err}; check the endpoint, or raise "
+                    "TORCHBAY_UPLOAD_TIMEOUT"
                 ) from err
-            log.warning("uploading %s to %s failed (%s); retrying in %.2g s (attempt %d, %.0f s left before "
-                        "the upload deadline)", what, redact(uri), err, pause, attempts, left)
+            log.warning(
+                "uploading %s to %s failed (%s); retrying in %.2g s (attempt %d, %.0f s left before "
+                ""
+                ""
+                ""
+                "the upload deadline)",
+                what,
+                redact(uri),
+                err,
+                pause,
+                attempts,
+                left,
+            )
             time.sleep(pause)
             pause = min(pause * 2, _MAX_PAUSE)
 
 
 def _hopeless(err: Exception) -> bool:
-    """Whether waiting cannot fix ``err``: a local file error, a missing bucket, refused credentials."""
+    """Whether waiting cannot fix ``err``: a local file error, a missing bucket, refused
+    credentials."""
     if isinstance(err, OSError):
         return not isinstance(err, ConnectionError)
     text = str(err)
-    return isinstance(err, BucketMissing) or text.startswith(("access denied", "no AWS credentials"))
+    return isinstance(err, BucketMissing) or text.startswith(
+        ("access denied", "no AWS credentials")
+    )
 
 
 def _classify(err: Exception, uri: str, where: str) -> Exception:
@@ -112,8 +159,11 @@ def _classify(err: Exception, uri: str, where: str) -> Exception:
     if code == "NoSuchUpload":
         return _UploadLost(code)
     translated = translate_s3_error(err, uri, where)
-    if code in _FATAL_CODES or isinstance(translated, BucketMissing) or \
-            type(err).__name__ in ("NoCredentialsError", "ParamValidationError"):
+    if (
+        code in _FATAL_CODES
+        or isinstance(translated, BucketMissing)
+        or type(err).__name__ in ("NoCredentialsError", "ParamValidationError")
+    ):
         return _Fatal(translated)
     return translated
 
@@ -121,7 +171,9 @@ def _classify(err: Exception, uri: str, where: str) -> Exception:
 class _Multipart:
     """One resumable multipart upload of a file that does not change."""
 
-    def __init__(self, storage: S3Storage, path: Path, uri: str, part_size: int, log: logging.Logger) -> None:
+    def __init__(
+        self, storage: S3Storage, path: Path, uri: str, part_size: int, log: logging.Logger
+    ) -> None:
         self._client = storage.client
         self._where = redact(str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint")))
         self._loc = parse_uri(uri)
@@ -131,7 +183,7 @@ class _Multipart:
         self._size = os.path.getsize(path)
         self._part_size = part_size
         self._offsets = list(range(0, self._size, part_size)) or [0]
-        self._upload_id: Optional[str] = None
+        self._upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._resumed = 0
         self._completing = False
@@ -155,15 +207,21 @@ class _Multipart:
         except _UploadLost:
             if self._completing and self._arrived():
                 return  # the completion went through; only its answer was lost
-            self._log.warning("the server no longer knows the multipart upload of %s; starting it again",
-                              redact(self._uri))
+            self._log.warning(
+                "the server no longer knows the multipart upload of %s; starting it again",
+                redact(self._uri),
+            )
             self._upload_id = None
             self._parts.clear()
-            raise StorageError(f"multipart upload of {redact(self._uri)} was lost by the server") from None
+            raise StorageError(
+                f"multipart upload of {redact(self._uri)} was lost by the server"
+            ) from None
 
     def _attempt(self) -> None:
         if self._upload_id is None:
-            self._upload_id = self._call("create_multipart_upload", ChecksumAlgorithm="CRC32")["UploadId"]
+            self._upload_id = self._call("create_multipart_upload", ChecksumAlgorithm="CRC32")[
+                "UploadId"
+            ]
             self._parts.clear()
         else:
             self._list_parts()
@@ -174,10 +232,15 @@ class _Multipart:
             first = next((e for e in errors if isinstance(e, (_Fatal, _UploadLost))), errors[0])
             raise first
         self._completing = True
-        self._call("complete_multipart_upload", UploadId=self._upload_id,
-                   MultipartUpload={"Parts": [self._parts[n] for n in sorted(self._parts)]})
+        self._call(
+            "complete_multipart_upload",
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": [self._parts[n] for n in sorted(self._parts)]},
+        )
         if not self._arrived():
-            raise StorageError(f"{redact(self._uri)} is not the expected {self._size} bytes after the upload")
+            raise StorageError(
+                f"{redact(self._uri)} is not the expected {self._size} bytes after the upload"
+            )
 
     def _list_parts(self) -> None:
         known: dict[int, dict[str, Any]] = {}
@@ -198,8 +261,12 @@ class _Multipart:
             marker = int(resp.get("NextPartNumberMarker", 0))
         kept = len(known)
         if kept and not self._resumed:
-            self._log.info("resuming the upload of %s: %d of %d parts are already there", redact(self._uri), kept,
-                           len(self._offsets))
+            self._log.info(
+                "resuming the upload of %s: %d of %d parts are already there",
+                redact(self._uri),
+                kept,
+                len(self._offsets),
+            )
         self._resumed = max(self._resumed, kept)
         self._parts = known
 
@@ -210,8 +277,13 @@ class _Multipart:
         length = min(self._part_size, self._size - offset)
         body = ReadFileChunk.from_filename(str(self._path), offset, length, enable_callbacks=False)
         try:
-            resp = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body,
-                              ChecksumAlgorithm="CRC32")
+            resp = self._call(
+                "upload_part",
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="CRC32",
+            )
         finally:
             body.close()
         part = {"PartNumber": number, "ETag": resp["ETag"]}
@@ -222,7 +294,7 @@ class _Multipart:
     def _arrived(self) -> bool:
         try:
             head = self._call("head_object")
-        except Exception:  # noqa: BLE001 - any doubt means "not arrived"
+        except Exception:
             return False
         return int(head.get("ContentLength", -1)) == self._size
 
@@ -231,13 +303,18 @@ class _Multipart:
         if self._upload_id is None:
             return
         try:
-            self._client.abort_multipart_upload(Bucket=self._loc.bucket, Key=self._loc.key, UploadId=self._upload_id)
-        except Exception:  # an unreachable endpoint keeps the parts until the bucket's lifecycle rule
+            self._client.abort_multipart_upload(
+                Bucket=self._loc.bucket, Key=self._loc.key, UploadId=self._upload_id
+            )
+        except (
+            Exception
+        ):  # an unreachable endpoint keeps the parts until the bucket's lifecycle rule
             self._log.debug("could not abort the multipart upload of %s", redact(self._uri))
 
 
 def _run(fn: Callable[[Any], None], items: list, threads: int, errors: list[BaseException]) -> None:
-    """``fn`` over ``items`` on up to ``threads`` threads; the first errors stop the rest and are collected."""
+    """``fn`` over ``items`` on up to ``threads`` threads; the first errors stop the rest and are
+    collected."""
     lock = threading.Lock()
     queue = list(items)
 
@@ -261,20 +338,24 @@ def _run(fn: Callable[[Any], None], items: list, threads: int, errors: list[Base
 
 
 class DeadlineStorage(Storage):
-    """A Storage made on first use whose puts retry (see :func:`put_until`) once :meth:`set_deadline` is called.
+    """A Storage made on first use whose puts retry (see :func:`put_until`) once
+    :meth:`set_deadline` is called.
 
-    Before that a put is one try, as the wrapped storage does it (periodic uploads retry at their next turn).
+    Before that a put is one try, as the wrapped storage does it (periodic uploads retry at their
+    next turn).
     """
 
-    def __init__(self, make: Callable[[], Storage], *, log: logging.Logger, part_size: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self, make: Callable[[], Storage], *, log: logging.Logger, part_size: int = 16 * 1024 * 1024
+    ) -> None:
         self._make = make
-        self._inner: Optional[Storage] = None
+        self._inner: Storage | None = None
         self._lock = threading.Lock()
-        self._deadline: Optional[float] = None
+        self._deadline: float | None = None
         self._log = log
         self._part_size = part_size
 
-    def set_deadline(self, deadline: Optional[float]) -> None:
+    def set_deadline(self, deadline: float | None) -> None:
         self._deadline = deadline
 
     @property
@@ -287,25 +368,32 @@ class DeadlineStorage(Storage):
     def list(self, uri: str) -> Iterator[ObjectInfo]:
         return self.inner.list(uri)
 
-    def head(self, uri: str) -> Optional[ObjectInfo]:
+    def head(self, uri: str) -> ObjectInfo | None:
         return self.inner.head(uri)
 
-    def open(self, uri: str, start: int = 0, end: Optional[int] = None) -> IO[bytes]:
+    def open(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
         return self.inner.open(uri, start, end)
 
     def put_file(self, path: Path, uri: str) -> None:
         if self._deadline is None:
             self.inner.put_file(path, uri)
         else:
-            put_until(self.inner, path, uri, self._deadline, log=self._log, part_size=self._part_size)
+            put_until(
+                self.inner, path, uri, self._deadline, log=self._log, part_size=self._part_size
+            )
 
     def put_bytes(self, data: bytes, uri: str) -> None:
         if self._deadline is None:
             self.inner.put_bytes(data, uri)
         else:
-            _retry(lambda: self.inner.put_bytes(data, uri), lambda: "", uri, parse_uri(uri).key.rsplit("/", 1)[-1],
-                   self._deadline, self._log)
+            _retry(
+                lambda: self.inner.put_bytes(data, uri),
+                lambda: "",
+                uri,
+                parse_uri(uri).key.rsplit("/", 1)[-1],
+                self._deadline,
+                self._log,
+            )
 
     def delete(self, uri: str) -> None:
         self.inner.delete(uri)
-

@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import pytest
 
@@ -33,14 +33,23 @@ def free_port() -> int:
 
 
 class S3Server:
-    """moto_server in its own process group; ``stop()``/``start()`` simulate an outage on the same port.
+    """moto_server in its own process group; ``stop()``/``start()`` simulate an outage on the same
+    port.
 
-    ``host`` is the address it binds (127.0.0.1, or a test-host address in a network namespace set-up);
+    ``host`` is the address it binds (127.0.0.1, or a test-host address in a network namespace
+    set-up);
     ``env`` the server's whole environment (default: this process's plus the dummy credentials).
     """
 
-    def __init__(self, port: int, log: Path, *, host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
-                 ready_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        log: Path,
+        *,
+        host: str = "127.0.0.1",
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
         self.host = host
         self.port = port
         self.endpoint = f"http://{host}:{port}"
@@ -53,8 +62,13 @@ class S3Server:
         moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
         env = self._env if self._env is not None else dict(os.environ, **DUMMY_CREDS)
         with open(self._log, "ab") as out:
-            self._proc = subprocess.Popen([moto, "-H", self.host, "-p", str(self.port)], stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            self._proc = subprocess.Popen(
+                [moto, "-H", self.host, "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
         deadline = time.monotonic() + self._ready_timeout
         while time.monotonic() < deadline:
             try:
@@ -64,7 +78,9 @@ class S3Server:
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"moto_server exited early; see {self._log}")
                 time.sleep(0.1)
-        raise RuntimeError(f"moto_server did not listen on {self.endpoint} within {self._ready_timeout:.0f} s")
+        raise RuntimeError(
+            f"moto_server did not listen on {self.endpoint} within {self._ready_timeout:.0f} s"
+        )
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
@@ -84,16 +100,22 @@ class S3Server:
         """A boto3 S3 client for this server."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=DUMMY_CREDS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=DUMMY_CREDS["AWS_SECRET_ACCESS_KEY"],
+        )
 
 
 class OutageProxy:
     """A TCP relay in front of an S3 server that can go down and come back on the same port.
 
-    moto forgets every bucket, object and multipart upload when its process restarts, which a real S3
-    outage does not: the relay drops the network path instead. ``stop()`` closes the listening socket
+    moto forgets every bucket, object and multipart upload when its process restarts, which a real
+    S3
+    outage does not: the relay drops the network path instead. ``stop()`` closes the listening
+    socket
     and resets every open connection (clients see "connection refused" / "connection reset");
     ``start()`` listens again. ``outage_after(nbytes, seconds)`` takes it down once ``nbytes`` more
     bytes went upstream (e.g. two parts into a multipart upload), and back up ``seconds`` later
@@ -132,7 +154,9 @@ class OutageProxy:
             listener.close()
         for conn in conns:
             try:  # shutdown wakes a pump blocked in recv (close alone would not), then RST like a dead server
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
@@ -235,5 +259,6 @@ def bucket(s3_server: S3Server, s3_env: dict[str, str]) -> str:
 
 @pytest.fixture
 def s3(s3_server: S3Server):
-    """A boto3 client for the session's S3 server (for arranging and checking, not for the code under test)."""
+    """A boto3 client for the session's S3 server (for arranging and checking, not for the code
+    under test)."""
     return s3_server.client()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = ["tar_gz"]
 

@@ -1,4 +1,5 @@
-"""agent/cli.py: dispatch, usage errors, and the README's settings table kept equal to `torchbay settings`."""
+"""agent/cli.py: dispatch, usage errors, and the README's settings table kept equal to `torchbay
+settings`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_readme_settings_table_is_the_commands_output() -> None:
     readme = (REPO / "README.md").read_text()
-    assert settings_table() in readme, "README's settings table is stale: paste `torchbay settings` into it"
+    assert settings_table() in readme, (
+        "README's settings table is stale: paste `torchbay settings` into it"
+    )
 
 
 def test_every_setting_has_help_and_a_variable() -> None:
@@ -32,15 +35,31 @@ def test_unknown_subcommand_is_a_usage_error(capsys) -> None:
 
 
 def test_python_dash_m_agent_cli_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "--version"], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("torchbay ")
 
 
 def test_readme_keeps_every_part_and_both_setup_commands() -> None:
     readme = (REPO / "README.md").read_text()
-    for part in ("train", "toolkits", "data", "telemetry", "distributed", "serving", "images", "sync", "settings",
-                 "errors"):
+    for part in (
+        "train",
+        "toolkits",
+        "data",
+        "telemetry",
+        "distributed",
+        "serving",
+        "images",
+        "sync",
+        "settings",
+        "errors",
+    ):
         start = readme.find(f"<!-- section: {part}")
         end = readme.find(f"<!-- end section: {part} -->")
         assert 0 <= start < end, f"README lost its {part} section"

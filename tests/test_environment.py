@@ -1,6 +1,7 @@
 """The user's environment and arguments, against what sagemaker-training 5.1.4 gives a script.
 
-The expected values are the ones measured with the toolkit (shared/reference/sm-training-env-example.md).
+The expected values are the ones measured with the toolkit
+(shared/reference/sm-training-env-example.md).
 """
 
 from __future__ import annotations
@@ -12,20 +13,54 @@ from pathlib import Path
 
 import pytest
 
-from agent.environment import detect_gpus, entry_command, resolve_entry_point, user_args, user_environment
+from agent.environment import (
+    detect_gpus,
+    entry_command,
+    resolve_entry_point,
+    user_args,
+    user_environment,
+)
 from agent.errors import EntryPointError
 from agent.job import load_job
 
-HPS = {"epochs": "2", "lr": "0.1", "flag": "true", "batch-size": "32", "name": "\"dcgan\"",
-       "sagemaker_program": "\"train.py\"", "sagemaker_container_log_level": "20",
-       "sagemaker_job_name": "\"example-job\"", "sagemaker_region": "\"us-east-1\""}
-INPUT = {"train": {"ContentType": "text/csv", "RecordWrapperType": "None", "S3DistributionType": "FullyReplicated",
-                   "TrainingInputMode": "File"},
-         "eval": {"RecordWrapperType": "None", "S3DistributionType": "FullyReplicated", "TrainingInputMode": "File"}}
-RESOURCE = {"current_host": "localhost", "current_instance_type": "ml.m5.large",
-            "current_group_name": "homogeneousCluster", "hosts": ["localhost"],
-            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "ml.m5.large",
-                                 "hosts": ["localhost"]}], "network_interface_name": "eth0"}
+HPS = {
+    "epochs": "2",
+    "lr": "0.1",
+    "flag": "true",
+    "batch-size": "32",
+    "name": '"dcgan"',
+    "sagemaker_program": '"train.py"',
+    "sagemaker_container_log_level": "20",
+    "sagemaker_job_name": '"example-job"',
+    "sagemaker_region": '"us-east-1"',
+}
+INPUT = {
+    "train": {
+        "ContentType": "text/csv",
+        "RecordWrapperType": "None",
+        "S3DistributionType": "FullyReplicated",
+        "TrainingInputMode": "File",
+    },
+    "eval": {
+        "RecordWrapperType": "None",
+        "S3DistributionType": "FullyReplicated",
+        "TrainingInputMode": "File",
+    },
+}
+RESOURCE = {
+    "current_host": "localhost",
+    "current_instance_type": "ml.m5.large",
+    "current_group_name": "homogeneousCluster",
+    "hosts": ["localhost"],
+    "instance_groups": [
+        {
+            "instance_group_name": "homogeneousCluster",
+            "instance_type": "ml.m5.large",
+            "hosts": ["localhost"],
+        }
+    ],
+    "network_interface_name": "eth0",
+}
 
 
 @pytest.fixture
@@ -43,13 +78,25 @@ def sm_root(tmp_path: Path) -> Path:
 
 def test_arguments_match_the_toolkit(sm_root: Path) -> None:
     job = load_job({"SAGEMAKER_BASE_DIR": str(sm_root)})
-    assert user_args(job) == ["--batch-size", "32", "--epochs", "2", "--flag", "True", "--lr", "0.1",
-                              "--name", "dcgan"]
+    assert user_args(job) == [
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--flag",
+        "True",
+        "--lr",
+        "0.1",
+        "--name",
+        "dcgan",
+    ]
 
 
 def test_one_letter_and_dict_hyperparameters(tmp_path: Path) -> None:
-    spec = {"TrainingJobName": "x", "HyperParameters": {"k": "3", "opts": json.dumps({"b": 2, "a": "x"}),
-                                                        "none": "null"}}
+    spec = {
+        "TrainingJobName": "x",
+        "HyperParameters": {"k": "3", "opts": json.dumps({"b": 2, "a": "x"}), "none": "null"},
+    }
     job = load_job({"TORCHBAY_ROOT": str(tmp_path)}, json.dumps(spec))
     assert user_args(job) == ["-k", "3", "--none", "", "--opts", "a=x,b=2"]
 
@@ -79,13 +126,13 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
         "SM_HP_NAME": "dcgan",
         "SM_INPUT_CONFIG_DIR": f"{r}/input/config",
         "SM_INPUT_DATA_CONFIG": '{"eval":{"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
-                                '"TrainingInputMode":"File"},"train":{"ContentType":"text/csv",'
-                                '"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
-                                '"TrainingInputMode":"File"}}',
+        '"TrainingInputMode":"File"},"train":{"ContentType":"text/csv",'
+        '"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
+        '"TrainingInputMode":"File"}}',
         "SM_INPUT_DIR": f"{r}/input",
         "SM_INSTANCE_GROUPS": '["homogeneousCluster"]',
         "SM_INSTANCE_GROUPS_DICT": '{"homogeneousCluster":{"hosts":["localhost"],"instance_group_name":'
-                                   '"homogeneousCluster","instance_type":"ml.m5.large"}}',
+        '"homogeneousCluster","instance_type":"ml.m5.large"}}',
         "SM_IS_HETERO": "false",
         "SM_LOG_LEVEL": "20",
         "SM_MODEL_DIR": f"{r}/model",
@@ -99,9 +146,9 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
         "SM_OUTPUT_DIR": f"{r}/output",
         "SM_OUTPUT_INTERMEDIATE_DIR": f"{r}/output/intermediate",
         "SM_RESOURCE_CONFIG": '{"current_group_name":"homogeneousCluster","current_host":"localhost",'
-                              '"current_instance_type":"ml.m5.large","hosts":["localhost"],"instance_groups":'
-                              '[{"hosts":["localhost"],"instance_group_name":"homogeneousCluster","instance_type":'
-                              '"ml.m5.large"}],"network_interface_name":"eth0"}',
+        '"current_instance_type":"ml.m5.large","hosts":["localhost"],"instance_groups":'
+        '[{"hosts":["localhost"],"instance_group_name":"homogeneousCluster","instance_type":'
+        '"ml.m5.large"}],"network_interface_name":"eth0"}',
         "SM_USER_ARGS": '["--batch-size","32","--epochs","2","--flag","True","--lr","0.1","--name","dcgan"]',
         "SM_USER_ENTRY_POINT": "train.py",
     }
@@ -111,7 +158,13 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
     extra = {k for k in env if k.startswith("SM_")} - set(expected) - {"SM_TRAINING_ENV"}
     assert extra == {"SM_HP_BATCH_SIZE"}
     training = json.loads(env["SM_TRAINING_ENV"])
-    assert training["hyperparameters"] == {"batch-size": 32, "epochs": 2, "flag": True, "lr": 0.1, "name": "dcgan"}
+    assert training["hyperparameters"] == {
+        "batch-size": 32,
+        "epochs": 2,
+        "flag": True,
+        "lr": 0.1,
+        "name": "dcgan",
+    }
     assert training["master_hostname"] == "localhost" and training["is_master"] is True
     assert training["user_entry_point"] == "train.py" and training["topology"] == []
     assert training["job_name"] == "example-job"
@@ -121,8 +174,14 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
 
 def test_pythonpath_is_extended_and_credentials_stay_out_of_training_env(sm_root: Path) -> None:
     secret = "very-secret-key-value"
-    job = load_job({"SAGEMAKER_BASE_DIR": str(sm_root), "PYTHONPATH": "/site/a:/site/b",
-                    "AWS_SECRET_ACCESS_KEY": secret, "TORCHBAY_JOB": ""})
+    job = load_job(
+        {
+            "SAGEMAKER_BASE_DIR": str(sm_root),
+            "PYTHONPATH": "/site/a:/site/b",
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "TORCHBAY_JOB": "",
+        }
+    )
     entry = resolve_entry_point(job)
     env = user_environment(job, entry, {"MASTER_ADDR": "algo-1"})
     from agent.shims import BOOT_DIR
@@ -136,9 +195,15 @@ def test_pythonpath_is_extended_and_credentials_stay_out_of_training_env(sm_root
 def test_spec_environment_and_framework_params(tmp_path: Path) -> None:
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "t.py").write_text("")
-    spec = {"TrainingJobName": "j", "Environment": {"FOO": "bar"},
-            "HyperParameters": {"sagemaker_program": "t.py", "sagemaker_torch_distributed_enabled": "true",
-                                "sagemaker_submit_directory": "s3://b/src.tar.gz"}}
+    spec = {
+        "TrainingJobName": "j",
+        "Environment": {"FOO": "bar"},
+        "HyperParameters": {
+            "sagemaker_program": "t.py",
+            "sagemaker_torch_distributed_enabled": "true",
+            "sagemaker_submit_directory": "s3://b/src.tar.gz",
+        },
+    }
     job = load_job({"TORCHBAY_ROOT": str(tmp_path)}, json.dumps(spec))
     env = user_environment(job, resolve_entry_point(job))
     assert env["FOO"] == "bar"
@@ -161,21 +226,31 @@ def test_entry_point_kinds(tmp_path: Path) -> None:
     tool.write_text("#!/bin/sh\n")
     tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
     script = resolve_entry_point(_job_with_program(tmp_path, "train.py"))
-    assert entry_command(script, ["--a", "1"], python="py") == ["py", str(code / "train.py"), "--a", "1"]
+    assert entry_command(script, ["--a", "1"], python="py") == [
+        "py",
+        str(code / "train.py"),
+        "--a",
+        "1",
+    ]
     module = resolve_entry_point(_job_with_program(tmp_path, "-m pkg.train"))
     assert (module.kind, module.module_name) == ("module", "pkg.train")
     assert entry_command(module, [], python="py") == ["py", "-m", "pkg.train"]
     shell = resolve_entry_point(_job_with_program(tmp_path, "run.sh"))
     assert entry_command(shell, ["x"]) == ["/bin/sh", str(code / "run.sh"), "x"]
-    assert entry_command(resolve_entry_point(_job_with_program(tmp_path, "tool")), []) == [str(tool)]
+    assert entry_command(resolve_entry_point(_job_with_program(tmp_path, "tool")), []) == [
+        str(tool)
+    ]
 
 
-@pytest.mark.parametrize("program, words", [
-    ("missing.py", ["'missing.py' not found", "sagemaker_program"]),
-    ("../escape.py", ["'..'"]),
-    ("-m not a module", ["not a module name"]),
-    ("data.bin", ["not executable"]),
-])
+@pytest.mark.parametrize(
+    "program, words",
+    [
+        ("missing.py", ["'missing.py' not found", "sagemaker_program"]),
+        ("../escape.py", ["'..'"]),
+        ("-m not a module", ["not a module name"]),
+        ("data.bin", ["not executable"]),
+    ],
+)
 def test_entry_point_errors(tmp_path: Path, program: str, words: list) -> None:
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "data.bin").write_text("")
@@ -201,9 +276,18 @@ def test_gpu_count_from_devices_and_visibility(tmp_path: Path) -> None:
 
 
 def test_channel_uri_is_given_to_the_script(tmp_path: Path) -> None:
-    spec = {"TrainingJobName": "x", "HyperParameters": {"sagemaker_program": "\"train.py\""},
-            "InputDataConfig": [{"ChannelName": "train-set", "DataSource": {"S3DataSource": {
-                "S3Uri": "s3://bucket/data/train", "S3DataType": "S3Prefix"}}}]}
+    spec = {
+        "TrainingJobName": "x",
+        "HyperParameters": {"sagemaker_program": '"train.py"'},
+        "InputDataConfig": [
+            {
+                "ChannelName": "train-set",
+                "DataSource": {
+                    "S3DataSource": {"S3Uri": "s3://bucket/data/train", "S3DataType": "S3Prefix"}
+                },
+            }
+        ],
+    }
     job = load_job({"TORCHBAY_ROOT": str(tmp_path)}, json.dumps(spec))
     (tmp_path / "code").mkdir(exist_ok=True)
     (tmp_path / "code" / "train.py").write_text("print(1)\n")

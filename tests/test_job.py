@@ -13,15 +13,36 @@ from agent.job import load_job, write_config_files
 
 SPEC = {
     "TrainingJobName": "dcgan-1",
-    "HyperParameters": {"epochs": "2", "lr": "0.1", "name": "\"dcgan\"", "raw": "plain", "sagemaker_program": "\"train.py\""},
-    "AlgorithmSpecification": {"TrainingInputMode": "File",
-                               "MetricDefinitions": [{"Name": "loss", "Regex": "loss=(\\S+)"}]},
+    "HyperParameters": {
+        "epochs": "2",
+        "lr": "0.1",
+        "name": '"dcgan"',
+        "raw": "plain",
+        "sagemaker_program": '"train.py"',
+    },
+    "AlgorithmSpecification": {
+        "TrainingInputMode": "File",
+        "MetricDefinitions": [{"Name": "loss", "Regex": "loss=(\\S+)"}],
+    },
     "InputDataConfig": [
-        {"ChannelName": "train", "ContentType": "text/csv", "ShuffleConfig": {"Seed": 7},
-         "DataSource": {"S3DataSource": {"S3Uri": "s3://b/train", "S3DataType": "S3Prefix",
-                                         "S3DataDistributionType": "ShardedByS3Key"}}},
-        {"ChannelName": "eval", "InputMode": "Pipe", "CompressionType": "Gzip",
-         "DataSource": {"S3DataSource": {"S3Uri": "file:///data/eval"}}},
+        {
+            "ChannelName": "train",
+            "ContentType": "text/csv",
+            "ShuffleConfig": {"Seed": 7},
+            "DataSource": {
+                "S3DataSource": {
+                    "S3Uri": "s3://b/train",
+                    "S3DataType": "S3Prefix",
+                    "S3DataDistributionType": "ShardedByS3Key",
+                }
+            },
+        },
+        {
+            "ChannelName": "eval",
+            "InputMode": "Pipe",
+            "CompressionType": "Gzip",
+            "DataSource": {"S3DataSource": {"S3Uri": "file:///data/eval"}},
+        },
     ],
     "OutputDataConfig": {"S3OutputPath": "s3://b/out"},
     "CheckpointConfig": {"S3Uri": "s3://b/ckpt"},
@@ -42,16 +63,30 @@ def test_spec_file_becomes_a_frozen_job(tmp_path: Path) -> None:
     job = load_job(_env(tmp_path, TORCHBAY_CURRENT_HOST="algo-2"), str(spec_file))
     assert job.name == "dcgan-1" and not job.on_sagemaker
     assert job.layout.root == tmp_path / "ml"
-    assert dict(job.hyperparameters) == {"epochs": 2, "lr": 0.1, "name": "dcgan", "raw": "plain",
-                                         "sagemaker_program": "train.py"}
+    assert dict(job.hyperparameters) == {
+        "epochs": 2,
+        "lr": 0.1,
+        "name": "dcgan",
+        "raw": "plain",
+        "sagemaker_program": "train.py",
+    }
     train, evalc = job.channels
-    assert (train.name, train.uri, train.distribution, train.content_type, train.shuffle_seed, train.input_mode) == \
-        ("train", "s3://b/train", "ShardedByS3Key", "text/csv", 7, "File")
+    assert (
+        train.name,
+        train.uri,
+        train.distribution,
+        train.content_type,
+        train.shuffle_seed,
+        train.input_mode,
+    ) == ("train", "s3://b/train", "ShardedByS3Key", "text/csv", 7, "File")
     assert (evalc.input_mode, evalc.compression, evalc.uri) == ("Pipe", "Gzip", "file:///data/eval")
     assert job.resource.hosts == ("algo-1", "algo-2") and job.resource.current_host == "algo-2"
     assert job.resource.current_instance_type == "ml.m5.large"
     assert job.output_path == "s3://b/out" and job.job_output_uri == "s3://b/out/dcgan-1/output"
-    assert job.checkpoint_uri == "s3://b/ckpt" and job.checkpoint_local_path == tmp_path / "ml" / "checkpoints"
+    assert (
+        job.checkpoint_uri == "s3://b/ckpt"
+        and job.checkpoint_local_path == tmp_path / "ml" / "checkpoints"
+    )
     assert job.tensorboard_uri == "s3://b/tb" and job.tensorboard_local_path == Path("/tmp/tb")
     assert job.max_runtime == 3600.0 and job.instance_count == 2
     assert dict(job.environment) == {"MY_VAR": "x"}
@@ -67,18 +102,35 @@ def test_inline_json_from_the_environment(tmp_path: Path) -> None:
     assert job.name == "inline" and job.resource.hosts == ("algo-1",) and job.channels == ()
 
 
-@pytest.mark.parametrize("mutate, words", [
-    (lambda s: s.update(Bogus=1), ["unknown key 'Bogus'"]),
-    (lambda s: s["InputDataConfig"][0]["DataSource"]["S3DataSource"].update(S3uri="x"),
-     ["InputDataConfig[0].DataSource.S3DataSource.S3uri", "S3Uri"]),
-    (lambda s: s["ResourceConfig"].update(InstanceCount="2"), ["ResourceConfig.InstanceCount", "an integer"]),
-    (lambda s: s["StoppingCondition"].update(MaxRuntimeInSeconds=True), ["MaxRuntimeInSeconds"]),
-    (lambda s: s.pop("TrainingJobName"), ["missing required key 'TrainingJobName'"]),
-    (lambda s: s["InputDataConfig"][1].pop("ChannelName"), ["InputDataConfig[1].ChannelName"]),
-    (lambda s: s["InputDataConfig"][0].update(InputMode="Stream"), ["InputDataConfig[0].InputMode", "Pipe"]),
-    (lambda s: s["OutputDataConfig"].update(S3OutputPath="b/out"), ["OutputDataConfig.S3OutputPath", "s3://"]),
-    (lambda s: s["Environment"].update(N=1), ["Environment.N", "a string"]),
-])
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda s: s.update(Bogus=1), ["unknown key 'Bogus'"]),
+        (
+            lambda s: s["InputDataConfig"][0]["DataSource"]["S3DataSource"].update(S3uri="x"),
+            ["InputDataConfig[0].DataSource.S3DataSource.S3uri", "S3Uri"],
+        ),
+        (
+            lambda s: s["ResourceConfig"].update(InstanceCount="2"),
+            ["ResourceConfig.InstanceCount", "an integer"],
+        ),
+        (
+            lambda s: s["StoppingCondition"].update(MaxRuntimeInSeconds=True),
+            ["MaxRuntimeInSeconds"],
+        ),
+        (lambda s: s.pop("TrainingJobName"), ["missing required key 'TrainingJobName'"]),
+        (lambda s: s["InputDataConfig"][1].pop("ChannelName"), ["InputDataConfig[1].ChannelName"]),
+        (
+            lambda s: s["InputDataConfig"][0].update(InputMode="Stream"),
+            ["InputDataConfig[0].InputMode", "Pipe"],
+        ),
+        (
+            lambda s: s["OutputDataConfig"].update(S3OutputPath="b/out"),
+            ["OutputDataConfig.S3OutputPath", "s3://"],
+        ),
+        (lambda s: s["Environment"].update(N=1), ["Environment.N", "a string"]),
+    ],
+)
 def test_bad_fields_name_the_key_and_the_file(tmp_path: Path, mutate, words) -> None:
     spec = json.loads(json.dumps(SPEC))
     mutate(spec)
@@ -86,7 +138,7 @@ def test_bad_fields_name_the_key_and_the_file(tmp_path: Path, mutate, words) -> 
     spec_file.write_text(json.dumps(spec))
     with pytest.raises(JobSpecError) as info:
         load_job(_env(tmp_path), str(spec_file))
-    for word in words + [str(spec_file)]:
+    for word in [*words, str(spec_file)]:
         assert word in str(info.value)
 
 
@@ -112,10 +164,18 @@ def test_config_files_round_trip_as_sagemaker_writes_them(tmp_path: Path) -> Non
     write_config_files(spec_job)
     config = tmp_path / "ml" / "input" / "config"
     hps = json.loads((config / "hyperparameters.json").read_text())
-    assert hps["epochs"] == "2" and hps["name"] == '"dcgan"' and hps["sagemaker_program"] == '"train.py"'
+    assert (
+        hps["epochs"] == "2"
+        and hps["name"] == '"dcgan"'
+        and hps["sagemaker_program"] == '"train.py"'
+    )
     data = json.loads((config / "inputdataconfig.json").read_text())
-    assert data["train"] == {"ContentType": "text/csv", "RecordWrapperType": "None",
-                             "S3DistributionType": "ShardedByS3Key", "TrainingInputMode": "File"}
+    assert data["train"] == {
+        "ContentType": "text/csv",
+        "RecordWrapperType": "None",
+        "S3DistributionType": "ShardedByS3Key",
+        "TrainingInputMode": "File",
+    }
     assert data["eval"]["TrainingInputMode"] == "Pipe" and data["eval"]["CompressionType"] == "Gzip"
     resource = json.loads((config / "resourceconfig.json").read_text())
     assert resource["current_host"] == "algo-1" and resource["hosts"] == ["algo-1", "algo-2"]
@@ -124,7 +184,10 @@ def test_config_files_round_trip_as_sagemaker_writes_them(tmp_path: Path) -> Non
     job = load_job(_env(tmp_path, TRAINING_JOB_NAME="from-env"))
     assert job.on_sagemaker and job.name == "from-env"
     assert dict(job.hyperparameters) == dict(spec_job.hyperparameters)
-    assert [(c.name, c.uri, c.input_mode) for c in job.channels] == [("eval", None, "Pipe"), ("train", None, "File")]
+    assert [(c.name, c.uri, c.input_mode) for c in job.channels] == [
+        ("eval", None, "Pipe"),
+        ("train", None, "File"),
+    ]
     assert job.resource == spec_job.resource
     assert job.output_path is None and job.checkpoint_uri is None
 
@@ -132,7 +195,9 @@ def test_config_files_round_trip_as_sagemaker_writes_them(tmp_path: Path) -> Non
 def test_sagemaker_base_dir_is_honoured_and_torchbay_root_wins(tmp_path: Path) -> None:
     spec = json.dumps({"TrainingJobName": "r"})
     assert load_job({"SAGEMAKER_BASE_DIR": "/sm"}, spec).layout.root == Path("/sm")
-    assert load_job({"SAGEMAKER_BASE_DIR": "/sm", "TORCHBAY_ROOT": "/tb"}, spec).layout.root == Path("/tb")
+    assert load_job(
+        {"SAGEMAKER_BASE_DIR": "/sm", "TORCHBAY_ROOT": "/tb"}, spec
+    ).layout.root == Path("/tb")
     assert load_job({}, spec).layout.root == Path("/opt/ml")
 
 

@@ -1,4 +1,5 @@
-"""The pip guard: requirements that would replace a package the agent needs are refused before pip runs."""
+"""The pip guard: requirements that would replace a package the agent needs are refused before pip
+runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from agent.errors import InstallError, PackageConflictError
-from agent.pipguard import Needed, agent_needs, check_requirement_files, conflict_from_pip, write_constraints
+from agent.pipguard import (
+    Needed,
+    agent_needs,
+    check_requirement_files,
+    conflict_from_pip,
+    write_constraints,
+)
 
 NEEDED = {
     "flask": Needed("Flask", "3.1.3", ">=2.3", ("torchbay",)),
@@ -39,13 +46,28 @@ def test_old_flask_pin_is_refused_with_package_version_and_range(tmp_path: Path)
     assert isinstance(err, InstallError) and err.exit_code == 75
     assert (err.package, err.asked, err.needed) == ("Flask", "flask==1.1.1", ">=2.3")
     text = str(err)
-    assert "requirements.txt asks for flask==1.1.1" in text and "Flask>=2.3" in text and "installed: 3.1.3" in text
+    assert (
+        "requirements.txt asks for flask==1.1.1" in text
+        and "Flask>=2.3" in text
+        and "installed: 3.1.3" in text
+    )
     assert "nothing from requirements.txt was installed" in text
 
 
-@pytest.mark.parametrize("text", ["flask==3.0.0\n", "flask>=1.0\n", "Werkzeug~=3.1\n", "jmespath==0.9.0\n",
-                                  "requests==2.0.0\n", "flask==1.1.1 ; python_version < '3.0'\n",
-                                  "git+https://example.invalid/x.git#egg=x\n", "-e .\n", "--index-url x\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "flask==3.0.0\n",
+        "flask>=1.0\n",
+        "Werkzeug~=3.1\n",
+        "jmespath==0.9.0\n",
+        "requests==2.0.0\n",
+        "flask==1.1.1 ; python_version < '3.0'\n",
+        "git+https://example.invalid/x.git#egg=x\n",
+        "-e .\n",
+        "--index-url x\n",
+    ],
+)
 def test_allowed_requirements(tmp_path: Path, text: str) -> None:
     _check(tmp_path, text)
 
@@ -86,10 +108,19 @@ To fix this you could try to:
 
 def test_a_transitive_conflict_reported_by_pip() -> None:
     err = conflict_from_pip(PIP_CONFLICT.splitlines(), NEEDED, what="the package in code/")
-    assert isinstance(err, PackageConflictError) and err.package == "Flask" and err.asked == "flask==1.1.1"
+    assert (
+        isinstance(err, PackageConflictError)
+        and err.package == "Flask"
+        and err.asked == "flask==1.1.1"
+    )
     assert "oldapp (from the package in code/) depends on flask==1.1.1" in str(err)
-    assert conflict_from_pip(["ERROR: No matching distribution found for x==1"], NEEDED, what="x") is None
+    assert (
+        conflict_from_pip(["ERROR: No matching distribution found for x==1"], NEEDED, what="x")
+        is None
+    )
     lines = PIP_CONFLICT.replace("oldapp 0.1", "sagemaker-training 4.0.0").splitlines()
     err = conflict_from_pip(lines, NEEDED, what="requirements.txt")
     assert err is not None
-    assert "sagemaker-training (from requirements.txt) (TorchBay provides its Python API" in str(err)
+    assert "sagemaker-training (from requirements.txt) (TorchBay provides its Python API" in str(
+        err
+    )

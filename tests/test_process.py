@@ -1,4 +1,5 @@
-"""Process supervision with real child processes: exit codes, signals to the group, grace, deadlines."""
+"""Process supervision with real child processes: exit codes, signals to the group, grace,
+deadlines."""
 
 from __future__ import annotations
 
@@ -85,7 +86,12 @@ def test_stop_reaches_the_whole_group_and_the_handler_runs(tmp_path: Path) -> No
     stop = StopRequest()
     stop.request(signal.SIGTERM)
     result = supervise(group, stop=stop, grace=20)
-    assert (result.stopped_by, result.signum, result.exit_code, result.killed) == ("signal", signal.SIGTERM, 0, False)
+    assert (result.stopped_by, result.signum, result.exit_code, result.killed) == (
+        "signal",
+        signal.SIGTERM,
+        0,
+        False,
+    )
     assert handled.read_text() == "saved"
     gc = int(grandchild_pid.read_text())
     deadline = time.monotonic() + 10

@@ -20,22 +20,31 @@ ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 def _group(code: str, tmp_path: Path, *args: str) -> ProcessGroup:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code))
-    return ProcessGroup([sys.executable, str(script), *args], env=ENV, cwd=tmp_path, guard=True,
-                        failure_file=tmp_path / "failure").start()
+    return ProcessGroup(
+        [sys.executable, str(script), *args],
+        env=ENV,
+        cwd=tmp_path,
+        guard=True,
+        failure_file=tmp_path / "failure",
+    ).start()
 
 
-@pytest.mark.parametrize("code, expected", [
-    ("import sys; sys.exit(7)", 7),
-    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + signal.SIGKILL),
-    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),
-    ("print('ok')", 0),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("import sys; sys.exit(7)", 7),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + signal.SIGKILL),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),
+        ("print('ok')", 0),
+    ],
+)
 def test_exit_codes_pass_through_the_guard(tmp_path: Path, code: str, expected: int) -> None:
     assert _group(code, tmp_path).wait(30) == expected
 
 
 def test_the_command_sees_its_environment_cwd_and_signals(tmp_path: Path) -> None:
-    group = _group("""
+    group = _group(
+        """
         import os, signal, sys, time
         assert os.getcwd() == sys.argv[1], os.getcwd()
         assert os.environ["TORCHBAY_PROCESS_TAG"]
@@ -45,7 +54,10 @@ def test_the_command_sees_its_environment_cwd_and_signals(tmp_path: Path) -> Non
         signal.signal(signal.SIGTERM, on_term)
         open("ready", "w").close()
         time.sleep(60)
-    """, tmp_path, str(tmp_path))
+    """,
+        tmp_path,
+        str(tmp_path),
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
         assert group.poll() is None and time.monotonic() < deadline
@@ -66,13 +78,19 @@ def test_a_command_that_cannot_start_under_the_guard(tmp_path: Path) -> None:
 
 
 def test_command_size_ok_for_normal_jobs() -> None:
-    check_command_size(["python", "train.py", "--epochs", "3"], {"SM_HPS": '{"epochs": 3}'}, {"epochs": 3})
+    check_command_size(
+        ["python", "train.py", "--epochs", "3"], {"SM_HPS": '{"epochs": 3}'}, {"epochs": 3}
+    )
 
 
 def test_command_size_names_the_big_hyperparameter() -> None:
     big = "x" * (MAX_ARG_STRLEN + 10)
-    with pytest.raises(JobSpecError, match=rf"hyperparameter 'blob' is {len(big)} bytes.*{MAX_ARG_STRLEN - 1}"):
-        check_command_size(["python", "train.py", "--blob", big], {"SM_HP_BLOB": big}, {"blob": big, "epochs": 3})
+    with pytest.raises(
+        JobSpecError, match=rf"hyperparameter 'blob' is {len(big)} bytes.*{MAX_ARG_STRLEN - 1}"
+    ):
+        check_command_size(
+            ["python", "train.py", "--blob", big], {"SM_HP_BLOB": big}, {"blob": big, "epochs": 3}
+        )
 
 
 def test_command_size_total_over_arg_max() -> None:

@@ -6,20 +6,53 @@ import logging
 
 import pytest
 
-from agent.redact import MASK, Redactor, RedactingFilter, looks_secret, normalize_name
+from agent.redact import MASK, RedactingFilter, Redactor, looks_secret, normalize_name
 
 
-@pytest.mark.parametrize("name", ["password", "db_password", "PASSWD", "api_token", "apiToken", "HF_TOKEN",
-                                  "AWS_SECRET_ACCESS_KEY", "client_secret", "api-key", "WANDB_API_KEY",
-                                  "private_key", "aws_session_token", "credentials", "auth", "SM_HP_API-TOKEN",
-                                  "learning_rate_key"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "password",
+        "db_password",
+        "PASSWD",
+        "api_token",
+        "apiToken",
+        "HF_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "client_secret",
+        "api-key",
+        "WANDB_API_KEY",
+        "private_key",
+        "aws_session_token",
+        "credentials",
+        "auth",
+        "SM_HP_API-TOKEN",
+        "learning_rate_key",
+    ],
+)
 def test_secret_names(name: str) -> None:
     assert looks_secret(name)
 
 
-@pytest.mark.parametrize("name", ["epochs", "learning_rate", "max_tokens", "tokenizer", "key_dim", "num_keys",
-                                  "keyboard", "monkey", "author", "AWS_ACCESS_KEY_ID", "AWS_REGION", "batch_size",
-                                  "PWD", "OLDPWD"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "epochs",
+        "learning_rate",
+        "max_tokens",
+        "tokenizer",
+        "key_dim",
+        "num_keys",
+        "keyboard",
+        "monkey",
+        "author",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_REGION",
+        "batch_size",
+        "PWD",
+        "OLDPWD",
+    ],
+)
 def test_plain_names(name: str) -> None:
     assert not looks_secret(name)
 
@@ -31,15 +64,26 @@ def test_normalize_name() -> None:
 
 def test_learnt_values_are_masked_in_every_spelling() -> None:
     redactor = Redactor()
-    redactor.learn({"password": '"hunter2-pass"', "epochs": "3", "pin": "12", "api_key": "ab",
-                    "DB_URL": "postgres://bob:s3cr3t-pw@db:5432/x", "nested_token": '{"a": "inner-tok-1"}'})
-    text = redactor.text('--password hunter2-pass {"password": "hunter2-pass"} postgres://bob:s3cr3t-pw@db epochs 3')
+    redactor.learn(
+        {
+            "password": '"hunter2-pass"',
+            "epochs": "3",
+            "pin": "12",
+            "api_key": "ab",
+            "DB_URL": "postgres://bob:s3cr3t-pw@db:5432/x",
+            "nested_token": '{"a": "inner-tok-1"}',
+        }
+    )
+    text = redactor.text(
+        '--password hunter2-pass {"password": "hunter2-pass"} postgres://bob:s3cr3t-pw@db epochs 3'
+    )
     assert "hunter2-pass" not in text and "s3cr3t-pw" not in text and "epochs 3" in text
     assert "inner-tok-1" not in redactor.text("k=inner-tok-1")
     assert redactor.data(b"x hunter2-pass y") == b"x **** y"
     # too short to mask as a substring, still masked after its flag
-    assert redactor.argv(["python", "train.py", "--api_key", "ab", "--epochs", "3", "--password=hunter2-pass"]) == \
-        ["python", "train.py", "--api_key", MASK, "--epochs", "3", f"--password={MASK}"]
+    assert redactor.argv(
+        ["python", "train.py", "--api_key", "ab", "--epochs", "3", "--password=hunter2-pass"]
+    ) == ["python", "train.py", "--api_key", MASK, "--epochs", "3", f"--password={MASK}"]
 
 
 def test_pattern_is_settable() -> None:

@@ -50,14 +50,17 @@ def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfil
     return info, b""
 
 
-@pytest.mark.parametrize("member", [
-    _file("../evil.txt"),
-    _file("/tmp/evil-abs.txt"),
-    _file("ok/../../evil.txt"),
-    _link("sneaky", "/etc/passwd"),
-    _link("sneaky", "../../outside"),
-    _link("hard", "../outside", tarfile.LNKTYPE),
-])
+@pytest.mark.parametrize(
+    "member",
+    [
+        _file("../evil.txt"),
+        _file("/tmp/evil-abs.txt"),
+        _file("ok/../../evil.txt"),
+        _link("sneaky", "/etc/passwd"),
+        _link("sneaky", "../../outside"),
+        _link("hard", "../outside", tarfile.LNKTYPE),
+    ],
+)
 def test_hostile_tar_refused_and_nothing_written(tmp_path: Path, member) -> None:
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(_tar([_file("good.txt", b"good"), member]))
@@ -89,10 +92,14 @@ def test_not_a_tar(tmp_path: Path) -> None:
 def test_truncated_archive_names_the_offset_and_member(tmp_path: Path, stream: bool) -> None:
     import os
 
-    whole = _tar([(tarfile.TarInfo("a.txt"), b"a" * 100), (tarfile.TarInfo("big.bin"), os.urandom(300_000))])
+    whole = _tar(
+        [(tarfile.TarInfo("a.txt"), b"a" * 100), (tarfile.TarInfo("big.bin"), os.urandom(300_000))]
+    )
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ArchiveError, match=r"truncated or corrupt: it ends or breaks at byte \d+ .*'big.bin'"):
+    with pytest.raises(
+        ArchiveError, match=r"truncated or corrupt: it ends or breaks at byte \d+ .*'big.bin'"
+    ):
         if stream:
             with open(cut, "rb") as handle:
                 safe_extract_tar(handle, tmp_path / "d", what="model archive")
@@ -111,10 +118,18 @@ def test_corrupt_gzip_data(tmp_path: Path) -> None:
 
 def test_size_limit_stops_a_bomb_before_writing(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.tar.gz"
-    bomb.write_bytes(_tar([(tarfile.TarInfo("small.txt"), b"s"), (tarfile.TarInfo("zeros.bin"), bytes(8_000_000))]))
-    with pytest.raises(ArchiveError, match="unpacks to more than 1000000 bytes .*'zeros.bin'.*SOURCE_MAX_BYTES"):
+    bomb.write_bytes(
+        _tar(
+            [(tarfile.TarInfo("small.txt"), b"s"), (tarfile.TarInfo("zeros.bin"), bytes(8_000_000))]
+        )
+    )
+    with pytest.raises(
+        ArchiveError, match="unpacks to more than 1000000 bytes .*'zeros.bin'.*SOURCE_MAX_BYTES"
+    ):
         safe_extract_tar(bomb, tmp_path / "d", max_bytes=1_000_000)
-    assert not (tmp_path / "d" / "zeros.bin").exists() and not (tmp_path / "d" / "small.txt").exists()
+    assert (
+        not (tmp_path / "d" / "zeros.bin").exists() and not (tmp_path / "d" / "small.txt").exists()
+    )
 
 
 def test_member_count_limit(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import BucketMissing, EndpointUnreachable, ObjectMissing, StorageError
-from agent.storage import S3Storage, FileStorage, make_s3_client, open_storage, parse_uri, redact
+from agent.storage import FileStorage, S3Storage, make_s3_client, open_storage, parse_uri, redact
 
 
 def test_parse_uri_forms():
@@ -43,7 +43,10 @@ def test_s3_roundtrip_list_range_and_multipart(s3_env, bucket, tmp_path, s3):
     store.put_file(big, f"s3://{bucket}/big.bin")
     assert s3.head_object(Bucket=bucket, Key="big.bin")["ETag"].strip('"').endswith("-5")
     dest = tmp_path / "out" / "big.bin"
-    assert store.get_file(f"s3://{bucket}/big.bin", dest, expected_size=big.stat().st_size) == big.stat().st_size
+    assert (
+        store.get_file(f"s3://{bucket}/big.bin", dest, expected_size=big.stat().st_size)
+        == big.stat().st_size
+    )
     assert dest.read_bytes() == big.read_bytes()
     assert not (tmp_path / "out" / "big.bin.part").exists()
 

@@ -1,7 +1,9 @@
 """The data agent: puts each channel where the script expects it, as SageMaker would.
 
-File mode (and FastFile outside SageMaker) stages the channel into ``input/data/<channel>/`` before the
-script starts; Pipe mode offers ``input/data/<channel>_<epoch>`` FIFOs fed while it runs. Channels whose
+File mode (and FastFile outside SageMaker) stages the channel into ``input/data/<channel>/`` before
+the
+script starts; Pipe mode offers ``input/data/<channel>_<epoch>`` FIFOs fed while it runs. Channels
+whose
 ``uri`` is None were staged by the platform and are left alone. The streaming datasets
 (``S3IterableDataset``, ``S3MapDataset``) import torch and are loaded only when asked for.
 """
@@ -19,7 +21,13 @@ from agent.storage import parse_uri
 if TYPE_CHECKING:  # pragma: no cover
     from agent.data.pipes import PipeFeeder
 
-__all__ = ["DataHandle", "prepare_channels", "channel_uri_variable", "S3IterableDataset", "S3MapDataset"]
+__all__ = [
+    "DataHandle",
+    "S3IterableDataset",
+    "S3MapDataset",
+    "channel_uri_variable",
+    "prepare_channels",
+]
 
 
 def channel_uri_variable(name: str) -> str:
@@ -32,10 +40,10 @@ class DataHandle:
 
     def __init__(self) -> None:
         self.staged: dict[str, StageResult] = {}
-        self._feeders: list["PipeFeeder"] = []
+        self._feeders: list[PipeFeeder] = []
         self._stopped = False
 
-    def _add_feeder(self, feeder: "PipeFeeder") -> None:
+    def _add_feeder(self, feeder: PipeFeeder) -> None:
         self._feeders.append(feeder)
 
     def failures(self) -> dict[str, BaseException]:
@@ -57,12 +65,15 @@ class DataHandle:
 def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
     """Stage File/FastFile channels now and start feeders for Pipe channels.
 
-    Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or UnsafePathError;
+    Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or
+    UnsafePathError;
     on an error no feeder is left running.
     """
     handle = DataHandle()
     planned = []
-    storages: dict[str, Any] = {}  # one storage (one S3 client) per scheme, for listing and staging alike
+    storages: dict[
+        str, Any
+    ] = {}  # one storage (one S3 client) per scheme, for listing and staging alike
     for channel in job.channels:
         if channel.uri is None:
             log.debug("channel %r: already in place (no URI); nothing to stage", channel.name)
@@ -74,20 +85,37 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
             if mode == "Pipe":
                 continue
             if mode == "FastFile":
-                log.warning("channel %r: FastFile needs SageMaker's mount; staging it in File mode instead "
-                            "(the script starts once the data is here)", channel.name)
+                log.warning(
+                    "channel %r: FastFile needs SageMaker's mount; staging it in File mode instead "
+                    "(the script starts once the data is here)",
+                    channel.name,
+                )
             elif mode != "File":
                 from agent.errors import ChannelError
 
-                raise ChannelError(f"channel {channel.name!r}: input mode {mode!r} is unknown; "
-                                   "use File, FastFile or Pipe")
+                raise ChannelError(
+                    f"channel {channel.name!r}: input mode {mode!r} is unknown; "
+                    "use File, FastFile or Pipe"
+                )
             if channel.compression not in ("None", "", None):
-                log.warning("channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
-                            "objects as they are", channel.name, channel.compression)
+                log.warning(
+                    "channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
+                    ""
+                    ""
+                    ""
+                    "objects as they are",
+                    channel.name,
+                    channel.compression,
+                )
             client = getattr(storages.get(parse_uri(channel.uri or "/").scheme), "client", None)
-            handle.staged[channel.name] = stage(entries, job.layout.channel_dir(channel.name),
-                                                options=StageOptions.from_settings(job.settings, job.base_env), log=log,
-                                                channel=channel.name, client=client)
+            handle.staged[channel.name] = stage(
+                entries,
+                job.layout.channel_dir(channel.name),
+                options=StageOptions.from_settings(job.settings, job.base_env),
+                log=log,
+                channel=channel.name,
+                client=client,
+            )
         for channel, entries in planned:
             if (channel.input_mode or job.input_mode) == "Pipe":
                 handle._add_feeder(_start_pipe(job, channel, entries, log))
@@ -97,7 +125,9 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
     return handle
 
 
-def _entries_for(job: Job, channel: Channel, log: logging.Logger, storages: dict[str, Any]) -> list[Entry]:
+def _entries_for(
+    job: Job, channel: Channel, log: logging.Logger, storages: dict[str, Any]
+) -> list[Entry]:
     from agent.storage import open_storage
 
     assert channel.uri is not None
@@ -106,29 +136,63 @@ def _entries_for(job: Job, channel: Channel, log: logging.Logger, storages: dict
         storages[scheme] = open_storage(channel.uri, endpoint_url=job.settings.endpoint_url)
     storage = storages[scheme]
     entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
-    mine = select_shard(entries, channel.distribution, job.resource.host_index, job.resource.host_count,
-                        channel=channel.name, log=log)
+    mine = select_shard(
+        entries,
+        channel.distribution,
+        job.resource.host_index,
+        job.resource.host_count,
+        channel=channel.name,
+        log=log,
+    )
     if channel.distribution == "ShardedByS3Key" and job.resource.host_count > 1:
-        log.info("channel %r: host %s (%d of %d) takes %d of %d objects (ShardedByS3Key: sorted keys, index mod "
-                 "%d == %d)", channel.name, job.resource.current_host, job.resource.host_index,
-                 job.resource.host_count, len(mine), len(entries), job.resource.host_count,
-                 job.resource.host_index)
+        log.info(
+            "channel %r: host %s (%d of %d) takes %d of %d objects (ShardedByS3Key: sorted keys, "
+            "index mod "
+            "%d == %d)",
+            channel.name,
+            job.resource.current_host,
+            job.resource.host_index,
+            job.resource.host_count,
+            len(mine),
+            len(entries),
+            job.resource.host_count,
+            job.resource.host_index,
+        )
     return mine
 
 
-def _start_pipe(job: Job, channel: Channel, entries: list[Entry], log: logging.Logger) -> "PipeFeeder":
+def _start_pipe(
+    job: Job, channel: Channel, entries: list[Entry], log: logging.Logger
+) -> PipeFeeder:
     from agent.data.pipes import PipeFeeder
     from agent.data.reading import ObjectReader
 
     settings = job.settings
-    reader = ObjectReader(endpoint_url=settings.endpoint_url, attempts=settings.data_attempts,
-                          verify_md5=settings.data_verify_md5, max_pool_connections=settings.pipe_prefetch + 4)
-    feeder = PipeFeeder(channel.name, entries, lambda epoch: job.layout.pipe_path(channel.name, epoch),
-                        reader=reader, epochs=settings.pipe_epochs, prefetch=settings.pipe_prefetch,
-                        gzip=channel.compression == "Gzip", seed=channel.shuffle_seed, log=log)
+    reader = ObjectReader(
+        endpoint_url=settings.endpoint_url,
+        attempts=settings.data_attempts,
+        verify_md5=settings.data_verify_md5,
+        max_pool_connections=settings.pipe_prefetch + 4,
+    )
+    feeder = PipeFeeder(
+        channel.name,
+        entries,
+        lambda epoch: job.layout.pipe_path(channel.name, epoch),
+        reader=reader,
+        epochs=settings.pipe_epochs,
+        prefetch=settings.pipe_prefetch,
+        gzip=channel.compression == "Gzip",
+        seed=channel.shuffle_seed,
+        log=log,
+    )
     feeder.start()
-    log.info("channel %r: Pipe mode: %d objects per epoch through %s_<epoch> (up to %d epochs)", channel.name,
-             len(entries), job.layout.pipe_path(channel.name, 0).parent / channel.name, settings.pipe_epochs)
+    log.info(
+        "channel %r: Pipe mode: %d objects per epoch through %s_<epoch> (up to %d epochs)",
+        channel.name,
+        len(entries),
+        job.layout.pipe_path(channel.name, 0).parent / channel.name,
+        settings.pipe_epochs,
+    )
     return feeder
 
 
@@ -138,4 +202,3 @@ def __getattr__(name: str) -> Any:
 
         return getattr(dataset, name)
     raise AttributeError(f"module 'agent.data' has no attribute {name!r}")
-

@@ -1,10 +1,15 @@
-"""Streaming datasets over an ``s3://`` or ``file://`` prefix, for scripts that would rather not stage.
+"""Streaming datasets over an ``s3://`` or ``file://`` prefix, for scripts that would rather not
+stage.
 
 ``S3IterableDataset`` shards the sorted keys across ranks and DataLoader workers: reader *r* of *R*
-(``r = rank * workers + worker_id``, ``R = world_size * workers``) takes every key whose index is *r* mod
-*R*, so each object is read exactly once per epoch. It fetches ``prefetch`` objects ahead in parallel and
-yields ``(key, bytes)`` in order, ``key`` being the object's path relative to the prefix (as File mode
-would stage it), or ``transform(key, bytes)``. ``S3MapDataset`` indexes the same listing for samplers.
+(``r = rank * workers + worker_id``, ``R = world_size * workers``) takes every key whose index is
+*r* mod
+*R*, so each object is read exactly once per epoch. It fetches ``prefetch`` objects ahead in
+parallel and
+yields ``(key, bytes)`` in order, ``key`` being the object's path relative to the prefix (as File
+mode
+would stage it), or ``transform(key, bytes)``. ``S3MapDataset`` indexes the same listing for
+samplers.
 Every object's byte count (and MD5 where the ETag is one) is checked; short reads are retried.
 
 This module imports torch; the agent itself never imports it.
@@ -14,8 +19,9 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch.utils.data
 
@@ -28,23 +34,26 @@ __all__ = ["S3IterableDataset", "S3MapDataset"]
 Transform = Callable[[str, bytes], Any]
 
 
-def _list(uri: str, endpoint_url: Optional[str]) -> list[Entry]:
+def _list(uri: str, endpoint_url: str | None) -> list[Entry]:
     from agent.storage import open_storage
 
-    entries = sorted(list_prefix(open_storage(uri, endpoint_url=endpoint_url), uri), key=lambda e: e.uri)
+    entries = sorted(
+        list_prefix(open_storage(uri, endpoint_url=endpoint_url), uri), key=lambda e: e.uri
+    )
     if not entries:
         raise ChannelError(f"{uri} matched no objects; check the prefix and the endpoint")
     return entries
 
 
-def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return (dist.get_rank() if rank is None else rank), (dist.get_world_size() if world_size is None
-                                                             else world_size)
+        return (dist.get_rank() if rank is None else rank), (
+            dist.get_world_size() if world_size is None else world_size
+        )
     return rank or 0, world_size or 1
 
 
@@ -55,9 +64,19 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
     ``shuffle_seed`` shuffles the order (the same split, a new order per ``set_epoch``).
     """
 
-    def __init__(self, uri: str, *, transform: Optional[Transform] = None, endpoint_url: Optional[str] = None,
-                 prefetch: int = 8, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 shuffle_seed: Optional[int] = None, attempts: int = 5, verify_md5: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        transform: Transform | None = None,
+        endpoint_url: str | None = None,
+        prefetch: int = 8,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle_seed: int | None = None,
+        attempts: int = 5,
+        verify_md5: bool = True,
+    ) -> None:
         super().__init__()
         self.uri = uri
         self._transform = transform
@@ -67,9 +86,13 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
         self._world_size = world_size
         self._seed = shuffle_seed
         self._epoch = 0
-        self._entries: Optional[list[Entry]] = None
-        self._reader = ObjectReader(endpoint_url=endpoint_url, attempts=attempts, verify_md5=verify_md5,
-                                    max_pool_connections=self._prefetch + 2)
+        self._entries: list[Entry] | None = None
+        self._reader = ObjectReader(
+            endpoint_url=endpoint_url,
+            attempts=attempts,
+            verify_md5=verify_md5,
+            max_pool_connections=self._prefetch + 2,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the shuffle order of the next pass (no effect without ``shuffle_seed``)."""
@@ -113,18 +136,28 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
 
 
 class S3MapDataset(torch.utils.data.Dataset):
-    """``dataset[i]`` is the i-th object (in key order) under ``uri``: ``(key, bytes)`` or ``transform(key, bytes)``.
+    """``dataset[i]`` is the i-th object (in key order) under ``uri``: ``(key, bytes)`` or
+    ``transform(key, bytes)``.
 
     The prefix is listed once, on first use. Use a DistributedSampler to split it across ranks.
     """
 
-    def __init__(self, uri: str, *, transform: Optional[Transform] = None, endpoint_url: Optional[str] = None,
-                 attempts: int = 5, verify_md5: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        transform: Transform | None = None,
+        endpoint_url: str | None = None,
+        attempts: int = 5,
+        verify_md5: bool = True,
+    ) -> None:
         self.uri = uri
         self._transform = transform
         self._endpoint_url = endpoint_url
-        self._entries: Optional[list[Entry]] = None
-        self._reader = ObjectReader(endpoint_url=endpoint_url, attempts=attempts, verify_md5=verify_md5)
+        self._entries: list[Entry] | None = None
+        self._reader = ObjectReader(
+            endpoint_url=endpoint_url, attempts=attempts, verify_md5=verify_md5
+        )
 
     def _listing(self) -> list[Entry]:
         if self._entries is None:
@@ -137,4 +170,8 @@ class S3MapDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         entry = self._listing()[index]
         data = self._reader.read(entry)
-        return self._transform(entry.relative, data) if self._transform is not None else (entry.relative, data)
+        return (
+            self._transform(entry.relative, data)
+            if self._transform is not None
+            else (entry.relative, data)
+        )

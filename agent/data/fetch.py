@@ -1,4 +1,5 @@
-"""Fetching staged objects in this process: each into ``<name>.part``, verified, then renamed into place.
+"""Fetching staged objects in this process: each into ``<name>.part``, verified, then renamed into
+place.
 
 ``run_in_process`` fetches a list of jobs on a pool of threads with one client; short reads, spoiled
 bodies and transient errors are retried with backoff (see agent.data.staging for the whole picture).
@@ -12,9 +13,10 @@ import logging
 import os
 import random
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent.data.leanget import BodyCheck, LeanNetError
 from agent.errors import (
@@ -32,12 +34,25 @@ from agent.storage import parse_uri
 if TYPE_CHECKING:
     from agent.data.staging import StageOptions
 
-__all__ = ["ETAG_XATTR", "DISK_FULL", "FetchJob", "Counters", "ShortRead", "run_in_process"]
+__all__ = ["DISK_FULL", "ETAG_XATTR", "Counters", "FetchJob", "ShortRead", "run_in_process"]
 
 ETAG_XATTR = "user.torchbay.etag"
-_NO_RETRY_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "403", "404", "NotFound",
-                             "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState"})
-_LOCAL_ERRNOS = frozenset({errno.EACCES, errno.EROFS, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
+_NO_RETRY_CODES = frozenset(
+    {
+        "NoSuchKey",
+        "NoSuchBucket",
+        "AccessDenied",
+        "403",
+        "404",
+        "NotFound",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidObjectState",
+    }
+)
+_LOCAL_ERRNOS = frozenset(
+    {errno.EACCES, errno.EROFS, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
+)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -62,14 +77,21 @@ class FetchJob:
 
     uri: str
     target: str
-    size: Optional[int]
-    etag: Optional[str]
+    size: int | None
+    etag: str | None
 
 
-def run_in_process(jobs: Sequence[FetchJob], options: StageOptions, counters: Counters,
-                   tick: Optional[Callable[..., None]], cancel: Optional[threading.Event] = None, *,
-                   client: Any = None) -> None:
-    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the others.
+def run_in_process(
+    jobs: Sequence[FetchJob],
+    options: StageOptions,
+    counters: Counters,
+    tick: Callable[..., None] | None,
+    cancel: threading.Event | None = None,
+    *,
+    client: Any = None,
+) -> None:
+    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the
+    others.
 
     ``client`` is an S3 client to share (the one that listed the channel); None makes one."""
     fetcher = _Fetcher(jobs[0].uri, options, client=client)
@@ -80,7 +102,9 @@ def run_in_process(jobs: Sequence[FetchJob], options: StageOptions, counters: Co
 
     count = max(1, min(options.threads, len(jobs)))
     running = [count]
-    done = threading.Event()  # set by the last thread to finish: the wait below ends at once, not on a tick
+    done = (
+        threading.Event()
+    )  # set by the last thread to finish: the wait below ends at once, not on a tick
 
     def work() -> None:
         try:
@@ -131,7 +155,9 @@ class _Fetcher:
             if client is None:
                 from agent.storage import make_s3_client
 
-                client = make_s3_client(options.endpoint_url, max_pool_connections=max(10, options.threads + 4))
+                client = make_s3_client(
+                    options.endpoint_url, max_pool_connections=max(10, options.threads + 4)
+                )
             self._client = client
             if options.lean:
                 from agent.data.leanget import LeanGetter
@@ -159,7 +185,9 @@ class _Fetcher:
                     raise self._translate(err, job) from err
                 last = err
             delay = min(self._options.backoff * 2 ** (attempt - 1), 10.0) * (0.5 + random.random())
-            logging.getLogger(__name__).debug("retrying %s in %.1f s after %s", job.uri, delay, type(last).__name__)
+            logging.getLogger(__name__).debug(
+                "retrying %s in %.1f s after %s", job.uri, delay, type(last).__name__
+            )
             if cancel.wait(delay):
                 if isinstance(last, TorchBayError) and not isinstance(last, LeanNetError):
                     raise last
@@ -168,8 +196,10 @@ class _Fetcher:
     def _translate(self, err: BaseException, job: FetchJob) -> TorchBayError:
         if isinstance(err, LeanNetError):
             where = str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint"))
-            return EndpointUnreachable(f"cannot reach {where} for {job.uri} ({err}); check AWS_ENDPOINT_URL and "
-                                       "that the server is up")
+            return EndpointUnreachable(
+                f"cannot reach {where} for {job.uri} ({err}); check AWS_ENDPOINT_URL and "
+                "that the server is up"
+            )
         if isinstance(err, TorchBayError):
             return err
         if self._client is not None:
@@ -177,7 +207,9 @@ class _Fetcher:
 
             where = str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint"))
             return translate_s3_error(err, job.uri, where)  # type: ignore[arg-type]
-        return StorageError(f"reading {job.uri} failed: {type(err).__name__}: {err}; check the source")
+        return StorageError(
+            f"reading {job.uri} failed: {type(err).__name__}: {err}; check the source"
+        )
 
     def _fetch_once(self, job: FetchJob) -> int:
         if job.size is not None and job.size >= self._options.large_size:
@@ -188,10 +220,14 @@ class _Fetcher:
     def _fetch_to_part(self, job: FetchJob) -> int:
         part = job.target + ".part"
         try:
-            if self._scheme == "s3" and job.size is not None and job.size >= self._options.range_threshold:
-                etag, nbytes = self._get_ranged(job, part), job.size
+            if (
+                self._scheme == "s3"
+                and job.size is not None
+                and job.size >= self._options.range_threshold
+            ):
+                _etag, nbytes = self._get_ranged(job, part), job.size
             else:
-                etag, nbytes = self._get_whole(job, part)
+                _etag, nbytes = self._get_whole(job, part)
             os.replace(part, job.target)
         except BaseException:
             try:
@@ -201,7 +237,7 @@ class _Fetcher:
             raise
         return nbytes
 
-    def _get_whole(self, job: FetchJob, part: str) -> tuple[Optional[str], int]:
+    def _get_whole(self, job: FetchJob, part: str) -> tuple[str | None, int]:
         """Fetch into ``part`` (ETag recorded as an xattr for resumption); (etag, bytes)."""
         if self._lean is not None:
             loc = parse_uri(job.uri)
@@ -210,16 +246,27 @@ class _Fetcher:
                 return self._get_lean(job, part, resp)
         return self._get_boto(job, part)
 
-    def _get_lean(self, job: FetchJob, part: str, resp: Any) -> tuple[Optional[str], int]:
+    def _get_lean(self, job: FetchJob, part: str, resp: Any) -> tuple[str | None, int]:
         length = resp.length
         try:
             if job.size is not None and length != job.size:
-                raise ShortRead(f"{job.uri} is {length} bytes but the listing said {job.size}; "
-                                 "the object changed while staging, or the server is misbehaving")
-            # One digest per object: the full-object CRC32/SHA S3 returned (CRC32 costs a tenth of MD5), else the
+                raise ShortRead(
+                    f"{job.uri} is {length} bytes but the listing said {job.size}; "
+                    "the object changed while staging, or the server is misbehaving"
+                )
+            # One digest per object: the full-object CRC32/SHA S3 returned (CRC32 costs a tenth of
+            # MD5), else the
             # MD5 a plain ETag is, up to md5_max_size; the byte count is checked always.
-            md5 = hashlib.md5() if (resp.checksum is None and resp.md5 and self._options.verify_md5 and
-                                   length <= self._options.md5_max_size) else None
+            md5 = (
+                hashlib.md5()
+                if (
+                    resp.checksum is None
+                    and resp.md5
+                    and self._options.verify_md5
+                    and length <= self._options.md5_max_size
+                )
+                else None
+            )
             check = BodyCheck(resp.checksum)
             fd = _open_fd(part, job)
             try:
@@ -255,7 +302,9 @@ class _Fetcher:
         finally:
             resp.close()
         if md5 is not None and md5.hexdigest() != resp.etag:
-            raise ShortRead(f"checksum mismatch: {job.uri} has MD5 {md5.hexdigest()}, its ETag says {resp.etag}")
+            raise ShortRead(
+                f"checksum mismatch: {job.uri} has MD5 {md5.hexdigest()}, its ETag says {resp.etag}"
+            )
         if not check.matches():
             raise ShortRead(f"checksum mismatch: {job.uri} {check.mismatch()}")
         return resp.etag, written
@@ -266,7 +315,9 @@ class _Fetcher:
             buffer = self._buffers.buffer = bytearray(max(64 * 1024, self._options.read_size))
         return buffer
 
-    def _open(self, job: FetchJob, byte_range: Optional[tuple[int, int]] = None) -> tuple[Any, int, Optional[str], bool]:
+    def _open(
+        self, job: FetchJob, byte_range: tuple[int, int] | None = None
+    ) -> tuple[Any, int, str | None, bool]:
         """(stream, length, etag, etag_is_md5)."""
         if self._scheme == "s3":
             loc = parse_uri(job.uri)
@@ -275,8 +326,13 @@ class _Fetcher:
                 kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
             resp = self._client.get_object(**kwargs)
             etag = (resp.get("ETag") or "").strip('"') or None
-            plain = bool(etag) and "-" not in etag and len(etag) == 32 and \
-                resp.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in resp
+            plain = (
+                bool(etag)
+                and "-" not in etag
+                and len(etag) == 32
+                and resp.get("ServerSideEncryption") in (None, "AES256")
+                and "SSECustomerAlgorithm" not in resp
+            )
             return resp["Body"], int(resp["ContentLength"]), etag, plain
         path = parse_uri(job.uri).key
         try:
@@ -284,15 +340,19 @@ class _Fetcher:
         except FileNotFoundError as err:
             raise ObjectMissing(f"{job.uri} does not exist; check the path") from err
         except OSError as err:
-            raise StorageError(f"cannot read {job.uri}: {err.strerror}; check the path and permissions") from err
+            raise StorageError(
+                f"cannot read {job.uri}: {err.strerror}; check the path and permissions"
+            ) from err
         return handle, os.fstat(handle.fileno()).st_size, None, False
 
-    def _get_boto(self, job: FetchJob, part: str) -> tuple[Optional[str], int]:
+    def _get_boto(self, job: FetchJob, part: str) -> tuple[str | None, int]:
         stream, length, etag, plain = self._open(job)
         try:
             if job.size is not None and length != job.size:
-                raise ShortRead(f"{job.uri} is {length} bytes but the listing said {job.size}; "
-                                 "the object changed while staging, or the server is misbehaving")
+                raise ShortRead(
+                    f"{job.uri} is {length} bytes but the listing said {job.size}; "
+                    "the object changed while staging, or the server is misbehaving"
+                )
             digest = hashlib.md5() if (plain and self._options.verify_md5) else None
             written = 0
             fd = _open_fd(part, job)
@@ -314,18 +374,22 @@ class _Fetcher:
         if written != length:
             raise ShortRead(f"short read: {job.uri} gave {written} of {length} bytes")
         if digest is not None and digest.hexdigest() != etag:
-            raise ShortRead(f"checksum mismatch: {job.uri} has MD5 {digest.hexdigest()}, its ETag says {etag}")
+            raise ShortRead(
+                f"checksum mismatch: {job.uri} has MD5 {digest.hexdigest()}, its ETag says {etag}"
+            )
         return etag, written
 
-    def _get_ranged(self, job: FetchJob, part: str) -> Optional[str]:
+    def _get_ranged(self, job: FetchJob, part: str) -> str | None:
         size = int(job.size or 0)
         step = max(1, self._options.range_size)
         ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
-        etags: set[Optional[str]] = set()
+        etags: set[str | None] = set()
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             try:
-                os.posix_fallocate(fd, 0, size) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size) if hasattr(os, "posix_fallocate") else os.ftruncate(
+                    fd, size
+                )
             except OSError as err:
                 raise _local_error(err, job) from err
 
@@ -335,7 +399,9 @@ class _Fetcher:
                 offset, want = byte_range[0], byte_range[1] - byte_range[0]
                 try:
                     if length != want:
-                        raise ShortRead(f"{job.uri} range {byte_range} gave {length} bytes, wanted {want}")
+                        raise ShortRead(
+                            f"{job.uri} range {byte_range} gave {length} bytes, wanted {want}"
+                        )
                     while True:
                         chunk = stream.read(self._options.read_size)
                         if not chunk:
@@ -348,7 +414,9 @@ class _Fetcher:
                 finally:
                     stream.close()
                 if offset != byte_range[1]:
-                    raise ShortRead(f"short read: {job.uri} range {byte_range} stopped at byte {offset}")
+                    raise ShortRead(
+                        f"short read: {job.uri} range {byte_range} stopped at byte {offset}"
+                    )
 
             with ThreadPoolExecutor(max(1, min(len(ranges), self._options.threads))) as pool:
                 for future in [pool.submit(one, r) for r in ranges]:
@@ -356,7 +424,9 @@ class _Fetcher:
         finally:
             os.close(fd)
         if len(etags) > 1:
-            raise ShortRead(f"{job.uri} changed while its ranges were fetched (ETags {sorted(map(str, etags))})")
+            raise ShortRead(
+                f"{job.uri} changed while its ranges were fetched (ETags {sorted(map(str, etags))})"
+            )
         etag = etags.pop() if etags else None
         if etag:
             try:
@@ -389,7 +459,7 @@ def _write_all(fd: int, data: Any, job: FetchJob) -> None:
     view = memoryview(data)
     try:
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError as err:
         raise _local_error(err, job) from err
 
@@ -404,16 +474,22 @@ def _set_etag(fd: int, etag: str) -> None:
 def _local_error(err: OSError, job: FetchJob) -> TorchBayError:
     folder = os.path.dirname(job.target)
     if err.errno in DISK_FULL:
-        return DiskFullError(f"disk full while staging {job.uri} into {folder}; free space there or give the "
-                             "job a bigger volume (nothing was marked staged)")
-    return ChannelError(f"cannot write {job.target} for {job.uri}: {err.strerror}; check the folder and "
-                        "its permissions")
+        return DiskFullError(
+            f"disk full while staging {job.uri} into {folder}; free space there or give the "
+            "job a bigger volume (nothing was marked staged)"
+        )
+    return ChannelError(
+        f"cannot write {job.target} for {job.uri}: {err.strerror}; check the folder and "
+        "its permissions"
+    )
 
 
 def _retryable(err: BaseException) -> bool:
     if isinstance(err, (ShortRead, LeanNetError)):
         return True
-    if isinstance(err, (DiskFullError, UnsafePathError, ObjectMissing, BucketMissing, ChannelError)):
+    if isinstance(
+        err, (DiskFullError, UnsafePathError, ObjectMissing, BucketMissing, ChannelError)
+    ):
         return False
     if isinstance(err, TorchBayError):
         return False

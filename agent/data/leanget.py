@@ -1,15 +1,23 @@
-"""A lean S3 GET: SigV4-signed whole-object GETs over ``http.client``, one keep-alive connection per thread.
+"""A lean S3 GET: SigV4-signed whole-object GETs over ``http.client``, one keep-alive connection per
+thread.
 
-botocore spends about 2 ms of CPU per GET building, signing and parsing each request; for small objects that,
-not the network, bounds a Python stager. This path signs the request itself (the SigV4 signing key is derived
-once per day and region; each request costs one SHA-256 and one HMAC) and reads the body with no response
+botocore spends about 2 ms of CPU per GET building, signing and parsing each request; for small
+objects that,
+not the network, bounds a Python stager. This path signs the request itself (the SigV4 signing key
+is derived
+once per day and region; each request costs one SHA-256 and one HMAC) and reads the body with no
+response
 pipeline, about a tenth of botocore's cost. Everything it needs (endpoint, addressing style, region,
 credentials) is taken from a boto3 client, so it goes where that client would.
 
-It is deliberately narrow: a 200 with a Content-Length is the only answer it handles. Anything else (an
-error status, a redirect, a chunked body) is reported as ``None`` after draining, and the caller uses its
-boto3 path for that object, which retries and translates errors as usual. Connection-level failures raise
-:class:`LeanNetError` (retryable). The caller checks byte counts and digests: see :class:`LeanResponse`.
+It is deliberately narrow: a 200 with a Content-Length is the only answer it handles. Anything else
+(an
+error status, a redirect, a chunked body) is reported as ``None`` after draining, and the caller
+uses its
+boto3 path for that object, which retries and translates errors as usual. Connection-level failures
+raise
+:class:`LeanNetError` (retryable). The caller checks byte counts and digests: see
+:class:`LeanResponse`.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 from agent.errors import StorageError
 
-__all__ = ["LeanGetter", "LeanResponse", "LeanNetError", "BodyCheck", "sign_get"]
+__all__ = ["BodyCheck", "LeanGetter", "LeanNetError", "LeanResponse", "sign_get"]
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
 # Checksums S3 may return that the standard library can recompute: name -> (header, factory).
-_CHECKSUMS = {"crc32": "x-amz-checksum-crc32", "sha1": "x-amz-checksum-sha1", "sha256": "x-amz-checksum-sha256"}
+_CHECKSUMS = {
+    "crc32": "x-amz-checksum-crc32",
+    "sha1": "x-amz-checksum-sha1",
+    "sha256": "x-amz-checksum-sha256",
+}
 _UNHANDLED_CHECKSUMS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme")
 
 
@@ -40,10 +52,11 @@ class LeanNetError(StorageError):
 
 
 class BodyCheck:
-    """The full-object CRC32/SHA-1/SHA-256 S3 returned (``LeanResponse.checksum``), recomputed over the body as
+    """The full-object CRC32/SHA-1/SHA-256 S3 returned (``LeanResponse.checksum``), recomputed over
+    the body as
     it is read; with no checksum it matches anything."""
 
-    def __init__(self, checksum: Optional[tuple[str, bytes]]) -> None:
+    def __init__(self, checksum: tuple[str, bytes] | None) -> None:
         self._name, self._want = checksum if checksum else ("", b"")
         self._crc = 0
         self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
@@ -68,22 +81,34 @@ class BodyCheck:
 
 
 class _Target:
-    __slots__ = ("scheme", "host", "port", "host_header", "base", "region")
+    __slots__ = ("base", "host", "host_header", "port", "region", "scheme")
 
-    def __init__(self, scheme: str, host: str, port: int, host_header: str, base: str, region: str) -> None:
+    def __init__(
+        self, scheme: str, host: str, port: int, host_header: str, base: str, region: str
+    ) -> None:
         self.scheme, self.host, self.port, self.host_header = scheme, host, port, host_header
         self.base, self.region = base, region
 
 
 class LeanResponse:
-    """An open 200 response: ``length`` (Content-Length), ``etag`` (unquoted), ``md5`` (True when the ETag is a
-    plain MD5 of the body), ``checksum`` ((name, expected digest bytes) or None). Read with ``read()`` or
-    ``readinto()``, then ``close()``; a body read to its end leaves the connection open for the next GET."""
+    """An open 200 response: ``length`` (Content-Length), ``etag`` (unquoted), ``md5`` (True when
+    the ETag is a
+    plain MD5 of the body), ``checksum`` ((name, expected digest bytes) or None). Read with
+    ``read()`` or
+    ``readinto()``, then ``close()``; a body read to its end leaves the connection open for the next
+    GET."""
 
-    __slots__ = ("_resp", "_conn", "length", "etag", "md5", "checksum")
+    __slots__ = ("_conn", "_resp", "checksum", "etag", "length", "md5")
 
-    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, length: int,
-                 etag: Optional[str], md5: bool, checksum: Optional[tuple[str, bytes]]) -> None:
+    def __init__(
+        self,
+        resp: http.client.HTTPResponse,
+        conn: http.client.HTTPConnection,
+        length: int,
+        etag: str | None,
+        md5: bool,
+        checksum: tuple[str, bytes] | None,
+    ) -> None:
         self._resp, self._conn = resp, conn
         self.length, self.etag, self.md5, self.checksum = length, etag, md5, checksum
 
@@ -93,7 +118,9 @@ class LeanResponse:
             return self._resp.read()
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise LeanNetError(f"connection ended before all {self.length} bytes came: {type(err).__name__}") from err
+            raise LeanNetError(
+                f"connection ended before all {self.length} bytes came: {type(err).__name__}"
+            ) from err
 
     def readinto(self, buffer: Any) -> int:
         """Up to ``len(buffer)`` bytes into ``buffer``; 0 at the end."""
@@ -110,22 +137,24 @@ class LeanResponse:
 
 
 class LeanGetter:
-    """Signed GETs for one boto3 client's endpoint and credentials. Thread-safe: one connection per thread."""
+    """Signed GETs for one boto3 client's endpoint and credentials. Thread-safe: one connection per
+    thread."""
 
     def __init__(self, credentials: Any, resolve: Any, timeout: float, ssl_context: Any) -> None:
         self._credentials = credentials
         self._resolve = resolve  # bucket -> _Target or None
         self._timeout = timeout
         self._ssl_context = ssl_context
-        self._targets: dict[str, Optional[_Target]] = {}
+        self._targets: dict[str, _Target | None] = {}
         self._keys: dict[tuple[str, str, str], bytes] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._date = (0, "")
 
     @classmethod
-    def from_client(cls, client: Any, timeout: float = 60.0) -> Optional["LeanGetter"]:
-        """A getter that goes where ``client`` goes, or None when that client's setup is not one it handles
+    def from_client(cls, client: Any, timeout: float = 60.0) -> LeanGetter | None:
+        """A getter that goes where ``client`` goes, or None when that client's setup is not one it
+        handles
         (no credentials, a proxy, an unsigned or non-SigV4 client)."""
         credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
         if credentials is None or getattr(client.meta.config, "proxies", None):
@@ -139,13 +168,14 @@ class LeanGetter:
             if context is None:
                 return None
 
-        def resolve(bucket: str) -> Optional[_Target]:
+        def resolve(bucket: str) -> _Target | None:
             return _resolve(client, bucket)
 
         return cls(credentials, resolve, timeout, context)
 
-    def open(self, bucket: str, key: str) -> Optional[LeanResponse]:
-        """GET ``key``: an open 200 response, or None when the answer was anything else (use the boto3 path)."""
+    def open(self, bucket: str, key: str) -> LeanResponse | None:
+        """GET ``key``: an open 200 response, or None when the answer was anything else (use the
+        boto3 path)."""
         target = self._target(bucket)
         if target is None:
             return None
@@ -159,13 +189,16 @@ class LeanGetter:
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
             conn.close()
             if not reused:
-                raise LeanNetError(f"connection to {target.host}:{target.port} dropped: {type(err).__name__}") \
-                    from err
+                raise LeanNetError(
+                    f"connection to {target.host}:{target.port} dropped: {type(err).__name__}"
+                ) from err
             conn._torchbay_used = False  # type: ignore[attr-defined]  # a stale keep-alive: once more, fresh
             return self.open(bucket, key)
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            raise LeanNetError(f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}") from err
+            raise LeanNetError(
+                f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
+            ) from err
         conn._torchbay_used = True  # type: ignore[attr-defined]
         length = resp.getheader("Content-Length")
         if resp.status != 200 or resp.chunked or length is None:
@@ -179,11 +212,16 @@ class LeanGetter:
             return None
         etag = (resp.getheader("ETag") or "").strip('"') or None
         sse = resp.getheader("x-amz-server-side-encryption")
-        md5 = bool(etag) and len(etag) == 32 and "-" not in etag and sse in (None, "AES256") and \
-            resp.getheader("x-amz-server-side-encryption-customer-algorithm") is None
+        md5 = (
+            bool(etag)
+            and len(etag) == 32
+            and "-" not in etag
+            and sse in (None, "AES256")
+            and resp.getheader("x-amz-server-side-encryption-customer-algorithm") is None
+        )
         return LeanResponse(resp, conn, int(length), etag, md5, _checksum(resp))
 
-    def _target(self, bucket: str) -> Optional[_Target]:
+    def _target(self, bucket: str) -> _Target | None:
         try:
             return self._targets[bucket]
         except KeyError:
@@ -199,8 +237,9 @@ class LeanGetter:
         conn = conns.get((target.host, target.port))
         if conn is None:
             if target.scheme == "https":
-                conn = http.client.HTTPSConnection(target.host, target.port, timeout=self._timeout,
-                                                   context=self._ssl_context)
+                conn = http.client.HTTPSConnection(
+                    target.host, target.port, timeout=self._timeout, context=self._ssl_context
+                )
             else:
                 conn = http.client.HTTPConnection(target.host, target.port, timeout=self._timeout)
             conns[(target.host, target.port)] = conn
@@ -211,13 +250,30 @@ class LeanGetter:
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
-        return sign_get(target.host_header, path, target.region, frozen.access_key, frozen.secret_key,
-                        frozen.token, self._date[1], self._keys)
+        return sign_get(
+            target.host_header,
+            path,
+            target.region,
+            frozen.access_key,
+            frozen.secret_key,
+            frozen.token,
+            self._date[1],
+            self._keys,
+        )
 
 
-def sign_get(host: str, path: str, region: str, access_key: str, secret_key: str, token: Optional[str],
-             amz_date: str, key_cache: Optional[dict] = None) -> dict[str, str]:
-    """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty payload."""
+def sign_get(
+    host: str,
+    path: str,
+    region: str,
+    access_key: str,
+    secret_key: str,
+    token: str | None,
+    amz_date: str,
+    key_cache: dict | None = None,
+) -> dict[str, str]:
+    """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty
+    payload."""
     datestamp = amz_date[:8]
     signing_key = key_cache.get((secret_key, datestamp, region)) if key_cache is not None else None
     if signing_key is None:
@@ -228,23 +284,39 @@ def sign_get(host: str, path: str, region: str, access_key: str, secret_key: str
             if len(key_cache) > 16:
                 key_cache.clear()
             key_cache[(secret_key, datestamp, region)] = signing_key
-    headers = {"host": host, "x-amz-checksum-mode": "ENABLED", "x-amz-content-sha256": _EMPTY_SHA256,
-               "x-amz-date": amz_date}
+    headers = {
+        "host": host,
+        "x-amz-checksum-mode": "ENABLED",
+        "x-amz-content-sha256": _EMPTY_SHA256,
+        "x-amz-date": amz_date,
+    }
     if token:
         headers["x-amz-security-token"] = token
     names = sorted(headers)
     signed = ";".join(names)
-    canonical = "GET\n" + path + "\n\n" + "".join(f"{n}:{headers[n]}\n" for n in names) + "\n" + signed + "\n" + \
-        _EMPTY_SHA256
+    canonical = (
+        "GET\n"
+        + path
+        + "\n\n"
+        + "".join(f"{n}:{headers[n]}\n" for n in names)
+        + "\n"
+        + signed
+        + "\n"
+        + _EMPTY_SHA256
+    )
     scope = f"{datestamp}/{region}/s3/aws4_request"
-    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    to_sign = (
+        f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    )
     signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
-                                f"Signature={signature}")
+    headers["Authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
+        f"Signature={signature}"
+    )
     return headers
 
 
-def _checksum(resp: http.client.HTTPResponse) -> Optional[tuple[str, bytes]]:
+def _checksum(resp: http.client.HTTPResponse) -> tuple[str, bytes] | None:
     if (resp.getheader("x-amz-checksum-type") or "FULL_OBJECT").upper() != "FULL_OBJECT":
         return None  # a composite (per-part) checksum says nothing about the whole body
     for name, header in _CHECKSUMS.items():
@@ -257,9 +329,11 @@ def _checksum(resp: http.client.HTTPResponse) -> Optional[tuple[str, bytes]]:
     return None
 
 
-def _resolve(client: Any, bucket: str) -> Optional[_Target]:
-    """Where ``client`` would send a GET in ``bucket`` and the region it would sign for: one GetObject call that
-    is stopped before it is sent (a ``before-send`` hook answers it locally), so endpoint rules, addressing
+def _resolve(client: Any, bucket: str) -> _Target | None:
+    """Where ``client`` would send a GET in ``bucket`` and the region it would sign for: one
+    GetObject call that
+    is stopped before it is sent (a ``before-send`` hook answers it locally), so endpoint rules,
+    addressing
     style and the signing region are botocore's own."""
     from botocore.awsrequest import AWSResponse
 
@@ -278,21 +352,26 @@ def _resolve(client: Any, bucket: str) -> Optional[_Target]:
     client.meta.events.register_first("before-send.s3.GetObject", capture, unique_id=handler_id)
     try:
         client.get_object(Bucket=bucket, Key=probe)
-    except Exception:  # noqa: BLE001 - any trouble here only means: use the boto3 path
+    except Exception:
         return None
     finally:
         client.meta.events.unregister("before-send.s3.GetObject", unique_id=handler_id)
     parts = urllib.parse.urlsplit(seen.get("url", ""))
     path = urllib.parse.unquote(parts.path)
     auth = seen.get("auth", "")
-    if not auth.startswith("AWS4-HMAC-SHA256 Credential=") or not path.endswith("/" + probe) or parts.query or \
-            parts.scheme not in ("http", "https") or not parts.hostname:
+    if (
+        not auth.startswith("AWS4-HMAC-SHA256 Credential=")
+        or not path.endswith("/" + probe)
+        or parts.query
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+    ):
         return None
     scope = auth.split("Credential=", 1)[1].split(",", 1)[0].split("/")
     if len(scope) != 5 or scope[3] != "s3":
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return _Target(parts.scheme, parts.hostname, port, parts.netloc, path[:-len(probe)], scope[2])
+    return _Target(parts.scheme, parts.hostname, port, parts.netloc, path[: -len(probe)], scope[2])
 
 
 class _EmptyRaw:
@@ -309,7 +388,9 @@ def _proxied(endpoint: urllib.parse.SplitResult) -> bool:
     import urllib.request
 
     proxies = urllib.request.getproxies()
-    return bool(proxies.get(endpoint.scheme)) and not urllib.request.proxy_bypass(endpoint.hostname or "")
+    return bool(proxies.get(endpoint.scheme)) and not urllib.request.proxy_bypass(
+        endpoint.hostname or ""
+    )
 
 
 def _ssl_context(client: Any) -> Any:
@@ -327,5 +408,5 @@ def _ssl_context(client: Any) -> Any:
             return context
         cafile = verify if isinstance(verify, str) else get_cert_path(True)
         return ssl.create_default_context(cafile=cafile if isinstance(cafile, str) else None)
-    except Exception:  # noqa: BLE001 - no usable TLS setup: the boto3 path
+    except Exception:
         return None

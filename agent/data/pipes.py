@@ -1,9 +1,14 @@
-"""Pipe mode anywhere: one FIFO ``input/data/<channel>_<epoch>`` per epoch, fed while the script reads it.
+"""Pipe mode anywhere: one FIFO ``input/data/<channel>_<epoch>`` per epoch, fed while the script
+reads it.
 
-Each epoch's FIFO carries the channel's objects back to back in the listing's order (or shuffled with
-``seed + epoch`` when the channel has a shuffle seed), Gzip objects decompressed on the fly. The next
-``prefetch`` objects are fetched in parallel while the FIFO is written strictly in order. The FIFO of
-epoch *k+1* is created once the script has read epoch *k* to its end. All waits poll a stop event, so a
+Each epoch's FIFO carries the channel's objects back to back in the listing's order (or shuffled
+with
+``seed + epoch`` when the channel has a shuffle seed), Gzip objects decompressed on the fly. The
+next
+``prefetch`` objects are fetched in parallel while the FIFO is written strictly in order. The FIFO
+of
+epoch *k+1* is created once the script has read epoch *k* to its end. All waits poll a stop event,
+so a
 script that never opens a FIFO, or stops reading half-way, never keeps the job from finishing.
 """
 
@@ -21,9 +26,9 @@ import termios
 import threading
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 from agent.data.listing import Entry
 from agent.data.reading import ObjectReader
@@ -46,9 +51,19 @@ class _ReaderGone(Exception):
 class PipeFeeder:
     """Feeds one Pipe-mode channel from a background thread; ``stop`` ends it at any point."""
 
-    def __init__(self, name: str, entries: Sequence[Entry], path_for: Callable[[int], Path], *, reader: ObjectReader,
-                 epochs: int, prefetch: int = 4, gzip: bool = False, seed: Optional[int] = None,
-                 log: logging.Logger) -> None:
+    def __init__(
+        self,
+        name: str,
+        entries: Sequence[Entry],
+        path_for: Callable[[int], Path],
+        *,
+        reader: ObjectReader,
+        epochs: int,
+        prefetch: int = 4,
+        gzip: bool = False,
+        seed: int | None = None,
+        log: logging.Logger,
+    ) -> None:
         self.name = name
         self._entries = list(entries)
         self._path_for = path_for
@@ -60,7 +75,7 @@ class PipeFeeder:
         self._log = log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-{name}", daemon=True)
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.epochs_done = 0
 
     def start(self) -> None:
@@ -102,17 +117,27 @@ class PipeFeeder:
         written = 0
         try:
             for data in self._fetch_in_order(self._order(epoch)):
-                for chunk in (_gunzip(data) if self._gzip else (data,)):
+                for chunk in _gunzip(data) if self._gzip else (data,):
                     self._write_all(fd, chunk)
                     written += len(chunk)
             self._wait_drained(fd)
         except _ReaderGone:
-            self._log.info("channel %r: the script closed %s after %d bytes, before its end", self.name, path.name,
-                           written)
+            self._log.info(
+                "channel %r: the script closed %s after %d bytes, before its end",
+                self.name,
+                path.name,
+                written,
+            )
         finally:
             os.close(fd)
-        self._log.info("channel %r: epoch %d: %d objects, %d bytes written to %s", self.name, epoch,
-                       len(self._entries), written, path.name)
+        self._log.info(
+            "channel %r: epoch %d: %d objects, %d bytes written to %s",
+            self.name,
+            epoch,
+            len(self._entries),
+            written,
+            path.name,
+        )
 
     def _fetch_in_order(self, order: Sequence[Entry]) -> Iterator[bytes]:
         with ThreadPoolExecutor(self._prefetch, thread_name_prefix=f"pipe-{self.name}-get") as pool:
@@ -139,7 +164,9 @@ class PipeFeeder:
                 return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
             except OSError as err:
                 if err.errno != errno.ENXIO:  # ENXIO: nobody has opened it for reading yet
-                    raise ChannelError(f"channel {self.name!r}: cannot open FIFO {path}: {err.strerror}") from err
+                    raise ChannelError(
+                        f"channel {self.name!r}: cannot open FIFO {path}: {err.strerror}"
+                    ) from err
             if self._stop.wait(0.05):
                 raise _Stopped()
 
@@ -164,7 +191,8 @@ class PipeFeeder:
             view = view[sent:]
 
     def _wait_drained(self, fd: int) -> None:
-        """Return once the script has read every byte (so the next FIFO appears only after this one's end)."""
+        """Return once the script has read every byte (so the next FIFO appears only after this
+        one's end)."""
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
         buf = bytearray(4)
@@ -186,7 +214,9 @@ def _make_fifo(path: Path) -> None:
         st = None
     if st is not None:
         if not stat.S_ISFIFO(st.st_mode):
-            raise ChannelError(f"{path} exists and is not a FIFO; remove it so Pipe mode can create its FIFO")
+            raise ChannelError(
+                f"{path} exists and is not a FIFO; remove it so Pipe mode can create its FIFO"
+            )
         os.unlink(path)  # a stale FIFO from an earlier run
     path.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(path, 0o600)
@@ -207,7 +237,10 @@ def _gunzip(data: bytes) -> Iterator[bytes]:
         if out:
             yield out
         if not inflater.eof:
-            raise ChannelError("a Gzip object ended in the middle of its data; check CompressionType and the object")
+            raise ChannelError(
+                "a Gzip object ended in the middle of its data; check CompressionType and the "
+                "object"
+            )
         rest = inflater.unused_data
         while rest[:1] == b"\x00":  # padding between members
             rest = rest.lstrip(b"\x00")

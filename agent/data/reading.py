@@ -1,5 +1,7 @@
-"""Reading whole objects into memory, checked: byte count against the listing and Content-Length, MD5 against a
-plain ETag, short reads and dropped connections retried with backoff. Shared by Pipe mode and the dataset."""
+"""Reading whole objects into memory, checked: byte count against the listing and Content-Length,
+MD5 against a
+plain ETag, short reads and dropped connections retried with backoff. Shared by Pipe mode and the
+dataset."""
 
 from __future__ import annotations
 
@@ -7,17 +9,34 @@ import hashlib
 import random
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 from agent.data.leanget import BodyCheck, LeanNetError
 from agent.data.listing import Entry
-from agent.errors import BucketMissing, EndpointUnreachable, ObjectMissing, StorageError, TorchBayError
+from agent.errors import (
+    BucketMissing,
+    EndpointUnreachable,
+    ObjectMissing,
+    StorageError,
+    TorchBayError,
+)
 from agent.storage import parse_uri
 
 __all__ = ["ObjectReader"]
 
-_NO_RETRY_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "403", "404", "NotFound",
-                             "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidObjectState"})
+_NO_RETRY_CODES = frozenset(
+    {
+        "NoSuchKey",
+        "NoSuchBucket",
+        "AccessDenied",
+        "403",
+        "404",
+        "NotFound",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidObjectState",
+    }
+)
 
 
 class _Mismatch(StorageError):
@@ -25,12 +44,22 @@ class _Mismatch(StorageError):
 
 
 class ObjectReader:
-    """``read(entry)`` gives the object's bytes. One boto3 client per reader, made on first use (so a reader
-    can be pickled into DataLoader workers before it is used). With ``lean`` (the default) GETs go through
+    """``read(entry)`` gives the object's bytes. One boto3 client per reader, made on first use (so
+    a reader
+    can be pickled into DataLoader workers before it is used). With ``lean`` (the default) GETs go
+    through
     agent.data.leanget (a fifth of botocore's CPU per GET), boto3 for anything unusual."""
 
-    def __init__(self, *, endpoint_url: Optional[str] = None, attempts: int = 5, backoff: float = 0.5,
-                 verify_md5: bool = True, max_pool_connections: int = 16, lean: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        attempts: int = 5,
+        backoff: float = 0.5,
+        verify_md5: bool = True,
+        max_pool_connections: int = 16,
+        lean: bool = True,
+    ) -> None:
         self._endpoint_url = endpoint_url
         self._attempts = max(1, attempts)
         self._backoff = backoff
@@ -64,8 +93,9 @@ class ObjectReader:
                     self._lean = LeanGetter.from_client(self._client)
             return self._client
 
-    def read(self, entry: Entry, stop: Optional[threading.Event] = None) -> bytes:
-        """The object's bytes; raises ObjectMissing/BucketMissing at once, StorageError after the last attempt."""
+    def read(self, entry: Entry, stop: threading.Event | None = None) -> bytes:
+        """The object's bytes; raises ObjectMissing/BucketMissing at once, StorageError after the
+        last attempt."""
         attempt = 0
         while True:
             attempt += 1
@@ -77,8 +107,14 @@ class ObjectReader:
                 raise
             except Exception as err:
                 response = getattr(err, "response", None)
-                code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-                if code in _NO_RETRY_CODES or isinstance(err, (TypeError, ValueError, AttributeError)):
+                code = (
+                    str(response.get("Error", {}).get("Code", ""))
+                    if isinstance(response, dict)
+                    else ""
+                )
+                if code in _NO_RETRY_CODES or isinstance(
+                    err, (TypeError, ValueError, AttributeError)
+                ):
                     raise self._translate(err, entry) from err
                 last = err
             if attempt >= self._attempts or (stop is not None and stop.is_set()):
@@ -92,8 +128,10 @@ class ObjectReader:
     def _translate(self, err: BaseException, entry: Entry) -> TorchBayError:
         if isinstance(err, LeanNetError):
             where = str(getattr(self._s3().meta, "endpoint_url", "the S3 endpoint"))
-            return EndpointUnreachable(f"cannot reach {where} for {entry.uri} ({err}); check AWS_ENDPOINT_URL and "
-                                       "that the server is up")
+            return EndpointUnreachable(
+                f"cannot reach {where} for {entry.uri} ({err}); check AWS_ENDPOINT_URL and "
+                "that the server is up"
+            )
         if isinstance(err, TorchBayError):
             return err
         if entry.uri.startswith("s3://"):
@@ -101,11 +139,13 @@ class ObjectReader:
 
             where = str(getattr(self._s3().meta, "endpoint_url", "the S3 endpoint"))
             return translate_s3_error(err, entry.uri, where)  # type: ignore[arg-type]
-        return StorageError(f"reading {entry.uri} failed: {type(err).__name__}: {err}; check the source")
+        return StorageError(
+            f"reading {entry.uri} failed: {type(err).__name__}: {err}; check the source"
+        )
 
     def _read_once(self, entry: Entry) -> bytes:
         loc = parse_uri(entry.uri)
-        etag: Optional[str] = None
+        etag: str | None = None
         plain = False
         if loc.scheme == "s3":
             client = self._s3()
@@ -116,8 +156,13 @@ class ObjectReader:
             resp = client.get_object(Bucket=loc.bucket, Key=loc.key)
             length = int(resp["ContentLength"])
             etag = (resp.get("ETag") or "").strip('"') or None
-            plain = bool(etag) and "-" not in etag and len(etag) == 32 and \
-                resp.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in resp
+            plain = (
+                bool(etag)
+                and "-" not in etag
+                and len(etag) == 32
+                and resp.get("ServerSideEncryption") in (None, "AES256")
+                and "SSECustomerAlgorithm" not in resp
+            )
             body = resp["Body"]
             try:
                 data = body.read()
@@ -130,7 +175,9 @@ class ObjectReader:
             except FileNotFoundError as err:
                 raise ObjectMissing(f"{entry.uri} does not exist; check the path") from err
             except IsADirectoryError as err:
-                raise BucketMissing(f"{entry.uri} is a folder, not an object; check the key") from err
+                raise BucketMissing(
+                    f"{entry.uri} is a folder, not an object; check the key"
+                ) from err
             length = len(data)
         if entry.size is not None and length != entry.size:
             raise _Mismatch(f"{entry.uri} is {length} bytes but the listing said {entry.size}")
@@ -143,7 +190,9 @@ class ObjectReader:
     def _check_lean(self, entry: Entry, resp: Any) -> bytes:
         try:
             if entry.size is not None and resp.length != entry.size:
-                raise _Mismatch(f"{entry.uri} is {resp.length} bytes but the listing said {entry.size}")
+                raise _Mismatch(
+                    f"{entry.uri} is {resp.length} bytes but the listing said {entry.size}"
+                )
             data = resp.read()
         finally:
             resp.close()
@@ -153,6 +202,11 @@ class ObjectReader:
         check.update(data)
         if not check.matches():
             raise _Mismatch(f"checksum mismatch: {entry.uri} {check.mismatch()}")
-        if resp.checksum is None and resp.md5 and self._verify_md5 and hashlib.md5(data).hexdigest() != resp.etag:
+        if (
+            resp.checksum is None
+            and resp.md5
+            and self._verify_md5
+            and hashlib.md5(data).hexdigest() != resp.etag
+        ):
             raise _Mismatch(f"checksum mismatch: {entry.uri} does not match its ETag {resp.etag}")
         return data

@@ -1,18 +1,29 @@
 """File mode: download a channel's objects into its folder, in parallel, verified and resumable.
 
-Every object goes to ``<name>.part`` and is renamed into place only once its byte count and a digest are
-right, so a crash never leaves a truncated file under its real name. A rerun skips files that are already
-complete (same size, and the same ETag recorded in the ``user.torchbay.etag`` extended attribute when the
-filesystem has them). Short reads, spoiled bodies and transient errors are retried with backoff; a full disk
-raises DiskFullError naming the folder; a key that would escape the folder raises UnsafePathError before
+Every object goes to ``<name>.part`` and is renamed into place only once its byte count and a digest
+are
+right, so a crash never leaves a truncated file under its real name. A rerun skips files that are
+already
+complete (same size, and the same ETag recorded in the ``user.torchbay.etag`` extended attribute
+when the
+filesystem has them). Short reads, spoiled bodies and transient errors are retried with backoff; a
+full disk
+raises DiskFullError naming the folder; a key that would escape the folder raises UnsafePathError
+before
 anything is written.
 
-Whole-object GETs take the lean path (agent.data.leanget: signed here, read over http.client, ~0.2 ms of CPU
-per GET against botocore's ~1-2 ms), boto3 for anything unusual. The digest is the full-object CRC32/SHA S3
-returns when it returns one (CRC32 costs a tenth of MD5), else the MD5 a plain ETag is; the boto3 path checks
-the MD5 and botocore the CRC. Large objects (``large_size``) are fetched at most ``large_streams`` at a time,
-read 1 MiB at a time into a reused buffer; objects at or above ``range_threshold`` in parallel ranges. Worker
-processes (each with its own client) are used for lists of more than ``2 * objects_per_process`` objects.
+Whole-object GETs take the lean path (agent.data.leanget: signed here, read over http.client, ~0.2
+ms of CPU
+per GET against botocore's ~1-2 ms), boto3 for anything unusual. The digest is the full-object
+CRC32/SHA S3
+returns when it returns one (CRC32 costs a tenth of MD5), else the MD5 a plain ETag is; the boto3
+path checks
+the MD5 and botocore the CRC. Large objects (``large_size``) are fetched at most ``large_streams``
+at a time,
+read 1 MiB at a time into a reused buffer; objects at or above ``range_threshold`` in parallel
+ranges. Worker
+processes (each with its own client) are used for lists of more than ``2 * objects_per_process``
+objects.
 """
 
 from __future__ import annotations
@@ -20,9 +31,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from agent.data.fetch import DISK_FULL, ETAG_XATTR, Counters, FetchJob, run_in_process
 from agent.data.listing import Entry
@@ -36,28 +48,42 @@ __all__ = ["StageOptions", "StageResult", "stage"]
 
 @dataclass(frozen=True)
 class StageOptions:
-    """How to stage: threads per process, worker processes (0 = pick from the list), ranged GETs for objects
-    of ``range_threshold`` bytes or more in ``range_size`` parts, attempts per object, progress interval."""
+    """How to stage: threads per process, worker processes (0 = pick from the list), ranged GETs for
+    objects
+    of ``range_threshold`` bytes or more in ``range_size`` parts, attempts per object, progress
+    interval."""
 
     threads: int = 16
     processes: int = 0
-    range_threshold: int = 1024 ** 3
-    range_size: int = 64 * 1024 ** 2
+    range_threshold: int = 1024**3
+    range_size: int = 64 * 1024**2
     attempts: int = 5
     progress_interval: float = 5.0
     verify_md5: bool = True
-    endpoint_url: Optional[str] = None
+    endpoint_url: str | None = None
     backoff: float = 0.5
-    lean: bool = True  # signed GETs over http.client (agent.data.leanget), boto3 for anything unusual
-    read_size: int = 1024 ** 2  # bytes per read of a large body into a reused buffer (1 MiB beat 4 and 16 MiB)
-    md5_max_size: int = 1024 ** 3  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
-    large_size: int = 16 * 1024 ** 2  # objects this big or bigger ...
+    lean: bool = (
+        True  # signed GETs over http.client (agent.data.leanget), boto3 for anything unusual
+    )
+    read_size: int = (
+        1024**2
+    )  # bytes per read of a large body into a reused buffer (1 MiB beat 4 and 16 MiB)
+    md5_max_size: int = (
+        1024**3
+    )  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
+    large_size: int = 16 * 1024**2  # objects this big or bigger ...
     large_streams: int = 1  # ... are fetched at most this many at a time per process
-    objects_per_process: int = 4000  # processes=0: a worker process per this many objects (up to one per core)
-    child_env: Optional[Mapping[str, str]] = None  # worker processes' environment (None: this process's)
+    objects_per_process: int = (
+        4000  # processes=0: a worker process per this many objects (up to one per core)
+    )
+    child_env: Mapping[str, str] | None = (
+        None  # worker processes' environment (None: this process's)
+    )
 
     @classmethod
-    def from_settings(cls, settings: Any, child_env: Optional[Mapping[str, str]] = None) -> "StageOptions":
+    def from_settings(
+        cls, settings: Any, child_env: Mapping[str, str] | None = None
+    ) -> StageOptions:
         return cls(
             child_env=dict(child_env) if child_env else None,
             threads=settings.data_threads,
@@ -89,13 +115,23 @@ class StageResult:
     processes: int = 1
 
 
-def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = StageOptions(),
-          log: logging.Logger, channel: str = "?", client: Any = None) -> StageResult:
-    """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all are in place.
+def stage(
+    entries: Sequence[Entry],
+    dest: Path,
+    *,
+    options: StageOptions = StageOptions(),
+    log: logging.Logger,
+    channel: str = "?",
+    client: Any = None,
+) -> StageResult:
+    """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all
+    are in place.
 
-    ``client``: the S3 client that listed the channel, shared by this process's threads (None: one is made).
+    ``client``: the S3 client that listed the channel, shared by this process's threads (None: one
+    is made).
 
-    Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for one path),
+    Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for
+    one path),
     DiskFullError, or StorageError once retries are spent. Never returns with a file missing.
     """
     start = time.monotonic()
@@ -105,20 +141,32 @@ def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = Stage
     todo = [job for job in jobs if not _complete(job)]
     skipped = len(jobs) - len(todo)
     todo_set = set(todo)
-    skipped_bytes = sum(os.path.getsize(job.target) for job in jobs if job not in todo_set) if skipped else 0
+    skipped_bytes = (
+        sum(os.path.getsize(job.target) for job in jobs if job not in todo_set) if skipped else 0
+    )
     known = [job.size for job in jobs]
     total_bytes = sum(size for size in known if size is not None) if None not in known else None
     for job in jobs:
         if job not in todo_set and skipped:
             try:
-                os.unlink(job.target + ".part")  # left by a crash after the file itself was complete
+                os.unlink(
+                    job.target + ".part"
+                )  # left by a crash after the file itself was complete
             except FileNotFoundError:
                 pass
     if skipped:
-        log.info("channel %r: %d of %d files already complete in %s; fetching the other %d",
-                 channel, skipped, len(jobs), dest, len(todo))
+        log.info(
+            "channel %r: %d of %d files already complete in %s; fetching the other %d",
+            channel,
+            skipped,
+            len(jobs),
+            dest,
+            len(todo),
+        )
     processes = _pick_processes(todo, options)
-    progress = Progress(channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log)
+    progress = Progress(
+        channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log
+    )
     if todo:
         if processes > 1:
             run_processes(todo, options, processes, progress)
@@ -127,23 +175,41 @@ def stage(entries: Sequence[Entry], dest: Path, *, options: StageOptions = Stage
             run_in_process(todo, options, counters, progress.tick, client=client)
     fetched_bytes = sum(os.path.getsize(job.target) for job in todo)
     seconds = time.monotonic() - start
-    result = StageResult(len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes)
-    rate = fetched_bytes / seconds / 2 ** 20 if seconds > 0 else 0.0
-    log.info("channel %r: staged %d files (%s) into %s in %.1f s: fetched %d (%.1f MiB/s, %.0f files/s, "
-             "%d process(es)), skipped %d already complete", channel, result.files, mib(result.bytes), dest,
-             seconds, len(todo), rate, len(todo) / seconds if seconds > 0 else 0.0, processes, skipped)
+    result = StageResult(
+        len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes
+    )
+    rate = fetched_bytes / seconds / 2**20 if seconds > 0 else 0.0
+    log.info(
+        "channel %r: staged %d files (%s) into %s in %.1f s: fetched %d (%.1f MiB/s, %.0f files/s, "
+        "%d process(es)), skipped %d already complete",
+        channel,
+        result.files,
+        mib(result.bytes),
+        dest,
+        seconds,
+        len(todo),
+        rate,
+        len(todo) / seconds if seconds > 0 else 0.0,
+        processes,
+        skipped,
+    )
     return result
 
 
 # --- planning ------------------------------------------------------------------------------------
+
 
 def _make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         if err.errno in DISK_FULL:
-            raise DiskFullError(f"disk full creating {path}; free space there or use a bigger volume") from err
-        raise ChannelError(f"cannot create {path}: {err.strerror}; check the path and permissions") from err
+            raise DiskFullError(
+                f"disk full creating {path}; free space there or use a bigger volume"
+            ) from err
+        raise ChannelError(
+            f"cannot create {path}: {err.strerror}; check the path and permissions"
+        ) from err
 
 
 def _plan(entries: Sequence[Entry], dest: Path, channel: str) -> list[FetchJob]:
@@ -153,16 +219,20 @@ def _plan(entries: Sequence[Entry], dest: Path, channel: str) -> list[FetchJob]:
         target = safe_join(dest, entry.relative, what=f"channel {channel!r}: object key")
         text = str(target)
         if text in owner:
-            raise ChannelError(f"channel {channel!r}: {owner[text]} and {entry.uri} both map to {text}; "
-                               "rename one of the objects")
+            raise ChannelError(
+                f"channel {channel!r}: {owner[text]} and {entry.uri} both map to {text}; "
+                "rename one of the objects"
+            )
         owner[text] = entry.uri
         jobs.append(FetchJob(entry.uri, text, entry.size, entry.etag))
     for text, uri in owner.items():
         parent = os.path.dirname(text)
         while len(parent) > len(str(dest)):
             if parent in owner:
-                raise ChannelError(f"channel {channel!r}: {owner[parent]} is a file but {uri} needs it as a "
-                                   "folder; rename one of the objects")
+                raise ChannelError(
+                    f"channel {channel!r}: {owner[parent]} is a file but {uri} needs it as a "
+                    "folder; rename one of the objects"
+                )
             parent = os.path.dirname(parent)
     return jobs
 
@@ -189,7 +259,9 @@ def _pick_processes(jobs: Sequence[FetchJob], options: StageOptions) -> int:
     if len(jobs) < 2 * per_process:
         return 1  # a worker's start-up (~0.35 s of CPU: Python, botocore) would cost more than it saves
     sizes = [job.size for job in jobs if job.size is not None]
-    if sizes and sum(sizes) / len(sizes) > 4 * 1024 ** 2:
+    if sizes and sum(sizes) / len(sizes) > 4 * 1024**2:
         return 1  # large objects are bound by the network and the disk, not by Python
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(cpus, 4, len(jobs) // per_process))

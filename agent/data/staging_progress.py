@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
 
 __all__ = ["Progress", "mib"]
 
 
 def mib(n: int) -> str:
     """``n`` bytes in MiB, one decimal."""
-    return f"{n / 2 ** 20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 class Progress:
     """One log line every ``interval`` seconds: files, bytes, rate, ETA."""
 
-    def __init__(self, channel: str, total_files: int, total_bytes: Optional[int], done_files: int,
-                 done_bytes: int, interval: float, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        channel: str,
+        total_files: int,
+        total_bytes: int | None,
+        done_files: int,
+        done_bytes: int,
+        interval: float,
+        log: logging.Logger,
+    ) -> None:
         self._channel = channel
         self._total_files = total_files
         self._total_bytes = total_bytes
@@ -30,7 +37,8 @@ class Progress:
         self._next = self._start + interval
 
     def tick(self, files: int, nbytes: int, force: bool = False) -> None:
-        """Log the counts so far (``files``, ``nbytes`` fetched by this call) if the interval has passed."""
+        """Log the counts so far (``files``, ``nbytes`` fetched by this call) if the interval has
+        passed."""
         now = time.monotonic()
         if not force and now < self._next:
             return
@@ -46,5 +54,13 @@ class Progress:
             eta = (self._total_files - done_files) * per_file
             of_bytes = mib(done_bytes)
         eta_text = f"{eta:.0f} s" if eta != float("inf") else "unknown"
-        self._log.info("channel %r: %d/%d files, %s, %.1f MiB/s, %.0f files/s, ETA %s", self._channel,
-                       done_files, self._total_files, of_bytes, rate / 2 ** 20, files / elapsed, eta_text)
+        self._log.info(
+            "channel %r: %d/%d files, %s, %.1f MiB/s, %.0f files/s, ETA %s",
+            self._channel,
+            done_files,
+            self._total_files,
+            of_bytes,
+            rate / 2**20,
+            files / elapsed,
+            eta_text,
+        )

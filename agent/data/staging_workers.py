@@ -1,7 +1,8 @@
 """Staging worker processes, for lists too long for one process's Python to keep up with.
 
 Workers are plain `python -c ...` children (not multiprocessing, which would re-import the
-agent's __main__): the job list goes in on stdin as JSON, progress and the outcome come back as JSON lines.
+agent's __main__): the job list goes in on stdin as JSON, progress and the outcome come back as JSON
+lines.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import os
 import queue as queue_mod
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import agent.errors as errors_mod
 from agent.data.fetch import Counters, FetchJob, ShortRead, run_in_process
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["run_processes", "worker_main"]
 
 
-def run_processes(jobs: Sequence[FetchJob], options: StageOptions, processes: int, progress: Progress) -> None:
+def run_processes(
+    jobs: Sequence[FetchJob], options: StageOptions, processes: int, progress: Progress
+) -> None:
     """Fetch ``jobs`` in ``processes`` worker processes; raises the first error a worker reports."""
     import json
     import signal
@@ -35,11 +39,17 @@ def run_processes(jobs: Sequence[FetchJob], options: StageOptions, processes: in
     ordered = sorted(jobs, key=lambda job: -(job.size or 0))
     threads = max(4, options.threads // processes)
     worker_options = {**options.__dict__, "threads": threads, "processes": 1, "child_env": None}
-    env = dict(options.child_env, PYTHONUNBUFFERED="1") if options.child_env else None  # None: inherit ours
+    env = (
+        dict(options.child_env, PYTHONUNBUFFERED="1") if options.child_env else None
+    )  # None: inherit ours
     package_root = str(Path(__file__).resolve().parents[2])
-    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_root!r}); "
-            "from agent.data.staging_workers import worker_main; sys.exit(worker_main())"]
-    messages: "queue_mod.Queue[tuple]" = queue_mod.Queue()
+    argv = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {package_root!r}); "
+        "from agent.data.staging_workers import worker_main; sys.exit(worker_main())",
+    ]
+    messages: queue_mod.Queue[tuple] = queue_mod.Queue()
     children: list[subprocess.Popen] = []
 
     def pump(index: int, child: subprocess.Popen) -> None:
@@ -53,11 +63,15 @@ def run_processes(jobs: Sequence[FetchJob], options: StageOptions, processes: in
 
     try:
         for index in range(processes):
-            child = subprocess.Popen(argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, start_new_session=True)
+            child = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+            )
             children.append(child)
-            payload = {"index": index, "options": worker_options,
-                       "jobs": [job.__dict__ for job in ordered[index::processes]]}
+            payload = {
+                "index": index,
+                "options": worker_options,
+                "jobs": [job.__dict__ for job in ordered[index::processes]],
+            }
             assert child.stdin is not None
             child.stdin.write(json.dumps(payload).encode())
             child.stdin.close()
@@ -83,8 +97,10 @@ def run_processes(jobs: Sequence[FetchJob], options: StageOptions, processes: in
                 raise cls(str(message.get("message")))
             elif kind == "eof" and index not in finished:
                 code = children[index].wait()
-                raise StorageError(f"staging worker {index} exited with code {code} before finishing; "
-                                   "see its output above")
+                raise StorageError(
+                    f"staging worker {index} exited with code {code} before finishing; "
+                    "see its output above"
+                )
             progress.tick(sum(files), sum(nbytes))
     finally:
         for child in children:
@@ -105,7 +121,7 @@ def worker_main() -> int:
     import json
     import sys
 
-    from agent.data.staging import StageOptions  # noqa: F811 (at run time; staging imports this module)
+    from agent.data.staging import StageOptions
 
     spec = json.loads(sys.stdin.buffer.read())
     index = spec["index"]
@@ -134,8 +150,13 @@ def worker_main() -> int:
         emit({"kind": "error", "error": name, "message": str(err)})
         return 1
     except Exception as err:  # top level of a worker process: report it; the parent raises
-        emit({"kind": "error", "error": "StorageError",
-              "message": f"staging worker {index} failed: {type(err).__name__}: {err}"})
+        emit(
+            {
+                "kind": "error",
+                "error": "StorageError",
+                "message": f"staging worker {index} failed: {type(err).__name__}: {err}",
+            }
+        )
         return 1
     emit({"kind": "done", "files": counters.files, "bytes": counters.bytes})
     return 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from agent.distributed.cluster import Cluster, discover, expand_nodelist
 from agent.distributed.exchange import Exchange
@@ -22,24 +23,43 @@ from agent.distributed.launch import LaunchPlan, build_plan, plan_launch, uses_t
 from agent.distributed.readiness import wait_until_ready
 from agent.job import Job
 
-__all__ = ["Cluster", "LaunchPlan", "discover", "expand_nodelist", "plan_launch", "build_plan",
-           "wait_for_hosts", "first_failure", "start_exchange", "Exchange", "peer_reason"]
+__all__ = [
+    "Cluster",
+    "Exchange",
+    "LaunchPlan",
+    "build_plan",
+    "discover",
+    "expand_nodelist",
+    "first_failure",
+    "peer_reason",
+    "plan_launch",
+    "start_exchange",
+    "wait_for_hosts",
+]
 
 
-def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Optional[Exchange]:
-    """Start this host's side of the identity exchange (a multi-host, non-elastic job with the exchange
+def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Exchange | None:
+    """Start this host's side of the identity exchange (a multi-host, non-elastic job with the
+    exchange
     on); a peer's failure requests ``stop``. None when there is nothing to exchange."""
     cluster = job.cluster or discover(job)
     if not cluster.multi_host or cluster.elastic or not job.settings.exchange_port:
         return None
-    return Exchange(cluster, job_name=job.name, port=job.settings.exchange_port,
-                    timeout=job.settings.host_wait_timeout, log=log,
-                    on_peer_failure=lambda text: stop.request(signal.SIGTERM)).start()
+    return Exchange(
+        cluster,
+        job_name=job.name,
+        port=job.settings.exchange_port,
+        timeout=job.settings.host_wait_timeout,
+        log=log,
+        on_peer_failure=lambda text: stop.request(signal.SIGTERM),
+    ).start()
 
 
-def peer_reason(exchange: Optional[Exchange], host: str, exit_code: Optional[int],
-                reason: Optional[str]) -> Optional[str]:
-    """The failure reason of a host that a peer's failure stopped: the peer's first, then this host's own
+def peer_reason(
+    exchange: Exchange | None, host: str, exit_code: int | None, reason: str | None
+) -> str | None:
+    """The failure reason of a host that a peer's failure stopped: the peer's first, then this
+    host's own
     (left out when it only says that this host was stopped)."""
     if exchange is None or not exchange.peer_failure:
         return reason
@@ -50,10 +70,18 @@ def peer_reason(exchange: Optional[Exchange], host: str, exit_code: Optional[int
     return text
 
 
-def wait_for_hosts(job: Job, *, log: logging.Logger, cluster: Cluster | None = None,
-                   exchange: Optional[Exchange] = None, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Wait until every host has reported to the master (``exchange``) and make every host name resolve;
-    without an exchange, until every host resolves and, on workers of a one-process-per-host job, the
+def wait_for_hosts(
+    job: Job,
+    *,
+    log: logging.Logger,
+    cluster: Cluster | None = None,
+    exchange: Exchange | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Wait until every host has reported to the master (``exchange``) and make every host name
+    resolve;
+    without an exchange, until every host resolves and, on workers of a one-process-per-host job,
+    the
     master accepts connections.
 
     Under torch.distributed.run a worker does not wait for the master's port here: torchrun's own
@@ -71,16 +99,36 @@ def wait_for_hosts(job: Job, *, log: logging.Logger, cluster: Cluster | None = N
         table = exchange.wait_table(should_stop)
         if not table:
             return  # stopped: the caller's stop check says why
-        log.info("hosts ready after %.2f s: %s (node %d of %d, master %s:%d, names from %s, interface %s from %s)",
-                 time.monotonic() - started, ", ".join(f"{h}={table.get(h, '?')}" for h in cluster.hosts),
-                 cluster.node_rank, cluster.nnodes, cluster.master_addr, cluster.master_port, cluster.names_from,
-                 cluster.interface or "-", cluster.interface_source or "-")
-        ensure_resolvable(cluster.hosts, table, job=job.name, hosts_file=Path(job.settings.hosts_file), log=log)
+        log.info(
+            "hosts ready after %.2f s: %s (node %d of %d, master %s:%d, names from %s, interface %s "
+            ""
+            ""
+            "from %s)",
+            time.monotonic() - started,
+            ", ".join(f"{h}={table.get(h, '?')}" for h in cluster.hosts),
+            cluster.node_rank,
+            cluster.nnodes,
+            cluster.master_addr,
+            cluster.master_port,
+            cluster.names_from,
+            cluster.interface or "-",
+            cluster.interface_source or "-",
+        )
+        ensure_resolvable(
+            cluster.hosts, table, job=job.name, hosts_file=Path(job.settings.hosts_file), log=log
+        )
         return
     master = None
     if not cluster.is_master and not uses_torchrun(job, cluster):
         master = (cluster.master_addr, cluster.master_port)
-    hosts = (cluster.master_addr,) if cluster.elastic else cluster.hosts  # elastic: pods come and go
+    hosts = (
+        (cluster.master_addr,) if cluster.elastic else cluster.hosts
+    )  # elastic: pods come and go
     waited = wait_until_ready(hosts, master=master, timeout=job.settings.host_wait_timeout, log=log)
-    log.info("hosts ready after %.2f s: %s (master %s:%d)", waited, ", ".join(cluster.hosts),
-             cluster.master_addr, cluster.master_port)
+    log.info(
+        "hosts ready after %.2f s: %s (master %s:%d)",
+        waited,
+        ", ".join(cluster.hosts),
+        cluster.master_addr,
+        cluster.master_port,
+    )

@@ -1,7 +1,9 @@
-"""Host discovery: which hosts take part in the job, which one this is, and where the master listens.
+"""Host discovery: which hosts take part in the job, which one this is, and where the master
+listens.
 
 Sources, in this order (the first that applies wins). Every source yields the whole host list in
-node-rank order (``hosts[0]`` is the master) and this host's place in it, so every host of a job gets
+node-rank order (``hosts[0]`` is the master) and this host's place in it, so every host of a job
+gets
 a distinct ``current_host`` and the same ``hosts``:
 
 1. SageMaker (``job.on_sagemaker``): ``resourceconfig.json`` as parsed into ``job.resource``.
@@ -9,9 +11,11 @@ a distinct ``current_host`` and the same ``hosts``:
    (``PET_NNODES`` may be ``min:max``), else ``PET_NNODES`` with ``PET_NODE_RANK`` (or ``RANK``) and
    ``MASTER_ADDR``/``MASTER_PORT``. Names: the training operator's service names
    ``<job>-master-0``, ``<job>-worker-<i>`` (derived from ``MASTER_ADDR``, or from the elastic
-   endpoint ``<job>-worker-0`` and this pod's ``HOSTNAME``); ``algo-1..N`` when they cannot be derived.
+   endpoint ``<job>-worker-0`` and this pod's ``HOSTNAME``); ``algo-1..N`` when they cannot be
+   derived.
 3. Slurm: ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``, ranges like ``node[01-04,07]``) with
-   ``SLURM_NODEID``; the port is ``15000 + last 4 digits of SLURM_JOB_ID`` unless ``MASTER_PORT`` is set.
+   ``SLURM_NODEID``; the port is ``15000 + last 4 digits of SLURM_JOB_ID`` unless ``MASTER_PORT`` is
+   set.
    Names: Slurm's node names.
 4. torchrun-style variables for plain ``docker run``: ``MASTER_ADDR`` with ``NNODES``/``NODE_RANK``
    or ``WORLD_SIZE``/``RANK`` (one agent per host). Names: ``algo-1..N`` by node rank (made
@@ -28,14 +32,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Optional
 
 from agent.errors import ConfigError
 from agent.job import Job
 
-__all__ = ["Cluster", "discover", "expand_nodelist", "count_gpus", "SAGEMAKER_MASTER_PORT", "TORCHRUN_MASTER_PORT"]
+__all__ = [
+    "SAGEMAKER_MASTER_PORT",
+    "TORCHRUN_MASTER_PORT",
+    "Cluster",
+    "count_gpus",
+    "discover",
+    "expand_nodelist",
+]
 
 SAGEMAKER_MASTER_PORT = 7777  # what the SageMaker PyTorch toolkit uses
 TORCHRUN_MASTER_PORT = 29500  # torchrun's default
@@ -63,15 +74,17 @@ class Cluster:
     elastic: bool = False
     nnodes_spec: str = ""  # "2" or "1:4" (elastic)
     rdzv_backend: str = "static"
-    rdzv_endpoint: Optional[str] = None
-    rdzv_id: Optional[str] = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
     rdzv_conf: str = ""
-    max_restarts: Optional[int] = None
+    max_restarts: int | None = None
     nproc_source: str = "default"
     extra: Mapping[str, str] = field(default_factory=dict)
-    num_gpus: int = 0  # GPUs visible on this host (the one counter: SM_NUM_GPUS, processes per host)
+    num_gpus: int = (
+        0  # GPUs visible on this host (the one counter: SM_NUM_GPUS, processes per host)
+    )
     names_from: str = ""  # where the host names come from, for the log and the README
-    interface: Optional[str] = None  # NCCL/Gloo sockets' interface (agent.distributed.identity)
+    interface: str | None = None  # NCCL/Gloo sockets' interface (agent.distributed.identity)
     interface_source: str = ""
 
     @property
@@ -113,7 +126,7 @@ def _expand_one(item: str) -> list[str]:
         if "[" in item or "]" in item:
             raise ValueError(f"bad brackets in {item!r}")
         return [item]
-    prefix, suffix = item[: match.start()], item[match.end():]
+    prefix, suffix = item[: match.start()], item[match.end() :]
     names: list[str] = []
     for part in match.group(1).split(","):
         part = part.strip()
@@ -140,10 +153,14 @@ def expand_nodelist(nodelist: str) -> list[str]:
     try:
         hosts = [host for item in _split_top(nodelist) for host in _expand_one(item)]
     except ValueError as err:
-        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm host list: {err}; "
-                          "expected names such as node[01-04,07]") from err
+        raise ConfigError(
+            f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm host list: {err}; "
+            "expected names such as node[01-04,07]"
+        ) from err
     if not hosts:
-        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} names no hosts; run inside a Slurm allocation")
+        raise ConfigError(
+            f"SLURM_JOB_NODELIST={nodelist!r} names no hosts; run inside a Slurm allocation"
+        )
     return hosts
 
 
@@ -164,7 +181,7 @@ def count_gpus(env: Mapping[str, str], dev_root: Path = Path("/dev")) -> int:
     return min(items, physical) if physical else items
 
 
-def _int(env: Mapping[str, str], name: str, value: Optional[str] = None) -> int:
+def _int(env: Mapping[str, str], name: str, value: str | None = None) -> int:
     raw = env.get(name) if value is None else value
     try:
         return int(str(raw).strip())
@@ -185,23 +202,42 @@ def _check_rank(source: str, rank: int, nnodes: int, rank_var: str) -> None:
     if nnodes < 1:
         raise ConfigError(f"{source}: the number of hosts is {nnodes}; it must be 1 or more")
     if not 0 <= rank < nnodes:
-        raise ConfigError(f"{source}: {rank_var}={rank} is outside 0..{nnodes - 1} for {nnodes} hosts; "
-                          "check the orchestrator's variables")
+        raise ConfigError(
+            f"{source}: {rank_var}={rank} is outside 0..{nnodes - 1} for {nnodes} hosts; "
+            "check the orchestrator's variables"
+        )
 
 
 def _from_resource(job: Job, source: str, port: int) -> Cluster:
     resource = job.resource
     if resource.current_host not in resource.hosts:
-        raise ConfigError(f"current host {resource.current_host!r} is not among the hosts {list(resource.hosts)}; "
-                          "fix resourceconfig.json or the job spec's ResourceConfig")
-    names_from = ("resourceconfig.json" if source == "sagemaker" else
-                  "TORCHBAY_HOSTS" if job.settings.hosts else "algo-N (the spec's InstanceCount)")
-    return Cluster(source=source, hosts=tuple(resource.hosts), node_rank=resource.host_index,
-                   nnodes=resource.host_count, master_addr=resource.hosts[0],
-                   master_port=port, current_host=resource.current_host, names_from=names_from)
+        raise ConfigError(
+            f"current host {resource.current_host!r} is not among the hosts {list(resource.hosts)}; "
+            ""
+            ""
+            ""
+            "fix resourceconfig.json or the job spec's ResourceConfig"
+        )
+    names_from = (
+        "resourceconfig.json"
+        if source == "sagemaker"
+        else "TORCHBAY_HOSTS"
+        if job.settings.hosts
+        else "algo-N (the spec's InstanceCount)"
+    )
+    return Cluster(
+        source=source,
+        hosts=tuple(resource.hosts),
+        node_rank=resource.host_index,
+        nnodes=resource.host_count,
+        master_addr=resource.hosts[0],
+        master_port=port,
+        current_host=resource.current_host,
+        names_from=names_from,
+    )
 
 
-def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
+def _kubeflow(env: Mapping[str, str], job: Job, port_override: int | None) -> Cluster | None:
     nnodes_text = env.get("PET_NNODES", "").strip()
     if env.get("PET_RDZV_ENDPOINT"):
         endpoint = env["PET_RDZV_ENDPOINT"].strip()
@@ -211,13 +247,26 @@ def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) ->
         max_nodes = _int(env, "PET_NNODES", parts[-1])
         _int(env, "PET_NNODES", parts[0])
         restarts = env.get("PET_MAX_RESTARTS")
-        hosts, current, rank, names_from = _elastic_names(host, env.get("HOSTNAME", ""), max_nodes, job)
-        return Cluster(source="kubeflow-elastic", hosts=hosts, node_rank=rank, nnodes=max_nodes,
-                       master_addr=host, master_port=port_override or _port(env, "MASTER_PORT", KUBEFLOW_MASTER_PORT),
-                       current_host=current, elastic=True, nnodes_spec=low_high,
-                       rdzv_backend=env.get("PET_RDZV_BACKEND", "c10d") or "c10d", rdzv_endpoint=endpoint,
-                       rdzv_id=env.get("PET_RDZV_ID") or job.name, rdzv_conf=env.get("PET_RDZV_CONF", ""),
-                       max_restarts=_int(env, "PET_MAX_RESTARTS") if restarts else None, names_from=names_from)
+        hosts, current, rank, names_from = _elastic_names(
+            host, env.get("HOSTNAME", ""), max_nodes, job
+        )
+        return Cluster(
+            source="kubeflow-elastic",
+            hosts=hosts,
+            node_rank=rank,
+            nnodes=max_nodes,
+            master_addr=host,
+            master_port=port_override or _port(env, "MASTER_PORT", KUBEFLOW_MASTER_PORT),
+            current_host=current,
+            elastic=True,
+            nnodes_spec=low_high,
+            rdzv_backend=env.get("PET_RDZV_BACKEND", "c10d") or "c10d",
+            rdzv_endpoint=endpoint,
+            rdzv_id=env.get("PET_RDZV_ID") or job.name,
+            rdzv_conf=env.get("PET_RDZV_CONF", ""),
+            max_restarts=_int(env, "PET_MAX_RESTARTS") if restarts else None,
+            names_from=names_from,
+        )
     if not nnodes_text:
         return None
     nnodes = _int(env, "PET_NNODES")
@@ -226,25 +275,44 @@ def _kubeflow(env: Mapping[str, str], job: Job, port_override: Optional[int]) ->
     _check_rank("Kubeflow PyTorchJob", rank, nnodes, rank_var)
     master = env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR")
     if nnodes > 1 and not master:
-        raise ConfigError(f"Kubeflow PyTorchJob: PET_NNODES={nnodes} but MASTER_ADDR is not set; "
-                          "give the job a Master replica or set MASTER_ADDR")
-    port = port_override or _port(env, "MASTER_PORT" if env.get("MASTER_PORT") else "PET_MASTER_PORT",
-                                  KUBEFLOW_MASTER_PORT)
+        raise ConfigError(
+            f"Kubeflow PyTorchJob: PET_NNODES={nnodes} but MASTER_ADDR is not set; "
+            "give the job a Master replica or set MASTER_ADDR"
+        )
+    port = port_override or _port(
+        env, "MASTER_PORT" if env.get("MASTER_PORT") else "PET_MASTER_PORT", KUBEFLOW_MASTER_PORT
+    )
     master = master or "127.0.0.1"
     hosts, names_from = _kubeflow_names(master, env.get("HOSTNAME", ""), rank, nnodes)
-    return Cluster(source="kubeflow", hosts=hosts, node_rank=rank, nnodes=nnodes, master_addr=master,
-                   master_port=port, current_host=hosts[rank], nnodes_spec=str(nnodes), names_from=names_from)
+    return Cluster(
+        source="kubeflow",
+        hosts=hosts,
+        node_rank=rank,
+        nnodes=nnodes,
+        master_addr=master,
+        master_port=port,
+        current_host=hosts[rank],
+        nnodes_spec=str(nnodes),
+        names_from=names_from,
+    )
 
 
-def _elastic_names(endpoint_host: str, hostname: str, max_nodes: int,
-                   job: Job) -> tuple[tuple[str, ...], str, int, str]:
+def _elastic_names(
+    endpoint_host: str, hostname: str, max_nodes: int, job: Job
+) -> tuple[tuple[str, ...], str, int, str]:
     """(hosts, current host, index, where the names come from) of an elastic PyTorchJob.
 
-    The operator points ``PET_RDZV_ENDPOINT`` at ``<job>-worker-0``; pod ``<job>-worker-<i>`` is host
-    ``i`` of ``max_nodes``. Ranks are assigned by torchrun's rendezvous; the host index is the pod's.
+    The operator points ``PET_RDZV_ENDPOINT`` at ``<job>-worker-0``; pod ``<job>-worker-<i>`` is
+    host
+    ``i`` of ``max_nodes``. Ranks are assigned by torchrun's rendezvous; the host index is the
+    pod's.
     """
     match = re.fullmatch(r"(.+)-worker-(\d+)", hostname)
-    if endpoint_host.endswith("-worker-0") and match and endpoint_host[: -len("-worker-0")] == match.group(1):
+    if (
+        endpoint_host.endswith("-worker-0")
+        and match
+        and endpoint_host[: -len("-worker-0")] == match.group(1)
+    ):
         index = int(match.group(2))
         count = max(max_nodes, index + 1)
         hosts = tuple(f"{match.group(1)}-worker-{i}" for i in range(count))
@@ -253,8 +321,11 @@ def _elastic_names(endpoint_host: str, hostname: str, max_nodes: int,
     return (current,), current, 0, "this pod's HOSTNAME only (elastic, not a <job>-worker-<i> pod)"
 
 
-def _kubeflow_names(master: str, hostname: str, rank: int, nnodes: int) -> tuple[tuple[str, ...], str]:
-    """The PyTorchJob's service names in node-rank order: ``<job>-master-0``, ``<job>-worker-0``, ...
+def _kubeflow_names(
+    master: str, hostname: str, rank: int, nnodes: int
+) -> tuple[tuple[str, ...], str]:
+    """The PyTorchJob's service names in node-rank order: ``<job>-master-0``, ``<job>-worker-0``,
+    ...
 
     The operator gives ``MASTER_ADDR=<job>-master-0`` (or ``<job>-worker-0`` for a job without a
     Master replica); a master that sees a loopback MASTER_ADDR takes its own pod name.
@@ -263,14 +334,19 @@ def _kubeflow_names(master: str, hostname: str, rank: int, nnodes: int) -> tuple
         master = hostname
     if master.endswith("-master-0") and len(master) > len("-master-0"):
         prefix = master[: -len("-master-0")]
-        return (master, *(f"{prefix}-worker-{i}" for i in range(nnodes - 1))), "Kubeflow service names"
+        return (
+            master,
+            *(f"{prefix}-worker-{i}" for i in range(nnodes - 1)),
+        ), "Kubeflow service names"
     if master.endswith("-worker-0") and len(master) > len("-worker-0"):
         prefix = master[: -len("-worker-0")]
         return tuple(f"{prefix}-worker-{i}" for i in range(nnodes)), "Kubeflow service names"
-    return tuple(f"algo-{i}" for i in range(1, nnodes + 1)), "algo-N by node rank (MASTER_ADDR is not a service name)"
+    return tuple(
+        f"algo-{i}" for i in range(1, nnodes + 1)
+    ), "algo-N by node rank (MASTER_ADDR is not a service name)"
 
 
-def _slurm(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
+def _slurm(env: Mapping[str, str], job: Job, port_override: int | None) -> Cluster | None:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist or not env.get("SLURM_NODEID"):
         return None
@@ -278,8 +354,10 @@ def _slurm(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Op
     rank = _int(env, "SLURM_NODEID")
     nnodes = _int(env, "SLURM_NNODES") if env.get("SLURM_NNODES") else len(hosts)
     if nnodes != len(hosts):
-        raise ConfigError(f"Slurm: SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST={nodelist!r} names "
-                          f"{len(hosts)} hosts; run the agent once per node (srun --ntasks-per-node=1)")
+        raise ConfigError(
+            f"Slurm: SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST={nodelist!r} names "
+            f"{len(hosts)} hosts; run the agent once per node (srun --ntasks-per-node=1)"
+        )
     _check_rank("Slurm", rank, nnodes, "SLURM_NODEID")
     if port_override:
         port = port_override
@@ -288,12 +366,20 @@ def _slurm(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Op
     else:
         job_id = re.sub(r"\D", "", env.get("SLURM_JOB_ID", ""))
         port = _SLURM_PORT_BASE + int(job_id[-4:]) if job_id else TORCHRUN_MASTER_PORT
-    return Cluster(source="slurm", hosts=tuple(hosts), node_rank=rank, nnodes=nnodes,
-                   master_addr=env.get("MASTER_ADDR") or hosts[0], master_port=port, current_host=hosts[rank],
-                   nnodes_spec=str(nnodes), names_from="Slurm node names (SLURM_JOB_NODELIST)")
+    return Cluster(
+        source="slurm",
+        hosts=tuple(hosts),
+        node_rank=rank,
+        nnodes=nnodes,
+        master_addr=env.get("MASTER_ADDR") or hosts[0],
+        master_port=port,
+        current_host=hosts[rank],
+        nnodes_spec=str(nnodes),
+        names_from="Slurm node names (SLURM_JOB_NODELIST)",
+    )
 
 
-def _torchrun_style(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
+def _torchrun_style(env: Mapping[str, str], job: Job, port_override: int | None) -> Cluster | None:
     master = env.get("MASTER_ADDR")
     if not master:
         return None
@@ -306,12 +392,20 @@ def _torchrun_style(env: Mapping[str, str], job: Job, port_override: Optional[in
     rank = _int(env, rank_var) if env.get(rank_var) else 0
     _check_rank("torchrun-style variables", rank, nnodes, rank_var)
     hosts = tuple(f"algo-{i}" for i in range(1, nnodes + 1))
-    return Cluster(source="torchrun", hosts=hosts, node_rank=rank, nnodes=nnodes, master_addr=master,
-                   master_port=port_override or _port(env, "MASTER_PORT", TORCHRUN_MASTER_PORT),
-                   current_host=hosts[rank], nnodes_spec=str(nnodes), names_from=f"algo-N by {rank_var}")
+    return Cluster(
+        source="torchrun",
+        hosts=hosts,
+        node_rank=rank,
+        nnodes=nnodes,
+        master_addr=master,
+        master_port=port_override or _port(env, "MASTER_PORT", TORCHRUN_MASTER_PORT),
+        current_host=hosts[rank],
+        nnodes_spec=str(nnodes),
+        names_from=f"algo-N by {rank_var}",
+    )
 
 
-def _sm_env(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> Optional[Cluster]:
+def _sm_env(env: Mapping[str, str], job: Job, port_override: int | None) -> Cluster | None:
     raw_hosts, current = env.get("SM_HOSTS"), env.get("SM_CURRENT_HOST")
     if not raw_hosts or not current:
         return None
@@ -320,13 +414,25 @@ def _sm_env(env: Mapping[str, str], job: Job, port_override: Optional[int]) -> O
     except json.JSONDecodeError:
         hosts = None
     if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
-        raise ConfigError(f"SM_HOSTS={raw_hosts!r} is not a JSON list of host names; "
-                          'set it like ["algo-1","algo-2"]')
+        raise ConfigError(
+            f"SM_HOSTS={raw_hosts!r} is not a JSON list of host names; "
+            'set it like ["algo-1","algo-2"]'
+        )
     if current not in hosts:
-        raise ConfigError(f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}; set it to one of them")
-    return Cluster(source="sm-env", hosts=tuple(hosts), node_rank=hosts.index(current), nnodes=len(hosts),
-                   master_addr=hosts[0], master_port=port_override or SAGEMAKER_MASTER_PORT, current_host=current,
-                   nnodes_spec=str(len(hosts)), names_from="SM_HOSTS")
+        raise ConfigError(
+            f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}; set it to one of them"
+        )
+    return Cluster(
+        source="sm-env",
+        hosts=tuple(hosts),
+        node_rank=hosts.index(current),
+        nnodes=len(hosts),
+        master_addr=hosts[0],
+        master_port=port_override or SAGEMAKER_MASTER_PORT,
+        current_host=current,
+        nnodes_spec=str(len(hosts)),
+        names_from="SM_HOSTS",
+    )
 
 
 def _nproc(job: Job, env: Mapping[str, str], gpus: int) -> tuple[int, str]:
@@ -337,8 +443,9 @@ def _nproc(job: Job, env: Mapping[str, str], gpus: int) -> tuple[int, str]:
         return _int(env, "PET_NPROC_PER_NODE"), "PET_NPROC_PER_NODE"
     hp = job.hyperparameters.get("sagemaker_mpi_num_of_processes_per_host")
     if hp not in (None, ""):
-        return _int({}, "sagemaker_mpi_num_of_processes_per_host", str(hp)), \
-            "hyperparameter sagemaker_mpi_num_of_processes_per_host"
+        return _int(
+            {}, "sagemaker_mpi_num_of_processes_per_host", str(hp)
+        ), "hyperparameter sagemaker_mpi_num_of_processes_per_host"
     if gpus:
         return gpus, "GPUs"
     return 1, "default (no GPU)"
@@ -348,7 +455,7 @@ def discover(job: Job, *, dev_root: Path = Path("/dev")) -> Cluster:
     """The cluster this job runs on, from the first source that applies (see the module docstring)."""
     env = job.base_env
     port_override = getattr(job.settings, "master_port", None)
-    cluster: Optional[Cluster] = None
+    cluster: Cluster | None = None
     if job.on_sagemaker:
         cluster = _from_resource(job, "sagemaker", port_override or SAGEMAKER_MASTER_PORT)
     for finder in (_kubeflow, _slurm, _torchrun_style, _sm_env):
@@ -358,6 +465,10 @@ def discover(job: Job, *, dev_root: Path = Path("/dev")) -> Cluster:
         cluster = _from_resource(job, "spec", port_override or SAGEMAKER_MASTER_PORT)
     gpus = count_gpus(env, dev_root)
     nproc, nproc_source = _nproc(job, env, gpus)
-    return replace(cluster, nproc_per_node=nproc, nproc_source=nproc_source, num_gpus=gpus,
-                   nnodes_spec=cluster.nnodes_spec or str(cluster.nnodes))
-
+    return replace(
+        cluster,
+        nproc_per_node=nproc,
+        nproc_source=nproc_source,
+        num_gpus=gpus,
+        nnodes_spec=cluster.nnodes_spec or str(cluster.nnodes),
+    )

@@ -25,17 +25,20 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from agent.distributed.cluster import Cluster
 from agent.errors import DistributedError
 
-__all__ = ["Exchange", "DEFAULT_PORT", "PING_EVERY", "LOST_AFTER"]
+__all__ = ["DEFAULT_PORT", "LOST_AFTER", "PING_EVERY", "Exchange"]
 
 DEFAULT_PORT = 29499
 PING_EVERY = 2.0  # seconds between pings on an idle connection
 LOST_AFTER = 15.0  # seconds of silence after which a peer counts as gone (a host that froze or lost its link)
-_LINGER = 10.0  # seconds a failing host waits to hand its failure to peers that are still connecting
+_LINGER = (
+    10.0  # seconds a failing host waits to hand its failure to peers that are still connecting
+)
 _MAX_LINE = 4096
 _REASON_MAX = 400
 
@@ -50,7 +53,7 @@ class _Conn:
         sock.settimeout(LOST_AFTER)
 
     def send(self, message: dict[str, Any]) -> bool:
-        data = (json.dumps(message, separators=(",", ":"))[:_MAX_LINE - 1] + "\n").encode()
+        data = (json.dumps(message, separators=(",", ":"))[: _MAX_LINE - 1] + "\n").encode()
         with self._lock:
             try:
                 self.sock.sendall(data)
@@ -58,7 +61,7 @@ class _Conn:
             except OSError:
                 return False
 
-    def receive(self) -> Optional[dict[str, Any]]:
+    def receive(self) -> dict[str, Any] | None:
         """The next message; None at EOF, on an error or after LOST_AFTER seconds of silence."""
         while b"\n" not in self._buffer:
             try:
@@ -83,11 +86,20 @@ class _Conn:
 
 
 class Exchange:
-    """This host's side of the exchange. ``start`` returns at once; ``wait_table`` blocks until the table
+    """This host's side of the exchange. ``start`` returns at once; ``wait_table`` blocks until the
+    table
     is known; ``close`` tells the peers how this host ended and returns the peer failure, if any."""
 
-    def __init__(self, cluster: Cluster, *, job_name: str, port: int, timeout: float, log: logging.Logger,
-                 on_peer_failure: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        job_name: str,
+        port: int,
+        timeout: float,
+        log: logging.Logger,
+        on_peer_failure: Callable[[str], None],
+    ) -> None:
         self.cluster = cluster
         self.job_name = job_name
         self.port = port
@@ -97,18 +109,21 @@ class Exchange:
         self._table: dict[str, str] = {}
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._conns: dict[str, _Conn] = {}  # host -> connection (the master: every worker; a worker: the master)
+        self._conns: dict[
+            str, _Conn
+        ] = {}  # host -> connection (the master: every worker; a worker: the master)
         self._done: set[str] = set()
         self._told: set[str] = set()  # late peers the master told how it ended
-        self._closing: Optional[dict[str, Any]] = None  # this host's last word, once it is ending
-        self._server: Optional[socket.socket] = None
+        self._closing: dict[str, Any] | None = None  # this host's last word, once it is ending
+        self._server: socket.socket | None = None
         self._connected = threading.Event()
-        self.peer_failure: Optional[str] = None
-        self.error: Optional[str] = None  # why the exchange could not finish (bind, connect, bad peer)
+        self.peer_failure: str | None = None
+        self.error: str | None = None  # why the exchange could not finish (bind, connect, bad peer)
         self._stopped = threading.Event()
 
-    # --- starting --------------------------------------------------------------------------------------
-    def start(self) -> "Exchange":
+    # --- starting
+    # --------------------------------------------------------------------------------------
+    def start(self) -> Exchange:
         if self.cluster.is_master:
             try:
                 server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,8 +131,10 @@ class Exchange:
                 server.bind(("0.0.0.0", self.port))
                 server.listen(max(16, self.cluster.nnodes))
             except OSError as err:
-                self._fail_start(f"the master cannot listen on TCP port {self.port} for the identity exchange "
-                                 f"({err}); free the port or set TORCHBAY_EXCHANGE_PORT")
+                self._fail_start(
+                    f"the master cannot listen on TCP port {self.port} for the identity exchange "
+                    f"({err}); free the port or set TORCHBAY_EXCHANGE_PORT"
+                )
                 return self
             self._server = server
             self._connected.set()
@@ -136,7 +153,8 @@ class Exchange:
         self.error = error
         self._ready.set()
 
-    # --- the master --------------------------------------------------------------------------------------
+    # --- the master
+    # --------------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self._server is not None
         while not self._stopped.is_set():
@@ -150,8 +168,12 @@ class Exchange:
         hello = conn.receive()
         hosts = self.cluster.hosts
         if not hello or hello.get("job") != self.job_name or hello.get("host") not in hosts[1:]:
-            conn.send({"failed": self.cluster.current_host,
-                       "reason": f"the master of job {self.job_name!r} does not expect {hello!r}"})
+            conn.send(
+                {
+                    "failed": self.cluster.current_host,
+                    "reason": f"the master of job {self.job_name!r} does not expect {hello!r}",
+                }
+            )
             self.log.warning("identity exchange: ignored a connection from %s: %r", address, hello)
             conn.close()
             return
@@ -174,7 +196,9 @@ class Exchange:
 
     def _maybe_finish_table(self) -> None:
         with self._lock:
-            complete = all(h in self._table for h in self.cluster.hosts) and not self._ready.is_set()
+            complete = (
+                all(h in self._table for h in self.cluster.hosts) and not self._ready.is_set()
+            )
         if complete:
             self._finish_table()
 
@@ -188,7 +212,8 @@ class Exchange:
             conn.send(message)
         self._ready.set()
 
-    # --- a worker ----------------------------------------------------------------------------------------
+    # --- a worker
+    # ----------------------------------------------------------------------------------------
     def _connect_loop(self) -> None:
         master, host = self.cluster.hosts[0], self.cluster.master_addr
         deadline = time.monotonic() + self.timeout
@@ -207,14 +232,21 @@ class Exchange:
         else:
             return
         conn = _Conn(sock)
-        conn.send({"hello": 1, "job": self.job_name, "host": self.cluster.current_host,
-                   "rank": self.cluster.node_rank})
+        conn.send(
+            {
+                "hello": 1,
+                "job": self.job_name,
+                "host": self.cluster.current_host,
+                "rank": self.cluster.node_rank,
+            }
+        )
         with self._lock:
             self._conns[master] = conn
         self._connected.set()
         self._read_loop(master, conn)
 
-    # --- both ----------------------------------------------------------------------------------------------
+    # --- both
+    # ----------------------------------------------------------------------------------------------
     def _read_loop(self, host: str, conn: _Conn) -> None:
         while True:
             message = conn.receive()
@@ -222,8 +254,11 @@ class Exchange:
                 with self._lock:
                     gone = host not in self._done and self._closing is None
                 if gone:
-                    self._peer_failed(host, f"host {host} lost its connection to {self.cluster.current_host} without "
-                                            "finishing (its agent died, or the host went down)")
+                    self._peer_failed(
+                        host,
+                        f"host {host} lost its connection to {self.cluster.current_host} without "
+                        "finishing (its agent died, or the host went down)",
+                    )
                 conn.close()
                 return
             if "table" in message and not self.cluster.is_master:
@@ -245,16 +280,23 @@ class Exchange:
                 return
 
     def _master_missing(self, last: str) -> str:
-        return (f"the master {self.cluster.hosts[0]} ({self.cluster.master_addr}:{self.port}) did not answer the "
-                f"identity exchange within {self.timeout:g} s (last error: {last or 'none'}); check that every host of "
-                "the job was started and that the master's address resolves, or raise TORCHBAY_HOST_WAIT_TIMEOUT")
+        return (
+            f"the master {self.cluster.hosts[0]} ({self.cluster.master_addr}:{self.port}) did not "
+            "answer the "
+            f"identity exchange within {self.timeout:g} s (last error: {last or 'none'}); check "
+            "that every host of "
+            "the job was started and that the master's address resolves, or raise "
+            "TORCHBAY_HOST_WAIT_TIMEOUT"
+        )
 
     def _peer_failed(self, host: str, text: str) -> None:
         with self._lock:
             first = self.peer_failure is None and self._closing is None
             if first:
                 self.peer_failure = text
-            others = [c for h, c in self._conns.items() if h != host] if self.cluster.is_master else []
+            others = (
+                [c for h, c in self._conns.items() if h != host] if self.cluster.is_master else []
+            )
         if not first:
             return
         self.log.error("%s; stopping this host (%s)", text, self.cluster.current_host)
@@ -272,35 +314,45 @@ class Exchange:
             for conn in conns:
                 conn.send({"ping": 1})
 
-    # --- the public surface ----------------------------------------------------------------------------
+    # --- the public surface
+    # ----------------------------------------------------------------------------
     def wait_table(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
-        """The name -> address table once every host has reported; DistributedError when a host failed, did
+        """The name -> address table once every host has reported; DistributedError when a host
+        failed, did
         not report within the timeout, or the exchange could not start."""
         deadline = time.monotonic() + self.timeout
         while not self._ready.wait(0.05):
             if should_stop():
                 return {}
             if time.monotonic() >= deadline:
-                hint = ("; every host must be told which one it is (TORCHBAY_CURRENT_HOST on each host)"
-                        if self.cluster.source == "spec" else "")
+                hint = (
+                    "; every host must be told which one it is (TORCHBAY_CURRENT_HOST on each host)"
+                    if self.cluster.source == "spec"
+                    else ""
+                )
                 if not self.cluster.is_master:
                     if not self._connected.is_set():
                         raise DistributedError(self._master_missing("no answer"))
                     raise DistributedError(
-                        f"hosts not ready after {self.timeout:g} s: the master {self.cluster.hosts[0]} has not heard "
-                        f"from every host of {list(self.cluster.hosts)}; check that every host of the job was started"
-                        f"{hint}, or raise TORCHBAY_HOST_WAIT_TIMEOUT")
+                        f"hosts not ready after {self.timeout:g} s: the master "
+                        f"{self.cluster.hosts[0]} has not heard "
+                        f"from every host of {list(self.cluster.hosts)}; check that every host of "
+                        "the job was started"
+                        f"{hint}, or raise TORCHBAY_HOST_WAIT_TIMEOUT"
+                    )
                 with self._lock:
                     missing = [h for h in self.cluster.hosts[1:] if h not in self._table]
                 raise DistributedError(
-                    f"hosts not ready after {self.timeout:g} s: {', '.join(_missing(h) for h in missing)}; check "
+                    f"hosts not ready after {self.timeout:g} s: "
+                    f"{', '.join(_missing(h) for h in missing)}; check "
                     f"the host names and that every host of the job was started{hint}, or raise "
-                    "TORCHBAY_HOST_WAIT_TIMEOUT")
+                    "TORCHBAY_HOST_WAIT_TIMEOUT"
+                )
         if self.error:
             raise DistributedError(self.error)
         return dict(self._table)
 
-    def close(self, exit_code: Optional[int], reason: Optional[str]) -> None:
+    def close(self, exit_code: int | None, reason: str | None) -> None:
         """Tell the peers how this host ended (``done``, or ``failed`` with ``reason``), then stop."""
         me = self.cluster.current_host
         failed = exit_code not in (0, None) and self.peer_failure is None
@@ -313,12 +365,16 @@ class Exchange:
             self._closing = message
             conns = list(self._conns.values())
         if failed and not self.cluster.is_master:
-            self._connected.wait(min(_LINGER, self.timeout))  # a worker still connecting hands over its failure first
+            self._connected.wait(
+                min(_LINGER, self.timeout)
+            )  # a worker still connecting hands over its failure first
             with self._lock:
                 conns = list(self._conns.values())
         for conn in conns:
             conn.send(message)
-        if failed and self.cluster.is_master:  # workers still on their way get the failure as they connect
+        if (
+            failed and self.cluster.is_master
+        ):  # workers still on their way get the failure as they connect
             deadline = time.monotonic() + min(_LINGER, self.timeout)
             while time.monotonic() < deadline:
                 with self._lock:

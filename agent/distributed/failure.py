@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 from agent.distributed.launch import LaunchPlan
 
 __all__ = ["first_failure", "read_error_file"]
 
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*Error)\b.*")
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*Error)\b.*"
+)
 _RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")  # torch prefixes a rank's stderr lines
 _MAX_MESSAGE = 500
 
 
-def read_error_file(path: Path) -> Optional[tuple[float, str]]:
+def read_error_file(path: Path) -> tuple[float, str] | None:
     """(timestamp, message) from a torchelastic error file; None when it is missing or unreadable."""
     try:
         data = json.loads(path.read_text(errors="replace"))
@@ -42,20 +43,23 @@ def read_error_file(path: Path) -> Optional[tuple[float, str]]:
     return timestamp, _last_exception(message.splitlines()) or message.strip().splitlines()[-1]
 
 
-def _last_exception(lines: list[str]) -> Optional[str]:
+def _last_exception(lines: list[str]) -> str | None:
     for line in reversed(lines):
         if _EXCEPTION_LINE.match(line.strip()):
             return line.strip()[:_MAX_MESSAGE]
     return None
 
 
-def _stderr_error(path: Path) -> Optional[str]:
+def _stderr_error(path: Path) -> str | None:
     try:
         with path.open("rb") as handle:
             handle.seek(0, 2)
             size = handle.tell()
             handle.seek(max(0, size - 65536))
-            tail = [_RANK_PREFIX.sub("", line) for line in handle.read().decode("utf-8", "replace").splitlines()]
+            tail = [
+                _RANK_PREFIX.sub("", line)
+                for line in handle.read().decode("utf-8", "replace").splitlines()
+            ]
     except OSError:
         return None
     if not any("Traceback (most recent call last)" in line for line in tail):
@@ -63,7 +67,7 @@ def _stderr_error(path: Path) -> Optional[str]:
     return _last_exception(tail)
 
 
-def _local_rank(path: Path) -> Optional[int]:
+def _local_rank(path: Path) -> int | None:
     name = path.parent.name
     return int(name) if name.isdigit() else None
 
@@ -73,8 +77,9 @@ def _latest_attempt(log_dir: Path) -> list[Path]:
     return attempts[-1:] if attempts else []
 
 
-def first_failure(plan: LaunchPlan) -> Optional[str]:
-    """``rank R on host H failed first: <error>`` for this host's ranks, or None when nothing names one.
+def first_failure(plan: LaunchPlan) -> str | None:
+    """``rank R on host H failed first: <error>`` for this host's ranks, or None when nothing names
+    one.
 
     Per-rank error files win (earliest timestamp), then the ranks' stderr tracebacks (earliest
     modified), then the launcher's own error file (rendezvous timeouts and the like).
@@ -100,6 +105,10 @@ def first_failure(plan: LaunchPlan) -> Optional[str]:
     if plan.error_file is not None:
         found = read_error_file(plan.error_file)
         if found:
-            who = "torch.distributed.run" if plan.torchrun_log_dir is not None else f"rank {plan.rank_base}"
+            who = (
+                "torch.distributed.run"
+                if plan.torchrun_log_dir is not None
+                else f"rank {plan.rank_base}"
+            )
             return f"{who} on host {host} failed: {found[1]}"
     return None

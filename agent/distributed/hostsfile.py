@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 __all__ = ["ensure_resolvable", "resolves"]
 
@@ -40,9 +40,16 @@ def _without_ours(lines: Sequence[str]) -> list[str]:
     return kept
 
 
-def ensure_resolvable(hosts: Sequence[str], table: Mapping[str, str], *, job: str, hosts_file: Path,
-                      log: logging.Logger) -> dict[str, str]:
-    """{host: how it resolves here} for each of ``hosts``, after adding the missing ones to ``hosts_file``.
+def ensure_resolvable(
+    hosts: Sequence[str],
+    table: Mapping[str, str],
+    *,
+    job: str,
+    hosts_file: Path,
+    log: logging.Logger,
+) -> dict[str, str]:
+    """{host: how it resolves here} for each of ``hosts``, after adding the missing ones to
+    ``hosts_file``.
 
     Logs the outcome once (INFO, or a WARNING for names that still do not resolve).
     """
@@ -60,10 +67,18 @@ def ensure_resolvable(hosts: Sequence[str], table: Mapping[str, str], *, job: st
         except OSError as err:
             for host in missing:
                 outcome[host] = f"does NOT resolve (address {table[host]})"
-            log.warning("cannot add %s to %s (%s): these names do not resolve on this host, so a script that "
-                        "connects to a host by name (MASTER_ADDR=hosts[0]) fails here; the agent's own MASTER_ADDR "
-                        "still works. Make %s writable, or give resolvable names (SM_HOSTS or TORCHBAY_HOSTS)",
-                        ", ".join(missing), hosts_file, err, hosts_file)
+            log.warning(
+                "cannot add %s to %s (%s): these names do not resolve on this host, so a script "
+                "that "
+                "connects to a host by name (MASTER_ADDR=hosts[0]) fails here; the agent's own "
+                "MASTER_ADDR "
+                "still works. Make %s writable, or give resolvable names (SM_HOSTS or "
+                "TORCHBAY_HOSTS)",
+                ", ".join(missing),
+                hosts_file,
+                err,
+                hosts_file,
+            )
     still = [h for h in hosts if h not in outcome]
     for host in still:
         outcome[host] = "does NOT resolve (no address known)"

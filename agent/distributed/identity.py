@@ -1,6 +1,8 @@
-"""The cluster identity: host discovery, run once by ``load_job``, and what it fixes for the whole job.
+"""The cluster identity: host discovery, run once by ``load_job``, and what it fixes for the whole
+job.
 
-``identify(job)`` discovers the cluster (agent.distributed.cluster), picks the network interface that
+``identify(job)`` discovers the cluster (agent.distributed.cluster), picks the network interface
+that
 routes to the master, and returns the job with ``job.cluster`` set and ``job.resource`` rebuilt from
 it (current host, hosts in node-rank order, interface). Staging shards, ``SM_CURRENT_HOST``,
 ``SM_HOSTS``, ``SM_TRAINING_ENV``, ``SM_NUM_GPUS``, the ``[host:rank]`` tags, the launch and the
@@ -13,20 +15,20 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
 
 from agent.distributed.cluster import Cluster, discover
 from agent.distributed.netenv import SysPaths, choose_interface, default_route_interface
 from agent.job import Job, Resource, frozen_map
 
-__all__ = ["identify", "route_interface", "interface_for"]
+__all__ = ["identify", "interface_for", "route_interface"]
 
 _RESOLVE_TIMEOUT = 1.0  # seconds: load_job must not hang on a slow resolver
 
 
-def _address(host: str, timeout: float = _RESOLVE_TIMEOUT) -> Optional[str]:
+def _address(host: str, timeout: float = _RESOLVE_TIMEOUT) -> str | None:
     """The IPv4 address ``host`` resolves to, or None (bounded by ``timeout``)."""
     try:
         return str(ipaddress.IPv4Address(host))
@@ -47,7 +49,7 @@ def _address(host: str, timeout: float = _RESOLVE_TIMEOUT) -> Optional[str]:
     return found[0] if found else None
 
 
-def _interface_of(local_addr: str) -> Optional[str]:
+def _interface_of(local_addr: str) -> str | None:
     import psutil  # on use: one call per job
 
     for name, addrs in psutil.net_if_addrs().items():
@@ -56,7 +58,7 @@ def _interface_of(local_addr: str) -> Optional[str]:
     return None
 
 
-def route_interface(address: str) -> Optional[str]:
+def route_interface(address: str) -> str | None:
     """The interface the kernel routes ``address`` through (``ip route get``), None when unroutable.
 
     A UDP connect() only looks the route up: nothing is sent.
@@ -70,14 +72,24 @@ def route_interface(address: str) -> Optional[str]:
     return _interface_of(local)
 
 
-def interface_for(cluster: Cluster, *, wanted: Optional[str], configured: Optional[str], sagemaker: bool,
-                  sys_paths: SysPaths = SysPaths(),
-                  resolve: Callable[[str], Optional[str]] = _address) -> tuple[Optional[str], str]:
-    """(interface, why) for NCCL/Gloo sockets: the setting; on SageMaker the resourceconfig's; else the
-    interface that routes to the master; else the default route's. Never the loopback of a multi-host job."""
+def interface_for(
+    cluster: Cluster,
+    *,
+    wanted: str | None,
+    configured: str | None,
+    sagemaker: bool,
+    sys_paths: SysPaths = SysPaths(),
+    resolve: Callable[[str], str | None] = _address,
+) -> tuple[str | None, str]:
+    """(interface, why) for NCCL/Gloo sockets: the setting; on SageMaker the resourceconfig's; else
+    the
+    interface that routes to the master; else the default route's. Never the loopback of a
+    multi-host job."""
     if wanted:
         return wanted, "TORCHBAY_SOCKET_IFNAME"
-    if not cluster.multi_host:  # one host: the configured interface if it exists, else the default route's
+    if (
+        not cluster.multi_host
+    ):  # one host: the configured interface if it exists, else the default route's
         return choose_interface(None, configured, sys_paths), "one host"
     if sagemaker and configured and (sys_paths.net / configured).exists():
         return configured, "resourceconfig.json"
@@ -93,19 +105,32 @@ def interface_for(cluster: Cluster, *, wanted: Optional[str], configured: Option
 
 
 def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = SysPaths()) -> Job:
-    """``job`` with its one cluster identity (``job.cluster``) and a ``resource`` that agrees with it."""
+    """``job`` with its one cluster identity (``job.cluster``) and a ``resource`` that agrees with
+    it."""
     cluster = discover(job, dev_root=dev_root)
-    interface, why = interface_for(cluster, wanted=job.settings.socket_ifname,
-                                   configured=job.resource.network_interface_name,
-                                   sagemaker=job.on_sagemaker, sys_paths=sys_paths)
+    interface, why = interface_for(
+        cluster,
+        wanted=job.settings.socket_ifname,
+        configured=job.resource.network_interface_name,
+        sagemaker=job.on_sagemaker,
+        sys_paths=sys_paths,
+    )
     cluster = replace(cluster, interface=interface, interface_source=why)
     if job.on_sagemaker:  # resourceconfig.json is the platform's: kept as written
         return replace(job, cluster=cluster)
     resource = job.resource
-    groups = tuple(frozen_map({**g, "hosts": list(cluster.hosts)}) for g in resource.instance_groups) \
-        if len(resource.instance_groups) <= 1 else resource.instance_groups
+    groups = (
+        tuple(frozen_map({**g, "hosts": list(cluster.hosts)}) for g in resource.instance_groups)
+        if len(resource.instance_groups) <= 1
+        else resource.instance_groups
+    )
     chosen = interface if cluster.multi_host and interface else resource.network_interface_name
-    resource = Resource(current_host=cluster.current_host, hosts=cluster.hosts, network_interface_name=chosen,
-                        current_instance_type=resource.current_instance_type,
-                        current_group_name=resource.current_group_name, instance_groups=groups)
+    resource = Resource(
+        current_host=cluster.current_host,
+        hosts=cluster.hosts,
+        network_interface_name=chosen,
+        current_instance_type=resource.current_instance_type,
+        current_group_name=resource.current_group_name,
+        instance_groups=groups,
+    )
     return replace(job, resource=resource, cluster=cluster)

@@ -8,11 +8,18 @@ A variable the user set (in the agent's environment or the job spec's Environmen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
-__all__ = ["SysPaths", "choose_interface", "default_route_interface", "infiniband_devices", "has_efa", "network_env"]
+__all__ = [
+    "SysPaths",
+    "choose_interface",
+    "default_route_interface",
+    "has_efa",
+    "infiniband_devices",
+    "network_env",
+]
 
 EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "RDMAV_FORK_SAFE": "1"}
 
@@ -30,7 +37,7 @@ def _exists(sys_paths: SysPaths, name: str) -> bool:
     return bool(name) and (sys_paths.net / name).exists()
 
 
-def default_route_interface(sys_paths: SysPaths = SysPaths()) -> Optional[str]:
+def default_route_interface(sys_paths: SysPaths = SysPaths()) -> str | None:
     """The interface of the default route (``/proc/net/route``), None without one."""
     try:
         lines = sys_paths.route.read_text().splitlines()[1:]
@@ -43,8 +50,11 @@ def default_route_interface(sys_paths: SysPaths = SysPaths()) -> Optional[str]:
     return None
 
 
-def choose_interface(wanted: Optional[str], configured: Optional[str], sys_paths: SysPaths = SysPaths()) -> Optional[str]:
-    """The interface for NCCL/Gloo sockets: the setting, else the resourceconfig's if it exists here,
+def choose_interface(
+    wanted: str | None, configured: str | None, sys_paths: SysPaths = SysPaths()
+) -> str | None:
+    """The interface for NCCL/Gloo sockets: the setting, else the resourceconfig's if it exists
+    here,
     else the default route's; None when none exists (the libraries then pick one themselves)."""
     if wanted:
         return wanted
@@ -76,9 +86,16 @@ def has_efa(sys_paths: SysPaths = SysPaths()) -> bool:
     return False
 
 
-def network_env(*, master_addr: str, master_port: int, interface: Optional[str], nccl_debug: Optional[str],
-                user_env: Mapping[str, str], sys_paths: SysPaths = SysPaths(),
-                extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def network_env(
+    *,
+    master_addr: str,
+    master_port: int,
+    interface: str | None,
+    nccl_debug: str | None,
+    user_env: Mapping[str, str],
+    sys_paths: SysPaths = SysPaths(),
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The variables to add for a distributed run, minus every one the user already set."""
     wanted: dict[str, str] = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
     if interface:

@@ -10,11 +10,11 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from agent.errors import DistributedError
 
-__all__ = ["wait_until_ready", "PROGRESS_EVERY"]
+__all__ = ["PROGRESS_EVERY", "wait_until_ready"]
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines
 
@@ -44,10 +44,18 @@ def _accepts(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def wait_until_ready(hosts: Sequence[str], *, master: Optional[tuple[str, int]], timeout: float,
-                     log: logging.Logger, poll: float = 0.05, progress_every: float = PROGRESS_EVERY,
-                     clock: Callable[[], float] = time.monotonic) -> float:
-    """Wait until each of ``hosts`` resolves and ``master`` (host, port), when given, accepts a connection.
+def wait_until_ready(
+    hosts: Sequence[str],
+    *,
+    master: tuple[str, int] | None,
+    timeout: float,
+    log: logging.Logger,
+    poll: float = 0.05,
+    progress_every: float = PROGRESS_EVERY,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Wait until each of ``hosts`` resolves and ``master`` (host, port), when given, accepts a
+    connection.
 
     Returns the seconds waited; raises DistributedError naming what is still missing at ``timeout``.
     """
@@ -68,9 +76,13 @@ def wait_until_ready(hosts: Sequence[str], *, master: Optional[tuple[str, int]],
             return now - start
         if now >= deadline:
             raise DistributedError(
-                f"hosts not ready after {timeout:g} s: {', '.join(missing)}; check the host names and that every "
-                "host of the job was started, or raise TORCHBAY_HOST_WAIT_TIMEOUT")
+                f"hosts not ready after {timeout:g} s: {', '.join(missing)}; check the host names "
+                "and that every "
+                "host of the job was started, or raise TORCHBAY_HOST_WAIT_TIMEOUT"
+            )
         if now >= next_progress:
-            log.info("waiting for hosts (%.0f s of %g s): %s", now - start, timeout, ", ".join(missing))
+            log.info(
+                "waiting for hosts (%.0f s of %g s): %s", now - start, timeout, ", ".join(missing)
+            )
             next_progress = now + progress_every
         time.sleep(min(poll, max(deadline - now, 0.0)))

@@ -13,42 +13,85 @@ import gc
 import logging
 import os
 import sys
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
-__all__ = ["main", "parse_args", "EXIT_OK", "EXIT_MODEL_LOAD"]
+__all__ = ["EXIT_MODEL_LOAD", "EXIT_OK", "main", "parse_args"]
 
 EXIT_OK = 0
 EXIT_MODEL_LOAD = 3  # ModelLoadError: gunicorn's WORKER_BOOT_ERROR
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of ``torchbay serve``; every flag overrides its setting."""
     parser = argparse.ArgumentParser(prog="torchbay serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", dest="serve_host", help="address to bind (TORCHBAY_SERVE_HOST, default 0.0.0.0)")
-    parser.add_argument("--port", dest="serve_port", type=int, help="port (SAGEMAKER_BIND_TO_PORT, default 8080)")
-    parser.add_argument("--model-uri", dest="serve_model_uri",
-                        help="model.tar.gz to fetch and unpack first (s3:// or file://)")
-    parser.add_argument("--workers", dest="serve_workers", type=int,
-                        help="worker processes (SAGEMAKER_MODEL_SERVER_WORKERS)")
-    parser.add_argument("--workers-per-gpu", dest="serve_workers_per_gpu", type=int,
-                        help="worker processes per GPU when --workers is unset (TORCHBAY_SERVE_WORKERS_PER_GPU)")
-    parser.add_argument("--torch-threads", dest="serve_torch_threads", type=int,
-                        help="torch threads per worker (TORCHBAY_SERVE_TORCH_THREADS)")
-    parser.add_argument("--http-threads", dest="serve_http_threads", type=int,
-                        help="requests a worker holds at once (TORCHBAY_SERVE_HTTP_THREADS)")
-    parser.add_argument("--batch-size", dest="serve_batch_size", type=int,
-                        help="dynamic batching: most requests per forward() (TORCHBAY_SERVE_BATCH_SIZE)")
-    parser.add_argument("--batch-delay-ms", dest="serve_batch_delay_ms", type=float,
-                        help="dynamic batching: longest wait for more requests (TORCHBAY_SERVE_BATCH_DELAY_MS)")
-    parser.add_argument("--timeout", dest="serve_timeout", type=float,
-                        help="seconds per request (SAGEMAKER_MODEL_SERVER_TIMEOUT)")
-    parser.add_argument("--no-preload", dest="serve_preload", action="store_const", const=False,
-                        help="load the model in each worker instead of once before the fork")
-    parser.add_argument("--root", dest="root", help="root of the layout (TORCHBAY_ROOT, default /opt/ml)")
+    parser.add_argument(
+        "--host", dest="serve_host", help="address to bind (TORCHBAY_SERVE_HOST, default 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--port", dest="serve_port", type=int, help="port (SAGEMAKER_BIND_TO_PORT, default 8080)"
+    )
+    parser.add_argument(
+        "--model-uri",
+        dest="serve_model_uri",
+        help="model.tar.gz to fetch and unpack first (s3:// or file://)",
+    )
+    parser.add_argument(
+        "--workers",
+        dest="serve_workers",
+        type=int,
+        help="worker processes (SAGEMAKER_MODEL_SERVER_WORKERS)",
+    )
+    parser.add_argument(
+        "--workers-per-gpu",
+        dest="serve_workers_per_gpu",
+        type=int,
+        help="worker processes per GPU when --workers is unset (TORCHBAY_SERVE_WORKERS_PER_GPU)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        dest="serve_torch_threads",
+        type=int,
+        help="torch threads per worker (TORCHBAY_SERVE_TORCH_THREADS)",
+    )
+    parser.add_argument(
+        "--http-threads",
+        dest="serve_http_threads",
+        type=int,
+        help="requests a worker holds at once (TORCHBAY_SERVE_HTTP_THREADS)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        dest="serve_batch_size",
+        type=int,
+        help="dynamic batching: most requests per forward() (TORCHBAY_SERVE_BATCH_SIZE)",
+    )
+    parser.add_argument(
+        "--batch-delay-ms",
+        dest="serve_batch_delay_ms",
+        type=float,
+        help="dynamic batching: longest wait for more requests (TORCHBAY_SERVE_BATCH_DELAY_MS)",
+    )
+    parser.add_argument(
+        "--timeout",
+        dest="serve_timeout",
+        type=float,
+        help="seconds per request (SAGEMAKER_MODEL_SERVER_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--no-preload",
+        dest="serve_preload",
+        action="store_const",
+        const=False,
+        help="load the model in each worker instead of once before the fork",
+    )
+    parser.add_argument(
+        "--root", dest="root", help="root of the layout (TORCHBAY_ROOT, default /opt/ml)"
+    )
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
-def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Serve until SIGTERM; the exit code (3 when the model cannot be loaded)."""
     from agent.errors import TorchBayError, exit_code_for
     from agent.settings import read_settings
@@ -58,12 +101,17 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     log = logging.getLogger("torchbay.serve")
     try:
         settings = read_settings(env)
-        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s [serve] %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s [serve] %(message)s",
+        )
         return _serve(settings, vars(args), env, log)
     except TorchBayError as err:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-        log.error("%s: %s", err.kind if err.kind != "TorchBayError" else type(err).__name__, err.message)
+        log.error(
+            "%s: %s", err.kind if err.kind != "TorchBayError" else type(err).__name__, err.message
+        )
         return exit_code_for(err)
     except Exception as err:  # top level: a bug; logged with its traceback
         log.exception("torchbay serve failed")
@@ -77,14 +125,26 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
 
     gpus = _gpu_count(log, env)
     config = resolve_config(settings, overrides, gpus=gpus)
-    if settings.serve_multi_model:  # SAGEMAKER_MULTI_MODEL=true: the /models contract (agent.serving.multimodel)
+    if (
+        settings.serve_multi_model
+    ):  # SAGEMAKER_MULTI_MODEL=true: the /models contract (agent.serving.multimodel)
         from agent.serving.multimodel import serve_multi_model
 
         return serve_multi_model(settings, config, env, log)
-    log.info("serving %s on %s:%d: %d workers x %d torch threads, %d requests each, batch %d (%g ms), "
-             "preload %s, %d GPUs", config.model_dir, config.host, config.port, config.workers,
-             config.torch_threads, config.http_threads, config.batch_size, config.batch_delay * 1000,
-             config.preload, config.gpus)
+    log.info(
+        "serving %s on %s:%d: %d workers x %d torch threads, %d requests each, batch %d (%g ms), "
+        "preload %s, %d GPUs",
+        config.model_dir,
+        config.host,
+        config.port,
+        config.workers,
+        config.torch_threads,
+        config.http_threads,
+        config.batch_size,
+        config.batch_delay * 1000,
+        config.preload,
+        config.gpus,
+    )
     if config.model_uri:
         fetch_model(config.model_uri, config.model_dir, endpoint_url=settings.endpoint_url, log=log)
     install_requirements(config.code_dir, env=env, log=log)
@@ -96,21 +156,31 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     from agent.serving.server import run_server
     from agent.serving.shared import SharedState
 
-    handler = ModelHandler(config.model_dir, config.code_dir, config.program,
-                           default_accept=config.default_accept, batch_size=config.batch_size, log=log,
-                           model_file=config.model_file, compile_program=config.compile_program)
+    handler = ModelHandler(
+        config.model_dir,
+        config.code_dir,
+        config.program,
+        default_accept=config.default_accept,
+        batch_size=config.batch_size,
+        log=log,
+        model_file=config.model_file,
+        compile_program=config.compile_program,
+    )
     if config.preload:
         # One thread in the master: no OpenMP pool exists to be broken by the fork.
         torch.set_num_threads(1)
         handler.load()
         handler.warm_up()
     serving = Serving(config, handler, SharedState(), log)
-    # Everything loaded so far (torch, the model, torch.export's and inductor's state) is kept out of the
-    # workers' garbage collections: pages stay shared after the fork, and a worker exiting on SIGTERM does
-    # not spend seconds collecting the master's objects (measured: 8.7 s -> 1.0 s for an ExportedProgram).
+    # Everything loaded so far (torch, the model, torch.export's and inductor's state) is kept out
+    # of the
+    # workers' garbage collections: pages stay shared after the fork, and a worker exiting on
+    # SIGTERM does
+    # not spend seconds collecting the master's objects (measured: 8.7 s -> 1.0 s for an
+    # ExportedProgram).
     gc.freeze()
 
-    def worker_boot(gpu: Optional[int]) -> None:
+    def worker_boot(gpu: int | None) -> None:
         torch.set_num_threads(config.torch_threads)
         if not handler.loaded:
             if gpu is not None:
@@ -127,7 +197,8 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
 
 
 def _gpu_count(log: logging.Logger, env: Mapping[str, str]) -> int:
-    """GPUs NVML sees, narrowed by CUDA_VISIBLE_DEVICES (without touching CUDA, so forking stays safe);
+    """GPUs NVML sees, narrowed by CUDA_VISIBLE_DEVICES (without touching CUDA, so forking stays
+    safe);
     0 with one INFO line when none."""
     try:
         import pynvml

@@ -20,10 +20,11 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Hashable, Iterator, Optional, Sequence
+from typing import Any
 
 __all__ = ["Runner"]
 
@@ -31,7 +32,7 @@ __all__ = ["Runner"]
 @dataclass
 class _Item:
     data: Any
-    key: Optional[Hashable]
+    key: Hashable | None
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.monotonic)
 
@@ -39,11 +40,16 @@ class _Item:
 class Runner:
     """Runs ``run_one(data)`` (or ``run_batch([data, ...])``) on one thread, in arrival order."""
 
-    def __init__(self, run_one: Callable[[Any], Any],
-                 run_batch: Optional[Callable[[Sequence[Any]], Optional[list[Any]]]] = None, *,
-                 max_batch: int = 1, max_delay: float = 0.0,
-                 on_batch: Optional[Callable[[int], None]] = None,
-                 log: Optional[logging.Logger] = None) -> None:
+    def __init__(
+        self,
+        run_one: Callable[[Any], Any],
+        run_batch: Callable[[Sequence[Any]], list[Any] | None] | None = None,
+        *,
+        max_batch: int = 1,
+        max_delay: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
         self._run_one = run_one
         self._run_batch = run_batch
         self._max_batch = max_batch if run_batch is not None else 1
@@ -51,14 +57,16 @@ class Runner:
         self._on_batch = on_batch
         self._log = log or logging.getLogger("torchbay.serve")
         self._cond = threading.Condition()
-        self._pending: Deque[_Item] = collections.deque()
+        self._pending: collections.deque[_Item] = collections.deque()
         self._arriving = 0
         self._arriving_threads: set[int] = set()
         self._running = 0  # requests in the batch being run
-        self._peak = 0  # most requests held at once (arriving + queued + running) since the last batch began
+        self._peak = (
+            0  # most requests held at once (arriving + queued + running) since the last batch began
+        )
         self._last_end = float("-inf")  # when the last batch finished
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._unsplittable_logged = False
 
     def start(self) -> None:
@@ -94,7 +102,7 @@ class Runner:
                     self._arriving -= 1
                     self._cond.notify_all()
 
-    def submit(self, data: Any, key: Optional[Hashable] = None) -> Future:
+    def submit(self, data: Any, key: Hashable | None = None) -> Future:
         """Queue ``data``; the Future holds its own result (or the exception its call raised)."""
         item = _Item(data, key)
         me = threading.get_ident()
@@ -111,7 +119,7 @@ class Runner:
         """Requests this worker holds: arriving, queued, or in the model (called locked)."""
         return self._arriving + len(self._pending) + self._running
 
-    def call(self, data: Any, key: Optional[Hashable], timeout: float) -> Any:
+    def call(self, data: Any, key: Hashable | None, timeout: float) -> Any:
         """Submit and wait at most ``timeout`` seconds; TimeoutError when it is not done by then."""
         future = self.submit(data, key)
         try:
@@ -128,7 +136,7 @@ class Runner:
                 return
             self._run(batch)
 
-    def _next_batch(self) -> Optional[list[_Item]]:
+    def _next_batch(self) -> list[_Item] | None:
         with self._cond:
             while not self._pending:
                 if self._stopping:
@@ -145,7 +153,9 @@ class Runner:
     def _fill(self, batch: list[_Item]) -> None:
         """Add matching requests to ``batch``, waiting as the module docstring says (called locked)."""
         now = time.monotonic()
-        lone = batch[0].queued - self._last_end > self._max_delay  # not a request that came back at once
+        lone = (
+            batch[0].queued - self._last_end > self._max_delay
+        )  # not a request that came back at once
         target = 1 if lone else min(self._max_batch, self._peak)
         deadline = now + self._max_delay
         while True:
@@ -159,7 +169,7 @@ class Runner:
 
     def _take_matching(self, batch: list[_Item]) -> None:
         key = batch[0].key
-        kept: Deque[_Item] = collections.deque()
+        kept: collections.deque[_Item] = collections.deque()
         while self._pending:
             item = self._pending.popleft()
             if item.key == key and len(batch) < self._max_batch:
@@ -171,10 +181,12 @@ class Runner:
     def _run(self, batch: list[_Item]) -> None:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
         outcomes = self._outcomes(live) if live else []
-        with self._cond:  # before any caller is answered, so one that comes straight back is not counted twice
+        with (
+            self._cond
+        ):  # before any caller is answered, so one that comes straight back is not counted twice
             self._running = 0
             self._last_end = time.monotonic()
-        for item, (ok, value) in zip(live, outcomes):
+        for item, (ok, value) in zip(live, outcomes, strict=False):
             if ok:
                 item.future.set_result(value)
             else:
@@ -194,7 +206,9 @@ class Runner:
                 return [(True, result) for result in results]
             if not failed and not self._unsplittable_logged:
                 self._unsplittable_logged = True
-                self._log.warning("a batched prediction could not be split by rows; running requests one by one")
+                self._log.warning(
+                    "a batched prediction could not be split by rows; running requests one by one"
+                )
         outcomes: list[tuple[bool, Any]] = []
         for item in live:
             try:

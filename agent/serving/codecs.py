@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from agent.errors import RequestError
 
 __all__ = [
-    "JSON", "CSV", "NPY", "NPZ", "JPEG", "PNG",
-    "DECODABLE", "ENCODABLE", "media_type", "decode", "encode", "negotiate", "image_support",
+    "CSV",
+    "DECODABLE",
+    "ENCODABLE",
+    "JPEG",
+    "JSON",
+    "NPY",
+    "NPZ",
+    "PNG",
+    "decode",
+    "encode",
+    "image_support",
+    "media_type",
+    "negotiate",
 ]
 
 JSON = "application/json"
@@ -32,12 +44,12 @@ ENCODABLE = (JSON, CSV, NPY)
 _UTF8_TYPES = (JSON, CSV)
 
 
-def media_type(header: Optional[str]) -> str:
+def media_type(header: str | None) -> str:
     """``type/subtype`` of a Content-Type or Accept element, lower case, parameters dropped."""
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def image_support() -> Optional[str]:
+def image_support() -> str | None:
     """``torchvision`` or ``pillow`` when an image decoder is installed, else None."""
     try:
         import torchvision.io  # noqa: F401
@@ -70,22 +82,30 @@ def decode(body: bytes, content_type: str) -> Any:
         return _decode_npz(body)
     if kind in (JPEG, PNG):
         return _decode_image(body, kind)
-    raise RequestError(415, f"Content-Type {content_type!r} is not supported; send one of {', '.join(DECODABLE)}")
+    raise RequestError(
+        415, f"Content-Type {content_type!r} is not supported; send one of {', '.join(DECODABLE)}"
+    )
 
 
 def _decode_json(body: bytes) -> np.ndarray:
     try:
         data = _fast_loads(body)
-    except ValueError:  # orjson is strict (no NaN/Infinity): the stdlib decides, and words the error
+    except (
+        ValueError
+    ):  # orjson is strict (no NaN/Infinity): the stdlib decides, and words the error
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
-            raise RequestError(400, f"body is not valid JSON ({err}); send a JSON array of numbers") from None
+            raise RequestError(
+                400, f"body is not valid JSON ({err}); send a JSON array of numbers"
+            ) from None
     try:
         array = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise RequestError(
-            400, f"JSON body is not a rectangular array of numbers ({_short(err)}); send e.g. [[0.1, 0.2], [0.3, 0.4]]"
+            400,
+            f"JSON body is not a rectangular array of numbers ({_short(err)}); send e.g. [[0.1, "
+            "0.2], [0.3, 0.4]]",
         ) from None
     if array.ndim == 0:
         raise RequestError(400, "JSON body is a single number; send an array of numbers")
@@ -110,10 +130,16 @@ _fast_loads = _ORJSON.loads if _ORJSON is not None else _stdlib_loads
 
 
 def _dumps_array(array: np.ndarray) -> bytes:
-    """JSON of a numeric array: orjson straight from the buffer (no Python floats; ~15x faster on 1,000 values)
+    """JSON of a numeric array: orjson straight from the buffer (no Python floats; ~15x faster on
+    1,000 values)
     when it can say the same thing as ``json.dumps(array.tolist())``, else that."""
-    if (_ORJSON is not None and array.ndim and array.dtype.kind in "biuf" and array.flags.c_contiguous
-            and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))):  # orjson writes NaN as null
+    if (
+        _ORJSON is not None
+        and array.ndim
+        and array.dtype.kind in "biuf"
+        and array.flags.c_contiguous
+        and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
+    ):  # orjson writes NaN as null
         try:
             return _ORJSON.dumps(array, option=_ORJSON.OPT_SERIALIZE_NUMPY)
         except TypeError:  # a dtype orjson does not take (float16, big-endian): the stdlib path
@@ -132,7 +158,9 @@ def _decode_csv(body: bytes) -> np.ndarray:
         return np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float32, ndmin=2)
     except ValueError as err:
         raise RequestError(
-            400, f"CSV body is not rows of numbers with the same length ({_short(err)}); send e.g. '1,2,3\\n4,5,6'"
+            400,
+            f"CSV body is not rows of numbers with the same length ({_short(err)}); send e.g. "
+            "'1,2,3\\n4,5,6'",
         ) from None
 
 
@@ -141,10 +169,14 @@ def _decode_npy(body: bytes) -> np.ndarray:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except ValueError as err:
         raise RequestError(
-            400, f"NPY body cannot be read without unpickling ({_short(err)}); send a numeric array saved with np.save"
+            400,
+            f"NPY body cannot be read without unpickling ({_short(err)}); send a numeric array "
+            "saved with np.save",
         ) from None
     except (OSError, EOFError) as err:
-        raise RequestError(400, f"body is not an NPY array ({_short(err)}); write it with np.save") from None
+        raise RequestError(
+            400, f"body is not an NPY array ({_short(err)}); write it with np.save"
+        ) from None
     if not isinstance(array, np.ndarray):
         raise RequestError(400, "body is an NPZ archive, not NPY; send it as application/x-npz")
     return array
@@ -154,13 +186,17 @@ def _decode_npz(body: bytes) -> Any:
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
-                raise RequestError(400, "body is an NPY array, not NPZ; send it as application/x-npy")
+                raise RequestError(
+                    400, "body is an NPY array, not NPZ; send it as application/x-npy"
+                )
             arrays = tuple(archive[name] for name in archive.files)
     except RequestError:
         raise
     except (ValueError, OSError, EOFError, KeyError) as err:
-        raise RequestError(400, f"body is not an NPZ archive of numeric arrays ({_short(err)}); write it with "
-                                "np.savez") from None
+        raise RequestError(
+            400,
+            f"body is not an NPZ archive of numeric arrays ({_short(err)}); write it with np.savez",
+        ) from None
     if not arrays:
         raise RequestError(400, "NPZ body holds no arrays")
     return arrays[0] if len(arrays) == 1 else arrays
@@ -169,15 +205,21 @@ def _decode_npz(body: bytes) -> Any:
 def _decode_image(body: bytes, kind: str) -> np.ndarray:
     support = image_support()
     if support is None:
-        raise RequestError(415, f"{kind} needs Pillow or torchvision in the image; install one, or send NPY")
+        raise RequestError(
+            415, f"{kind} needs Pillow or torchvision in the image; install one, or send NPY"
+        )
     if support == "torchvision":
         import torch
         from torchvision.io import ImageReadMode, decode_image
 
         try:
-            tensor = decode_image(torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            tensor = decode_image(
+                torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
         except RuntimeError as err:
-            raise RequestError(400, f"body is not a readable {kind} image ({_short(err)})") from None
+            raise RequestError(
+                400, f"body is not a readable {kind} image ({_short(err)})"
+            ) from None
         return (tensor.unsqueeze(0).float() / 255.0).numpy()
     from PIL import Image, UnidentifiedImageError
 
@@ -189,7 +231,7 @@ def _decode_image(body: bytes, kind: str) -> np.ndarray:
     return (pixels.transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
 
 
-def negotiate(accept: Optional[str], default: str, supported: Sequence[str] = ENCODABLE) -> str:
+def negotiate(accept: str | None, default: str, supported: Sequence[str] = ENCODABLE) -> str:
     """The response type for an ``Accept`` header: highest q first, then header order.
 
     No header, or one that takes anything (``*/*``), gives ``default``. Raises RequestError 406
@@ -224,8 +266,10 @@ def negotiate(accept: Optional[str], default: str, supported: Sequence[str] = EN
                     return candidate
         elif kind in supported:
             return kind
-    raise RequestError(406, f"Accept {accept!r} names no type this model returns; accept one of "
-                            f"{', '.join(supported)}")
+    raise RequestError(
+        406,
+        f"Accept {accept!r} names no type this model returns; accept one of {', '.join(supported)}",
+    )
 
 
 def encode(prediction: Any, accept: str) -> bytes:
@@ -237,22 +281,28 @@ def encode(prediction: Any, accept: str) -> bytes:
             return json.dumps(prediction).encode()
         return _dumps_array(array)
     if array is None:
-        raise RequestError(406, f"the prediction is not an array, so it cannot be sent as {kind}; accept {JSON}")
+        raise RequestError(
+            406, f"the prediction is not an array, so it cannot be sent as {kind}; accept {JSON}"
+        )
     if kind == CSV:
         rows = array.reshape(1, -1) if array.ndim <= 1 else array.reshape(array.shape[0], -1)
         out = io.StringIO()
         for row in rows.tolist():
-            out.write(",".join(repr(value) if isinstance(value, float) else str(value) for value in row))
+            out.write(
+                ",".join(repr(value) if isinstance(value, float) else str(value) for value in row)
+            )
             out.write("\n")
         return out.getvalue().encode()
     if kind == NPY:
         out_bytes = io.BytesIO()
         np.save(out_bytes, array, allow_pickle=False)
         return out_bytes.getvalue()
-    raise RequestError(406, f"cannot encode a prediction as {kind}; accept one of {', '.join(ENCODABLE)}")
+    raise RequestError(
+        406, f"cannot encode a prediction as {kind}; accept one of {', '.join(ENCODABLE)}"
+    )
 
 
-def _to_numpy(prediction: Any) -> Optional[np.ndarray]:
+def _to_numpy(prediction: Any) -> np.ndarray | None:
     if isinstance(prediction, np.ndarray):
         return prediction
     detach = getattr(prediction, "detach", None)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.job import Layout
 from agent.settings import Settings
 
-__all__ = ["ServeConfig", "resolve_config", "available_cores", "assign_gpu"]
+__all__ = ["ServeConfig", "assign_gpu", "available_cores", "resolve_config"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class ServeConfig:
     layout: Layout
     host: str
     port: int
-    model_uri: Optional[str]
+    model_uri: str | None
     program: str
     workers: int
     torch_threads: int
@@ -43,7 +44,9 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_json_depth: int = 32
     stuck_timeout: float = 90.0  # seconds one model call may run before its worker is replaced
-    model_file: Optional[str] = None  # a file name in model_dir or a format (see agent.serving.formats)
+    model_file: str | None = (
+        None  # a file name in model_dir or a format (see agent.serving.formats)
+    )
     compile_program: bool = False
 
     @property
@@ -71,8 +74,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = None, *,
-                   cores: Optional[int] = None, gpus: int = 0) -> ServeConfig:
+def resolve_config(
+    settings: Settings,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    cores: int | None = None,
+    gpus: int = 0,
+) -> ServeConfig:
     """Settings plus command-line ``overrides`` (None values ignored) into a ServeConfig.
 
     Workers default to ``serve_workers_per_gpu`` per GPU (unset: min(4, cores // gpus), at least 1),
@@ -82,7 +90,9 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
     values = {key: value for key, value in (overrides or {}).items() if value is not None}
     unknown = set(values) - set(settings.as_dict())
     if unknown:
-        raise ConfigError(f"unknown serving overrides {sorted(unknown)}; this is a bug in the caller")
+        raise ConfigError(
+            f"unknown serving overrides {sorted(unknown)}; this is a bug in the caller"
+        )
     settings = settings.replace(**values)
     cores = cores or available_cores()
     if settings.serve_workers:
@@ -96,7 +106,9 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
     http_threads = settings.serve_http_threads or max(4, 2 * batch_size)
     port = settings.serve_port
     if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is not a TCP port; set SAGEMAKER_BIND_TO_PORT or --port to 1..65535")
+        raise ConfigError(
+            f"port {port} is not a TCP port; set SAGEMAKER_BIND_TO_PORT or --port to 1..65535"
+        )
     return ServeConfig(
         layout=Layout(Path(settings.root)),
         host=settings.serve_host,
@@ -119,7 +131,9 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
         header_timeout=settings.serve_header_timeout,
         body_min_rate=settings.serve_body_min_rate,
         keepalive=settings.serve_keepalive,
-        max_decoded_bytes=int((settings.serve_max_decoded_mb or 4 * settings.serve_max_payload_mb) * 1024 * 1024),
+        max_decoded_bytes=int(
+            (settings.serve_max_decoded_mb or 4 * settings.serve_max_payload_mb) * 1024 * 1024
+        ),
         max_image_pixels=settings.serve_max_image_pixels,
         max_json_depth=settings.serve_max_json_depth,
         stuck_timeout=settings.serve_stuck_timeout or settings.serve_timeout + 30.0,
@@ -128,14 +142,17 @@ def resolve_config(settings: Settings, overrides: Optional[Mapping[str, Any]] = 
     )
 
 
-def assign_gpu(taken: Iterable[Optional[int]], gpus: int) -> int:
-    """The GPU for a new worker: the one fewest live workers use (``taken``: their GPUs), lowest first.
+def assign_gpu(taken: Iterable[int | None], gpus: int) -> int:
+    """The GPU for a new worker: the one fewest live workers use (``taken``: their GPUs), lowest
+    first.
 
     Called as each worker is forked, this spreads workers round-robin, and a worker that replaces a
     dead one goes where the dead one was.
     """
     if gpus < 1:
-        raise ConfigError(f"assign_gpu needs at least one GPU, got {gpus}; this is a bug in the caller")
+        raise ConfigError(
+            f"assign_gpu needs at least one GPU, got {gpus}; this is a bug in the caller"
+        )
     counts = [0] * gpus
     for gpu in taken:
         if gpu is not None and 0 <= gpu < gpus:

@@ -1,4 +1,5 @@
-"""Before serving: fetch and unpack ``model.tar.gz``, install ``code/requirements.txt`` (once per content)."""
+"""Before serving: fetch and unpack ``model.tar.gz``, install ``code/requirements.txt`` (once per
+content)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 from agent.safety import safe_extract_tar
 from agent.storage import open_storage, redact
@@ -19,8 +20,13 @@ __all__ = ["fetch_model", "install_requirements"]
 _MARKER = ".torchbay-model-source.json"
 
 
-def fetch_model(uri: str, model_dir: Path, *, endpoint_url: Optional[str] = None,
-                log: Optional[logging.Logger] = None) -> bool:
+def fetch_model(
+    uri: str,
+    model_dir: Path,
+    *,
+    endpoint_url: str | None = None,
+    log: logging.Logger | None = None,
+) -> bool:
     """Download the archive at ``uri`` and unpack it safely into ``model_dir``.
 
     Skipped (returns False) when ``model_dir`` already holds this very archive (same URI, size
@@ -51,12 +57,19 @@ def fetch_model(uri: str, model_dir: Path, *, endpoint_url: Optional[str] = None
     return True
 
 
-def install_requirements(code_dir: Path, *, env: Mapping[str, str], stamp_dir: Optional[Path] = None,
-                         log: Optional[logging.Logger] = None) -> bool:
-    """``pip install -r code/requirements.txt`` unless this environment already installed this exact file.
+def install_requirements(
+    code_dir: Path,
+    *,
+    env: Mapping[str, str],
+    stamp_dir: Path | None = None,
+    log: logging.Logger | None = None,
+) -> bool:
+    """``pip install -r code/requirements.txt`` unless this environment already installed this exact
+    file.
 
     Returns True when pip ran. The stamp (a hash of the file and the interpreter) lives in
-    ``stamp_dir``, by default beside the installed packages (``sys.prefix``); no stamp when unwritable. Raises InstallError
+    ``stamp_dir``, by default beside the installed packages (``sys.prefix``); no stamp when
+    unwritable. Raises InstallError
     with pip's last lines when pip fails.
     """
     from agent.code import pip_install
@@ -69,17 +82,23 @@ def install_requirements(code_dir: Path, *, env: Mapping[str, str], stamp_dir: O
     with tempfile.TemporaryDirectory(prefix="torchbay-pip-") as tmp:
         # Unwritable stamp folder: a stamp nobody reads again, so pip runs every time.
         stamp = _stamp_path(stamp_dir) or Path(tmp) / "stamp.json"
-        ran = pip_install(["-r", str(requirements)], what=str(requirements), cwd=code_dir, env=env, key=digest,
-                          stamp=stamp, pip_log=Path(tmp) / "pip.log", log=log)
+        ran = pip_install(
+            ["-r", str(requirements)],
+            what=str(requirements),
+            cwd=code_dir,
+            env=env,
+            key=digest,
+            stamp=stamp,
+            pip_log=Path(tmp) / "pip.log",
+            log=log,
+        )
     return bool(ran)
 
 
-def _stamp_path(stamp_dir: Optional[Path]) -> Optional[Path]:
+def _stamp_path(stamp_dir: Path | None) -> Path | None:
     folder = stamp_dir if stamp_dir is not None else Path(sys.prefix)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
     return folder / ".torchbay-serve-requirements.json" if os.access(folder, os.W_OK) else None
-
-

@@ -19,16 +19,17 @@ import io
 import struct
 import threading
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
 from agent.errors import RequestError
 from agent.serving import codecs
 
-__all__ = ["Limits", "check_decoded_size", "DecodeGate", "release_memory"]
+__all__ = ["DecodeGate", "Limits", "check_decoded_size", "release_memory"]
 
 _FLOAT32 = 4
 _NPY_MAGIC = b"\x93NUMPY"
@@ -43,19 +44,25 @@ class Limits:
     max_decoded_bytes: int
     max_image_pixels: int
     max_json_depth: int
-    large_bytes: int = 8 * 1024 * 1024  # a decode at least this large goes through the worker's DecodeGate
+    large_bytes: int = (
+        8 * 1024 * 1024
+    )  # a decode at least this large goes through the worker's DecodeGate
 
 
 def check_decoded_size(body: bytes, content_type: str, limits: Limits) -> int:
-    """The decoded size ``body`` declares, in bytes (0 when unknown); RequestError when it is over a limit."""
+    """The decoded size ``body`` declares, in bytes (0 when unknown); RequestError when it is over a
+    limit."""
     kind = codecs.media_type(content_type)
     if kind == codecs.NPY:
         stream = io.BytesIO(body)
         declared = _within(_npy_bytes(stream), limits, "the NPY header declares")
         held = len(body) - stream.tell()
         if declared > held:
-            raise RequestError(400, f"the NPY header declares {declared} bytes of data but the body holds {held}; "
-                                    "send the whole array, written with np.save")
+            raise RequestError(
+                400,
+                f"the NPY header declares {declared} bytes of data but the body holds {held}; "
+                "send the whole array, written with np.save",
+            )
         return declared
     if kind == codecs.NPZ:
         return _within(_npz_bytes(body), limits, "the NPZ members declare")
@@ -63,7 +70,9 @@ def check_decoded_size(body: bytes, content_type: str, limits: Limits) -> int:
         return _check_image(body, kind, limits)
     if kind == codecs.JSON:
         _check_json_depth(body, limits.max_json_depth)
-        return _within(_separated_values(body, b",") * _FLOAT32, limits, "the JSON numbers (as float32) need")
+        return _within(
+            _separated_values(body, b",") * _FLOAT32, limits, "the JSON numbers (as float32) need"
+        )
     if kind == codecs.CSV:
         values = _separated_values(body, b",") + body.count(b"\n")
         return _within(values * _FLOAT32, limits, "the CSV values (as float32) need")
@@ -73,17 +82,25 @@ def check_decoded_size(body: bytes, content_type: str, limits: Limits) -> int:
 def _within(declared: int, limits: Limits, what: str) -> int:
     limit = limits.max_decoded_bytes
     if declared > limit:
-        raise RequestError(413, f"{what} {declared} bytes decoded, over the limit of {limit} bytes "
-                                f"({limit / 1048576:g} MiB); send less per request or raise "
-                                "TORCHBAY_SERVE_MAX_DECODED_MB")
+        raise RequestError(
+            413,
+            f"{what} {declared} bytes decoded, over the limit of {limit} bytes "
+            f"({limit / 1048576:g} MiB); send less per request or raise "
+            "TORCHBAY_SERVE_MAX_DECODED_MB",
+        )
     return declared
 
 
 def _npy_bytes(stream: Any) -> int:
-    """Bytes the NPY header at the start of ``stream`` declares (0 when it is no readable NPY header)."""
+    """Bytes the NPY header at the start of ``stream`` declares (0 when it is no readable NPY
+    header)."""
     try:
         version = np.lib.format.read_magic(stream)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read(stream, max_header_size=65536)
     except (ValueError, SyntaxError, struct.error, EOFError, TypeError, OSError):
         return 0
@@ -97,7 +114,8 @@ def _npy_bytes(stream: Any) -> int:
 
 
 def _npz_bytes(body: bytes) -> int:
-    """Bytes the members of an NPZ archive declare, from each member's NPY header (0 when unreadable)."""
+    """Bytes the members of an NPZ archive declare, from each member's NPY header (0 when
+    unreadable)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, OSError, ValueError):
@@ -105,17 +123,28 @@ def _npz_bytes(body: bytes) -> int:
     with archive:
         members = archive.infolist()
         if len(members) > _MAX_NPZ_MEMBERS:
-            raise RequestError(413, f"the NPZ archive has {len(members)} members, over the limit of "
-                                    f"{_MAX_NPZ_MEMBERS}; send fewer arrays per request")
+            raise RequestError(
+                413,
+                f"the NPZ archive has {len(members)} members, over the limit of "
+                f"{_MAX_NPZ_MEMBERS}; send fewer arrays per request",
+            )
         total = 0
         for info in members:
             declared = 0
             try:  # only the member's first bytes are inflated: its NPY header
                 with archive.open(info) as member:
                     declared = _npy_bytes(io.BytesIO(member.read(65536 + 16)))
-            except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError):
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                ValueError,
+                NotImplementedError,
+                RuntimeError,
+                EOFError,
+            ):
                 pass
-            # inflating writes file_size bytes; np.load allocates what the header declares: the larger counts
+            # inflating writes file_size bytes; np.load allocates what the header declares: the
+            # larger counts
             total += max(info.file_size, declared)
     return total
 
@@ -127,20 +156,23 @@ def _check_image(body: bytes, kind: str, limits: Limits) -> int:
     width, height = size
     pixels = width * height
     if pixels > limits.max_image_pixels:
-        raise RequestError(413, f"the {kind} image is {width}x{height} ({pixels} pixels), over the limit of "
-                                f"{limits.max_image_pixels} pixels; send a smaller image or raise "
-                                "TORCHBAY_SERVE_MAX_IMAGE_PIXELS")
+        raise RequestError(
+            413,
+            f"the {kind} image is {width}x{height} ({pixels} pixels), over the limit of "
+            f"{limits.max_image_pixels} pixels; send a smaller image or raise "
+            "TORCHBAY_SERVE_MAX_IMAGE_PIXELS",
+        )
     return pixels * 3 * _FLOAT32
 
 
-def _png_size(body: bytes) -> Optional[tuple[int, int]]:
+def _png_size(body: bytes) -> tuple[int, int] | None:
     if len(body) < 24 or body[12:16] != b"IHDR":
         return None
     width, height = struct.unpack(">II", body[16:24])
     return width, height
 
 
-def _jpeg_size(body: bytes) -> Optional[tuple[int, int]]:
+def _jpeg_size(body: bytes) -> tuple[int, int] | None:
     """(width, height) from the first start-of-frame marker of a JPEG."""
     if not body.startswith(b"\xff\xd8"):
         return None
@@ -155,26 +187,32 @@ def _jpeg_size(body: bytes) -> Optional[tuple[int, int]]:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        (length,) = struct.unpack(">H", body[i + 2:i + 4])
+        (length,) = struct.unpack(">H", body[i + 2 : i + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if i + 9 > end:
                 return None
-            height, width = struct.unpack(">HH", body[i + 5:i + 9])
+            height, width = struct.unpack(">HH", body[i + 5 : i + 9])
             return width, height
         i += 2 + length
     return None
 
 
 def _check_json_depth(body: bytes, limit: int) -> None:
-    """400 when arrays or objects nest deeper than ``limit`` (brackets inside strings count too: conservative)."""
+    """400 when arrays or objects nest deeper than ``limit`` (brackets inside strings count too:
+    conservative)."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return
     raw = np.frombuffer(body, dtype=np.uint8)
-    steps = ((raw == 0x5B) | (raw == 0x7B)).astype(np.int8) - ((raw == 0x5D) | (raw == 0x7D)).astype(np.int8)
+    steps = ((raw == 0x5B) | (raw == 0x7B)).astype(np.int8) - (
+        (raw == 0x5D) | (raw == 0x7D)
+    ).astype(np.int8)
     depth = int(np.cumsum(steps, dtype=np.int64).max(initial=0))
     if depth > limit:
-        raise RequestError(400, f"the JSON body nests {depth} levels deep, over the limit of {limit}; send a "
-                                "flat array of rows or raise TORCHBAY_SERVE_MAX_JSON_DEPTH")
+        raise RequestError(
+            400,
+            f"the JSON body nests {depth} levels deep, over the limit of {limit}; send a "
+            "flat array of rows or raise TORCHBAY_SERVE_MAX_JSON_DEPTH",
+        )
 
 
 def _separated_values(body: bytes, separator: bytes) -> int:
@@ -182,7 +220,8 @@ def _separated_values(body: bytes, separator: bytes) -> int:
 
 
 class DecodeGate:
-    """One large decode at a time in this worker, and its memory handed back to the OS after the request."""
+    """One large decode at a time in this worker, and its memory handed back to the OS after the
+    request."""
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
@@ -206,10 +245,10 @@ def release_memory() -> None:
         trim(0)
 
 
-_TRIM: list[Optional[Callable[[int], int]]] = []
+_TRIM: list[Callable[[int], int] | None] = []
 
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def _malloc_trim() -> Callable[[int], int] | None:
     if not _TRIM:  # looked up once per process; glibc only
         function = None
         try:

@@ -1,4 +1,5 @@
-"""One log line per client error, at most a few per second: a flood of bad requests cannot flood the log."""
+"""One log line per client error, at most a few per second: a flood of bad requests cannot flood the
+log."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ __all__ = ["RateLimitedLog"]
 
 
 class RateLimitedLog:
-    """``warning(fmt, *args)`` logs at most ``per_second`` lines a second; the rest are counted and the
+    """``warning(fmt, *args)`` logs at most ``per_second`` lines a second; the rest are counted and
+    the
     count is logged with the next line that gets through (``... (N similar lines suppressed)``)."""
 
     def __init__(self, log: logging.Logger, per_second: float = 5.0, burst: int = 20) -> None:

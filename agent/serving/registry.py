@@ -1,8 +1,10 @@
 """The models a multi-model worker holds: states, in-flight counts, LRU order and the memory budget.
 
-Every model is charged bytes against one budget. A load first reserves its name (a second load of the
+Every model is charged bytes against one budget. A load first reserves its name (a second load of
+the
 same name is a 409), then asks for room for its estimated charge: when the loaded models leave too
-little, an explicit load is refused (507, as SageMaker expects, so the platform unloads and retries),
+little, an explicit load is refused (507, as SageMaker expects, so the platform unloads and
+retries),
 while a load on first use evicts the least recently used idle models until it fits (507 when even
 that is not enough). Once loaded, the charge becomes what the model really holds, if larger. A model
 being unloaded takes no new requests (404) and goes only when its in-flight requests are done.
@@ -14,11 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from agent.errors import RequestError
 
-__all__ = ["LoadedModel", "ModelRegistry", "LOADING", "READY", "UNLOADING"]
+__all__ = ["LOADING", "READY", "UNLOADING", "LoadedModel", "ModelRegistry"]
 
 LOADING, READY, UNLOADING = "loading", "ready", "unloading"
 
@@ -29,7 +31,7 @@ class LoadedModel:
 
     name: str
     url: str
-    path: Optional[Path] = None
+    path: Path | None = None
     serving: Any = None  # the model's own Serving (handler and runner)
     invoke: Any = None  # its request path: environ -> (status, body, Content-Type, close)
     charge: int = 0
@@ -55,23 +57,35 @@ class ModelRegistry:
         with self._cond:
             if name in self._models:
                 state = self._models[name].state
-                raise RequestError(409, f"model {name!r} is already {state}; unload it first (DELETE /models/{name})")
+                raise RequestError(
+                    409,
+                    f"model {name!r} is already {state}; unload it first (DELETE /models/{name})",
+                )
             entry = LoadedModel(name, url)
             self._models[name] = entry
             return entry
 
-    def make_room(self, entry: LoadedModel, estimate: int, *, evict: bool,
-                  available: Optional[int] = None) -> list[LoadedModel]:
-        """Charge ``estimate`` bytes to ``entry``; the models to unload for it (evict only); 507 when it cannot fit.
+    def make_room(
+        self, entry: LoadedModel, estimate: int, *, evict: bool, available: int | None = None
+    ) -> list[LoadedModel]:
+        """Charge ``estimate`` bytes to ``entry``; the models to unload for it (evict only); 507
+        when it cannot fit.
 
-        ``available`` is the memory the system has free now: a model larger than that cannot load either.
+        ``available`` is the memory the system has free now: a model larger than that cannot load
+        either.
         """
         with self._cond:
             used = sum(m.charge for m in self._models.values() if m is not entry)
             victims: list[LoadedModel] = []
             if used + estimate > self.budget and evict:
-                idle = sorted((m for m in self._models.values()
-                               if m is not entry and m.state == READY and m.inflight == 0), key=lambda m: m.last_used)
+                idle = sorted(
+                    (
+                        m
+                        for m in self._models.values()
+                        if m is not entry and m.state == READY and m.inflight == 0
+                    ),
+                    key=lambda m: m.last_used,
+                )
                 freed = 0
                 for model in idle:
                     if used - freed + estimate <= self.budget:
@@ -84,19 +98,27 @@ class ModelRegistry:
                     used -= freed
             if used + estimate > self.budget:
                 self.loads["refused"] += 1
-                raise RequestError(507, f"model {entry.name!r} needs about {estimate} bytes but {used} of the "
-                                        f"{self.budget}-byte budget are taken; unload a model or raise "
-                                        "TORCHBAY_MME_MEMORY_MB")
+                raise RequestError(
+                    507,
+                    f"model {entry.name!r} needs about {estimate} bytes but {used} of the "
+                    f"{self.budget}-byte budget are taken; unload a model or raise "
+                    "TORCHBAY_MME_MEMORY_MB",
+                )
             if available is not None and not victims and estimate > available:
                 self.loads["refused"] += 1
-                raise RequestError(507, f"model {entry.name!r} needs about {estimate} bytes but the system has "
-                                        f"{available} free; unload a model")
+                raise RequestError(
+                    507,
+                    f"model {entry.name!r} needs about {estimate} bytes but the system has "
+                    f"{available} free; unload a model",
+                )
             for model in victims:
                 model.state = UNLOADING
             entry.charge = estimate
             return victims
 
-    def loaded(self, entry: LoadedModel, *, path: Path, serving: Any, invoke: Any, charge: int) -> None:
+    def loaded(
+        self, entry: LoadedModel, *, path: Path, serving: Any, invoke: Any, charge: int
+    ) -> None:
         with self._cond:
             entry.path, entry.serving, entry.invoke = path, serving, invoke
             entry.charge = max(entry.charge, charge)
@@ -112,8 +134,9 @@ class ModelRegistry:
             self._cond.notify_all()
 
     # --- requests ------------------------------------------------------------------------------
-    def acquire(self, name: str, wait: float) -> Optional[LoadedModel]:
-        """The ready model (its in-flight count raised), waiting up to ``wait`` s while it loads; None otherwise."""
+    def acquire(self, name: str, wait: float) -> LoadedModel | None:
+        """The ready model (its in-flight count raised), waiting up to ``wait`` s while it loads;
+        None otherwise."""
         deadline = time.monotonic() + wait
         with self._cond:
             while True:
@@ -137,18 +160,24 @@ class ModelRegistry:
 
     # --- unloading -----------------------------------------------------------------------------
     def begin_unload(self, name: str) -> LoadedModel:
-        """Stop taking requests for ``name``; 404 when it is not loaded, 409 while it is still loading."""
+        """Stop taking requests for ``name``; 404 when it is not loaded, 409 while it is still
+        loading."""
         with self._cond:
             entry = self._models.get(name)
             if entry is None or entry.state == UNLOADING:
-                raise RequestError(404, f"model {name!r} is not loaded; GET /models lists the loaded ones")
+                raise RequestError(
+                    404, f"model {name!r} is not loaded; GET /models lists the loaded ones"
+                )
             if entry.state == LOADING:
-                raise RequestError(409, f"model {name!r} is still loading; unload it when the load has finished")
+                raise RequestError(
+                    409, f"model {name!r} is still loading; unload it when the load has finished"
+                )
             entry.state = UNLOADING
             return entry
 
     def finish_unload(self, entry: LoadedModel, timeout: float, *, reason: str = "request") -> int:
-        """Wait (up to ``timeout`` s) for the model's in-flight requests, then forget it; those still running."""
+        """Wait (up to ``timeout`` s) for the model's in-flight requests, then forget it; those
+        still running."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while entry.inflight > 0:
@@ -163,7 +192,7 @@ class ModelRegistry:
             return entry.inflight
 
     # --- views ---------------------------------------------------------------------------------
-    def get(self, name: str) -> Optional[LoadedModel]:
+    def get(self, name: str) -> LoadedModel | None:
         with self._cond:
             return self._models.get(name)
 

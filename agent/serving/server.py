@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import signal
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -21,23 +22,32 @@ from agent.serving.app import Serving
 from agent.serving.config import assign_gpu
 from agent.serving.worker import make_worker
 
-__all__ = ["run_server", "gunicorn_options", "EXIT_BOOT_FAILED"]
+__all__ = ["EXIT_BOOT_FAILED", "gunicorn_options", "run_server"]
 
-EXIT_BOOT_FAILED = 3  # a worker could not boot (the model did not load): the server ends with it, once
-_BOOT_RETRIES = 3  # boot failures tolerated while other workers serve (a replacement that fails at random)
+EXIT_BOOT_FAILED = (
+    3  # a worker could not boot (the model did not load): the server ends with it, once
+)
+_BOOT_RETRIES = (
+    3  # boot failures tolerated while other workers serve (a replacement that fails at random)
+)
 
 
 def gunicorn_options(serving: Serving) -> dict[str, Any]:
     """The gunicorn settings for a ServeConfig."""
     config = serving.config
     return {
-        "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
+        "bind": [
+            f"[{config.host}]:{config.port}"
+            if ":" in config.host
+            else f"{config.host}:{config.port}"
+        ],
         "workers": config.workers,
         "worker_class": make_worker(serving),
         "threads": config.http_threads,
-        # heartbeat only: slow requests are answered 504 first, stuck calls replace their worker before this
+        # heartbeat only: slow requests are answered 504 first, stuck calls replace their worker
+        # before this
         "timeout": max(30, int(config.stuck_timeout) + 30),
-        "graceful_timeout": max(1, int(round(config.grace_period))),
+        "graceful_timeout": max(1, round(config.grace_period)),
         "keepalive": max(1, math.ceil(config.keepalive)),  # gunicorn takes whole seconds
         "backlog": 2048,
         "accesslog": None,
@@ -50,8 +60,13 @@ def gunicorn_options(serving: Serving) -> dict[str, Any]:
 
 
 class _Application(BaseApplication):
-    def __init__(self, wsgi: Callable[..., Any], options: dict[str, Any], serving: Serving,
-                 worker_boot: Callable[[Optional[int]], None]) -> None:
+    def __init__(
+        self,
+        wsgi: Callable[..., Any],
+        options: dict[str, Any],
+        serving: Serving,
+        worker_boot: Callable[[int | None], None],
+    ) -> None:
         self._wsgi = wsgi
         self._options = options
         self._serving = serving
@@ -66,10 +81,14 @@ class _Application(BaseApplication):
 
         gpus = serving.config.gpus
 
-        def pre_fork(server: Any, worker: Any) -> None:  # in the master: the GPU this worker will use
+        def pre_fork(
+            server: Any, worker: Any
+        ) -> None:  # in the master: the GPU this worker will use
             if gpus:
                 worker.torchbay_gpu = assign_gpu(
-                    (getattr(other, "torchbay_gpu", None) for other in server.WORKERS.values()), gpus)
+                    (getattr(other, "torchbay_gpu", None) for other in server.WORKERS.values()),
+                    gpus,
+                )
 
         def post_fork(server: Any, worker: Any) -> None:
             boot(getattr(worker, "torchbay_gpu", None))
@@ -85,14 +104,22 @@ class _Application(BaseApplication):
         def child_exit(server: Any, worker: Any) -> None:
             booted = serving.state.was_ready(worker.pid)
             if serving.state.worker_gone(worker.pid):
-                log.error("worker %d died unexpectedly; it is replaced and /ping answers 503 for %g s",
-                          worker.pid, serving.config.crash_window)
+                log.error(
+                    "worker %d died unexpectedly; it is replaced and /ping answers 503 for %g s",
+                    worker.pid,
+                    serving.config.crash_window,
+                )
             if not booted and not getattr(server, "stopping", False):
                 failures = serving.state.record_boot_failure()
                 if serving.state.ready_workers() == 0 or failures >= _BOOT_RETRIES:
-                    raise HaltServer(f"worker {worker.pid} could not boot ({failures} boot failures); see the "
-                                     "error above", EXIT_BOOT_FAILED)
-                log.error("worker %d could not boot (%d so far); starting another", worker.pid, failures)
+                    raise HaltServer(
+                        f"worker {worker.pid} could not boot ({failures} boot failures); see the "
+                        "error above",
+                        EXIT_BOOT_FAILED,
+                    )
+                log.error(
+                    "worker %d could not boot (%d so far); starting another", worker.pid, failures
+                )
 
         self.cfg.set("pre_fork", pre_fork)
         self.cfg.set("post_fork", post_fork)
@@ -116,9 +143,9 @@ class _Arbiter(Arbiter):
 
     WORKER_BOOT_ERROR = -1  # never an exit status
     APP_LOAD_ERROR = -2
-    serving: Optional[Serving] = None
+    serving: Serving | None = None
     stopping = False
-    stop_signal: Optional[int] = None  # the signal that stopped the server, for the 128+N exit code
+    stop_signal: int | None = None  # the signal that stopped the server, for the 128+N exit code
 
     def _mark_stopping(self, signum: int) -> None:
         if self.stop_signal is None:
@@ -140,14 +167,16 @@ class _Arbiter(Arbiter):
         super().handle_quit()
 
 
-def run_server(serving: Serving, wsgi: Callable[..., Any], *,
-               worker_boot: Callable[[Optional[int]], None]) -> int:
+def run_server(
+    serving: Serving, wsgi: Callable[..., Any], *, worker_boot: Callable[[int | None], None]
+) -> int:
     """Run gunicorn in this process until it stops; its exit status.
 
     ``worker_boot(gpu)`` runs in each forked worker first, with the GPU index it was given (spread
     round-robin over ``config.gpus`` by :func:`assign_gpu`), or None on CPU.
 
-    A clean stop by a signal exits 128+N (143 for SIGTERM), as ``docker stop`` and SageMaker expect of a
+    A clean stop by a signal exits 128+N (143 for SIGTERM), as ``docker stop`` and SageMaker expect
+    of a
     process that ended on their signal; a failure keeps gunicorn's own code.
     """
     application = _Application(wsgi, gunicorn_options(serving), serving, worker_boot)
@@ -161,4 +190,3 @@ def run_server(serving: Serving, wsgi: Callable[..., Any], *,
     if code == 0 and arbiter.stop_signal is not None:
         return 128 + int(arbiter.stop_signal)
     return code
-

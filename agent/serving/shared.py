@@ -10,14 +10,31 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import time
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
-__all__ = ["SharedState", "ENDPOINTS", "CODES", "DURATION_BUCKETS", "BATCH_BUCKETS"]
+__all__ = ["BATCH_BUCKETS", "CODES", "DURATION_BUCKETS", "ENDPOINTS", "SharedState"]
 
 ENDPOINTS = ("invocations", "ping", "execution-parameters", "metrics", "other")
 CODES = (200, 400, 404, 405, 406, 408, 413, 414, 415, 431, 500, 503, 504, 0)  # 0: any other status
-DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    60.0, float("inf"))
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    float("inf"),
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 
 _SLOTS = 256
@@ -25,23 +42,30 @@ _FREE, _READY, _CLEAN, _STUCK = 0, 1, 2, 3
 
 
 class SharedState:
-    """Create in the master before the workers fork; every method is safe from any process and thread."""
+    """Create in the master before the workers fork; every method is safe from any process and
+    thread."""
 
     def __init__(self) -> None:
         ctx = multiprocessing.get_context("fork")
         self._lock = ctx.Lock()
         self._pids = ctx.RawArray(ctypes.c_long, _SLOTS)
         self._states = ctx.RawArray(ctypes.c_int, _SLOTS)
-        self._conns = ctx.RawArray(ctypes.c_long, _SLOTS)  # connections each worker holds (for balancing)
+        self._conns = ctx.RawArray(
+            ctypes.c_long, _SLOTS
+        )  # connections each worker holds (for balancing)
         # health: [last unexpected death (CLOCK_MONOTONIC), deaths, stopping]
         self._health = ctx.RawArray(ctypes.c_double, 3)
         self._health[0] = -1e18
-        self._stuck_since = ctx.RawArray(ctypes.c_double, _SLOTS)  # when a stuck worker's model call began
+        self._stuck_since = ctx.RawArray(
+            ctypes.c_double, _SLOTS
+        )  # when a stuck worker's model call began
         # events: [requests answered 504, workers replaced because stuck, boot failures]
         self._events = ctx.RawArray(ctypes.c_double, 3)
         n_codes, n_buckets = len(CODES), len(DURATION_BUCKETS)
         self._requests = ctx.RawArray(ctypes.c_double, len(ENDPOINTS) * n_codes)
-        self._durations = ctx.RawArray(ctypes.c_double, len(ENDPOINTS) * (n_buckets + 1))  # buckets + sum
+        self._durations = ctx.RawArray(
+            ctypes.c_double, len(ENDPOINTS) * (n_buckets + 1)
+        )  # buckets + sum
         self._batches = ctx.RawArray(ctypes.c_double, len(BATCH_BUCKETS) + 1)
 
     # --- health ------------------------------------------------------------------------------
@@ -62,7 +86,8 @@ class SharedState:
                     return
 
     def worker_gone(self, pid: int, *, stopping: bool = False) -> bool:
-        """The master reaped a worker; True (and /ping unhealthy for a while) when its death was unexpected."""
+        """The master reaped a worker; True (and /ping unhealthy for a while) when its death was
+        unexpected."""
         with self._lock:
             clean = False
             stuck = False
@@ -86,7 +111,8 @@ class SharedState:
             return any(self._pids[i] == pid and self._states[i] != _FREE for i in range(_SLOTS))
 
     def worker_stuck(self, pid: int, since: float) -> None:
-        """The worker ``pid`` gives up on a model call running since ``since`` (monotonic) and will exit."""
+        """The worker ``pid`` gives up on a model call running since ``since`` (monotonic) and will
+        exit."""
         with self._lock:
             for i in range(_SLOTS):
                 if self._pids[i] == pid and self._states[i] == _READY:
@@ -96,7 +122,11 @@ class SharedState:
     def stuck_workers(self) -> list[tuple[int, float]]:
         """(pid, seconds in its model call) of every worker being replaced because it is stuck."""
         now = time.monotonic()
-        return [(int(self._pids[i]), now - self._stuck_since[i]) for i in range(_SLOTS) if self._states[i] == _STUCK]
+        return [
+            (int(self._pids[i]), now - self._stuck_since[i])
+            for i in range(_SLOTS)
+            if self._states[i] == _STUCK
+        ]
 
     def record_timeout(self) -> None:
         with self._lock:
@@ -108,7 +138,7 @@ class SharedState:
             self._events[2] += 1
             return int(self._events[2])
 
-    def worker_slot(self, pid: int) -> Optional[int]:
+    def worker_slot(self, pid: int) -> int | None:
         """The slot of a ready worker (for :meth:`set_connections`), None when it is not ready."""
         with self._lock:
             for i in range(_SLOTS):
@@ -120,7 +150,7 @@ class SharedState:
         """Publish how many connections the worker in ``slot`` holds (no lock: one writer per slot)."""
         self._conns[slot] = count
 
-    def fewest_connections(self, slot: int) -> Optional[int]:
+    def fewest_connections(self, slot: int) -> int | None:
         """The fewest connections any other ready worker holds; None when there is no other."""
         counts = [self._conns[i] for i in range(_SLOTS) if i != slot and self._states[i] == _READY]
         return min(counts) if counts else None
@@ -137,7 +167,8 @@ class SharedState:
         return int(self._health[1])
 
     def health(self, expected_workers: int, crash_window: float) -> tuple[bool, str]:
-        """(healthy, reason): every expected worker booted, none died unexpectedly lately, not stopping."""
+        """(healthy, reason): every expected worker booted, none died unexpectedly lately, not
+        stopping."""
         ready = self.ready_workers()
         since = time.monotonic() - self._health[0]
         if self._health[2]:
@@ -145,11 +176,15 @@ class SharedState:
         stuck = self.stuck_workers()
         if stuck:
             pid, seconds = stuck[0]
-            return False, (f"worker {pid} is stuck in a model call for {seconds:.0f} s (over "
-                           "TORCHBAY_SERVE_STUCK_TIMEOUT) and is being replaced")
+            return False, (
+                f"worker {pid} is stuck in a model call for {seconds:.0f} s (over "
+                "TORCHBAY_SERVE_STUCK_TIMEOUT) and is being replaced"
+            )
         if since < crash_window:
-            return False, (f"a worker died unexpectedly {since:.1f} s ago ({int(self._health[1])} so far); "
-                           "see the server log")
+            return False, (
+                f"a worker died unexpectedly {since:.1f} s ago ({int(self._health[1])} so far); "
+                "see the server log"
+            )
         if ready < expected_workers:
             return False, f"{ready} of {expected_workers} workers are ready"
         return True, f"{ready} workers ready"
@@ -184,7 +219,7 @@ class SharedState:
                 "ready": sum(1 for i in range(_SLOTS) if self._states[i] == _READY),
             }
 
-    def collector(self) -> "_Collector":
+    def collector(self) -> _Collector:
         """A prometheus_client collector over these counters."""
         return _Collector(self)
 
@@ -198,7 +233,7 @@ def _bucket(bounds: Sequence[float], value: float) -> int:
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[float]) -> list[tuple[str, float]]:
     out, total = [], 0.0
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(bounds, counts, strict=False):
         total += count
         out.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
     return out
@@ -209,39 +244,60 @@ class _Collector:
         self._state = state
 
     def collect(self) -> Iterator[object]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         snap = self._state.snapshot()
-        requests = CounterMetricFamily("torchbay_serve_requests", "HTTP requests answered, by endpoint and status.",
-                                       labels=["endpoint", "code"])
+        requests = CounterMetricFamily(
+            "torchbay_serve_requests",
+            "HTTP requests answered, by endpoint and status.",
+            labels=["endpoint", "code"],
+        )
         for e, endpoint in enumerate(ENDPOINTS):
             for c, code in enumerate(CODES):
                 value = snap["requests"][e * len(CODES) + c]
                 if value:
                     requests.add_metric([endpoint, str(code) if code else "other"], value)
         yield requests
-        durations = HistogramMetricFamily("torchbay_serve_request_duration_seconds",
-                                          "Time from the request's arrival at a worker to its response.",
-                                          labels=["endpoint"])
+        durations = HistogramMetricFamily(
+            "torchbay_serve_request_duration_seconds",
+            "Time from the request's arrival at a worker to its response.",
+            labels=["endpoint"],
+        )
         stride = len(DURATION_BUCKETS) + 1
         for e, endpoint in enumerate(ENDPOINTS):
-            row = snap["durations"][e * stride:(e + 1) * stride]
+            row = snap["durations"][e * stride : (e + 1) * stride]
             if sum(row[:-1]):
                 durations.add_metric([endpoint], _cumulative(DURATION_BUCKETS, row[:-1]), row[-1])
         yield durations
-        batches = HistogramMetricFamily("torchbay_serve_batch_size",
-                                        "Requests joined into one model call (1 without batching).")
+        batches = HistogramMetricFamily(
+            "torchbay_serve_batch_size", "Requests joined into one model call (1 without batching)."
+        )
         if sum(snap["batches"][:-1]):
-            batches.add_metric([], _cumulative(BATCH_BUCKETS, snap["batches"][:-1]), snap["batches"][-1])
+            batches.add_metric(
+                [], _cumulative(BATCH_BUCKETS, snap["batches"][:-1]), snap["batches"][-1]
+            )
         yield batches
-        yield CounterMetricFamily("torchbay_serve_worker_deaths", "Workers that died unexpectedly.",
-                                  value=snap["deaths"])
-        yield CounterMetricFamily("torchbay_serve_timeouts", "Requests answered 504 because the model was too slow.",
-                                  value=snap["timeouts"])
-        replaced = CounterMetricFamily("torchbay_serve_worker_replacements",
-                                       "Workers replaced after boot, by reason (died: any exit or signal; stuck: "
-                                       "a model call over TORCHBAY_SERVE_STUCK_TIMEOUT).", labels=["reason"])
+        yield CounterMetricFamily(
+            "torchbay_serve_worker_deaths", "Workers that died unexpectedly.", value=snap["deaths"]
+        )
+        yield CounterMetricFamily(
+            "torchbay_serve_timeouts",
+            "Requests answered 504 because the model was too slow.",
+            value=snap["timeouts"],
+        )
+        replaced = CounterMetricFamily(
+            "torchbay_serve_worker_replacements",
+            "Workers replaced after boot, by reason (died: any exit or signal; stuck: "
+            "a model call over TORCHBAY_SERVE_STUCK_TIMEOUT).",
+            labels=["reason"],
+        )
         replaced.add_metric(["died"], snap["deaths"])
         replaced.add_metric(["stuck"], snap["stuck"])
         yield replaced
-        yield GaugeMetricFamily("torchbay_serve_workers_ready", "Workers booted and answering.", value=snap["ready"])
+        yield GaugeMetricFamily(
+            "torchbay_serve_workers_ready", "Workers booted and answering.", value=snap["ready"]
+        )

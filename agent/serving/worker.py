@@ -32,11 +32,11 @@ import os
 import selectors
 import time
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 from agent.serving.ratelog import RateLimitedLog
 
-__all__ = ["make_worker", "EXIT_STUCK", "request_complete"]
+__all__ = ["EXIT_STUCK", "make_worker", "request_complete"]
 
 EXIT_STUCK = 70  # a worker that gave up on a stuck model call (the master replaces it)
 
@@ -47,8 +47,9 @@ _ACCEPT_BATCH = 64  # most connections accepted per wake-up
 _LINGER = 1.0  # seconds a stuck worker keeps answering (/ping: 503) before it exits
 
 
-def request_complete(buf: bytes | bytearray, max_body: int) -> tuple[bool, Optional[int]]:
-    """(the request in ``buf`` has fully arrived, its body length once the headers are in: 0 when chunked).
+def request_complete(buf: bytes | bytearray, max_body: int) -> tuple[bool, int | None]:
+    """(the request in ``buf`` has fully arrived, its body length once the headers are in: 0 when
+    chunked).
 
     Also True when reading on would not help: a body over ``max_body`` (the app answers 413 without
     reading it), or a head too long or malformed (gunicorn's parser answers 431 or 400).
@@ -69,7 +70,9 @@ def request_complete(buf: bytes | bytearray, max_body: int) -> tuple[bool, Optio
         elif name == "transfer-encoding" and "chunked" in value.lower():
             chunked = True
     start = end + 4
-    if chunked:  # the body's length is unknown until it ends: its deadline is the header timeout again
+    if (
+        chunked
+    ):  # the body's length is unknown until it ends: its deadline is the header timeout again
         return _chunked_complete(buf, start, max_body), 0
     if length > max_body or length < 0:
         return True, length
@@ -81,14 +84,18 @@ def _chunked_complete(buf: bytes | bytearray, i: int, max_body: int) -> bool:
     while True:
         line_end = buf.find(b"\r\n", i)
         if line_end < 0:
-            return len(buf) - i > 1024  # a chunk-size line this long is malformed: the parser says so
+            return (
+                len(buf) - i > 1024
+            )  # a chunk-size line this long is malformed: the parser says so
         size_text = bytes(buf[i:line_end]).split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
         except ValueError:
             return True
         if size == 0:
-            return buf.find(b"\r\n\r\n", line_end) >= 0 or buf[line_end:line_end + 4] == b"\r\n\r\n"
+            return (
+                buf.find(b"\r\n\r\n", line_end) >= 0 or buf[line_end : line_end + 4] == b"\r\n\r\n"
+            )
         total += size
         if total > max_body:
             return True
@@ -99,8 +106,11 @@ def _chunked_complete(buf: bytes | bytearray, i: int, max_body: int) -> bool:
 
 def _json_answer(status: int, phrase: str, message: str) -> bytes:
     body = json.dumps({"code": status, "error": phrase, "message": message}).encode()
-    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: "
+        f"{len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _parser_error(exc: BaseException, cfg: Any) -> tuple[int, str, str]:
@@ -108,23 +118,50 @@ def _parser_error(exc: BaseException, cfg: Any) -> tuple[int, str, str]:
     name = type(exc).__name__
     text = str(exc)[:200]
     if name == "LimitRequestLine":
-        return 414, "URI Too Long", (f"the request line is longer than {cfg.limit_request_line} bytes ({text}); "
-                                     "send a shorter URL")
+        return (
+            414,
+            "URI Too Long",
+            (
+                f"the request line is longer than {cfg.limit_request_line} bytes ({text}); "
+                "send a shorter URL"
+            ),
+        )
     if name == "LimitRequestHeaders":
-        return 431, "Request Header Fields Too Large", (
-            f"the request headers are over the limits ({text}: at most {cfg.limit_request_fields} fields of "
-            f"{cfg.limit_request_field_size} bytes); send fewer or shorter headers")
+        return (
+            431,
+            "Request Header Fields Too Large",
+            (
+                f"the request headers are over the limits ({text}: at most "
+                f"{cfg.limit_request_fields} fields of "
+                f"{cfg.limit_request_field_size} bytes); send fewer or shorter headers"
+            ),
+        )
     if name == "UnsupportedTransferCoding":
         return 501, "Not Implemented", f"{text}; send Content-Length or chunked"
     if name == "ExpectationFailed":
         return 417, "Expectation Failed", text
     if name == "ForbiddenProxyRequest":
         return 403, "Forbidden", "proxy requests are not allowed here"
-    if name in ("InvalidRequestLine", "InvalidRequestMethod", "InvalidHTTPVersion", "InvalidHeader",
-                "InvalidHeaderName", "ObsoleteFolding", "InvalidChunkSize", "ChunkMissingTerminator",
-                "InvalidChunkExtension", "InvalidProxyLine", "InvalidSchemeHeaders", "NoMoreData"):
+    if name in (
+        "InvalidRequestLine",
+        "InvalidRequestMethod",
+        "InvalidHTTPVersion",
+        "InvalidHeader",
+        "InvalidHeaderName",
+        "ObsoleteFolding",
+        "InvalidChunkSize",
+        "ChunkMissingTerminator",
+        "InvalidChunkExtension",
+        "InvalidProxyLine",
+        "InvalidSchemeHeaders",
+        "NoMoreData",
+    ):
         return 400, "Bad Request", f"malformed HTTP request ({name}: {text})"
-    return 500, "Internal Server Error", f"internal error while reading the request ({name}); see the server log"
+    return (
+        500,
+        "Internal Server Error",
+        f"internal error while reading the request ({name}); see the server log",
+    )
 
 
 def make_worker(serving: Any) -> type:
@@ -135,7 +172,7 @@ def make_worker(serving: Any) -> type:
     log = logging.getLogger("torchbay.serve")
 
     class TorchBayWorker(ThreadWorker):
-        _slot: Optional[int] = None
+        _slot: int | None = None
         _limit = 1000
 
         # --- balancing --------------------------------------------------------------------
@@ -155,21 +192,26 @@ def make_worker(serving: Any) -> type:
 
         # --- reading requests in the loop -------------------------------------------------
         def init_process(self) -> None:
-            self._reading: dict[Any, None] = {}  # connections whose request is being read, oldest first
+            self._reading: dict[
+                Any, None
+            ] = {}  # connections whose request is being read, oldest first
             self._client_log = RateLimitedLog(log)
-            self._stuck_at: Optional[float] = None
+            self._stuck_at: float | None = None
             self._checked = 0.0
-            self._listen_probe: Optional[selectors.BaseSelector] = None
-            self._unclaimed_since: Optional[float] = None
+            self._listen_probe: selectors.BaseSelector | None = None
+            self._unclaimed_since: float | None = None
             super().init_process()
 
-        def accept(self, listener: Any, room: Optional[int] = None) -> None:
-            # Every waiting connection up to the balance limit, not one per turn of the loop: a burst of
+        def accept(self, listener: Any, room: int | None = None) -> None:
+            # Every waiting connection up to the balance limit, not one per turn of the loop: a
+            # burst of
             # 300 sockets otherwise queues a new client behind 300 turns (~1 s on a loaded machine).
             if room is None:
                 room = _ACCEPT_BATCH
             for n in range(room):
-                if n and self.nr_conns >= self.worker_connections:  # re-read: the others' counts move too
+                if (
+                    n and self.nr_conns >= self.worker_connections
+                ):  # re-read: the others' counts move too
                     return
                 try:
                     client, address = listener.accept()
@@ -183,9 +225,13 @@ def make_worker(serving: Any) -> type:
                 conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking
                 self._start_reading(conn, b"")
 
-        def on_client_socket_readable(self, conn: Any, client: Any) -> None:  # a kept-alive connection
-            # The hot path under keep-alive load: the registration stays (one epoll call, as gunicorn's own)
-            # and the request is read here; only a request that is not all there yet waits in _reading.
+        def on_client_socket_readable(
+            self, conn: Any, client: Any
+        ) -> None:  # a kept-alive connection
+            # The hot path under keep-alive load: the registration stays (one epoll call, as
+            # gunicorn's own)
+            # and the request is read here; only a request that is not all there yet waits in
+            # _reading.
             self.keepalived_conns.remove(conn)
             self._reset(conn, b"")
             self._reading[conn] = None
@@ -194,7 +240,8 @@ def make_worker(serving: Any) -> type:
 
         def enqueue_req(self, conn: Any) -> None:
             if getattr(conn, "tb_request", None) is None and conn.parser is not None:
-                # gunicorn re-queues a connection whose next request was read ahead with the last one's
+                # gunicorn re-queues a connection whose next request was read ahead with the last
+                # one's
                 # body: that may be only part of a request, so it is read on here first.
                 ahead = conn.parser.unreader.take_buffered()
                 if ahead:
@@ -237,13 +284,21 @@ def make_worker(serving: Any) -> type:
                     pass
 
         def _maybe_dispatch(self, conn: Any) -> bool:
-            """Hand the connection to a request thread when its request is all there; True when handed."""
+            """Hand the connection to a request thread when its request is all there; True when
+            handed."""
             done, length = request_complete(conn.tb_buf, config.max_payload_bytes)
             if not done:
-                if length is not None and not conn.tb_body_set:  # headers are in: the body's deadline
+                if (
+                    length is not None and not conn.tb_body_set
+                ):  # headers are in: the body's deadline
                     conn.tb_body_set = True
-                    conn.tb_deadline = time.monotonic() + config.header_timeout + length / config.body_min_rate
-                    if b"100-continue" in bytes(conn.tb_buf[:conn.tb_buf.find(b"\r\n\r\n")]).lower():
+                    conn.tb_deadline = (
+                        time.monotonic() + config.header_timeout + length / config.body_min_rate
+                    )
+                    if (
+                        b"100-continue"
+                        in bytes(conn.tb_buf[: conn.tb_buf.find(b"\r\n\r\n")]).lower()
+                    ):
                         try:
                             conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
                         except OSError:
@@ -264,12 +319,16 @@ def make_worker(serving: Any) -> type:
                 conn.data_ready = True
             try:
                 return super().handle(conn)
-            except SystemExit as stop:  # model code called sys.exit outside the app's guard: this request only
-                log.error("sys.exit(%r) during a request; the connection is closed, the worker lives on",
-                          stop.code)
+            except (
+                SystemExit
+            ) as stop:  # model code called sys.exit outside the app's guard: this request only
+                log.error(
+                    "sys.exit(%r) during a request; the connection is closed, the worker lives on",
+                    stop.code,
+                )
                 return False
 
-        def _drop(self, conn: Any, answer: Optional[bytes] = None) -> None:
+        def _drop(self, conn: Any, answer: bytes | None = None) -> None:
             self._reading.pop(conn, None)
             try:
                 self.poller.unregister(conn.sock)
@@ -288,13 +347,25 @@ def make_worker(serving: Any) -> type:
             for conn in [c for c in self._reading if c.tb_deadline <= now]:
                 if conn.tb_buf:
                     what = "body" if conn.tb_body_set else "headers"
-                    self._client_log.warning("408 from %s: the request %s did not arrive in time", conn.client, what)
-                    limit = (f"{config.header_timeout:g} s plus the body at {config.body_min_rate:g} bytes/s "
-                             "(TORCHBAY_SERVE_HEADER_TIMEOUT, TORCHBAY_SERVE_BODY_MIN_RATE)" if conn.tb_body_set
-                             else f"{config.header_timeout:g} s (TORCHBAY_SERVE_HEADER_TIMEOUT)")
-                    self._drop(conn, _json_answer(408, "Request Timeout",
-                                                  f"the request {what} did not arrive within {limit}; send the "
-                                                  "whole request without pausing"))
+                    self._client_log.warning(
+                        "408 from %s: the request %s did not arrive in time", conn.client, what
+                    )
+                    limit = (
+                        f"{config.header_timeout:g} s plus the body at {config.body_min_rate:g} "
+                        "bytes/s "
+                        "(TORCHBAY_SERVE_HEADER_TIMEOUT, TORCHBAY_SERVE_BODY_MIN_RATE)"
+                        if conn.tb_body_set
+                        else f"{config.header_timeout:g} s (TORCHBAY_SERVE_HEADER_TIMEOUT)"
+                    )
+                    self._drop(
+                        conn,
+                        _json_answer(
+                            408,
+                            "Request Timeout",
+                            f"the request {what} did not arrive within {limit}; send the "
+                            "whole request without pausing",
+                        ),
+                    )
                     state.record_request("other", 408, 0.0)
                 else:
                     self._drop(conn)
@@ -308,16 +379,20 @@ def make_worker(serving: Any) -> type:
                 timeout = min(timeout, _READ_TICK)
             super().wait_for_and_dispatch_events(timeout)
             now = time.monotonic()
-            if now - self._checked >= _READ_TICK:  # deadlines and the model, ten times a second at most
+            if (
+                now - self._checked >= _READ_TICK
+            ):  # deadlines and the model, ten times a second at most
                 self._checked = now
                 if self._reading:
                     self._expire_reading()
                 self._watch_model()
 
         def _take_unclaimed(self) -> None:
-            """Accept anyway when a connection has waited ``_BALANCE_TICK`` with no worker taking it.
+            """Accept anyway when a connection has waited ``_BALANCE_TICK`` with no worker taking
+            it.
 
-            Balancing keeps this worker out while it holds more than the fewest + 1, but the others learn of
+            Balancing keeps this worker out while it holds more than the fewest + 1, but the others
+            learn of
             its count only on their next turn: in a burst both can stand aside, leapfrogging one
             connection per turn (gunicorn's turn is up to 1 s: the 0.9 s p99 seen at c=32).
             """
@@ -349,8 +424,14 @@ def make_worker(serving: Any) -> type:
             if since is None or time.monotonic() - since <= config.stuck_timeout:
                 return
             self._stuck_at = time.monotonic()
-            log.error("worker %d: a model call has run for %.0f s, over TORCHBAY_SERVE_STUCK_TIMEOUT (%g s); "
-                      "the worker is replaced", os.getpid(), time.monotonic() - since, config.stuck_timeout)
+            log.error(
+                "worker %d: a model call has run for %.0f s, over TORCHBAY_SERVE_STUCK_TIMEOUT (%g "
+                "s); "
+                "the worker is replaced",
+                os.getpid(),
+                time.monotonic() - since,
+                config.stuck_timeout,
+            )
             state.worker_stuck(os.getpid(), since)
             self.set_accept_enabled(False)
             self._limit = 0  # accept nothing more

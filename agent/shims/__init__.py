@@ -1,4 +1,5 @@
-"""Stand-ins for the SageMaker toolkits' Python API, served when the real packages are not installed.
+"""Stand-ins for the SageMaker toolkits' Python API, served when the real packages are not
+installed.
 
 ``sagemaker_training`` (``environment.Environment`` and helpers), ``sagemaker_containers``
 (``training_env()``, ``beta.framework``) and ``sagemaker_inference`` (content types, codecs, errors,
@@ -9,17 +10,20 @@ first, so a real package the user installed always wins. The user's processes ge
 after it); serving workers call :func:`install` before importing the user's module.
 
 The stand-ins read the job contract as the toolkits do at run time (``input/config/*.json`` under
-``SAGEMAKER_BASE_DIR``, which the agent sets to its root, and the process environment), so they equal
-the real toolkits on whatever the agent wrote; they import nothing from ``agent`` and never import torch.
+``SAGEMAKER_BASE_DIR``, which the agent sets to its root, and the process environment), so they
+equal
+the real toolkits on whatever the agent wrote; they import nothing from ``agent`` and never import
+torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agent.shims.boot.sitecustomize import SHIMMED, install as _install
+from agent.shims.boot.sitecustomize import SHIMMED
+from agent.shims.boot.sitecustomize import install as _install
 
-__all__ = ["SHIMMED", "BOOT_DIR", "PACKAGES_DIR", "install"]
+__all__ = ["BOOT_DIR", "PACKAGES_DIR", "SHIMMED", "install"]
 
 BOOT_DIR = Path(__file__).resolve().parent / "boot"
 PACKAGES_DIR = Path(__file__).resolve().parent / "packages"

@@ -1,4 +1,5 @@
-"""Live sync: checkpoints both ways, intermediate outputs and TensorBoard events uploaded as they are written.
+"""Live sync: checkpoints both ways, intermediate outputs and TensorBoard events uploaded as they
+are written.
 
 ``restore()`` pulls ``CheckpointConfig.S3Uri`` into the local checkpoint folder before the script
 starts. ``start()`` watches three folders with watchdog (inotify on Linux):
@@ -25,8 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from agent.errors import TorchBayError
 from agent.job import Job
@@ -47,8 +49,14 @@ class LiveSync:
     is called after each object is complete remotely (for benchmarks and tests).
     """
 
-    def __init__(self, job: Job, *, log: logging.Logger, storage: Optional[Storage] = None,
-                 on_uploaded: Optional[Callable[[Path, str], None]] = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        log: logging.Logger,
+        storage: Storage | None = None,
+        on_uploaded: Callable[[Path, str], None] | None = None,
+    ) -> None:
         self._job = job
         self._log = log
         settings = job.settings
@@ -59,8 +67,9 @@ class LiveSync:
         self._storages: dict[str, Storage] = {}
         self._storage_lock = threading.Lock()
         self._folders = plan_folders(job, log)
-        self._scheduler = UploadScheduler(self._folders, settings, storage_for=self._storage_for, log=log,
-                                          on_uploaded=on_uploaded)
+        self._scheduler = UploadScheduler(
+            self._folders, settings, storage_for=self._storage_for, log=log, on_uploaded=on_uploaded
+        )
         self._observer: Any = None
         self._started = False
         self._stopped = False
@@ -73,41 +82,58 @@ class LiveSync:
         return tuple((f.local, f.remote.uri) for f in self._folders)
 
     def restore(self) -> int:
-        """Download every object under the checkpoint URI into the local checkpoint folder; returns files restored.
+        """Download every object under the checkpoint URI into the local checkpoint folder; returns
+        files restored.
 
-        Files already present locally with the object's size are kept. Raises StorageError (or a subclass)
-        when the listing or a download fails, DiskFullError / StorageError naming the file on local errors,
+        Files already present locally with the object's size are kept. Raises StorageError (or a
+        subclass)
+        when the listing or a download fails, DiskFullError / StorageError naming the file on local
+        errors,
         UnsafePathError for a key that would land outside the folder.
         """
         folder = next((f for f in self._folders if f.name == "checkpoints"), None)
         if folder is None:
             return 0
-        return restore_folder(folder, self._storage_for(folder.remote), workers=self._workers,
-                              done=self._scheduler.done, log=self._log)
+        return restore_folder(
+            folder,
+            self._storage_for(folder.remote),
+            workers=self._workers,
+            done=self._scheduler.done,
+            log=self._log,
+        )
 
     def start(self) -> None:
-        """Start watching the folders and the upload pool; returns at once. Does nothing without folders."""
+        """Start watching the folders and the upload pool; returns at once. Does nothing without
+        folders."""
         if self._started or not self._folders:
             if not self._folders:
-                self._log.info("live sync: no checkpoint, intermediate or TensorBoard URI; nothing to watch")
+                self._log.info(
+                    "live sync: no checkpoint, intermediate or TensorBoard URI; nothing to watch"
+                )
             return
         self._started = True
         for folder in self._folders:
             folder.local.mkdir(parents=True, exist_ok=True)
         self._scheduler.start(self._workers)
-        self._observer, close_events = start_observer([f.local for f in self._folders], self._on_event,
-                                                      stable=self._stable, log=self._log)
+        self._observer, close_events = start_observer(
+            [f.local for f in self._folders], self._on_event, stable=self._stable, log=self._log
+        )
         self._scheduler.close_events = close_events
         # Files written before the watch began (between restore and start) are picked up too.
-        self._scheduler.note(lambda _sent: [(path, "found") for folder in self._folders
-                                            for path in walk_files(folder.local)])
+        self._scheduler.note(
+            lambda _sent: [
+                (path, "found") for folder in self._folders for path in walk_files(folder.local)
+            ]
+        )
         for folder in self._folders:
             self._log.info("live sync: %s -> %s", folder.local, folder.remote.uri)
 
     def close(self, deadline: float) -> list[str]:
-        """Upload everything not yet uploaded, by ``time.monotonic()`` deadline; returns the paths left unsent.
+        """Upload everything not yet uploaded, by ``time.monotonic()`` deadline; returns the paths
+        left unsent.
 
-        Every folder is scanned again and compared with what was sent and with the remote listing (so
+        Every folder is scanned again and compared with what was sent and with the remote listing
+        (so
         objects lost remotely are sent again). Idempotent; logs what it could not finish.
         """
         if self._stopped:
@@ -122,8 +148,14 @@ class LiveSync:
         left = self._scheduler.drain(self._remote_sizes(deadline), deadline)
         self._stopped = True
         c = self.counters
-        self._log.info("live sync closed: %d uploads (%d bytes), %d deletes, %d retries, %d unchanged skipped",
-                       c.uploads, c.bytes, c.deletes, c.retries, c.skipped_unchanged)
+        self._log.info(
+            "live sync closed: %d uploads (%d bytes), %d deletes, %d retries, %d unchanged skipped",
+            c.uploads,
+            c.bytes,
+            c.deletes,
+            c.retries,
+            c.skipped_unchanged,
+        )
         for path, why in sorted(left.items()):
             self._log.warning("live sync: %s was not uploaded: %s", path, why)
         self._left = sorted(str(p) for p in left)
@@ -136,8 +168,14 @@ class LiveSync:
             storage = self._storages.get(loc.scheme)
             if storage is None:
                 if loc.scheme == "s3":
-                    storage = S3Storage(make_s3_client(  # few built-in retries: the sync retries with its own backoff
-                        self._endpoint_url, self._workers * PART_THREADS + 4, max_attempts=2, connect_timeout=5))
+                    storage = S3Storage(
+                        make_s3_client(  # few built-in retries: the sync retries with its own backoff
+                            self._endpoint_url,
+                            self._workers * PART_THREADS + 4,
+                            max_attempts=2,
+                            connect_timeout=5,
+                        )
+                    )
                 else:
                     storage = open_storage(loc.uri)
                 self._storages[loc.scheme] = storage
@@ -153,7 +191,7 @@ class LiveSync:
         observer.stop()
         observer.join(timeout)
 
-    def _remote_sizes(self, deadline: float) -> Optional[dict[tuple[str, str], int]]:
+    def _remote_sizes(self, deadline: float) -> dict[tuple[str, str], int] | None:
         """Sizes of the objects under every folder's prefix, or None when a listing failed."""
         sizes: dict[tuple[str, str], int] = {}
         for folder in self._folders:
@@ -164,7 +202,11 @@ class LiveSync:
                 for info in self._storage_for(folder.remote).list(prefix.uri):
                     sizes[(folder.name, remote_rel(info, prefix))] = info.size
             except TorchBayError as err:
-                self._log.warning("live sync: cannot list %s to check what arrived (%s); sending what is "
-                                  "known to be unsent", prefix.uri, err)
+                self._log.warning(
+                    "live sync: cannot list %s to check what arrived (%s); sending what is "
+                    "known to be unsent",
+                    prefix.uri,
+                    err,
+                )
                 return None
         return sizes

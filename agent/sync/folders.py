@@ -1,18 +1,28 @@
-"""The folders live sync mirrors: which local folder goes to which prefix, and how local files are seen."""
+"""The folders live sync mirrors: which local folder goes to which prefix, and how local files are
+seen."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from agent.job import Job
 from agent.storage import Location, ObjectInfo, parse_uri
 
-__all__ = ["Sig", "Folder", "plan_folders", "file_sig", "file_size", "rel_path", "folder_prefix", "remote_rel",
-           "walk_files"]
+__all__ = [
+    "Folder",
+    "Sig",
+    "file_sig",
+    "file_size",
+    "folder_prefix",
+    "plan_folders",
+    "rel_path",
+    "remote_rel",
+    "walk_files",
+]
 
 # (size, mtime_ns, inode): what "unchanged" means for a local file.
 Sig = tuple[int, int, int]
@@ -25,14 +35,17 @@ class Folder:
     name: str
     local: Path
     remote: Location
-    wait_for_close: bool  # True: upload on close only (checkpoints, intermediate); False: also when stable
+    wait_for_close: (
+        bool  # True: upload on close only (checkpoints, intermediate); False: also when stable
+    )
 
     def uri_for(self, rel: str) -> str:
         return self.remote.child(rel).uri
 
 
 def plan_folders(job: Job, log: logging.Logger) -> tuple[Folder, ...]:
-    """The checkpoint, intermediate and TensorBoard folders the job asks to mirror (none on SageMaker)."""
+    """The checkpoint, intermediate and TensorBoard folders the job asks to mirror (none on
+    SageMaker)."""
     if job.on_sagemaker:
         log.info("live sync: on SageMaker the platform syncs checkpoints and outputs; not watching")
         return ()
@@ -42,8 +55,14 @@ def plan_folders(job: Job, log: logging.Logger) -> tuple[Folder, ...]:
         local = Path(job.checkpoint_local_path or layout.checkpoints_dir)
         folders.append(Folder("checkpoints", local, parse_uri(job.checkpoint_uri), True))
     if job.job_output_uri:
-        folders.append(Folder("intermediate", Path(layout.intermediate_dir),
-                              parse_uri(job.job_output_uri.rstrip("/") + "/intermediate"), True))
+        folders.append(
+            Folder(
+                "intermediate",
+                Path(layout.intermediate_dir),
+                parse_uri(job.job_output_uri.rstrip("/") + "/intermediate"),
+                True,
+            )
+        )
     if job.tensorboard_uri:
         local = Path(job.tensorboard_local_path or layout.tensorboard_dir)
         folders.append(Folder("tensorboard", local, parse_uri(job.tensorboard_uri), False))
@@ -79,7 +98,11 @@ def folder_prefix(loc: Location) -> Location:
 
 def remote_rel(info: ObjectInfo, prefix: Location) -> str:
     """A listed object's key relative to the folder prefix it was listed under."""
-    return info.key[len(prefix.key):] if info.location.scheme == "s3" else os.path.relpath(info.key, prefix.key)
+    return (
+        info.key[len(prefix.key) :]
+        if info.location.scheme == "s3"
+        else os.path.relpath(info.key, prefix.key)
+    )
 
 
 def walk_files(root: Path) -> Iterable[Path]:

@@ -1,4 +1,5 @@
-"""Checkpoint restore: the checkpoint prefix downloaded into the local folder before the script starts."""
+"""Checkpoint restore: the checkpoint prefix downloaded into the local folder before the script
+starts."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ from agent.sync.upload import run_parallel
 __all__ = ["restore_folder"]
 
 
-def restore_folder(folder: Folder, storage: Storage, *, workers: int, done: dict[Path, Sig],
-                   log: logging.Logger) -> int:
-    """Download every object under the folder's prefix that is missing locally; returns files restored.
+def restore_folder(
+    folder: Folder, storage: Storage, *, workers: int, done: dict[Path, Sig], log: logging.Logger
+) -> int:
+    """Download every object under the folder's prefix that is missing locally; returns files
+    restored.
 
     Files already present with the object's size are kept. Every file kept or fetched is recorded in
-    ``done`` with its signature (so it is not uploaded again). Raises StorageError (or a subclass) when
+    ``done`` with its signature (so it is not uploaded again). Raises StorageError (or a subclass)
+    when
     the listing or a download fails, DiskFullError / StorageError naming the file on local errors,
     UnsafePathError for a key that would land outside the folder.
     """
@@ -53,13 +57,20 @@ def restore_folder(folder: Folder, storage: Storage, *, workers: int, done: dict
         except PermissionError as err:
             raise StorageError(
                 f"cannot write {dest} while restoring {uri}: permission denied; make {folder.local} "
-                f"writable by uid {os.getuid()}") from err
+                ""
+                ""
+                ""
+                f"writable by uid {os.getuid()}"
+            ) from err
         except OSError as err:
             if err.errno == errno.ENOSPC:
-                raise DiskFullError(f"disk full while restoring {dest} from {uri}; free space on "
-                                    f"{folder.local} or use a bigger volume") from err
-            raise StorageError(f"cannot write {dest} while restoring {uri}: {err.strerror}; "
-                               f"check {folder.local}") from err
+                raise DiskFullError(
+                    f"disk full while restoring {dest} from {uri}; free space on "
+                    f"{folder.local} or use a bigger volume"
+                ) from err
+            raise StorageError(
+                f"cannot write {dest} while restoring {uri}: {err.strerror}; check {folder.local}"
+            ) from err
         sig = file_sig(dest)
         with lock:
             done[dest] = sig
@@ -68,6 +79,12 @@ def restore_folder(folder: Folder, storage: Storage, *, workers: int, done: dict
     if errors:
         raise errors[0]
     total = sum(size for _, _, size in todo)
-    log.info("checkpoint restore: %d files (%d bytes) from %s into %s in %.2f s", len(todo), total,
-             prefix.uri, folder.local, time.monotonic() - started)
+    log.info(
+        "checkpoint restore: %d files (%d bytes) from %s into %s in %.2f s",
+        len(todo),
+        total,
+        prefix.uri,
+        folder.local,
+        time.monotonic() - started,
+    )
     return len(todo)

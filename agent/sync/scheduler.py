@@ -1,4 +1,5 @@
-"""The upload scheduler: pending uploads and deletes, when each is due, the worker pool and its retries.
+"""The upload scheduler: pending uploads and deletes, when each is due, the worker pool and its
+retries.
 
 A file is uploaded once it is closed after writing (IN_CLOSE_WRITE) and has stayed untouched for
 ``sync_settle`` seconds, or, for files kept open (TensorBoard event files; every file when the
@@ -14,9 +15,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from agent.errors import StorageError
 from agent.storage import Location, Storage
@@ -28,7 +30,9 @@ __all__ = ["Counters", "UploadScheduler"]
 _RETRY_FIRST = 0.5
 _CLOSE_RETRY_MAX = 1.0
 _FAR = float("inf")
-_GROWING_FACTOR = 5  # a file kept open and still growing is sent at least every 5 x sync_stable seconds
+_GROWING_FACTOR = (
+    5  # a file kept open and still growing is sent at least every 5 x sync_stable seconds
+)
 
 
 @dataclass
@@ -41,8 +45,10 @@ class _Entry:
     due: float
     delete: bool = False
     closed: bool = False  # closed (or renamed in) after its last write
-    created_only: bool = False  # appeared (moved in from outside, or found by a scan) with no write seen
-    seen: Optional[Sig] = None  # signature at the last stability look
+    created_only: bool = (
+        False  # appeared (moved in from outside, or found by a scan) with no write seen
+    )
+    seen: Sig | None = None  # signature at the last stability look
     since: float = 0.0  # when the first change not yet sent was seen
     attempts: int = 0
     running: bool = False
@@ -68,8 +74,15 @@ class UploadScheduler:
     ``done`` maps every path whose current content is known to be remote to its signature.
     """
 
-    def __init__(self, folders: tuple[Folder, ...], settings: Any, *, storage_for: Callable[[Location], Storage],
-                 log: logging.Logger, on_uploaded: Optional[Callable[[Path, str], None]] = None) -> None:
+    def __init__(
+        self,
+        folders: tuple[Folder, ...],
+        settings: Any,
+        *,
+        storage_for: Callable[[Location], Storage],
+        log: logging.Logger,
+        on_uploaded: Callable[[Path, str], None] | None = None,
+    ) -> None:
         self._folders = folders
         self._log = log
         self._storage_for = storage_for
@@ -86,14 +99,15 @@ class UploadScheduler:
         self.done: dict[Path, Sig] = {}
         self._sent_at: dict[Path, float] = {}  # when each growing (TensorBoard) file was last sent
         self._failed: dict[Path, str] = {}
-        self._work: "queue.Queue[Optional[tuple[_Entry, bool, Optional[Sig]]]]" = queue.Queue()
+        self._work: queue.Queue[tuple[_Entry, bool, Sig | None] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self.close_events = True  # False: the watcher gives no close events, files go once stable
         self._closing = False
         self._stopped = False
         self.counters = Counters()
 
-    # --- public -------------------------------------------------------------------------------------
+    # --- public
+    # -------------------------------------------------------------------------------------
 
     def start(self, workers: int) -> None:
         """Start ``workers`` upload threads and the scheduling thread."""
@@ -102,7 +116,8 @@ class UploadScheduler:
         self._spawn(self._scheduler_loop, "torchbay-sync-scheduler")
 
     def note(self, make_notes: Callable[[Iterable[Path]], Iterable[tuple[Path, str]]]) -> None:
-        """Take the notes ``make_notes(done paths)`` returns (path, kind) unless stopped; see agent.sync.watch."""
+        """Take the notes ``make_notes(done paths)`` returns (path, kind) unless stopped; see
+        agent.sync.watch."""
         with self._cond:
             if self._stopped:
                 return
@@ -110,10 +125,12 @@ class UploadScheduler:
                 self._note_locked(path, kind)
             self._cond.notify_all()
 
-    def drain(self, remote: Optional[dict[tuple[str, str], int]], deadline: float) -> dict[Path, str]:
-        """Send every file not yet sent (or whose size differs from ``remote``) by ``deadline``, then stop.
+    def drain(self, remote: dict[tuple[str, str], int] | None, deadline: float) -> dict[Path, str]:
+        """Send every file not yet sent (or whose size differs from ``remote``) by ``deadline``,
+        then stop.
 
-        Returns the paths left unsent with why. ``remote`` maps (folder name, rel) to the remote size,
+        Returns the paths left unsent with why. ``remote`` maps (folder name, rel) to the remote
+        size,
         or is None when the listing failed.
         """
         with self._cond:
@@ -143,7 +160,10 @@ class UploadScheduler:
             self._cond.notify_all()
             while self._pending and time.monotonic() < deadline:
                 self._cond.wait(max(0.01, min(1.0, deadline - time.monotonic())))
-            left = {p: (e.last_error or "not finished before the deadline") for p, e in self._pending.items()}
+            left = {
+                p: (e.last_error or "not finished before the deadline")
+                for p, e in self._pending.items()
+            }
             left.update({p: why for p, why in self._failed.items() if p not in left})
             self._stopped = True
             self._pending.clear()
@@ -152,10 +172,11 @@ class UploadScheduler:
             self._work.put(None)
         return left
 
-    # --- notes --------------------------------------------------------------------------------------
+    # --- notes
+    # --------------------------------------------------------------------------------------
 
-    def _folder_of(self, path: Path) -> Optional[Folder]:
-        best: Optional[Folder] = None
+    def _folder_of(self, path: Path) -> Folder | None:
+        best: Folder | None = None
         for folder in self._folders:
             if folder.local == path.parent or folder.local in path.parents:
                 if best is None or len(str(folder.local)) > len(str(best.local)):
@@ -172,7 +193,9 @@ class UploadScheduler:
         now = time.monotonic()
         if kind == "deleted":
             entry = self._pending.get(path)
-            if not self._delete_remote or (path not in self.done and (entry is None or not entry.running)):
+            if not self._delete_remote or (
+                path not in self.done and (entry is None or not entry.running)
+            ):
                 if entry is not None and not entry.running:
                     del self._pending[path]
                 return
@@ -182,7 +205,9 @@ class UploadScheduler:
             entry = self._entry_locked(folder, path, upload=True)
             if kind == "closed":
                 entry.closed, entry.created_only = True, False
-                entry.due = now + (0.0 if file_size(path) >= self._part_size else self._settle)  # big: no bursts
+                entry.due = now + (
+                    0.0 if file_size(path) >= self._part_size else self._settle
+                )  # big: no bursts
             elif kind == "modified":
                 entry.closed, entry.created_only = False, False
                 entry.due = self._stable_due(entry, now) if self._stable_ok(folder) else _FAR
@@ -198,7 +223,8 @@ class UploadScheduler:
         return not folder.wait_for_close or not self.close_events
 
     def _stable_due(self, entry: _Entry, now: float) -> float:
-        """Next look at a file that is not closed: after the stability window, sooner for a growing open file."""
+        """Next look at a file that is not closed: after the stability window, sooner for a growing
+        open file."""
         due = now + self._stable
         if not entry.folder.wait_for_close:
             due = min(due, entry.since + _GROWING_FACTOR * self._stable)
@@ -217,7 +243,8 @@ class UploadScheduler:
         self._failed.pop(path, None)
         return entry
 
-    # --- scheduling ---------------------------------------------------------------------------------
+    # --- scheduling
+    # ---------------------------------------------------------------------------------
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -248,7 +275,9 @@ class UploadScheduler:
         try:
             sig = file_sig(entry.path)
         except FileNotFoundError:
-            del self._pending[entry.path]  # gone before it was sent; its delete event handles the rest
+            del self._pending[
+                entry.path
+            ]  # gone before it was sent; its delete event handles the rest
             return
         except OSError as err:
             self._fail_locked(entry, f"cannot read it: {err.strerror}; check its permissions")
@@ -258,7 +287,8 @@ class UploadScheduler:
             del self._pending[entry.path]
             return
         if not entry.folder.wait_for_close and not self._closing:
-            # Event files grow by a record per flush (and some writers reopen them each time): send each
+            # Event files grow by a record per flush (and some writers reopen them each time): send
+            # each
             # at most once per stability window rather than once per flush.
             next_send = self._sent_at.get(entry.path, -_FAR) + self._stable
             if now < next_send:
@@ -266,8 +296,10 @@ class UploadScheduler:
                 return
         ready = entry.closed or self._closing
         if not ready and (entry.created_only or self._stable_ok(entry.folder)):
-            growing_too_long = not entry.folder.wait_for_close and \
-                now - entry.since >= _GROWING_FACTOR * self._stable
+            growing_too_long = (
+                not entry.folder.wait_for_close
+                and now - entry.since >= _GROWING_FACTOR * self._stable
+            )
             if entry.seen == sig or growing_too_long:
                 ready = True
             else:
@@ -286,7 +318,8 @@ class UploadScheduler:
         self._failed[entry.path] = why
         self._pending.pop(entry.path, None)
 
-    # --- uploading ----------------------------------------------------------------------------------
+    # --- uploading
+    # ----------------------------------------------------------------------------------
 
     def _worker_loop(self) -> None:
         while True:
@@ -299,15 +332,18 @@ class UploadScheduler:
                 self._finish_locked(entry, delete, outcome, detail)
                 self._cond.notify_all()
 
-    def _perform(self, entry: _Entry, delete: bool, expected: Optional[Sig]) -> tuple[str, Any]:
-        """Run one upload or delete; returns (outcome, detail) with outcome ok/changed/retry/fail/gone."""
+    def _perform(self, entry: _Entry, delete: bool, expected: Sig | None) -> tuple[str, Any]:
+        """Run one upload or delete; returns (outcome, detail) with outcome
+        ok/changed/retry/fail/gone."""
         uri = entry.folder.uri_for(entry.rel)
         try:
             storage = self._storage_for(entry.folder.remote)
             if delete or expected is None:
                 storage.delete(uri)
                 return "ok", None
-            if not put_checked(storage, entry.path, uri, expected, part_size=self._part_size, log=self._log):
+            if not put_checked(
+                storage, entry.path, uri, expected, part_size=self._part_size, log=self._log
+            ):
                 return "changed", None
             return "ok", expected
         except FileNotFoundError:
@@ -369,6 +405,16 @@ class UploadScheduler:
             delay = min(cap, _RETRY_FIRST * (2 ** min(entry.attempts - 1, 10)))
             entry.due = min(entry.due, now) if entry.again else now + delay
             entry.again = False
-            log = self._log.warning if entry.attempts in (1, 5) or entry.attempts % 20 == 0 else self._log.debug
-            log("live sync: %s %s failed (attempt %d), retrying in %.1f s: %s", "delete of" if delete
-                else "upload of", path, entry.attempts, delay, detail)
+            log = (
+                self._log.warning
+                if entry.attempts in (1, 5) or entry.attempts % 20 == 0
+                else self._log.debug
+            )
+            log(
+                "live sync: %s %s failed (attempt %d), retrying in %.1f s: %s",
+                "delete of" if delete else "upload of",
+                path,
+                entry.attempts,
+                delay,
+                detail,
+            )

@@ -12,8 +12,9 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.errors import StorageError
 from agent.storage import S3Storage, Storage, parse_uri, translate_s3_error
@@ -25,15 +26,19 @@ PART_THREADS = 4
 _S3_MIN_PART = 5 * 1024 * 1024
 
 
-def put_checked(storage: Storage, path: Path, uri: str, expected: Sig, *, part_size: int,
-                log: logging.Logger) -> bool:
-    """Send ``path`` to ``uri`` only if every byte came from the file as ``expected``; False if it changed."""
+def put_checked(
+    storage: Storage, path: Path, uri: str, expected: Sig, *, part_size: int, log: logging.Logger
+) -> bool:
+    """Send ``path`` to ``uri`` only if every byte came from the file as ``expected``; False if it
+    changed."""
     if isinstance(storage, S3Storage):
         return _put_s3(storage, path, uri, expected, part_size, log)
     return _put_local(path, uri, expected)
 
 
-def _put_s3(storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: int, log: logging.Logger) -> bool:
+def _put_s3(
+    storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: int, log: logging.Logger
+) -> bool:
     client = storage.client
     loc = parse_uri(uri)
     size = expected[0]
@@ -50,8 +55,9 @@ def _put_s3(storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: 
             raise translate_s3_error(err, uri, where) from err
         return True
     try:
-        upload_id = client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key,
-                                                   ChecksumAlgorithm="CRC32")["UploadId"]
+        upload_id = client.create_multipart_upload(
+            Bucket=loc.bucket, Key=loc.key, ChecksumAlgorithm="CRC32"
+        )["UploadId"]
     except Exception as err:
         raise translate_s3_error(err, uri, where) from err
     completed = False
@@ -70,8 +76,14 @@ def _put_s3(storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: 
             try:
                 if len(body) != length:
                     raise _Changed()
-                resp = client.upload_part(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
-                                          PartNumber=number, Body=body, ChecksumAlgorithm="CRC32")
+                resp = client.upload_part(
+                    Bucket=loc.bucket,
+                    Key=loc.key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumAlgorithm="CRC32",
+                )
             except _Changed:
                 raise
             except Exception as err:
@@ -92,8 +104,12 @@ def _put_s3(storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: 
         if file_sig(path) != expected:
             return False
         try:
-            client.complete_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id,
-                                             MultipartUpload={"Parts": [parts[n] for n in sorted(parts)]})
+            client.complete_multipart_upload(
+                Bucket=loc.bucket,
+                Key=loc.key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [parts[n] for n in sorted(parts)]},
+            )
         except Exception as err:
             raise translate_s3_error(err, uri, where) from err
         completed = True
@@ -102,7 +118,9 @@ def _put_s3(storage: S3Storage, path: Path, uri: str, expected: Sig, part_size: 
         if not completed:
             try:
                 client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id)
-            except Exception:  # best effort: an unreachable endpoint keeps the parts until its lifecycle rule
+            except (
+                Exception
+            ):  # best effort: an unreachable endpoint keeps the parts until its lifecycle rule
                 log.debug("live sync: could not abort multipart upload of %s", uri)
 
 
@@ -129,15 +147,20 @@ def _put_local(path: Path, uri: str, expected: Sig) -> bool:
             os.unlink(tmp)
         if err.filename and str(err.filename) == str(path):
             raise
-        raise StorageError(f"cannot write {uri}: {err.strerror}; check the path and free space") from err
+        raise StorageError(
+            f"cannot write {uri}: {err.strerror}; check the path and free space"
+        ) from err
     return True
 
 
-def run_parallel(fn: Callable[[Any], None], items: list, threads: int, errors: list[BaseException]) -> None:
-    """Run ``fn`` over ``items`` on up to ``threads`` daemon threads; exceptions are appended to ``errors``."""
+def run_parallel(
+    fn: Callable[[Any], None], items: list, threads: int, errors: list[BaseException]
+) -> None:
+    """Run ``fn`` over ``items`` on up to ``threads`` daemon threads; exceptions are appended to
+    ``errors``."""
     if not items:
         return
-    work: "queue.Queue[Any]" = queue.Queue()
+    work: queue.Queue[Any] = queue.Queue()
     for item in items:
         work.put(item)
 

@@ -1,4 +1,5 @@
-"""Watching the folders with watchdog (inotify on Linux, polling elsewhere) and reading its events as notes.
+"""Watching the folders with watchdog (inotify on Linux, polling elsewhere) and reading its events
+as notes.
 
 A note is ``(path, kind)`` with kind ``found`` (appeared, no write seen), ``created``, ``modified``,
 ``closed`` (closed after writing, or renamed in) or ``deleted``.
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from agent.sync.folders import walk_files
 
-__all__ = ["start_observer", "event_notes"]
+__all__ = ["event_notes", "start_observer"]
 
 
-def start_observer(locals_: Sequence[Path], on_event: Callable[[Any], None], *, stable: float,
-                   log: logging.Logger) -> tuple[Any, bool]:
+def start_observer(
+    locals_: Sequence[Path], on_event: Callable[[Any], None], *, stable: float, log: logging.Logger
+) -> tuple[Any, bool]:
     """Watch the folders recursively; returns (started observer, whether it reports close events)."""
     from watchdog.events import FileSystemEventHandler
     from watchdog.observers import Observer
@@ -37,22 +40,30 @@ def start_observer(locals_: Sequence[Path], on_event: Callable[[Any], None], *, 
             observer.schedule(_Handler(), str(root), recursive=True, event_filter=_event_filter())
         observer.start()
     except OSError as err:
-        log.info("live sync: no inotify here (%s); polling every second and uploading files once "
-                 "stable for %.1f s", err, stable)
+        log.info(
+            "live sync: no inotify here (%s); polling every second and uploading files once "
+            "stable for %.1f s",
+            err,
+            stable,
+        )
         close_events = False
         observer = PollingObserver(timeout=1.0)
         for root in roots:
             observer.schedule(_Handler(), str(root), recursive=True, event_filter=_event_filter())
         observer.start()
     if type(observer).__name__ != "InotifyObserver" and close_events:
-        log.info("live sync: %s gives no close events; files are uploaded once stable for %.1f s",
-                 type(observer).__name__, stable)
+        log.info(
+            "live sync: %s gives no close events; files are uploaded once stable for %.1f s",
+            type(observer).__name__,
+            stable,
+        )
         close_events = False
     return observer, close_events
 
 
 def event_notes(event: Any, sent: Iterable[Path]) -> list[tuple[Path, str]]:
-    """The notes one watchdog event makes; ``sent`` are the paths uploaded so far (for folder deletes)."""
+    """The notes one watchdog event makes; ``sent`` are the paths uploaded so far (for folder
+    deletes)."""
     kind = event.event_type  # created, modified, closed, deleted, moved, opened, closed_no_write
     if kind in ("opened", "closed_no_write"):
         return []
@@ -64,7 +75,9 @@ def event_notes(event: Any, sent: Iterable[Path]) -> list[tuple[Path, str]]:
             notes.extend((path, "found") for path in walk_files(target))
         if kind in ("deleted", "moved"):
             prefix = str(src) + os.sep
-            notes.extend((path, "deleted") for path in [p for p in sent if str(p).startswith(prefix)])
+            notes.extend(
+                (path, "deleted") for path in [p for p in sent if str(p).startswith(prefix)]
+            )
     elif kind == "moved":
         notes.append((src, "deleted"))
         notes.append((Path(os.fsdecode(event.dest_path)), "closed"))
@@ -74,9 +87,17 @@ def event_notes(event: Any, sent: Iterable[Path]) -> list[tuple[Path, str]]:
 
 
 def _event_filter() -> list:
-    """The events the sync acts on: no opens or read-only closes (the uploader's own reads make those)."""
+    """The events the sync acts on: no opens or read-only closes (the uploader's own reads make
+    those)."""
     from watchdog import events as ev
 
-    return [ev.FileCreatedEvent, ev.FileModifiedEvent, ev.FileClosedEvent, ev.FileDeletedEvent,
-            ev.FileMovedEvent, ev.DirCreatedEvent, ev.DirDeletedEvent, ev.DirMovedEvent]
-
+    return [
+        ev.FileCreatedEvent,
+        ev.FileModifiedEvent,
+        ev.FileClosedEvent,
+        ev.FileDeletedEvent,
+        ev.FileMovedEvent,
+        ev.DirCreatedEvent,
+        ev.DirDeletedEvent,
+        ev.DirMovedEvent,
+    ]

@@ -1,4 +1,5 @@
-"""The log/metric agent: per-rank log capture, regex metrics, system metrics, shipping to the output prefix.
+"""The log/metric agent: per-rank log capture, regex metrics, system metrics, shipping to the output
+prefix.
 
 ``LogCapture`` tails the ranks' files; ``Telemetry`` samples the system, serves Prometheus
 and uploads the job log and metrics file; ``default_paths(job)`` names those two files.
@@ -10,7 +11,8 @@ from typing import Any
 
 __all__ = ["LogCapture", "Telemetry", "default_paths"]
 
-# Lazy: importing LogCapture on the train agent's start-up path must not pull in psutil and the sampler.
+# Lazy: importing LogCapture on the train agent's start-up path must not pull in psutil and the
+# sampler.
 _EXPORTS = {
     "LogCapture": "agent.telemetry.capture",
     "Telemetry": "agent.telemetry.service",

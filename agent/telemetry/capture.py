@@ -1,4 +1,5 @@
-"""LogCapture: files first, tail second. Every rank writes its own stdout/stderr files; one thread tails them.
+"""LogCapture: files first, tail second. Every rank writes its own stdout/stderr files; one thread
+tails them.
 
 Each line reaches ``out`` (the container's stdout) and the job log tagged with host and
 global rank (``[algo-1:3] ...`` by default, the ``TORCHBAY_LOG_TAG`` setting) or, with
@@ -18,8 +19,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Sequence
+from typing import BinaryIO
 
 from agent.job import MetricDefinition
 from agent.settings import Settings
@@ -40,18 +42,19 @@ _ATTEMPT = re.compile(r"attempt_(\d+)$")
 class _Source:
     """One file being tailed."""
 
-    __slots__ = ("path", "rank", "stream", "tag", "fd", "splitter")
+    __slots__ = ("fd", "path", "rank", "splitter", "stream", "tag")
 
     def __init__(self, path: Path, rank: int, stream: str, tag: bytes, max_line: int) -> None:
         self.path = path
         self.rank = rank
         self.stream = stream
         self.tag = tag
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
         self.splitter = LineSplitter(max_line)
 
     def read(self) -> tuple[bytes, bool]:
-        """Complete lines appended since the last read (up to a fair budget), and whether the budget ran out."""
+        """Complete lines appended since the last read (up to a fair budget), and whether the budget
+        ran out."""
         if self.fd is None:
             try:
                 self.fd = os.open(self.path, os.O_RDONLY)
@@ -83,23 +86,37 @@ class LogCapture:
         log_dir: where :meth:`files_for` creates ``<rank>/stdout.log`` and ``<rank>/stderr.log``.
         out: a binary stream, normally ``sys.stdout.buffer``.
         job_log: the job log file (appended to), or None.
-        settings: the telemetry settings (``log_tag``, ``log_json``, ``log_max_line``, ``log_poll_interval``).
-        metric_definitions: SageMaker-style regex metrics applied to every line (the job spec's); those of
+        settings: the telemetry settings (``log_tag``, ``log_json``, ``log_max_line``,
+        ``log_poll_interval``).
+        metric_definitions: SageMaker-style regex metrics applied to every line (the job spec's);
+        those of
             the ``TORCHBAY_METRIC_DEFINITIONS`` setting are added unless a name is already defined.
         metrics_file: JSON-lines file for metric points, or None.
-        tensorboard_dir: where metric points also go as TensorBoard scalars (when tensorboard is installed).
+        tensorboard_dir: where metric points also go as TensorBoard scalars (when tensorboard is
+        installed).
         log: the agent's logger for warnings about definitions and output errors.
     """
 
-    def __init__(self, *, host: str, log_dir: Path, out: BinaryIO, job_log: Optional[Path], settings: Settings,
-                 metric_definitions: Sequence[MetricDefinition] = (), metrics_file: Optional[Path] = None,
-                 tensorboard_dir: Optional[Path] = None, log: Optional[logging.Logger] = None,
-                 mask: Optional[Callable[[bytes], bytes]] = None) -> None:
-        """``mask`` rewrites each block of complete lines before anything else sees it (secrets -> ****)."""
+    def __init__(
+        self,
+        *,
+        host: str,
+        log_dir: Path,
+        out: BinaryIO,
+        job_log: Path | None,
+        settings: Settings,
+        metric_definitions: Sequence[MetricDefinition] = (),
+        metrics_file: Path | None = None,
+        tensorboard_dir: Path | None = None,
+        log: logging.Logger | None = None,
+        mask: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        """``mask`` rewrites each block of complete lines before anything else sees it (secrets ->
+        ****)."""
         self._host = host
         self._mask = mask
         self._log_dir = Path(log_dir)
-        self._out: Optional[BinaryIO] = out
+        self._out: BinaryIO | None = out
         self._log = log or logging.getLogger("torchbay.telemetry")
         self._tag_format: str = settings.log_tag
         self._json: bool = settings.log_json
@@ -112,29 +129,34 @@ class LogCapture:
         self._all_tail: collections.deque[str] = collections.deque(maxlen=_TAIL_KEEP)
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._closed = False
         definitions = list(metric_definitions)
         names = {d.name for d in definitions}
-        definitions += [d for d in parse_definitions(settings.metric_definitions) if d.name not in names]
+        definitions += [
+            d for d in parse_definitions(settings.metric_definitions) if d.name not in names
+        ]
         self._matcher = MetricMatcher(definitions, log=self._log)
         self._metrics = MetricsFile(metrics_file) if metrics_file is not None else None
-        self._tensorboard: Optional[TensorBoardSink] = None
+        self._tensorboard: TensorBoardSink | None = None
         if tensorboard_dir is not None and self._matcher:
-            self._tensorboard = TensorBoardSink.open(tensorboard_dir, log=self._log, suffix=f".{host}")
-        self._job_log_fd: Optional[int] = None
+            self._tensorboard = TensorBoardSink.open(
+                tensorboard_dir, log=self._log, suffix=f".{host}"
+            )
+        self._job_log_fd: int | None = None
         if job_log is not None:
             job_log.parent.mkdir(parents=True, exist_ok=True)
             self._job_log_fd = os.open(job_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     # --- registration ---------------------------------------------------------------------------
     def files_for(self, rank: int) -> tuple[Path, Path]:
-        """``(stdout, stderr)`` files for global rank ``rank``, created empty; they are tailed from now on."""
+        """``(stdout, stderr)`` files for global rank ``rank``, created empty; they are tailed from
+        now on."""
         folder = self._log_dir / str(rank)
         folder.mkdir(parents=True, exist_ok=True)
         paths = (folder / "stdout.log", folder / "stderr.log")
         with self._lock:
-            for path, stream in zip(paths, _STREAMS):
+            for path, stream in zip(paths, _STREAMS, strict=False):
                 if path in self._known:
                     continue  # already tailed: keep its contents and offset
                 path.write_bytes(b"")
@@ -142,7 +164,8 @@ class LogCapture:
         return paths
 
     def add_torchrun_dir(self, log_dir: Path, rank_base: int) -> None:
-        """Follow ``torchrun --log-dir log_dir --redirects 3``: ``<run>/attempt_<k>/<local_rank>/{stdout,stderr}.log``.
+        """Follow ``torchrun --log-dir log_dir --redirects 3``:
+        ``<run>/attempt_<k>/<local_rank>/{stdout,stderr}.log``.
 
         Files are picked up as torchrun creates them (also for later restart attempts);
         global rank = ``rank_base`` + local rank.
@@ -200,11 +223,14 @@ class LogCapture:
                 self._log.exception("log capture: reading the rank log files failed; retrying")
                 more = False
             polls += 1
-            if not more:  # batch: let lines pile up for one poll interval rather than chase every write
+            if (
+                not more
+            ):  # batch: let lines pile up for one poll interval rather than chase every write
                 self._stop.wait(self._poll)
 
     def _pump(self) -> tuple[bool, bool]:
-        """Read every file once; write what it finished. Returns (anything read, some file has more waiting)."""
+        """Read every file once; write what it finished. Returns (anything read, some file has more
+        waiting)."""
         now = time.time()
         parts: list[bytes] = []
         points: list[MetricPoint] = []
@@ -217,7 +243,9 @@ class LogCapture:
         self._write(parts, points)
         return bool(parts), more
 
-    def _render(self, source: _Source, block: bytes, now: float, points: list[MetricPoint]) -> bytes:
+    def _render(
+        self, source: _Source, block: bytes, now: float, points: list[MetricPoint]
+    ) -> bytes:
         if self._mask is not None:
             block = self._mask(block)
         text = ""
@@ -236,8 +264,17 @@ class LogCapture:
         if self._json:
             stamp = round(now, 6)
             return "".join(
-                json.dumps({"time": stamp, "host": self._host, "rank": source.rank, "stream": source.stream,
-                            "line": line}, ensure_ascii=False) + "\n"
+                json.dumps(
+                    {
+                        "time": stamp,
+                        "host": self._host,
+                        "rank": source.rank,
+                        "stream": source.stream,
+                        "line": line,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
                 for line in text.split("\n")[:-1]
             ).encode()
         tag = source.tag
@@ -252,10 +289,13 @@ class LogCapture:
                 view = memoryview(data)
                 try:
                     while view:
-                        view = view[os.write(self._job_log_fd, view):]
+                        view = view[os.write(self._job_log_fd, view) :]
                 except OSError as err:  # a full disk: the lines still reach stdout
-                    self._log.warning("log capture: writing the job log failed (%s); it stops here, lines still "
-                                      "go to the container's stdout", err)
+                    self._log.warning(
+                        "log capture: writing the job log failed (%s); it stops here, lines still "
+                        "go to the container's stdout",
+                        err,
+                    )
                     os.close(self._job_log_fd)
                     self._job_log_fd = None
             if self._out is not None:
@@ -263,8 +303,11 @@ class LogCapture:
                     self._out.write(data)
                     self._out.flush()
                 except (OSError, ValueError) as err:
-                    self._log.warning("log capture: writing to the container's stdout failed (%s); "
-                                      "lines still go to the job log", err)
+                    self._log.warning(
+                        "log capture: writing to the container's stdout failed (%s); "
+                        "lines still go to the job log",
+                        err,
+                    )
                     self._out = None
         if points:
             if self._metrics is not None:
@@ -274,7 +317,8 @@ class LogCapture:
 
     # --- ending ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Drain every file to its end (held partial lines included), flush and close the outputs. Idempotent."""
+        """Drain every file to its end (held partial lines included), flush and close the outputs.
+        Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -306,8 +350,9 @@ class LogCapture:
                 os.close(self._job_log_fd)
                 self._job_log_fd = None
 
-    def stderr_tail(self, rank: Optional[int] = None, lines: int = 20) -> list[str]:
-        """The last ``lines`` stderr lines of ``rank`` (untagged), or of every rank (tagged) when rank is None."""
+    def stderr_tail(self, rank: int | None = None, lines: int = 20) -> list[str]:
+        """The last ``lines`` stderr lines of ``rank`` (untagged), or of every rank (tagged) when
+        rank is None."""
         with self._lock:
             tail = self._all_tail if rank is None else self._tails.get(rank, ())
             return list(tail)[-lines:] if lines > 0 else []

@@ -1,4 +1,5 @@
-"""A byte-oriented line splitter: whole lines out, the partial last line held, long lines cut and marked.
+"""A byte-oriented line splitter: whole lines out, the partial last line held, long lines cut and
+marked.
 
 Fed raw chunks as ``os.read`` returns them (cut anywhere, even inside a UTF-8
 character), :class:`LineSplitter` returns blocks of complete lines only, so the
@@ -11,7 +12,7 @@ joined with the marks removed.
 
 from __future__ import annotations
 
-__all__ = ["LineSplitter", "CUT_MARK"]
+__all__ = ["CUT_MARK", "LineSplitter"]
 
 CUT_MARK = b"[...]"
 _NL = b"\n"
@@ -28,7 +29,7 @@ def _cut_point(data: bytes, limit: int) -> int:
 class LineSplitter:
     """Turn a byte stream into blocks of complete, newline-terminated lines (see the module doc)."""
 
-    __slots__ = ("_max", "_carry", "_cont")
+    __slots__ = ("_carry", "_cont", "_max")
 
     def __init__(self, max_line: int = 65536) -> None:
         if max_line < 8:
@@ -59,7 +60,8 @@ class LineSplitter:
         return block
 
     def finish(self) -> bytes:
-        """The held partial line, terminated with a newline (``b""`` if none); the splitter is reset."""
+        """The held partial line, terminated with a newline (``b""`` if none); the splitter is
+        reset."""
         if not self._carry:
             self._cont = False
             return b""
@@ -71,7 +73,8 @@ class LineSplitter:
         return line
 
     def _may_hold_long_line(self, block: bytes) -> bool:
-        """False when no line can be longer than max_line: every aligned window of max_line // 2 bytes has a newline.
+        """False when no line can be longer than max_line: every aligned window of max_line // 2
+        bytes has a newline.
 
         A line longer than max_line covers at least one whole window, so this is exact in that
         direction and costs one short ``find`` per window instead of a split into lines.

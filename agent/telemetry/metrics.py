@@ -14,13 +14,13 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from agent.errors import ConfigError
 from agent.job import MetricDefinition
 
-__all__ = ["MetricPoint", "MetricMatcher", "parse_number", "parse_definitions"]
+__all__ = ["MetricMatcher", "MetricPoint", "parse_definitions", "parse_number"]
 
 _NUMBER = re.compile(
     r"\s*([+-]?(?:(?:\d+(?:_\d+)*\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf(?:inity)?))",
@@ -28,8 +28,9 @@ _NUMBER = re.compile(
 )
 
 
-def parse_number(text: str) -> Optional[float]:
-    """The number at the start of ``text`` (ints, floats, exponents, nan, inf), or None if there is none."""
+def parse_number(text: str) -> float | None:
+    """The number at the start of ``text`` (ints, floats, exponents, nan, inf), or None if there is
+    none."""
     try:
         return float(text)
     except ValueError:
@@ -43,28 +44,42 @@ def parse_number(text: str) -> Optional[float]:
         return None
 
 
-def parse_definitions(text: Optional[str], source: str = "TORCHBAY_METRIC_DEFINITIONS") -> tuple[MetricDefinition, ...]:
-    """Parse SageMaker's ``[{"Name": ..., "Regex": ...}]`` JSON; raises ConfigError naming ``source``."""
+def parse_definitions(
+    text: str | None, source: str = "TORCHBAY_METRIC_DEFINITIONS"
+) -> tuple[MetricDefinition, ...]:
+    """Parse SageMaker's ``[{"Name": ..., "Regex": ...}]`` JSON; raises ConfigError naming
+    ``source``."""
     if not text:
         return ()
     try:
         data = json.loads(text)
     except ValueError as err:
-        raise ConfigError(f"{source}: not JSON ({err}); give a list like "
-                          '[{"Name": "train:loss", "Regex": "loss=(\\\\S+)"}]') from err
+        raise ConfigError(
+            f"{source}: not JSON ({err}); give a list like "
+            '[{"Name": "train:loss", "Regex": "loss=(\\\\S+)"}]'
+        ) from err
     if not isinstance(data, list):
-        raise ConfigError(f"{source}: expected a JSON list of {{Name, Regex}} objects, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a JSON list of {{Name, Regex}} objects, got {type(data).__name__}"
+        )
     out = []
     for index, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("Name"), str) or not isinstance(item.get("Regex"), str):
-            raise ConfigError(f"{source}[{index}]: expected an object with string Name and Regex, got {item!r}")
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("Name"), str)
+            or not isinstance(item.get("Regex"), str)
+        ):
+            raise ConfigError(
+                f"{source}[{index}]: expected an object with string Name and Regex, got {item!r}"
+            )
         out.append(MetricDefinition(item["Name"], item["Regex"]))
     return tuple(out)
 
 
 @dataclass(frozen=True)
 class MetricPoint:
-    """One value of a metric, stamped with wall time (seconds since the epoch), host and global rank."""
+    """One value of a metric, stamped with wall time (seconds since the epoch), host and global
+    rank."""
 
     name: str
     value: float
@@ -77,8 +92,13 @@ class MetricPoint:
         value: object = self.value
         if not math.isfinite(self.value):
             value = "nan" if math.isnan(self.value) else ("inf" if self.value > 0 else "-inf")
-        return {"time": round(self.time, 6), "name": self.name, "value": value, "host": self.host,
-                "rank": self.rank}
+        return {
+            "time": round(self.time, 6),
+            "name": self.name,
+            "value": value,
+            "host": self.host,
+            "rank": self.rank,
+        }
 
 
 class MetricMatcher:
@@ -93,11 +113,17 @@ class MetricMatcher:
             try:
                 pattern = re.compile(definition.regex, re.MULTILINE)
             except re.error as err:
-                raise ConfigError(f"metric {definition.name!r}: regex {definition.regex!r} does not compile "
-                                  f"({err}); fix the MetricDefinitions Regex") from err
+                raise ConfigError(
+                    f"metric {definition.name!r}: regex {definition.regex!r} does not compile "
+                    f"({err}); fix the MetricDefinitions Regex"
+                ) from err
             if pattern.groups == 0:
-                log.warning("metric %r: regex %r has no capture group, so it can never give a value; "
-                            "put the number in parentheses, e.g. 'loss=(\\S+)'", definition.name, definition.regex)
+                log.warning(
+                    "metric %r: regex %r has no capture group, so it can never give a value; "
+                    "put the number in parentheses, e.g. 'loss=(\\S+)'",
+                    definition.name,
+                    definition.regex,
+                )
                 continue
             self._defs.append((definition.name, pattern))
 
@@ -118,8 +144,12 @@ class MetricMatcher:
                 if value is None:
                     if name not in self._warned_value:
                         self._warned_value.add(name)
-                        self._log.warning("metric %r: captured %r, which is not a number; the value is skipped "
-                                          "(metrics are numbers only)", name, raw[:80])
+                        self._log.warning(
+                            "metric %r: captured %r, which is not a number; the value is skipped "
+                            "(metrics are numbers only)",
+                            name,
+                            raw[:80],
+                        )
                     continue
                 self._matched.add(name)
                 points.append(MetricPoint(name, value, time, host, rank))
@@ -133,12 +163,16 @@ class MetricMatcher:
         """Log one warning per definition that never produced a value (call at close)."""
         for name in self.never_matched():
             regex = next(p.pattern for n, p in self._defs if n == name)
-            self._log.warning("metric %r: regex %r never matched a log line with a number; check it against "
-                              "the job log", name, regex)
+            self._log.warning(
+                "metric %r: regex %r never matched a log line with a number; check it against "
+                "the job log",
+                name,
+                regex,
+            )
 
     @staticmethod
-    def _within_line(pattern: re.Pattern[str], text: str, start: int) -> Optional[str]:
+    def _within_line(pattern: re.Pattern[str], text: str, start: int) -> str | None:
         line_end = text.find("\n", start)
-        line = text[start:line_end if line_end >= 0 else len(text)]
+        line = text[start : line_end if line_end >= 0 else len(text)]
         match = pattern.search(line)
         return match.group(1) if match else None

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import psutil
 
@@ -28,7 +29,8 @@ Record = dict[str, Any]
 
 
 def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants, from the kernel's per-task children lists (empty if root is gone)."""
+    """``root`` and all its descendants, from the kernel's per-task children lists (empty if root is
+    gone)."""
     if not os.path.exists(_TASK.format(root)):
         return []
     pids = [root]
@@ -66,8 +68,15 @@ class SystemSampler:
         log: where the one INFO line about absent GPU metrics goes.
     """
 
-    def __init__(self, *, root_pid: Callable[[], Optional[int]], paths: Mapping[str, Path] = {},
-                 nvml: Any = None, gpus: bool = True, log: Optional[logging.Logger] = None) -> None:
+    def __init__(
+        self,
+        *,
+        root_pid: Callable[[], int | None],
+        paths: Mapping[str, Path] = {},
+        nvml: Any = None,
+        gpus: bool = True,
+        log: logging.Logger | None = None,
+    ) -> None:
         self._root_pid = root_pid
         self._paths = dict(paths)
         self._log = log or logging.getLogger("torchbay.telemetry")
@@ -180,17 +189,23 @@ class SystemSampler:
             util = self._gpu_call("utilization", nvml.nvmlDeviceGetUtilizationRates, handle)
             if util is not None:
                 records.append(_rec("gpu_utilization_ratio", util.gpu / 100.0, gpu=gpu))
-                records.append(_rec("gpu_memory_bandwidth_utilization_ratio", util.memory / 100.0, gpu=gpu))
+                records.append(
+                    _rec("gpu_memory_bandwidth_utilization_ratio", util.memory / 100.0, gpu=gpu)
+                )
             memory = self._gpu_call("memory", nvml.nvmlDeviceGetMemoryInfo, handle)
             if memory is not None:
                 records.append(_rec("gpu_memory_used_bytes", memory.used, gpu=gpu))
                 records.append(_rec("gpu_memory_total_bytes", memory.total, gpu=gpu))
-            temp = self._gpu_call("temperature", nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+            temp = self._gpu_call(
+                "temperature", nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
+            )
             if temp is not None:
                 records.append(_rec("gpu_temperature_celsius", temp, gpu=gpu))
             power = self._gpu_call("power", nvml.nvmlDeviceGetPowerUsage, handle)
             if power is not None:
-                records.append(_rec("gpu_power_watts", power / 1000.0, gpu=gpu))  # NVML gives milliwatts
+                records.append(
+                    _rec("gpu_power_watts", power / 1000.0, gpu=gpu)
+                )  # NVML gives milliwatts
         return records
 
     def _gpu_call(self, what: str, func: Callable[..., Any], *args: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Telemetry: the system sampler, the Prometheus endpoint and the shipping of the log and metrics files.
+"""Telemetry: the system sampler, the Prometheus endpoint and the shipping of the log and metrics
+files.
 
 Started by the train lifecycle after the user's processes; :meth:`Telemetry.close` takes a
 final sample and makes a final upload, also when the job failed or was stopped.
@@ -9,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from agent.job import Job
 from agent.telemetry.sampler import SystemSampler
@@ -21,25 +23,36 @@ __all__ = ["Telemetry", "default_paths"]
 
 
 def default_paths(job: Job) -> tuple[Path, Path]:
-    """``(job log, metrics file)`` of this host: ``output/torchbay/job.log`` and ``output/torchbay/metrics.jsonl``."""
+    """``(job log, metrics file)`` of this host: ``output/torchbay/job.log`` and
+    ``output/torchbay/metrics.jsonl``."""
     return job.layout.job_log_file, job.layout.metrics_file
 
 
 class Telemetry:
-    """System metrics every ``sample_interval`` seconds, to the metrics file and Prometheus; log shipping.
+    """System metrics every ``sample_interval`` seconds, to the metrics file and Prometheus; log
+    shipping.
 
     Args:
         job: the job (settings, layout, host, ``job_output_uri``).
-        root_pid: the pid at the top of the job's process tree, or None (before launch / after exit).
+        root_pid: the pid at the top of the job's process tree, or None (before launch / after
+        exit).
         job_log, metrics_file: the files to write and ship (default: :func:`default_paths`).
         log: the agent's logger.
         nvml: an NVML module object for the sampler (tests inject a fake); None imports pynvml.
         storage: a Storage for the uploads; None opens one for ``job_output_uri``.
     """
 
-    def __init__(self, job: Job, *, root_pid: Callable[[], Optional[int]], job_log: Optional[Path] = None,
-                 metrics_file: Optional[Path] = None, log: Optional[logging.Logger] = None, nvml: Any = None,
-                 storage: Any = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        root_pid: Callable[[], int | None],
+        job_log: Path | None = None,
+        metrics_file: Path | None = None,
+        log: logging.Logger | None = None,
+        nvml: Any = None,
+        storage: Any = None,
+    ) -> None:
         default_log, default_metrics = default_paths(job)
         self._job = job
         self._host = job.resource.current_host
@@ -50,22 +63,23 @@ class Telemetry:
         self._log = log or logging.getLogger("torchbay.telemetry")
         self._nvml = nvml
         self._storage = storage
-        self._sampler: Optional[SystemSampler] = None
-        self._metrics: Optional[MetricsFile] = None
-        self._prometheus: Optional[PrometheusEndpoint] = None
-        self._shipper: Optional[Shipper] = None
+        self._sampler: SystemSampler | None = None
+        self._metrics: MetricsFile | None = None
+        self._prometheus: PrometheusEndpoint | None = None
+        self._shipper: Shipper | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._started = False
         self._closed = False
 
     @property
-    def prometheus_url(self) -> Optional[str]:
+    def prometheus_url(self) -> str | None:
         """The URL of the Prometheus endpoint, when one is serving."""
         return self._prometheus.url if self._prometheus is not None else None
 
     def start(self) -> None:
-        """Start sampling, the Prometheus endpoint (when a port is set) and periodic uploads. Idempotent."""
+        """Start sampling, the Prometheus endpoint (when a port is set) and periodic uploads.
+        Idempotent."""
         if self._started or self._closed:
             return
         self._started = True
@@ -74,15 +88,25 @@ class Telemetry:
         if settings.sample_interval > 0:
             layout = self._job.layout
             paths = {"data": layout.data_dir, "model": layout.model_dir}
-            self._sampler = SystemSampler(root_pid=self._root_pid, paths={k: p for k, p in paths.items() if p.exists()},
-                                          nvml=self._nvml, log=self._log)
+            self._sampler = SystemSampler(
+                root_pid=self._root_pid,
+                paths={k: p for k, p in paths.items() if p.exists()},
+                nvml=self._nvml,
+                log=self._log,
+            )
             if settings.prometheus_port is not None:
                 try:
-                    self._prometheus = PrometheusEndpoint(settings.prometheus_port, addr=settings.prometheus_addr)
+                    self._prometheus = PrometheusEndpoint(
+                        settings.prometheus_port, addr=settings.prometheus_addr
+                    )
                 except OSError as err:  # optional: the job runs on without the endpoint
-                    self._log.warning("Prometheus endpoint off: cannot listen on %s:%s (%s); set "
-                                      "TORCHBAY_PROMETHEUS_PORT to a free port", settings.prometheus_addr,
-                                      settings.prometheus_port, err)
+                    self._log.warning(
+                        "Prometheus endpoint off: cannot listen on %s:%s (%s); set "
+                        "TORCHBAY_PROMETHEUS_PORT to a free port",
+                        settings.prometheus_addr,
+                        settings.prometheus_port,
+                        err,
+                    )
                 else:
                     self._log.info("Prometheus metrics at %s", self._prometheus.url)
             self._take_sample()
@@ -100,9 +124,13 @@ class Telemetry:
                 return open_storage(uri, endpoint_url=settings.endpoint_url)
 
             base = uri.rstrip("/")
-            files = [(self._job_log, f"{base}/job-{self._host}.log"),
-                     (self._metrics_path, f"{base}/metrics-{self._host}.jsonl")]
-            self._shipper = Shipper(storage, files, interval=settings.upload_interval, log=self._log)
+            files = [
+                (self._job_log, f"{base}/job-{self._host}.log"),
+                (self._metrics_path, f"{base}/metrics-{self._host}.jsonl"),
+            ]
+            self._shipper = Shipper(
+                storage, files, interval=settings.upload_interval, log=self._log
+            )
             self._shipper.start()
 
     def _run(self) -> None:
@@ -119,13 +147,22 @@ class Telemetry:
         now = time.time()
         records = self._sampler.sample()
         if self._metrics is not None:
-            self._metrics.write({"time": round(now, 3), "host": self._host, "name": r["name"], "value": r["value"],
-                                 **({"labels": r["labels"]} if r["labels"] else {})} for r in records)
+            self._metrics.write(
+                {
+                    "time": round(now, 3),
+                    "host": self._host,
+                    "name": r["name"],
+                    "value": r["value"],
+                    **({"labels": r["labels"]} if r["labels"] else {}),
+                }
+                for r in records
+            )
         if self._prometheus is not None:
             self._prometheus.update(records)
 
     def close(self) -> list[str]:
-        """Final sample, flush, final upload of the log and metrics; returns URIs not uploaded. Idempotent."""
+        """Final sample, flush, final upload of the log and metrics; returns URIs not uploaded.
+        Idempotent."""
         if self._closed:
             return []
         self._closed = True
@@ -148,5 +185,7 @@ class Telemetry:
         if self._shipper is not None:
             failed = self._shipper.close()
             if failed:
-                self._log.warning("telemetry: could not upload %s at the end of the job", ", ".join(failed))
+                self._log.warning(
+                    "telemetry: could not upload %s at the end of the job", ", ".join(failed)
+                )
         return failed

@@ -1,4 +1,5 @@
-"""Shipping: copy the job log and the metrics file to the job's output prefix now and then, and at the end.
+"""Shipping: copy the job log and the metrics file to the job's output prefix now and then, and at
+the end.
 
 A file is uploaded only when it changed since its last upload, from a snapshot of
 its first ``size`` bytes (the capture thread may be appending meanwhile). A failed
@@ -14,8 +15,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from agent.errors import StorageError
 from agent.storage import redact
@@ -24,11 +26,19 @@ __all__ = ["Shipper", "host_report_uris", "ship_host_report"]
 
 
 class Shipper:
-    """Upload ``files`` (local path, URI) every ``interval`` seconds from :meth:`start` and once more at :meth:`close`."""
+    """Upload ``files`` (local path, URI) every ``interval`` seconds from :meth:`start` and once
+    more at :meth:`close`."""
 
-    def __init__(self, storage: Callable[[], Any], files: Sequence[tuple[Path, str]], *, interval: float,
-                 log: Optional[logging.Logger] = None) -> None:
-        """``storage`` makes the Storage on the first upload: an S3 client (boto3's import and set-up, ~0.3 s of
+    def __init__(
+        self,
+        storage: Callable[[], Any],
+        files: Sequence[tuple[Path, str]],
+        *,
+        interval: float,
+        log: logging.Logger | None = None,
+    ) -> None:
+        """``storage`` makes the Storage on the first upload: an S3 client (boto3's import and
+        set-up, ~0.3 s of
         CPU) is then made in the shipping thread, not while the user's processes start."""
         self._make_storage = storage
         self._storage: Any = None
@@ -39,7 +49,7 @@ class Shipper:
         self._failing: set[Path] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start periodic uploads. Idempotent."""
@@ -52,7 +62,9 @@ class Shipper:
             try:
                 self.ship()
             except Exception:  # the shipping thread's top level: keep going, say why
-                self._log.exception("telemetry: periodic upload of the job log failed; retrying later")
+                self._log.exception(
+                    "telemetry: periodic upload of the job log failed; retrying later"
+                )
 
     def ship(self) -> list[str]:
         """Upload every file that changed; returns the URIs that failed."""
@@ -81,8 +93,12 @@ class Shipper:
                 self._storage.put_file(snapshot, uri)
         except (StorageError, OSError) as err:
             if path not in self._failing:
-                self._log.warning("telemetry: uploading %s to %s failed (%s); will retry", path, redact(uri),
-                                  redact(str(err)))
+                self._log.warning(
+                    "telemetry: uploading %s to %s failed (%s); will retry",
+                    path,
+                    redact(uri),
+                    redact(str(err)),
+                )
             self._failing.add(path)
             return False
         if path in self._failing:
@@ -92,7 +108,8 @@ class Shipper:
         return True
 
     def close(self) -> list[str]:
-        """Stop the timer and upload once more; returns the URIs that could not be uploaded. Idempotent."""
+        """Stop the timer and upload once more; returns the URIs that could not be uploaded.
+        Idempotent."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -110,18 +127,31 @@ def _copy_prefix(src: Any, dst: Any, size: int) -> None:
         remaining -= len(chunk)
 
 
-
 def host_report_uris(base: str, host: str) -> dict[str, str]:
     """Where one host's report goes under the job's output prefix: its job log and its status file."""
     base = base.rstrip("/")
-    return {"log": f"{base}/job-{host}.log", "failure": f"{base}/failure-{host}", "success": f"{base}/success-{host}"}
+    return {
+        "log": f"{base}/job-{host}.log",
+        "failure": f"{base}/failure-{host}",
+        "success": f"{base}/success-{host}",
+    }
 
 
-def ship_host_report(storage: Any, base: str, host: str, *, job_log: Path, failure_file: Path, success_file: Path,
-                     log: logging.Logger) -> list[str]:
-    """Upload this host's job log and its ``failure`` (or ``success``) file beside the job's outputs.
+def ship_host_report(
+    storage: Any,
+    base: str,
+    host: str,
+    *,
+    job_log: Path,
+    failure_file: Path,
+    success_file: Path,
+    log: logging.Logger,
+) -> list[str]:
+    """Upload this host's job log and its ``failure`` (or ``success``) file beside the job's
+    outputs.
 
-    Runs at the very end of every train run, whether the script ran or not; returns the URIs that failed
+    Runs at the very end of every train run, whether the script ran or not; returns the URIs that
+    failed
     (each logged as a warning: a report that cannot be uploaded never changes the job's exit code).
     """
     uris = host_report_uris(base, host)
@@ -137,8 +167,13 @@ def ship_host_report(storage: Any, base: str, host: str, *, job_log: Path, failu
         try:
             storage.put_file(path, uri)
         except (StorageError, OSError) as err:
-            log.warning("could not upload %s to %s (%s); it stays at %s", path.name, redact(uri), redact(str(err)),
-                        path)
+            log.warning(
+                "could not upload %s to %s (%s); it stays at %s",
+                path.name,
+                redact(uri),
+                redact(str(err)),
+                path,
+            )
             failed.append(uri)
     if not failed:
         log.debug("uploaded %s", ", ".join(redact(uri) for _, uri in files))

@@ -13,19 +13,21 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
-__all__ = ["MetricsFile", "TensorBoardSink", "PrometheusEndpoint"]
+__all__ = ["MetricsFile", "PrometheusEndpoint", "TensorBoardSink"]
 
 
 class MetricsFile:
-    """Append-only JSON lines; every ``write`` is one ``os.write`` of whole lines (safe across threads)."""
+    """Append-only JSON lines; every ``write`` is one ``os.write`` of whole lines (safe across
+    threads)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
 
     def write(self, records: Iterable[Mapping[str, Any]]) -> None:
@@ -38,7 +40,7 @@ class MetricsFile:
                 return
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
 
     def close(self) -> None:
         """Close the file; later writes are ignored. Idempotent."""
@@ -49,9 +51,11 @@ class MetricsFile:
 
 
 class TensorBoardSink:
-    """Scalars as TensorBoard event files in ``log_dir``, through the tensorboard package's own writer.
+    """Scalars as TensorBoard event files in ``log_dir``, through the tensorboard package's own
+    writer.
 
-    ``TensorBoardSink.open`` returns None (and logs one INFO line) when tensorboard is not installed.
+    ``TensorBoardSink.open`` returns None (and logs one INFO line) when tensorboard is not
+    installed.
     """
 
     def __init__(self, writer: Any, summary_pb2: Any, event_pb2: Any) -> None:
@@ -62,7 +66,9 @@ class TensorBoardSink:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, log_dir: Path, *, log: logging.Logger, suffix: str = "") -> Optional["TensorBoardSink"]:
+    def open(
+        cls, log_dir: Path, *, log: logging.Logger, suffix: str = ""
+    ) -> TensorBoardSink | None:
         try:
             from tensorboard.compat.proto import event_pb2, summary_pb2
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -70,18 +76,25 @@ class TensorBoardSink:
             log.info("tensorboard is not installed: metric definitions go to the metrics file only")
             return None
         log_dir.mkdir(parents=True, exist_ok=True)
-        writer = EventFileWriter(str(log_dir), max_queue_size=100, flush_secs=5, filename_suffix=suffix)
+        writer = EventFileWriter(
+            str(log_dir), max_queue_size=100, flush_secs=5, filename_suffix=suffix
+        )
         return cls(writer, summary_pb2, event_pb2)
 
     def write(self, points: Iterable[Any]) -> None:
-        """Add each point (``name``, ``value``, ``time``, ``rank``) as a scalar; the step counts per tag."""
+        """Add each point (``name``, ``value``, ``time``, ``rank``) as a scalar; the step counts per
+        tag."""
         with self._lock:
             for point in points:
                 tag = point.name if point.rank == 0 else f"{point.name}/rank{point.rank}"
                 step = self._steps.get(tag, 0)
                 self._steps[tag] = step + 1
-                summary = self._summary.Summary(value=[self._summary.Summary.Value(tag=tag, simple_value=point.value)])
-                self._writer.add_event(self._event.Event(summary=summary, wall_time=point.time, step=step))
+                summary = self._summary.Summary(
+                    value=[self._summary.Summary.Value(tag=tag, simple_value=point.value)]
+                )
+                self._writer.add_event(
+                    self._event.Event(summary=summary, wall_time=point.time, step=step)
+                )
 
     def flush(self) -> None:
         self._writer.flush()
@@ -125,8 +138,15 @@ class PrometheusEndpoint:
                 entry = self._gauges.get(name)
                 if entry is None:
                     names = tuple(sorted(labels))
-                    entry = (self._gauge_cls(self._prefix + name, sample.get("help") or name, labelnames=names,
-                                             registry=self._registry), names)
+                    entry = (
+                        self._gauge_cls(
+                            self._prefix + name,
+                            sample.get("help") or name,
+                            labelnames=names,
+                            registry=self._registry,
+                        ),
+                        names,
+                    )
                     self._gauges[name] = entry
                 gauge, names = entry
                 if set(labels) != set(names):

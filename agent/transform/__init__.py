@@ -2,9 +2,12 @@
 
 The spec is shaped like a CreateTransformJob request. The job sends its records to a running
 endpoint (``--endpoint``, TORCHBAY_TRANSFORM_ENDPOINT) or starts ``torchbay serve`` on 127.0.0.1 for
-itself (the same serve entrypoint and settings as hosting, plus the spec's ``Environment``), and writes
-``<key>.out`` for each input object. Exit codes: 0 done; 65 a spec error or objects that failed (named);
-66 no input; 69 the endpoint or S3 unreachable; 128+N when signal N stopped it (finished objects are kept,
+itself (the same serve entrypoint and settings as hosting, plus the spec's ``Environment``), and
+writes
+``<key>.out`` for each input object. Exit codes: 0 done; 65 a spec error or objects that failed
+(named);
+66 no input; 69 the endpoint or S3 unreachable; 128+N when signal N stopped it (finished objects are
+kept,
 and a rerun skips them).
 """
 
@@ -18,22 +21,30 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 __all__ = ["main", "parse_args"]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of ``torchbay transform``."""
     parser = argparse.ArgumentParser(prog="torchbay transform", description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="the CreateTransformJob-shaped spec: a path or the JSON itself")
-    parser.add_argument("--endpoint", help="URL of a running endpoint (TORCHBAY_TRANSFORM_ENDPOINT); unset: start "
-                                           "`torchbay serve` for the job")
-    parser.add_argument("--root", help="root of the layout for a started server (TORCHBAY_ROOT, default /opt/ml)")
+    parser.add_argument(
+        "--job", required=True, help="the CreateTransformJob-shaped spec: a path or the JSON itself"
+    )
+    parser.add_argument(
+        "--endpoint",
+        help="URL of a running endpoint (TORCHBAY_TRANSFORM_ENDPOINT); unset: start "
+        "`torchbay serve` for the job",
+    )
+    parser.add_argument(
+        "--root", help="root of the layout for a started server (TORCHBAY_ROOT, default /opt/ml)"
+    )
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
-def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run the job; its exit code."""
     from agent.errors import TorchBayError, TransformError, exit_code_for
     from agent.settings import read_settings
@@ -56,14 +67,19 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
         settings = read_settings(env)
         if args.root:
             settings = settings.replace(root=args.root)
-        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s [transform] %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s [transform] %(message)s",
+        )
         summary, name = _run(args, settings, env, stop, log)
         print(summary.line(name), flush=True)
         if stopped_by:
             return 128 + stopped_by[0]
         if summary.failures:
-            error = TransformError(f"{len(summary.failures)} object(s) failed: " + "; ".join(summary.failures[:5]))
+            error = TransformError(
+                f"{len(summary.failures)} object(s) failed: " + "; ".join(summary.failures[:5])
+            )
             log.error("%s", error.message)
             return error.exit_code
         return 0
@@ -79,7 +95,13 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
             signal.signal(signum, previous)  # type: ignore[arg-type]
 
 
-def _run(args: argparse.Namespace, settings, env: Mapping[str, str], stop: threading.Event, log: logging.Logger):
+def _run(
+    args: argparse.Namespace,
+    settings,
+    env: Mapping[str, str],
+    stop: threading.Event,
+    log: logging.Logger,
+):
     from agent.transform.client import Endpoint
     from agent.transform.run import run_job
     from agent.transform.spec import read_transform_spec
@@ -93,8 +115,14 @@ def _run(args: argparse.Namespace, settings, env: Mapping[str, str], stop: threa
         return Endpoint(address, timeout=spec.timeout, max_retries=spec.max_retries)
 
     try:
-        summary = run_job(spec, connect, endpoint_url=settings.endpoint_url, stop=stop,
-                          progress_interval=settings.transform_progress_interval, log=log)
+        summary = run_job(
+            spec,
+            connect,
+            endpoint_url=settings.endpoint_url,
+            stop=stop,
+            progress_interval=settings.transform_progress_interval,
+            log=log,
+        )
     finally:
         if server is not None:
             server.stop()
@@ -104,13 +132,15 @@ def _run(args: argparse.Namespace, settings, env: Mapping[str, str], stop: threa
 class _StartedServer:
     """``torchbay serve`` on a free port of 127.0.0.1, in its own process group, for one job."""
 
-    def __init__(self, settings, env: Mapping[str, str], extra: Mapping[str, str], log: logging.Logger) -> None:
+    def __init__(
+        self, settings, env: Mapping[str, str], extra: Mapping[str, str], log: logging.Logger
+    ) -> None:
         self._env = dict(env)
         self._env.update(extra)
         self._env.update({"PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(settings.root)})
         self._grace = settings.serve_grace_period + 5
         self._log = log
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
 
     def start(self, timeout: float, stop: threading.Event) -> str:
         import socket
@@ -120,8 +150,11 @@ class _StartedServer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        self._proc = subprocess.Popen([sys.executable, "-m", "agent", "serve", "--host", "127.0.0.1", "--port",
-                                       str(port)], env=self._env, start_new_session=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=self._env,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
         self._log.info("started torchbay serve (pid %d) on %s for the job", self._proc.pid, url)
         deadline = time.monotonic() + timeout
@@ -130,8 +163,10 @@ class _StartedServer:
         while time.monotonic() < deadline and not stop.is_set():
             code = self._proc.poll()
             if code is not None:
-                raise ModelLoadError(f"the started `torchbay serve` exited with {code} before it was ready; see its "
-                                     "log lines above")
+                raise ModelLoadError(
+                    f"the started `torchbay serve` exited with {code} before it was ready; see its "
+                    "log lines above"
+                )
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/ping")
@@ -142,8 +177,10 @@ class _StartedServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise EndpointUnreachable(f"the started `torchbay serve` did not answer /ping 200 within {timeout:g} s; "
-                                  "raise TORCHBAY_TRANSFORM_STARTUP_TIMEOUT or see its log lines above")
+        raise EndpointUnreachable(
+            f"the started `torchbay serve` did not answer /ping 200 within {timeout:g} s; "
+            "raise TORCHBAY_TRANSFORM_STARTUP_TIMEOUT or see its log lines above"
+        )
 
     def stop(self) -> None:
         proc = self._proc

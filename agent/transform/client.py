@@ -1,4 +1,5 @@
-"""HTTP to the endpoint a transform job uses: one keep-alive connection per sending thread, retries with backoff."""
+"""HTTP to the endpoint a transform job uses: one keep-alive connection per sending thread, retries
+with backoff."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from agent.errors import EndpointUnreachable
 
@@ -42,15 +44,25 @@ class Reply:
 
 
 class Endpoint:
-    """``http://host:port`` of a serving container; thread-safe (each thread keeps its own connection)."""
+    """``http://host:port`` of a serving container; thread-safe (each thread keeps its own
+    connection)."""
 
-    def __init__(self, url: str, *, timeout: float = 600.0, max_retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 10.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         parsed = urllib.parse.urlparse(url if "://" in url else "http://" + url)
         if parsed.scheme != "http" or not parsed.hostname:
-            raise EndpointUnreachable(f"endpoint {url!r} is not http://host:port; give the URL of a running "
-                                      "`torchbay serve`")
+            raise EndpointUnreachable(
+                f"endpoint {url!r} is not http://host:port; give the URL of a running "
+                "`torchbay serve`"
+            )
         self.url = f"http://{parsed.netloc}"
         self._host, self._port = parsed.hostname, parsed.port or 80
         self._base = parsed.path.rstrip("/")
@@ -62,7 +74,8 @@ class Endpoint:
         self._lock = threading.Lock()
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it served a request before (it may have been closed since)."""
+        """This thread's connection, and whether it served a request before (it may have been closed
+        since)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
@@ -76,7 +89,9 @@ class Endpoint:
             conn.close()
             self._local.conn = None
 
-    def _once(self, method: str, path: str, body: Optional[bytes], headers: dict[str, str]) -> tuple[int, bytes, str]:
+    def _once(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes, str]:
         while True:
             conn, reused = self._connection()
             try:
@@ -88,15 +103,25 @@ class Endpoint:
                 return response.status, data, response.getheader("Content-Type") or ""
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._drop()
-                if not reused:  # a kept-alive connection the server closed meanwhile: once more on a new one
+                if (
+                    not reused
+                ):  # a kept-alive connection the server closed meanwhile: once more on a new one
                     raise
             except BaseException:
                 self._drop()
                 raise
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None,
-                headers: Optional[dict[str, str]] = None, *, retries: Optional[int] = None) -> Reply:
-        """One request, sent again with backoff on 408/429/5xx and dropped connections (``retries`` times at most).
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        retries: int | None = None,
+    ) -> Reply:
+        """One request, sent again with backoff on 408/429/5xx and dropped connections (``retries``
+        times at most).
 
         Raises EndpointUnreachable when the last attempt could not connect at all.
         """
@@ -106,30 +131,49 @@ class Endpoint:
             attempt += 1
             try:
                 status, data, content_type = self._once(method, path, body, dict(headers or {}))
-                error: Optional[BaseException] = None
+                error: BaseException | None = None
             except (OSError, http.client.HTTPException) as err:
                 status, data, content_type, error = 0, b"", "", err
             if error is None and status not in _RETRIED:
                 return Reply(status, data, content_type, attempt)
             if attempt > allowed:
                 if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
-                    raise EndpointUnreachable(f"{method} {self.url}{path} failed ({type(error).__name__}: {error}) "
-                                              f"after {attempt} attempts; check that the endpoint is up") from error
+                    raise EndpointUnreachable(
+                        f"{method} {self.url}{path} failed ({type(error).__name__}: {error}) "
+                        f"after {attempt} attempts; check that the endpoint is up"
+                    ) from error
                 if isinstance(error, socket.timeout):
-                    return Reply(504, json.dumps({"message": f"no answer within {self.timeout:g} s "
-                                                             "(InvocationsTimeoutInSeconds)"}).encode(),
-                                 "application/json", attempt)
-                if error is not None:  # the connection dropped mid-request: this request's failure (a record
-                    # that kills the worker), not the endpoint's; a dead endpoint refuses the next one
-                    return Reply(502, json.dumps({"message": f"the connection dropped ({type(error).__name__}: "
-                                                             f"{error})"}).encode(), "application/json", attempt)
+                    return Reply(
+                        504,
+                        json.dumps(
+                            {
+                                "message": f"no answer within {self.timeout:g} s "
+                                "(InvocationsTimeoutInSeconds)"
+                            }
+                        ).encode(),
+                        "application/json",
+                        attempt,
+                    )
+                if (
+                    error is not None
+                ):  # the connection dropped mid-request: this request's failure (a record
+                    # that kills the worker), not the endpoint's; a dead endpoint refuses the next
+                    # one
+                    return Reply(
+                        502,
+                        json.dumps(
+                            {"message": f"the connection dropped ({type(error).__name__}: {error})"}
+                        ).encode(),
+                        "application/json",
+                        attempt,
+                    )
                 return Reply(status, data, content_type, attempt)
             with self._lock:
                 self.retries += 1
             delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
             self._sleep(delay * (0.5 + random.random() / 2))
 
-    def get_json(self, path: str) -> Optional[Any]:
+    def get_json(self, path: str) -> Any | None:
         """A JSON GET; None on 404 (or a body that is not JSON)."""
         reply = self.request("GET", path)
         if reply.status == 404 or not reply.ok:

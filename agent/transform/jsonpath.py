@@ -8,7 +8,8 @@
     $[0,5:]           several indexes and slices, in order (``$[0,2]``: columns 0 and 2)
     $[*]  $.*         everything at this level
 
-Steps chain (``$.features[1:]``). An index outside the array or a missing key is an error, as in SageMaker.
+Steps chain (``$.features[1:]``). An index outside the array or a missing key is an error, as in
+SageMaker.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Union
 
-__all__ = ["JsonPathError", "JsonPath", "compile_path"]
+__all__ = ["JsonPath", "JsonPathError", "compile_path"]
 
 
 class JsonPathError(ValueError):
@@ -69,10 +70,17 @@ def compile_path(text: str) -> JsonPath:
             continue
         if text[pos] == "[":
             end = _closing(text, pos)
-            steps.append(tuple(_selector(part.strip(), text) for part in _split_commas(text[pos + 1:end], text)))
+            steps.append(
+                tuple(
+                    _selector(part.strip(), text)
+                    for part in _split_commas(text[pos + 1 : end], text)
+                )
+            )
             pos = end + 1
             continue
-        raise JsonPathError(f"cannot read {text[pos:]!r}; use .name, ['name'], [n], [a:b] or [n,a:b]")
+        raise JsonPathError(
+            f"cannot read {text[pos:]!r}; use .name, ['name'], [n], [a:b] or [n,a:b]"
+        )
     return JsonPath(text, tuple(steps))
 
 
@@ -121,9 +129,13 @@ def _selector(part: str, text: str) -> _Selector:
     if ":" in part:
         bits = part.split(":")
         if len(bits) != 2 or not all(not b.strip() or _INT.match(b.strip()) for b in bits):
-            raise JsonPathError(f"slice {part!r} in {text!r} is not start:stop (steps are not supported)")
+            raise JsonPathError(
+                f"slice {part!r} in {text!r} is not start:stop (steps are not supported)"
+            )
         return _Slice(*(int(b) if b.strip() else None for b in bits))
-    raise JsonPathError(f"selector {part!r} in {text!r} is not an index, a slice, '*' or a quoted name")
+    raise JsonPathError(
+        f"selector {part!r} in {text!r} is not an index, a slice, '*' or a quoted name"
+    )
 
 
 def _apply_step(value: Any, step: tuple[_Selector, ...], text: str) -> Any:
@@ -131,7 +143,9 @@ def _apply_step(value: Any, step: tuple[_Selector, ...], text: str) -> Any:
         return _one(value, step[0], text)
     if isinstance(value, dict):
         if any(isinstance(s, (int, _Slice)) for s in step):
-            raise JsonPathError(f"{text}: indexes and slices select from arrays; the record here is an object")
+            raise JsonPathError(
+                f"{text}: indexes and slices select from arrays; the record here is an object"
+            )
         if None in step:
             return dict(value)
         return {str(name): _one(value, name, text) for name in step}
@@ -141,25 +155,35 @@ def _apply_step(value: Any, step: tuple[_Selector, ...], text: str) -> Any:
             if selector is None:
                 out.extend(value)
             elif isinstance(selector, _Slice):
-                out.extend(value[selector.start:selector.stop])
+                out.extend(value[selector.start : selector.stop])
             elif isinstance(selector, int):
                 out.append(_one(value, selector, text))
             else:
-                raise JsonPathError(f"{text}: name {selector!r} selects from objects; the record here is an array")
+                raise JsonPathError(
+                    f"{text}: name {selector!r} selects from objects; the record here is an array"
+                )
         return out
     raise JsonPathError(f"{text}: cannot select from {type(value).__name__} {str(value)[:40]!r}")
 
 
-def _one(value: Any, selector: Union[int, str], text: str) -> Any:
+def _one(value: Any, selector: int | str, text: str) -> Any:
     if isinstance(selector, int):
         if not isinstance(value, list):
-            raise JsonPathError(f"{text}: index [{selector}] needs an array, the record here is "
-                                f"{type(value).__name__}")
+            raise JsonPathError(
+                f"{text}: index [{selector}] needs an array, the record here is "
+                f"{type(value).__name__}"
+            )
         if not -len(value) <= selector < len(value):
-            raise JsonPathError(f"{text}: index [{selector}] is outside the record's {len(value)} elements")
+            raise JsonPathError(
+                f"{text}: index [{selector}] is outside the record's {len(value)} elements"
+            )
         return value[selector]
     if not isinstance(value, dict):
-        raise JsonPathError(f"{text}: key {selector!r} needs an object, the record here is {type(value).__name__}")
+        raise JsonPathError(
+            f"{text}: key {selector!r} needs an object, the record here is {type(value).__name__}"
+        )
     if selector not in value:
-        raise JsonPathError(f"{text}: the record has no key {selector!r} (keys: {', '.join(map(str, value))[:80]})")
+        raise JsonPathError(
+            f"{text}: the record has no key {selector!r} (keys: {', '.join(map(str, value))[:80]})"
+        )
     return value[selector]

@@ -3,9 +3,12 @@
 Objects are taken in listing order; each is read whole, split and packed into requests, and up to
 ``MaxConcurrentTransforms`` requests (of any objects) are in flight at once. An object's ``.out`` is
 uploaded when all its requests are answered, with a marker (S3 object metadata; a hidden
-``.<name>.torchbay`` file beside it for ``file://``) holding the input's ETag and the hash of the spec's
-output-deciding keys: a rerun skips every object whose marker matches. A request that still fails after
-its retries is split in halves until the failing record is found; its object gets no ``.out`` and the
+``.<name>.torchbay`` file beside it for ``file://``) holding the input's ETag and the hash of the
+spec's
+output-deciding keys: a rerun skips every object whose marker matches. A request that still fails
+after
+its retries is split in halves until the failing record is found; its object gets no ``.out`` and
+the
 job fails naming the object and the record, after every other object was finished and uploaded.
 """
 
@@ -15,9 +18,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 from agent.data.listing import Entry, list_channel
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError, TransformError
@@ -27,7 +31,7 @@ from agent.transform.client import Endpoint, Reply
 from agent.transform.spec import TransformSpec
 from agent.transform.split import Batch, Record, decompress, pack, split_records
 
-__all__ = ["Summary", "Plan", "plan_job", "run_job"]
+__all__ = ["Plan", "Summary", "plan_job", "run_job"]
 
 _READ_AHEAD = 256 * 1024 * 1024  # input bytes read ahead of the objects being sent, at least
 _MARK_SOURCE = "torchbay-source"
@@ -59,10 +63,14 @@ class Summary:
 
     def line(self, name: str) -> str:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
-        return (f"transform job {name}: {self.done} of {self.objects} objects written, {self.skipped} skipped as "
-                f"already done, {len(self.failures)} failed; {self.records} records in {self.requests} requests "
-                f"({self.retries} retried) in {self.seconds:.1f} s ({rate:,.0f} records/s)"
-                + ("; interrupted" if self.interrupted else ""))
+        return (
+            f"transform job {name}: {self.done} of {self.objects} objects written, {self.skipped} "
+            "skipped as "
+            f"already done, {len(self.failures)} failed; {self.records} records in {self.requests} "
+            "requests "
+            f"({self.retries} retried) in {self.seconds:.1f} s ({rate:,.0f} records/s)"
+            + ("; interrupted" if self.interrupted else "")
+        )
 
 
 def plan_job(spec: TransformSpec, endpoint: Endpoint) -> Plan:
@@ -71,12 +79,16 @@ def plan_job(spec: TransformSpec, endpoint: Endpoint) -> Plan:
     concurrent = spec.max_concurrent or _positive_int(params.get("MaxConcurrentTransforms")) or 1
     strategy = spec.batch_strategy
     if strategy is None:
-        strategy = "MultiRecord" if str(params.get("BatchStrategy", "")).upper() == "MULTI_RECORD" else "SingleRecord"
+        strategy = (
+            "MultiRecord"
+            if str(params.get("BatchStrategy", "")).upper() == "MULTI_RECORD"
+            else "SingleRecord"
+        )
     payload = spec.max_payload_mb or _positive_int(params.get("MaxPayloadInMB")) or 6
     return Plan(concurrent, strategy == "MultiRecord", payload * 1024 * 1024)
 
 
-def _positive_int(value: Any) -> Optional[int]:
+def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
@@ -90,28 +102,45 @@ class _Progress:
         self.objects_done = 0
 
 
-def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint]], *, endpoint_url: Optional[str] = None,
-            stop: Optional[threading.Event] = None, progress_interval: float = 10.0,
-            log: Optional[logging.Logger] = None) -> Summary:
+def run_job(
+    spec: TransformSpec,
+    endpoint: Endpoint | Callable[[], Endpoint],
+    *,
+    endpoint_url: str | None = None,
+    stop: threading.Event | None = None,
+    progress_interval: float = 10.0,
+    log: logging.Logger | None = None,
+) -> Summary:
     """Run the job to its end (or until ``stop`` is set); the Summary says what happened.
 
-    ``endpoint`` may be a callable that makes one (starting a server): it is called only when some object
+    ``endpoint`` may be a callable that makes one (starting a server): it is called only when some
+    object
     is not done yet.
     """
     log = log or logging.getLogger("torchbay.transform")
     stop = stop or threading.Event()
     started = time.monotonic()
-    assembler = Assembler(content_type=spec.content_type, accept=spec.accept, input_filter=spec.input_filter,
-                          output_filter=spec.output_filter, join_source=spec.join_source,
-                          assemble_with=spec.assemble_with)
+    assembler = Assembler(
+        content_type=spec.content_type,
+        accept=spec.accept,
+        input_filter=spec.input_filter,
+        output_filter=spec.output_filter,
+        join_source=spec.join_source,
+        assemble_with=spec.assemble_with,
+    )
     source = open_storage(spec.input_uri, endpoint_url=endpoint_url)
-    client = getattr(source, "client", None) if parse_uri(spec.input_uri).scheme == parse_uri(spec.output_uri).scheme \
+    client = (
+        getattr(source, "client", None)
+        if parse_uri(spec.input_uri).scheme == parse_uri(spec.output_uri).scheme
         else None
+    )
     target = open_storage(spec.output_uri, s3_client=client, endpoint_url=endpoint_url)
     entries = list_channel(source, spec.input_uri, spec.input_type, channel="TransformInput")
     summary = Summary(objects=len(entries))
     todo = []
-    for entry in entries:  # the markers first: a job with nothing left to do never needs the endpoint
+    for (
+        entry
+    ) in entries:  # the markers first: a job with nothing left to do never needs the endpoint
         out_uri = _output_uri(spec.output_uri, entry.relative)
         mark = {_MARK_SOURCE: _identity(source, entry), _MARK_SPEC: spec.digest}
         if _read_mark(target, out_uri) == mark:
@@ -126,9 +155,17 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
         endpoint = endpoint()
     plan = plan_job(spec, endpoint)
     progress = _Progress()
-    log.info("transform job %s: %d objects from %s to %s; %s, %d requests at once, %d bytes per request at most",
-             spec.name, len(entries), redact(spec.input_uri), redact(spec.output_uri),
-             "MultiRecord" if plan.multi_record else "SingleRecord", plan.max_concurrent, plan.max_payload_bytes)
+    log.info(
+        "transform job %s: %d objects from %s to %s; %s, %d requests at once, %d bytes per request "
+        "at most",
+        spec.name,
+        len(entries),
+        redact(spec.input_uri),
+        redact(spec.output_uri),
+        "MultiRecord" if plan.multi_record else "SingleRecord",
+        plan.max_concurrent,
+        plan.max_payload_bytes,
+    )
     headers = {"Content-Type": spec.content_type or "application/octet-stream"}
     if spec.accept:
         headers["Accept"] = spec.accept
@@ -136,11 +173,14 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
     senders = ThreadPoolExecutor(plan.max_concurrent, thread_name_prefix="torchbay-transform")
     finishers = ThreadPoolExecutor(2, thread_name_prefix="torchbay-transform-out")
     window = threading.BoundedSemaphore(plan.max_concurrent * 2)  # requests queued or in flight
-    # Input bytes held in memory (objects read and not yet written): always one object, more while they fit.
+    # Input bytes held in memory (objects read and not yet written): always one object, more while
+    # they fit.
     held = _Held(max(_READ_AHEAD, 4 * plan.max_concurrent * plan.max_payload_bytes))
     requests = [0]
     counter_lock = threading.Lock()
-    reporter = _Reporter(spec.name, summary, progress, len(entries), progress_interval, started, log)
+    reporter = _Reporter(
+        spec.name, summary, progress, len(entries), progress_interval, started, log
+    )
     reporter.start()
     pending: list[Future] = []
     fatal: list[BaseException] = []
@@ -178,8 +218,15 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
             window.release()
             raise CancelledError() from None
 
-    def finish(entry: Entry, out_uri: str, originals: dict[int, Record], futures: Sequence[Future],
-               mark: dict[str, str], complete: bool, charge: int) -> None:
+    def finish(
+        entry: Entry,
+        out_uri: str,
+        originals: dict[int, Record],
+        futures: Sequence[Future],
+        mark: dict[str, str],
+        complete: bool,
+        charge: int,
+    ) -> None:
         what = entry.uri
         try:
             if not complete:
@@ -187,7 +234,7 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
                     future.cancel()
                 raise CancelledError()
             responses = []
-            failure: Optional[BaseException] = None
+            failure: BaseException | None = None
             for future in futures:
                 try:
                     responses.extend(future.result())
@@ -195,8 +242,13 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
                     failure = failure or err
             if failure is not None:
                 raise failure
-            body = assembler.assemble([(tuple(originals[r.number] for r in records), data, ctype)
-                                       for records, data, ctype in responses], what)
+            body = assembler.assemble(
+                [
+                    (tuple(originals[r.number] for r in records), data, ctype)
+                    for records, data, ctype in responses
+                ],
+                what,
+            )
             _write_marked(target, out_uri, body, mark)
             with progress.lock:
                 progress.objects_done += 1
@@ -208,8 +260,11 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
             fatal.append(err)
             summary.failures.append(f"{redact(what)}: {err.message}")
         except TransformError as err:
-            summary.failures.append(err.message if err.message.startswith(redact(what)) else
-                                    f"{redact(what)}: {err.message}")
+            summary.failures.append(
+                err.message
+                if err.message.startswith(redact(what))
+                else f"{redact(what)}: {err.message}"
+            )
             log.error("%s", summary.failures[-1])
         finally:
             held.give(charge)
@@ -226,8 +281,14 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
                 data = decompress(source.get_bytes(entry.uri), spec.compression, what)
                 records = split_records(data, spec.split_type, what)
                 originals = {r.number: r for r in records}
-                sent = [assembler.filter_input(r, what) for r in records] if assembler.input_format else records
-                batches = pack(sent, spec.split_type, plan.multi_record, plan.max_payload_bytes, what)
+                sent = (
+                    [assembler.filter_input(r, what) for r in records]
+                    if assembler.input_format
+                    else records
+                )
+                batches = pack(
+                    sent, spec.split_type, plan.multi_record, plan.max_payload_bytes, what
+                )
             except TransformError as err:
                 summary.failures.append(err.message)
                 log.error("%s", err.message)
@@ -248,7 +309,9 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
             except CancelledError:
                 summary.interrupted, complete = True, False
             summary.records += len(records)
-            pending.append(finishers.submit(finish, entry, out_uri, originals, futures, mark, complete, charge))
+            pending.append(
+                finishers.submit(finish, entry, out_uri, originals, futures, mark, complete, charge)
+            )
     finally:
         if stop.is_set():
             summary.interrupted = True
@@ -264,7 +327,8 @@ def run_job(spec: TransformSpec, endpoint: Union[Endpoint, Callable[[], Endpoint
 
 
 class _Held:
-    """Bytes held in memory: ``take`` waits while others hold some and ``n`` more would pass ``limit``."""
+    """Bytes held in memory: ``take`` waits while others hold some and ``n`` more would pass
+    ``limit``."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -285,8 +349,11 @@ class _Held:
 
 def _failure(what: str, record: Record, reply: Reply) -> str:
     tries = f" after {reply.attempts} attempts" if reply.attempts > 1 else ""
-    return (f"{what} record {record.number}: the endpoint answered {reply.status}{tries}: {reply.reason()}; fix the "
-            "record or the model, then run the job again (finished objects are skipped)")
+    return (
+        f"{what} record {record.number}: the endpoint answered {reply.status}{tries}: "
+        f"{reply.reason()}; fix the "
+        "record or the model, then run the job again (finished objects are skipped)"
+    )
 
 
 def _output_uri(output_prefix: str, relative: str) -> str:
@@ -310,7 +377,7 @@ def _sidecar(uri: str) -> str:
     return "file://" + f"{folder}/.{name}.torchbay"
 
 
-def _read_mark(storage: Storage, uri: str) -> Optional[dict[str, str]]:
+def _read_mark(storage: Storage, uri: str) -> dict[str, str] | None:
     loc = parse_uri(uri)
     if loc.scheme == "s3":
         from agent.storage import translate_s3_error
@@ -328,7 +395,11 @@ def _read_mark(storage: Storage, uri: str) -> Optional[dict[str, str]]:
         if storage.head(uri) is None:
             return None
         mark = json.loads(storage.get_bytes(_sidecar(uri)))
-    except (OSError, ValueError, StorageError):  # no sidecar, or a torn one: the object is done again
+    except (
+        OSError,
+        ValueError,
+        StorageError,
+    ):  # no sidecar, or a torn one: the object is done again
         return None
     return mark if isinstance(mark, dict) else None
 
@@ -339,8 +410,12 @@ def _write_marked(storage: Storage, uri: str, body: bytes, mark: dict[str, str])
         from agent.storage import translate_s3_error
 
         try:
-            storage.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body,  # type: ignore[attr-defined]
-                                      Metadata=mark)
+            storage.client.put_object(
+                Bucket=loc.bucket,
+                Key=loc.key,
+                Body=body,  # type: ignore[attr-defined]
+                Metadata=mark,
+            )
         except Exception as err:  # botocore's classes are made at run time
             raise translate_s3_error(err, uri) from err
         return
@@ -349,14 +424,25 @@ def _write_marked(storage: Storage, uri: str, body: bytes, mark: dict[str, str])
 
 
 class _Reporter:
-    """A progress line every ``interval`` seconds: records, objects, rate, ETA (from the bytes done)."""
+    """A progress line every ``interval`` seconds: records, objects, rate, ETA (from the bytes
+    done)."""
 
-    def __init__(self, name: str, summary: Summary, progress: _Progress, objects: int, interval: float,
-                 started: float, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        name: str,
+        summary: Summary,
+        progress: _Progress,
+        objects: int,
+        interval: float,
+        started: float,
+        log: logging.Logger,
+    ) -> None:
         self._name, self._summary, self._progress = name, summary, progress
         self._objects, self._interval, self._started, self._log = objects, interval, started, log
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="torchbay-transform-progress", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="torchbay-transform-progress", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -378,12 +464,16 @@ class _Reporter:
         rate = done / elapsed
         remaining_objects = self._objects - objects - self._summary.skipped
         if bytes_done > 0 and remaining_objects > 0:
-            # Bytes of objects not read yet are unknown until read: assume they are like the ones seen.
+            # Bytes of objects not read yet are unknown until read: assume they are like the ones
+            # seen.
             per_object = bytes_total / max(1, objects + (1 if bytes_total > bytes_done else 0))
             left = max(0.0, bytes_total - bytes_done) + per_object * max(0, remaining_objects - 1)
             eta = f"{left / (bytes_done / elapsed):,.0f} s"
         else:
             eta = "-" if remaining_objects > 0 else "0 s"
-        return (f"transform job {self._name}: {done:,} of {known:,} records read so far, {objects} of "
-                f"{self._objects} objects written ({self._summary.skipped} skipped), {rate:,.0f} records/s, "
-                f"ETA {eta}")
+        return (
+            f"transform job {self._name}: {done:,} of {known:,} records read so far, {objects} of "
+            f"{self._objects} objects written ({self._summary.skipped} skipped), {rate:,.0f} "
+            "records/s, "
+            f"ETA {eta}"
+        )

@@ -26,16 +26,27 @@ def input_fn(body, content_type):
             noise = torch.tensor(request["noise"], dtype=torch.float32)
         else:
             generator = torch.Generator().manual_seed(int(request.get("seed", 0)))
-            noise = torch.randn(int(request.get("count", 16)), int(request.get("nz", NZ)), generator=generator)
+            noise = torch.randn(
+                int(request.get("count", 16)), int(request.get("nz", NZ)), generator=generator
+            )
     else:
-        raise ValueError(f"unsupported content type {content_type!r}: send application/x-npy or application/json")
+        raise ValueError(
+            f"unsupported content type {content_type!r}: send application/x-npy or application/json"
+        )
     if noise.dim() == 2:
         noise = noise[:, :, None, None]
     return noise
 
 
 def output_fn(images, accept):
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = (
+        ((images.clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     if accept == "application/json":
         return json.dumps({"images": pixels.tolist()}), accept
     buffer = io.BytesIO()

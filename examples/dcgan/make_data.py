@@ -19,7 +19,7 @@ def make_images(count: int, size: int, seed: int) -> np.ndarray:
         cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
         colour = rng.uniform(130, 255, 3)
         if rng.random() < 0.5:
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r ** 2
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
         else:
             mask = (abs(xx - cx) <= r * 0.85) & (abs(yy - cy) <= r * 0.85)
         image[mask] = colour
@@ -39,7 +39,10 @@ def main(argv=None) -> int:
     images = make_images(args.count, args.size, args.seed)
     for k, shard in enumerate(np.array_split(images, args.shards)):
         np.save(os.path.join(args.out_dir, f"images-{k:03d}.npy"), shard)
-    print(f"{args.count} images of {args.size}x{args.size} in {args.shards} shards under {args.out_dir}")
+    print(
+        f"{args.count} images of {args.size}x{args.size} in {args.shards} shards under "
+        f"{args.out_dir}"
+    )
     return 0
 
 

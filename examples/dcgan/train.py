@@ -1,6 +1,7 @@
 """Train a DCGAN with DistributedDataParallel, as a SageMaker user would write it.
 
-Runs unchanged under SageMaker, ``torchbay train`` or plain ``torchrun --nproc-per-node 2 train.py``:
+Runs unchanged under SageMaker, ``torchbay train`` or plain ``torchrun --nproc-per-node 2
+train.py``:
 the folders come from the SM_* environment (or the flags), the ranks from torchrun's variables.
 Gloo on CPU, NCCL on GPUs. Rank 0 writes TensorBoard scalars (both losses, batch and data time),
 a grid of fake samples per epoch under the output folder, and the generator as a ``torch.export``
@@ -21,12 +22,11 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed as dist
+from model import Discriminator, Generator, weights_init
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
-
-from model import Discriminator, Generator, weights_init
 
 log = logging.getLogger("dcgan")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,22 +47,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--seed", type=int, default=999)
     parser.add_argument("--log-interval", type=int, default=5, help="steps between log lines")
-    parser.add_argument("--data-dir", default=env.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training"))
+    parser.add_argument(
+        "--data-dir", default=env.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
+    )
     parser.add_argument("--model-dir", default=env.get("SM_MODEL_DIR", "/opt/ml/model"))
-    parser.add_argument("--output-data-dir", default=env.get("SM_OUTPUT_DATA_DIR", os.path.join(output, "data")))
+    parser.add_argument(
+        "--output-data-dir", default=env.get("SM_OUTPUT_DATA_DIR", os.path.join(output, "data"))
+    )
     parser.add_argument("--tensorboard-dir", default=os.path.join(output, "tensorboard"))
     return parser.parse_args(argv)
 
 
 def load_images(data_dir: str, image_size: int) -> torch.Tensor:
-    """Every ``*.npy`` under ``data_dir`` (uint8, N x H x W x 3) as floats in [-1, 1], N x 3 x H x W."""
+    """Every ``*.npy`` under ``data_dir`` (uint8, N x H x W x 3) as floats in [-1, 1], N x 3 x H x
+    W."""
     files = sorted(glob.glob(os.path.join(data_dir, "**", "*.npy"), recursive=True))
     if not files:
         raise SystemExit(f"no *.npy image shards under {data_dir}; run examples/dcgan/make_data.py")
     images = np.concatenate([np.load(path) for path in files])
     if images.shape[1:] != (image_size, image_size, 3):
-        raise SystemExit(f"images are {images.shape[1:]}, expected ({image_size}, {image_size}, 3); "
-                         "set --image-size to match the data")
+        raise SystemExit(
+            f"images are {images.shape[1:]}, expected ({image_size}, {image_size}, 3); "
+            "set --image-size to match the data"
+        )
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -81,7 +88,9 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = pixels[i]
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = (
+            pixels[i]
+        )
     try:
         from PIL import Image
 
@@ -93,11 +102,17 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     raw = b"".join(b"\x00" + grid[y].tobytes() for y in range(height))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b"")
+        )
 
 
 def summary_writer(logdir: str):
@@ -115,7 +130,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
@@ -128,10 +145,18 @@ def main(argv=None) -> int:
 
     dataset = TensorDataset(load_images(args.data_dir, args.image_size))
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed) if distributed else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.workers, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+    )
     if len(loader) == 0:
-        raise SystemExit(f"{len(dataset)} images are fewer than one batch of {args.batch_size} per process")
+        raise SystemExit(
+            f"{len(dataset)} images are fewer than one batch of {args.batch_size} per process"
+        )
 
     net_g = Generator(args.nz, args.ngf, 3, args.image_size).to(device)
     net_d = Discriminator(args.ndf, 3, args.image_size).to(device)
@@ -144,14 +169,23 @@ def main(argv=None) -> int:
     criterion = nn.BCELoss()
     opt_d = torch.optim.Adam(net_d.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     opt_g = torch.optim.Adam(net_g.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    fixed_noise = torch.randn(64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    fixed_noise = torch.randn(
+        64, args.nz, 1, 1, generator=torch.Generator().manual_seed(args.seed)
+    ).to(device)
 
     writer = summary_writer(args.tensorboard_dir) if rank == 0 else None
     samples_dir = os.path.join(args.output_data_dir, "samples")
     if rank == 0:
         os.makedirs(samples_dir, exist_ok=True)
-    log.info("rank %d/%d on %s: %d images, %d steps per epoch, %d epochs", rank, world_size, device,
-             len(dataset), len(loader), args.epochs)
+    log.info(
+        "rank %d/%d on %s: %d images, %d steps per epoch, %d epochs",
+        rank,
+        world_size,
+        device,
+        len(dataset),
+        len(loader),
+        args.epochs,
+    )
 
     step = 0
     for epoch in range(1, args.epochs + 1):
@@ -180,8 +214,16 @@ def main(argv=None) -> int:
             step += 1
             loss_d = (loss_d_real + loss_d_fake).item()
             if rank == 0 and (i % args.log_interval == 0 or i == len(loader)):
-                log.info("epoch=%d step=%d/%d loss_D=%.4f loss_G=%.4f batch_time=%.4f data_time=%.4f",
-                         epoch, i, len(loader), loss_d, loss_g.item(), batch_time, data_time)
+                log.info(
+                    "epoch=%d step=%d/%d loss_D=%.4f loss_G=%.4f batch_time=%.4f data_time=%.4f",
+                    epoch,
+                    i,
+                    len(loader),
+                    loss_d,
+                    loss_g.item(),
+                    batch_time,
+                    data_time,
+                )
             if writer is not None:
                 writer.add_scalar("Loss/discriminator", loss_d, step)
                 writer.add_scalar("Loss/generator", loss_g.item(), step)
@@ -203,11 +245,17 @@ def main(argv=None) -> int:
         os.makedirs(args.model_dir, exist_ok=True)
         # torch.export (TorchScript is deprecated): eval mode, any batch size from 1 up.
         noise = torch.zeros(2, args.nz, 1, 1)
-        program = torch.export.export(generator, (noise,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        program = torch.export.export(
+            generator, (noise,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+        )
         torch.export.save(program, os.path.join(args.model_dir, "model.pt2"))
         os.makedirs(os.path.join(args.model_dir, "code"), exist_ok=True)
-        shutil.copy(os.path.join(HERE, "inference.py"), os.path.join(args.model_dir, "code", "inference.py"))
-        log.info("saved the generator (torch.export) to %s", os.path.join(args.model_dir, "model.pt2"))
+        shutil.copy(
+            os.path.join(HERE, "inference.py"), os.path.join(args.model_dir, "code", "inference.py")
+        )
+        log.info(
+            "saved the generator (torch.export) to %s", os.path.join(args.model_dir, "model.pt2")
+        )
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

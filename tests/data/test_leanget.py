@@ -1,5 +1,7 @@
-"""The lean GET path against the real moto server, directly and through a misbehaving HTTP proxy in front of it
-(truncated bodies, flipped bytes, wrong ETags, error statuses): byte-identical results, bad bodies retried and
+"""The lean GET path against the real moto server, directly and through a misbehaving HTTP proxy in
+front of it
+(truncated bodies, flipped bytes, wrong ETags, error statuses): byte-identical results, bad bodies
+retried and
 finally refused, errors translated, and the SigV4 signature equal to botocore's own."""
 
 from __future__ import annotations
@@ -20,23 +22,34 @@ from agent.data.listing import Entry
 from agent.data.staging import StageOptions, stage
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage import make_s3_client
-
 from tests.data.helpers import random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")
 
 
-@pytest.mark.parametrize("key", ["a/b.bin", "sp ace+plus=é%~!*'()&$@,;:.bin", "x//y/./z", "ünï/cødé"])
+@pytest.mark.parametrize(
+    "key", ["a/b.bin", "sp ace+plus=é%~!*'()&$@,;:.bin", "x//y/./z", "ünï/cødé"]
+)
 def test_signature_equals_botocores(key):
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
     path = urllib.parse.quote("/bkt/" + key, safe="/~")
-    request = AWSRequest(method="GET", url="http://127.0.0.1:9000" + path, headers={"x-amz-checksum-mode": "ENABLED"})
+    request = AWSRequest(
+        method="GET", url="http://127.0.0.1:9000" + path, headers={"x-amz-checksum-mode": "ENABLED"}
+    )
     request.context["payload_signing_enabled"] = True
     S3SigV4Auth(Credentials("AKID", "SECRET", "TOKEN"), "s3", "eu-west-1").add_auth(request)
-    mine = sign_get("127.0.0.1:9000", path, "eu-west-1", "AKID", "SECRET", "TOKEN", request.headers["X-Amz-Date"])
+    mine = sign_get(
+        "127.0.0.1:9000",
+        path,
+        "eu-west-1",
+        "AKID",
+        "SECRET",
+        "TOKEN",
+        request.headers["X-Amz-Date"],
+    )
     assert mine["Authorization"] == request.headers["Authorization"]
 
 
@@ -57,7 +70,8 @@ def test_lean_get_is_byte_identical_and_reports_checks(s3_server, bucket, s3):
 
 
 class _Proxy:
-    """An HTTP proxy to the moto server that spoils the first ``bad`` GETs of object bodies in one way."""
+    """An HTTP proxy to the moto server that spoils the first ``bad`` GETs of object bodies in one
+    way."""
 
     def __init__(self, upstream: str, mode: str, bad: int) -> None:
         self.mode, self.bad, self.gets = mode, bad, 0
@@ -69,10 +83,10 @@ class _Proxy:
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 self._forward("GET")
 
-            def do_HEAD(self):  # noqa: N802
+            def do_HEAD(self):
                 self._forward("HEAD")
 
             def _forward(self, method: str) -> None:
@@ -81,7 +95,11 @@ class _Proxy:
                 conn.request(method, self.path, headers=headers)
                 resp = conn.getresponse()
                 body = resp.read()
-                out = [(k, v) for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "connection")]
+                out = [
+                    (k, v)
+                    for k, v in resp.getheaders()
+                    if k.lower() not in ("transfer-encoding", "connection")
+                ]
                 spoil = None
                 if method == "GET" and "list-type" not in self.path and "?" not in self.path:
                     with proxy.lock:
@@ -90,8 +108,10 @@ class _Proxy:
                             proxy.bad -= 1
                             spoil = proxy.mode
                 if spoil == "deny":
-                    body = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
-                            b"<Message>Access Denied</Message></Error>")
+                    body = (
+                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                        b"<Message>Access Denied</Message></Error>"
+                    )
                     self.send_response(403)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
@@ -101,7 +121,9 @@ class _Proxy:
                     body = bytes([body[0] ^ 1]) + body[1:]
                 if spoil == "etag":  # a wrong MD5 ETag and no CRC: only the MD5 check can see it
                     out = [(k, v) for k, v in out if not k.lower().startswith("x-amz-checksum")]
-                    out = [(k, '"' + "0" * 32 + '"') if k.lower() == "etag" else (k, v) for k, v in out]
+                    out = [
+                        (k, '"' + "0" * 32 + '"') if k.lower() == "etag" else (k, v) for k, v in out
+                    ]
                 self.send_response(resp.status)
                 for k, v in out:
                     self.send_header(k, v)
@@ -138,27 +160,45 @@ def proxy_to(s3_server):
 
 
 def _entries(bucket: str, objects: dict[str, bytes], prefix: str) -> list[Entry]:
-    return [Entry(f"s3://{bucket}/{k}", k[len(prefix):], len(v), hashlib.md5(v).hexdigest())
-            for k, v in sorted(objects.items())]
+    return [
+        Entry(f"s3://{bucket}/{k}", k[len(prefix) :], len(v), hashlib.md5(v).hexdigest())
+        for k, v in sorted(objects.items())
+    ]
 
 
 @pytest.mark.parametrize("mode", ["short", "flip", "etag"])
 def test_spoiled_bodies_are_retried_until_right(s3_server, bucket, s3, tmp_path, proxy_to, mode):
     objects = random_objects("s/", 6, 5000, nested=False)
-    objects["s/big.bin"] = bytes(range(256)) * 4096  # 1 MiB: read in 64 KiB pieces into the reused buffer
+    objects["s/big.bin"] = (
+        bytes(range(256)) * 4096
+    )  # 1 MiB: read in 64 KiB pieces into the reused buffer
     upload(s3, bucket, objects)
     proxy = proxy_to(mode, 4)
-    options = StageOptions(endpoint_url=proxy.endpoint, threads=2, backoff=0.01, attempts=6, read_size=64 * 1024,
-                           large_size=512 * 1024)
+    options = StageOptions(
+        endpoint_url=proxy.endpoint,
+        threads=2,
+        backoff=0.01,
+        attempts=6,
+        read_size=64 * 1024,
+        large_size=512 * 1024,
+    )
     result = stage(_entries(bucket, objects, "s/"), tmp_path / "d", options=options, log=LOG)
     assert result.fetched == 7
     assert tree(tmp_path / "d") == {k[2:]: v for k, v in objects.items()}
     assert proxy.gets == 7 + 4  # every spoiled GET was made again
 
 
-@pytest.mark.parametrize("mode,message", [("flip", "checksum mismatch"), ("etag", "checksum mismatch: .* MD5"),
-                                          ("short", "cannot reach .* for s3://")])
-def test_a_body_that_stays_wrong_is_refused(s3_server, bucket, s3, tmp_path, proxy_to, mode, message):
+@pytest.mark.parametrize(
+    "mode,message",
+    [
+        ("flip", "checksum mismatch"),
+        ("etag", "checksum mismatch: .* MD5"),
+        ("short", "cannot reach .* for s3://"),
+    ],
+)
+def test_a_body_that_stays_wrong_is_refused(
+    s3_server, bucket, s3, tmp_path, proxy_to, mode, message
+):
     objects = {"w/one.bin": b"payload" * 1000}
     upload(s3, bucket, objects)
     proxy = proxy_to(mode, 100)
@@ -168,7 +208,9 @@ def test_a_body_that_stays_wrong_is_refused(s3_server, bucket, s3, tmp_path, pro
     if mode == "short":
         assert isinstance(caught.value, EndpointUnreachable)
     assert "testing-secret" not in str(caught.value) and "AKID" not in str(caught.value)
-    assert [p.name for p in (tmp_path / "d").rglob("*")] == []  # nothing under its name, no .part left
+    assert [
+        p.name for p in (tmp_path / "d").rglob("*")
+    ] == []  # nothing under its name, no .part left
     assert proxy.gets == 3
 
 
@@ -176,14 +218,29 @@ def test_error_statuses_fall_back_and_are_translated(s3_server, bucket, s3, tmp_
     upload(s3, bucket, {"e/here.bin": b"here"})
     missing = [Entry(f"s3://{bucket}/e/gone.bin", "gone.bin", 4)]
     with pytest.raises(ObjectMissing, match=f"s3://{bucket}/e/gone.bin does not exist"):
-        stage(missing, tmp_path / "a", options=StageOptions(endpoint_url=s3_server.endpoint, backoff=0.01), log=LOG)
+        stage(
+            missing,
+            tmp_path / "a",
+            options=StageOptions(endpoint_url=s3_server.endpoint, backoff=0.01),
+            log=LOG,
+        )
     proxy = proxy_to("deny", 100)
     here = [Entry(f"s3://{bucket}/e/here.bin", "here.bin", 4)]
     with pytest.raises(StorageError, match="access denied to .*here.bin.*AccessDenied") as caught:
-        stage(here, tmp_path / "b", options=StageOptions(endpoint_url=proxy.endpoint, backoff=0.01), log=LOG)
+        stage(
+            here,
+            tmp_path / "b",
+            options=StageOptions(endpoint_url=proxy.endpoint, backoff=0.01),
+            log=LOG,
+        )
     assert "testing-secret" not in str(caught.value)
     proxy.bad = 0  # the server recovers: the same stage now works
-    stage(here, tmp_path / "b", options=StageOptions(endpoint_url=proxy.endpoint, backoff=0.01), log=LOG)
+    stage(
+        here,
+        tmp_path / "b",
+        options=StageOptions(endpoint_url=proxy.endpoint, backoff=0.01),
+        log=LOG,
+    )
     assert (tmp_path / "b/here.bin").read_bytes() == b"here"
 
 
@@ -193,11 +250,15 @@ def test_lean_and_boto3_paths_stage_the_same_bytes(s3_server, bucket, s3, tmp_pa
     upload(s3, bucket, objects)
     entries = _entries(bucket, objects, "same/")
     for lean in (True, False):
-        options = StageOptions(endpoint_url=s3_server.endpoint, lean=lean, read_size=256 * 1024, threads=4)
+        options = StageOptions(
+            endpoint_url=s3_server.endpoint, lean=lean, read_size=256 * 1024, threads=4
+        )
         stage(entries, tmp_path / str(lean), options=options, log=LOG)
         assert tree(tmp_path / str(lean)) == {k[5:]: v for k, v in objects.items()}
     # a rerun over either folder skips everything: the ETag is recorded the same way on both paths
-    again = stage(entries, tmp_path / "True", options=StageOptions(endpoint_url=s3_server.endpoint), log=LOG)
+    again = stage(
+        entries, tmp_path / "True", options=StageOptions(endpoint_url=s3_server.endpoint), log=LOG
+    )
     assert (again.fetched, again.skipped) == (0, 26)
 
 
@@ -207,12 +268,19 @@ def test_unreachable_endpoint_is_named(s3_env, tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"
     entries = [Entry("s3://bkt/k.bin", "k.bin", 3)]
     with pytest.raises(EndpointUnreachable, match=f"cannot reach {endpoint} for s3://bkt/k.bin"):
-        stage(entries, tmp_path / "d", options=StageOptions(endpoint_url=endpoint, backoff=0.01, attempts=2), log=LOG)
+        stage(
+            entries,
+            tmp_path / "d",
+            options=StageOptions(endpoint_url=endpoint, backoff=0.01, attempts=2),
+            log=LOG,
+        )
     assert not list(Path(tmp_path / "d").rglob("*"))
 
 
 @pytest.mark.parametrize("mode", ["short", "flip", "etag"])
-def test_object_reader_retries_spoiled_bodies_on_the_lean_path(s3_server, bucket, s3, proxy_to, mode):
+def test_object_reader_retries_spoiled_bodies_on_the_lean_path(
+    s3_server, bucket, s3, proxy_to, mode
+):
     from agent.data.reading import ObjectReader
 
     objects = random_objects("r/", 3, 3000, nested=False)

@@ -1,4 +1,5 @@
-"""File mode against the real moto server: nested keys, empty prefixes, manifests, sharding, hostile keys,
+"""File mode against the real moto server: nested keys, empty prefixes, manifests, sharding, hostile
+keys,
 full disks, resumption after an outage, worker processes and ranged GETs."""
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import pytest
 from agent.data import prepare_channels
 from agent.data.listing import Entry
 from agent.data.staging import StageOptions, stage
-from agent.errors import ChannelError, DiskFullError, EndpointUnreachable, StorageError, UnsafePathError
+from agent.errors import (
+    ChannelError,
+    DiskFullError,
+    EndpointUnreachable,
+    StorageError,
+    UnsafePathError,
+)
 from agent.job import Channel
-
 from tests.data.helpers import make_job, random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")
@@ -28,11 +34,13 @@ def test_nested_prefix_is_staged_byte_identical(s3_server, bucket, s3, tmp_path,
     objects["train/deep/er/still/x.txt"] = b"hello"
     objects["other/not-mine.bin"] = b"no"
     upload(s3, bucket, objects)
-    job = make_job(tmp_path, [Channel("train", f"s3://{bucket}/train/")], endpoint=s3_server.endpoint)
+    job = make_job(
+        tmp_path, [Channel("train", f"s3://{bucket}/train/")], endpoint=s3_server.endpoint
+    )
     with caplog.at_level(logging.INFO):
         handle = prepare_channels(job, log=LOG)
     staged = tree(tmp_path / "input/data/train")
-    assert staged == {k[len("train/"):]: v for k, v in objects.items() if k.startswith("train/")}
+    assert staged == {k[len("train/") :]: v for k, v in objects.items() if k.startswith("train/")}
     assert handle.staged["train"].fetched == 31
     assert "staged 31 files" in caplog.text
     assert "testing-secret" not in caplog.text
@@ -41,18 +49,28 @@ def test_nested_prefix_is_staged_byte_identical(s3_server, bucket, s3, tmp_path,
 
 
 def test_prefix_without_slash_and_single_object(s3_server, bucket, s3, tmp_path):
-    upload(s3, bucket, {"data/a/1": b"1", "data/a/2": b"22", "data/ab": b"no", "one/file.csv": b"x,y"})
-    job = make_job(tmp_path, [Channel("a", f"s3://{bucket}/data/a"), Channel("one", f"s3://{bucket}/one/file.csv")],
-                   endpoint=s3_server.endpoint)
+    upload(
+        s3, bucket, {"data/a/1": b"1", "data/a/2": b"22", "data/ab": b"no", "one/file.csv": b"x,y"}
+    )
+    job = make_job(
+        tmp_path,
+        [Channel("a", f"s3://{bucket}/data/a"), Channel("one", f"s3://{bucket}/one/file.csv")],
+        endpoint=s3_server.endpoint,
+    )
     prepare_channels(job, log=LOG)
-    # keys under the folder the prefix names lose it; names it only starts keep theirs (relative to data/)
+    # keys under the folder the prefix names lose it; names it only starts keep theirs (relative to
+    # data/)
     assert tree(tmp_path / "input/data/a") == {"1": b"1", "2": b"22", "ab": b"no"}
     assert tree(tmp_path / "input/data/one") == {"file.csv": b"x,y"}
 
 
 def test_empty_prefix_is_a_clear_channel_error(s3_server, bucket, tmp_path):
-    job = make_job(tmp_path, [Channel("train", f"s3://{bucket}/nothing/here/")], endpoint=s3_server.endpoint)
-    with pytest.raises(ChannelError, match=r"channel 'train': s3://.*/nothing/here/ matched no objects"):
+    job = make_job(
+        tmp_path, [Channel("train", f"s3://{bucket}/nothing/here/")], endpoint=s3_server.endpoint
+    )
+    with pytest.raises(
+        ChannelError, match=r"channel 'train': s3://.*/nothing/here/ matched no objects"
+    ):
         prepare_channels(job, log=LOG)
 
 
@@ -61,16 +79,24 @@ def test_manifest_channel(s3_server, bucket, s3, tmp_path):
     upload(s3, bucket, objects)
     manifest = [{"prefix": f"s3://{bucket}/imgs/"}, "0001.bin", "0004.bin", "0002.bin"]
     s3.put_object(Bucket=bucket, Key="m.json", Body=json.dumps(manifest).encode())
-    job = make_job(tmp_path, [Channel("m", f"s3://{bucket}/m.json", s3_data_type="ManifestFile")],
-                   endpoint=s3_server.endpoint)
+    job = make_job(
+        tmp_path,
+        [Channel("m", f"s3://{bucket}/m.json", s3_data_type="ManifestFile")],
+        endpoint=s3_server.endpoint,
+    )
     prepare_channels(job, log=LOG)
-    assert tree(tmp_path / "input/data/m") == {k: objects[f"imgs/{k}"] for k in ("0001.bin", "0002.bin", "0004.bin")}
+    assert tree(tmp_path / "input/data/m") == {
+        k: objects[f"imgs/{k}"] for k in ("0001.bin", "0002.bin", "0004.bin")
+    }
 
 
 def test_manifest_that_is_not_a_manifest(s3_server, bucket, s3, tmp_path):
     s3.put_object(Bucket=bucket, Key="m.json", Body=b'["a", "b"]')
-    job = make_job(tmp_path, [Channel("m", f"s3://{bucket}/m.json", s3_data_type="ManifestFile")],
-                   endpoint=s3_server.endpoint)
+    job = make_job(
+        tmp_path,
+        [Channel("m", f"s3://{bucket}/m.json", s3_data_type="ManifestFile")],
+        endpoint=s3_server.endpoint,
+    )
     with pytest.raises(ChannelError, match="first element"):
         prepare_channels(job, log=LOG)
 
@@ -82,22 +108,34 @@ def test_sharded_by_s3_key_splits_without_overlap(s3_server, bucket, s3, tmp_pat
     names = [f"algo-{i + 1}" for i in range(hosts)]
     seen: list[str] = []
     for i, host in enumerate(names):
-        job = make_job(tmp_path / host, [Channel("t", f"s3://{bucket}/s/", distribution="ShardedByS3Key")],
-                       endpoint=s3_server.endpoint, host=host, hosts=names)
+        job = make_job(
+            tmp_path / host,
+            [Channel("t", f"s3://{bucket}/s/", distribution="ShardedByS3Key")],
+            endpoint=s3_server.endpoint,
+            host=host,
+            hosts=names,
+        )
         prepare_channels(job, log=LOG)
         mine = tree(tmp_path / host / "input/data/t")
         expected = [k for n, k in enumerate(sorted(objects)) if n % hosts == i]
         assert sorted(mine) == sorted(k[2:] for k in expected)
         assert all(objects["s/" + k] == v for k, v in mine.items())
         seen += list(mine)
-    assert sorted(seen) == sorted(k[2:] for k in objects)  # the union is the whole set, no key twice
+    assert sorted(seen) == sorted(
+        k[2:] for k in objects
+    )  # the union is the whole set, no key twice
 
 
 def test_fully_replicated_gives_every_host_everything(s3_server, bucket, s3, tmp_path):
     upload(s3, bucket, random_objects("s/", 5, 10))
     for host in ("algo-1", "algo-2"):
-        job = make_job(tmp_path / host, [Channel("t", f"s3://{bucket}/s/")], endpoint=s3_server.endpoint,
-                       host=host, hosts=("algo-1", "algo-2"))
+        job = make_job(
+            tmp_path / host,
+            [Channel("t", f"s3://{bucket}/s/")],
+            endpoint=s3_server.endpoint,
+            host=host,
+            hosts=("algo-1", "algo-2"),
+        )
         prepare_channels(job, log=LOG)
         assert len(tree(tmp_path / host / "input/data/t")) == 5
 
@@ -131,9 +169,15 @@ def test_worker_processes_and_ranged_gets(s3_server, bucket, s3, tmp_path):
     objects = random_objects("w/", 40, 3000)
     objects["w/big.bin"] = os.urandom(3 * 1024 * 1024 + 17)
     upload(s3, bucket, objects)
-    job = make_job(tmp_path, [Channel("t", f"s3://{bucket}/w/")], endpoint=s3_server.endpoint,
-                   data_processes=2, data_threads=4, data_range_threshold=1024 * 1024,
-                   data_range_size=1024 * 1024)
+    job = make_job(
+        tmp_path,
+        [Channel("t", f"s3://{bucket}/w/")],
+        endpoint=s3_server.endpoint,
+        data_processes=2,
+        data_threads=4,
+        data_range_threshold=1024 * 1024,
+        data_range_size=1024 * 1024,
+    )
     result = prepare_channels(job, log=LOG).staged["t"]
     assert result.processes == 2 and result.fetched == 41
     assert tree(tmp_path / "input/data/t") == {k[2:]: v for k, v in objects.items()}
@@ -144,7 +188,9 @@ def test_file_uri_source_and_fastfile_fallback(tmp_path, caplog):
     (src / "x/y").mkdir(parents=True)
     (src / "x/y/z.txt").write_bytes(b"zz")
     (src / "top.txt").write_bytes(b"t")
-    job = make_job(tmp_path / "root", [Channel("f", f"file://{src}", input_mode="FastFile")], endpoint=None)
+    job = make_job(
+        tmp_path / "root", [Channel("f", f"file://{src}", input_mode="FastFile")], endpoint=None
+    )
     with caplog.at_level(logging.WARNING):
         prepare_channels(job, log=LOG)
     assert tree(tmp_path / "root/input/data/f") == {"x/y/z.txt": b"zz", "top.txt": b"t"}
@@ -162,7 +208,11 @@ def test_channel_without_uri_is_left_alone(tmp_path):
 def small_disk(tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a 2 MiB tmpfs (needs root): {done.stderr.decode().strip()}")
     yield folder
@@ -171,8 +221,12 @@ def small_disk(tmp_path):
 
 def test_full_disk_fails_with_the_folder_named(s3_server, bucket, s3, tmp_path, small_disk):
     upload(s3, bucket, random_objects("big/", 8, 512 * 1024, nested=False))
-    job = make_job(small_disk, [Channel("t", f"s3://{bucket}/big/")], endpoint=s3_server.endpoint,
-                   data_threads=4)
+    job = make_job(
+        small_disk,
+        [Channel("t", f"s3://{bucket}/big/")],
+        endpoint=s3_server.endpoint,
+        data_threads=4,
+    )
     with pytest.raises(DiskFullError, match=str(small_disk / "input/data/t")):
         prepare_channels(job, log=LOG)
     folder = small_disk / "input/data/t"
@@ -184,15 +238,21 @@ def test_full_disk_fails_with_the_folder_named(s3_server, bucket, s3, tmp_path, 
 def test_restart_of_the_server_mid_staging_then_rerun(s3_server, bucket, s3, tmp_path):
     objects = random_objects("o/", 120, 32 * 1024)
     upload(s3, bucket, objects)
-    job = make_job(tmp_path, [Channel("t", f"s3://{bucket}/o/")], endpoint=s3_server.endpoint,
-                   data_threads=2, data_processes=1, data_attempts=2)
+    job = make_job(
+        tmp_path,
+        [Channel("t", f"s3://{bucket}/o/")],
+        endpoint=s3_server.endpoint,
+        data_threads=2,
+        data_processes=1,
+        data_attempts=2,
+    )
     folder = tmp_path / "input/data/t"
     outcome: list[BaseException] = []
 
     def run() -> None:
         try:
             prepare_channels(job, log=LOG)
-        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+        except BaseException as err:
             outcome.append(err)
 
     worker = threading.Thread(target=run)

@@ -24,8 +24,15 @@ def _port() -> int:
 
 def _cluster(rank: int, count: int = 3) -> Cluster:
     hosts = tuple(f"algo-{i}" for i in range(1, count + 1))
-    return Cluster(source="torchrun", hosts=hosts, node_rank=rank, nnodes=count, master_addr="127.0.0.1",
-                   master_port=29500, current_host=hosts[rank])
+    return Cluster(
+        source="torchrun",
+        hosts=hosts,
+        node_rank=rank,
+        nnodes=count,
+        master_addr="127.0.0.1",
+        master_port=29500,
+        current_host=hosts[rank],
+    )
 
 
 class _Stops:
@@ -38,15 +45,25 @@ class _Stops:
         self.event.set()
 
 
-def _start(rank: int, port: int, count: int = 3, timeout: float = 10.0, job: str = "j") -> tuple[Exchange, _Stops]:
+def _start(
+    rank: int, port: int, count: int = 3, timeout: float = 10.0, job: str = "j"
+) -> tuple[Exchange, _Stops]:
     stops = _Stops()
-    return Exchange(_cluster(rank, count), job_name=job, port=port, timeout=timeout, log=LOG,
-                    on_peer_failure=stops).start(), stops
+    return Exchange(
+        _cluster(rank, count),
+        job_name=job,
+        port=port,
+        timeout=timeout,
+        log=LOG,
+        on_peer_failure=stops,
+    ).start(), stops
 
 
 def test_every_host_gets_the_same_table():
     port = _port()
-    workers = [_start(r, port) for r in (1, 2)]  # workers first: they retry until the master listens
+    workers = [
+        _start(r, port) for r in (1, 2)
+    ]  # workers first: they retry until the master listens
     time.sleep(0.2)
     master, _ = _start(0, port)
     tables = [ex.wait_table() for ex, _ in [(master, None), *workers]]
@@ -77,7 +94,9 @@ def test_a_failing_worker_stops_the_master_and_the_other_workers():
 def test_a_master_that_fails_before_a_worker_connects_still_tells_it():
     port = _port()
     master, _ = _start(0, port, count=2)
-    closer = threading.Thread(target=master.close, args=(1, "ModuleNotFoundError: No module named 'x'"))
+    closer = threading.Thread(
+        target=master.close, args=(1, "ModuleNotFoundError: No module named 'x'")
+    )
     closer.start()
     time.sleep(0.3)
     worker, stops = _start(1, port, count=2)
@@ -105,14 +124,18 @@ def test_a_peer_that_vanishes_is_a_failure():
 def test_a_missing_host_is_named_at_the_bound():
     port = _port()
     master, _ = _start(0, port, count=2, timeout=0.5)
-    with pytest.raises(DistributedError, match=r"hosts not ready after 0.5 s: algo-2 \(does not resolve\)"):
+    with pytest.raises(
+        DistributedError, match=r"hosts not ready after 0.5 s: algo-2 \(does not resolve\)"
+    ):
         master.wait_table()
     master.close(68, None)
 
 
 def test_a_worker_without_a_master_fails_at_the_bound_naming_it():
     worker, _ = _start(1, _port(), count=2, timeout=0.5)
-    with pytest.raises(DistributedError, match="the master algo-1 .* did not answer the identity exchange"):
+    with pytest.raises(
+        DistributedError, match="the master algo-1 .* did not answer the identity exchange"
+    ):
         worker.wait_table()
 
 
@@ -132,7 +155,9 @@ def test_a_worker_whose_master_waits_for_another_host_says_so():
     worker, _ = _start(1, port, count=3, timeout=0.5)
     with pytest.raises(DistributedError, match=r"the master algo-1 has not heard from every host"):
         worker.wait_table()
-    with pytest.raises(DistributedError, match=r"algo-3 \((does not resolve|did not report to the master)\)"):
+    with pytest.raises(
+        DistributedError, match=r"algo-3 \((does not resolve|did not report to the master)\)"
+    ):
         master.wait_table()
     worker.close(68, None)
     master.close(68, None)

@@ -24,7 +24,9 @@ def sys_paths(tmp_path: Path) -> SysPaths:
     (net / "eth0").mkdir(parents=True)
     (net / "lo").mkdir()
     route = tmp_path / "route"
-    route.write_text("Iface\tDestination\tGateway\nlo\t0000007F\t00000000\neth0\t00000000\t010012C6\n")
+    route.write_text(
+        "Iface\tDestination\tGateway\nlo\t0000007F\t00000000\neth0\t00000000\t010012C6\n"
+    )
     return SysPaths(net=net, infiniband=tmp_path / "sys" / "infiniband", route=route)
 
 
@@ -54,9 +56,15 @@ def test_one_host_script_is_plain_python(tmp_path, sys_paths):
 def test_one_host_module_and_executable(tmp_path, sys_paths):
     job = make_job(tmp_path)
     assert plan_launch(job, _module(tmp_path), ["--x", "1"], log=LOG, sys_paths=sys_paths).argv == (
-        sys.executable, "-m", "pkg.train", "--x", "1")
+        sys.executable,
+        "-m",
+        "pkg.train",
+        "--x",
+        "1",
+    )
     assert plan_launch(job, _executable(tmp_path), [], log=LOG, sys_paths=sys_paths).argv == (
-        str(tmp_path / "run.sh"),)
+        str(tmp_path / "run.sh"),
+    )
 
 
 def test_several_hosts_without_flag_run_one_process_per_host(tmp_path, sys_paths):
@@ -79,9 +87,13 @@ def _flag_value(argv, flag):
 
 @pytest.mark.parametrize("flag_value", [True, "true", "True", '"true"'])
 def test_torchrun_flag_static_rendezvous(tmp_path, sys_paths, flag_value):
-    job = make_job(tmp_path, hosts=("algo-1", "algo-2"), current="algo-2",
-                   hyperparameters={"sagemaker_torch_distributed_enabled": flag_value},
-                   settings_env={"TORCHBAY_NPROC_PER_NODE": "2"})
+    job = make_job(
+        tmp_path,
+        hosts=("algo-1", "algo-2"),
+        current="algo-2",
+        hyperparameters={"sagemaker_torch_distributed_enabled": flag_value},
+        settings_env={"TORCHBAY_NPROC_PER_NODE": "2"},
+    )
     entry = _script(tmp_path)
     plan = plan_launch(job, entry, ["--lr", "0.1"], log=LOG, sys_paths=sys_paths)
     argv = list(plan.argv)
@@ -117,9 +129,15 @@ def test_nproc_above_one_implies_torchrun(tmp_path, sys_paths):
     assert plan.argv[1:3] == ("-m", "torch.distributed.run") and plan.nproc_per_node == 3
 
 
-@pytest.mark.parametrize("flag", ["sagemaker_mpi_enabled", "sagemaker_pytorch_ddp_enabled",
-                                  "sagemaker_distributed_dataparallel_enabled",
-                                  "sagemaker_pytorch_xla_multi_worker_enabled"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "sagemaker_mpi_enabled",
+        "sagemaker_pytorch_ddp_enabled",
+        "sagemaker_distributed_dataparallel_enabled",
+        "sagemaker_pytorch_xla_multi_worker_enabled",
+    ],
+)
 def test_other_distribution_flags_are_refused(tmp_path, sys_paths, flag):
     job = make_job(tmp_path, hyperparameters={flag: "true"})
     with pytest.raises(ConfigError, match=flag) as err:
@@ -128,15 +146,30 @@ def test_other_distribution_flags_are_refused(tmp_path, sys_paths, flag):
 
 
 def test_false_distribution_flags_are_ignored(tmp_path, sys_paths):
-    job = make_job(tmp_path, hyperparameters={"sagemaker_mpi_enabled": False,
-                                              "sagemaker_torch_distributed_enabled": "false"})
-    assert plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths).torchrun_log_dir is None
+    job = make_job(
+        tmp_path,
+        hyperparameters={
+            "sagemaker_mpi_enabled": False,
+            "sagemaker_torch_distributed_enabled": "false",
+        },
+    )
+    assert (
+        plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths).torchrun_log_dir
+        is None
+    )
 
 
 def test_elastic_kubeflow_uses_c10d_with_restarts(tmp_path, sys_paths):
-    env = {"PET_RDZV_ENDPOINT": "job-worker-0:29400", "PET_RDZV_BACKEND": "c10d", "PET_NNODES": "1:4",
-           "PET_RDZV_ID": "rid", "PET_NPROC_PER_NODE": "2"}
-    plan = plan_launch(make_job(tmp_path, env=env), _script(tmp_path), [], log=LOG, sys_paths=sys_paths)
+    env = {
+        "PET_RDZV_ENDPOINT": "job-worker-0:29400",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_NNODES": "1:4",
+        "PET_RDZV_ID": "rid",
+        "PET_NPROC_PER_NODE": "2",
+    }
+    plan = plan_launch(
+        make_job(tmp_path, env=env), _script(tmp_path), [], log=LOG, sys_paths=sys_paths
+    )
     argv = list(plan.argv)
     assert _flag_value(argv, "--nnodes") == "1:4"
     assert _flag_value(argv, "--rdzv-backend") == "c10d"
@@ -146,13 +179,19 @@ def test_elastic_kubeflow_uses_c10d_with_restarts(tmp_path, sys_paths):
     assert "join_timeout=300" in _flag_value(argv, "--rdzv-conf")
     assert "--node-rank" not in argv and "--master-addr" not in argv
     env["PET_MAX_RESTARTS"] = "7"
-    plan = plan_launch(make_job(tmp_path, env=env), _script(tmp_path), [], log=LOG, sys_paths=sys_paths)
+    plan = plan_launch(
+        make_job(tmp_path, env=env), _script(tmp_path), [], log=LOG, sys_paths=sys_paths
+    )
     assert _flag_value(list(plan.argv), "--max-restarts") == "7"
 
 
 def test_user_values_win(tmp_path, sys_paths):
-    job = make_job(tmp_path, hosts=("algo-1", "algo-2"), env={"NCCL_DEBUG": "INFO"},
-                   environment={"NCCL_SOCKET_IFNAME": "ens5", "NCCL_IB_DISABLE": "0"})
+    job = make_job(
+        tmp_path,
+        hosts=("algo-1", "algo-2"),
+        env={"NCCL_DEBUG": "INFO"},
+        environment={"NCCL_SOCKET_IFNAME": "ens5", "NCCL_IB_DISABLE": "0"},
+    )
     plan = plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths)
     for key in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE"):
         assert key not in plan.env
@@ -173,8 +212,13 @@ def test_efa_device_sets_efa_and_keeps_ib(tmp_path, sys_paths):
 
 def test_infiniband_without_efa(tmp_path, sys_paths):
     (sys_paths.infiniband / "mlx5_0").mkdir(parents=True)
-    plan = build_plan(make_job(tmp_path, hosts=("a", "b")), _script(tmp_path), [],
-                      discover(make_job(tmp_path, hosts=("a", "b"), current="a")), sys_paths=sys_paths)
+    plan = build_plan(
+        make_job(tmp_path, hosts=("a", "b")),
+        _script(tmp_path),
+        [],
+        discover(make_job(tmp_path, hosts=("a", "b"), current="a")),
+        sys_paths=sys_paths,
+    )
     assert "NCCL_IB_DISABLE" not in plan.env and "FI_PROVIDER" not in plan.env
 
 
@@ -185,8 +229,15 @@ def test_interface_missing_falls_back_to_default_route(tmp_path, sys_paths):
     job = make_job(tmp_path, hosts=("a", "b"), current="a", interface="eth9")
     plan = plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths)
     assert plan.env["GLOO_SOCKET_IFNAME"] == "veth-x"
-    job = make_job(tmp_path, hosts=("a", "b"), current="a", settings_env={"TORCHBAY_SOCKET_IFNAME": "ib0"})
-    assert plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths).env["NCCL_SOCKET_IFNAME"] == "ib0"
+    job = make_job(
+        tmp_path, hosts=("a", "b"), current="a", settings_env={"TORCHBAY_SOCKET_IFNAME": "ib0"}
+    )
+    assert (
+        plan_launch(job, _script(tmp_path), [], log=LOG, sys_paths=sys_paths).env[
+            "NCCL_SOCKET_IFNAME"
+        ]
+        == "ib0"
+    )
 
 
 def test_environment_logged_once(tmp_path, sys_paths, caplog):

@@ -1,5 +1,7 @@
-"""Whole training jobs under faults (issue 14): S3 outages during the final upload, secrets, a killed agent,
-broken archives, oversized hyperparameters and a full disk. Each checks the exit code and the failure text.
+"""Whole training jobs under faults (issue 14): S3 outages during the final upload, secrets, a
+killed agent,
+broken archives, oversized hyperparameters and a full disk. Each checks the exit code and the
+failure text.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tarfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -36,12 +38,14 @@ print("md5", hashlib.md5(data).hexdigest(), flush=True)
 """
 
 
-def _spec(bucket: str, *, hps: Optional[dict] = None, **overrides: Any) -> dict:
+def _spec(bucket: str, *, hps: dict | None = None, **overrides: Any) -> dict:
     spec = {
         "TrainingJobName": "fault-job",
-        "HyperParameters": {"sagemaker_program": '"train.py"',
-                            "sagemaker_submit_directory": json.dumps(f"s3://{bucket}/src/sourcedir.tar.gz"),
-                            **(hps or {})},
+        "HyperParameters": {
+            "sagemaker_program": '"train.py"',
+            "sagemaker_submit_directory": json.dumps(f"s3://{bucket}/src/sourcedir.tar.gz"),
+            **(hps or {}),
+        },
         "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/out"},
         "StoppingCondition": {"MaxRuntimeInSeconds": 600},
     }
@@ -49,21 +53,33 @@ def _spec(bucket: str, *, hps: Optional[dict] = None, **overrides: Any) -> dict:
     return spec
 
 
-def _source(s3: Any, bucket: str, script: str, body: Optional[bytes] = None) -> None:
-    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz",
-                  Body=body if body is not None else tar_gz({"train.py": textwrap.dedent(script).encode()}))
+def _source(s3: Any, bucket: str, script: str, body: bytes | None = None) -> None:
+    s3.put_object(
+        Bucket=bucket,
+        Key="src/sourcedir.tar.gz",
+        Body=body if body is not None else tar_gz({"train.py": textwrap.dedent(script).encode()}),
+    )
 
 
 def _env(tmp_path: Path, endpoint_env: dict, spec: Any, **extra: str) -> dict[str, str]:
     spec_file = tmp_path / "job.json"
     spec_file.write_text(spec if isinstance(spec, str) else json.dumps(spec))
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **endpoint_env, "TORCHBAY_ROOT": str(tmp_path / "ml"),
-            "TORCHBAY_PYTHON": sys.executable, "TORCHBAY_JOB": str(spec_file), "TORCHBAY_GRACE_PERIOD": "5",
-            "TORCHBAY_SAMPLE_INTERVAL": "0", **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        **endpoint_env,
+        "TORCHBAY_ROOT": str(tmp_path / "ml"),
+        "TORCHBAY_PYTHON": sys.executable,
+        "TORCHBAY_JOB": str(spec_file),
+        "TORCHBAY_GRACE_PERIOD": "5",
+        "TORCHBAY_SAMPLE_INTERVAL": "0",
+        **extra,
+    }
 
 
 def _run(env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAIN)], env=env, capture_output=True, timeout=timeout, cwd=str(REPO))
+    return subprocess.run(
+        [str(TRAIN)], env=env, capture_output=True, timeout=timeout, cwd=str(REPO), check=False
+    )
 
 
 def _failure(tmp_path: Path) -> str:
@@ -76,14 +92,24 @@ def _model_md5(s3: Any, bucket: str) -> str:
         return hashlib.md5(archive.extractfile("weights.bin").read()).hexdigest()
 
 
-# --- 1. the final upload through an S3 outage -----------------------------------------------------------
+# --- 1. the final upload through an S3 outage
+# -----------------------------------------------------------
 
 
 def test_model_upload_survives_a_3s_outage(tmp_path, s3_proxy, s3, bucket) -> None:
     _source(s3, bucket, BIG_MODEL_PY)
-    s3_proxy.outage_after(28 * MiB, 3.0)  # the first large upstream traffic is model.tar.gz: down mid-upload
-    done = _run(_env(tmp_path, s3_proxy.env(), _spec(bucket), TORCHBAY_UPLOAD_TIMEOUT="10",
-                     TORCHBAY_UPLOAD_PART_SIZE=str(5 * MiB)))
+    s3_proxy.outage_after(
+        28 * MiB, 3.0
+    )  # the first large upstream traffic is model.tar.gz: down mid-upload
+    done = _run(
+        _env(
+            tmp_path,
+            s3_proxy.env(),
+            _spec(bucket),
+            TORCHBAY_UPLOAD_TIMEOUT="10",
+            TORCHBAY_UPLOAD_PART_SIZE=str(5 * MiB),
+        )
+    )
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr[-3000:]
     assert s3_proxy.outages, "the outage did not happen"
@@ -95,20 +121,34 @@ def test_model_upload_survives_a_3s_outage(tmp_path, s3_proxy, s3, bucket) -> No
 def test_model_upload_fails_at_the_deadline_of_a_20s_outage(tmp_path, s3_proxy, s3, bucket) -> None:
     _source(s3, bucket, BIG_MODEL_PY)
     s3_proxy.outage_after(28 * MiB, 20.0)
-    done = _run(_env(tmp_path, s3_proxy.env(), _spec(bucket), TORCHBAY_UPLOAD_TIMEOUT="10",
-                     TORCHBAY_UPLOAD_PART_SIZE=str(5 * MiB)))
+    done = _run(
+        _env(
+            tmp_path,
+            s3_proxy.env(),
+            _spec(bucket),
+            TORCHBAY_UPLOAD_TIMEOUT="10",
+            TORCHBAY_UPLOAD_PART_SIZE=str(5 * MiB),
+        )
+    )
     ended = time.monotonic()
     stderr = done.stderr.decode()
     assert done.returncode == 69, stderr[-3000:]
     assert s3_proxy.outages
-    assert ended - s3_proxy.outages[0] < 16  # the deadline (10 s from the end of the script), not 20 s
+    assert (
+        ended - s3_proxy.outages[0] < 16
+    )  # the deadline (10 s from the end of the script), not 20 s
     failure = _failure(tmp_path)
-    assert "not uploaded" in failure and "model.tar.gz" in failure and "TORCHBAY_UPLOAD_TIMEOUT" in failure
+    assert (
+        "not uploaded" in failure
+        and "model.tar.gz" in failure
+        and "TORCHBAY_UPLOAD_TIMEOUT" in failure
+    )
     assert "uploaded " + str(tmp_path / "ml" / "model") not in stderr  # never reported as uploaded
     assert "testing-secret" not in stderr + failure
 
 
-# --- 2. secrets ---------------------------------------------------------------------------------------------
+# --- 2. secrets
+# ---------------------------------------------------------------------------------------------
 
 SECRETS_PY = """
 import argparse, os, sys
@@ -129,18 +169,30 @@ SECRETS = ("hunter2-pass-XYZ", "tok-abcdef123456", "wandb-secret-999")
 
 def test_secrets_never_written(tmp_path, s3, s3_env, bucket) -> None:
     _source(s3, bucket, SECRETS_PY)
-    spec = _spec(bucket, hps={"password": "hunter2-pass-XYZ", "api_token": "tok-abcdef123456", "epochs": "2"},
-                 Environment={"WANDB_API_KEY": "wandb-secret-999"})
+    spec = _spec(
+        bucket,
+        hps={"password": "hunter2-pass-XYZ", "api_token": "tok-abcdef123456", "epochs": "2"},
+        Environment={"WANDB_API_KEY": "wandb-secret-999"},
+    )
     done = _run(_env(tmp_path, s3_env, spec))
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 1, stderr[-3000:]  # 9 would mean the script got changed arguments
     failure = _failure(tmp_path)
     assert "ValueError: cannot log in with **** and token ****" in failure
     assert "--api_token **** --epochs 2 --password ****" in stderr  # the "starting ..." line
-    job_log = s3.get_object(Bucket=bucket, Key="out/fault-job/output/job-algo-1.log")["Body"].read().decode()
+    job_log = (
+        s3.get_object(Bucket=bucket, Key="out/fault-job/output/job-algo-1.log")["Body"]
+        .read()
+        .decode()
+    )
     assert "the script got" in job_log and "the script got" in stdout
-    for secret in SECRETS + ("testing-secret-never-logged",):
-        for name, text in (("stdout", stdout), ("stderr", stderr), ("failure", failure), ("job log", job_log)):
+    for secret in (*SECRETS, "testing-secret-never-logged"):
+        for name, text in (
+            ("stdout", stdout),
+            ("stderr", stderr),
+            ("failure", failure),
+            ("job log", job_log),
+        ):
             assert secret not in text, f"{secret} in {name}"
 
 
@@ -154,7 +206,8 @@ def test_wrongly_typed_secret_is_not_echoed(tmp_path, s3_env, bucket) -> None:
     assert "wrong-typed-secret-123" not in stderr + failure + done.stdout.decode()
 
 
-# --- 3. no orphans ------------------------------------------------------------------------------------------
+# --- 3. no orphans
+# ------------------------------------------------------------------------------------------
 
 TREE_PY = """
 import os, subprocess, sys, time
@@ -195,7 +248,9 @@ def test_sigkill_of_the_agent_ends_the_whole_tree(tmp_path, s3, s3_env, bucket) 
     _source(s3, bucket, TREE_PY)
     env = _env(tmp_path, s3_env, _spec(bucket))
     with open(tmp_path / "agent.err", "wb") as err:
-        agent = subprocess.Popen([str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO))
+        agent = subprocess.Popen(
+            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
+        )
         try:
             pids = _wait_pids(tmp_path / "ml", agent)
             assert all(_alive(pid) for pid in pids)
@@ -211,25 +266,32 @@ def test_sigkill_of_the_agent_ends_the_whole_tree(tmp_path, s3, s3_env, bucket) 
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-    assert left == [], f"still running 2 s after the agent was killed: {left} (script, child, setsid grandchild)"
+    assert left == [], (
+        f"still running 2 s after the agent was killed: {left} (script, child, setsid grandchild)"
+    )
     failure = tmp_path / "ml" / "output" / "failure"
     deadline = time.monotonic() + 5
-    while not failure.exists() and time.monotonic() < deadline:  # the guard writes it after the kills
+    while (
+        not failure.exists() and time.monotonic() < deadline
+    ):  # the guard writes it after the kills
         time.sleep(0.05)
     assert "agent (PID" in failure.read_text() and "died" in failure.read_text()
 
 
-def test_setsid_grandchild_is_stopped_and_named_at_a_normal_end(tmp_path, s3, s3_env, bucket) -> None:
+def test_setsid_grandchild_is_stopped_and_named_at_a_normal_end(
+    tmp_path, s3, s3_env, bucket
+) -> None:
     _source(s3, bucket, TREE_PY)
     done = _run(_env(tmp_path, s3_env, _spec(bucket, hps={"mode": "exit"})))
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr[-3000:]
-    script, child, grandchild = [int(p) for p in (tmp_path / "ml" / "pids").read_text().split()]
+    _script, child, grandchild = [int(p) for p in (tmp_path / "ml" / "pids").read_text().split()]
     assert not _alive(child) and not _alive(grandchild)
     assert f"PID {grandchild} (sleep 301)" in stderr and "left its process group" in stderr
 
 
-# --- 4. named errors ---------------------------------------------------------------------------------------
+# --- 4. named errors
+# ---------------------------------------------------------------------------------------
 
 
 def test_truncated_source_archive(tmp_path, s3, s3_env, bucket) -> None:
@@ -238,7 +300,10 @@ def test_truncated_source_archive(tmp_path, s3, s3_env, bucket) -> None:
     done = _run(_env(tmp_path, s3_env, _spec(bucket)))
     assert done.returncode == 65, done.stderr.decode()[-3000:]
     failure = _failure(tmp_path)
-    assert failure.startswith("ArchiveError: source archive s3://") and "truncated or corrupt" in failure
+    assert (
+        failure.startswith("ArchiveError: source archive s3://")
+        and "truncated or corrupt" in failure
+    )
     assert "at byte" in failure and "'data.bin'" in failure
     assert "internal error" not in done.stderr.decode()
 
@@ -268,7 +333,9 @@ def test_gzip_bomb_source_archive_is_refused(tmp_path, s3, s3_env, bucket) -> No
     done = _run(_env(tmp_path, s3_env, _spec(bucket), TORCHBAY_SOURCE_MAX_BYTES=str(16 * MiB)))
     assert done.returncode == 65, done.stderr.decode()[-3000:]
     failure = _failure(tmp_path)
-    assert "unpacks to more than 16777216 bytes" in failure and "TORCHBAY_SOURCE_MAX_BYTES" in failure
+    assert (
+        "unpacks to more than 16777216 bytes" in failure and "TORCHBAY_SOURCE_MAX_BYTES" in failure
+    )
     assert not (tmp_path / "ml" / "code" / "train.py").exists()
 
 
@@ -302,7 +369,11 @@ def test_full_disk_still_leaves_a_failure_file(tmp_path, s3, s3_env, bucket) -> 
         pytest.skip("needs root to mount a tmpfs")
     root = tmp_path / "ml"
     root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(root)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(root)],
+        capture_output=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
     try:

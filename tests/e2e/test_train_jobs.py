@@ -1,4 +1,5 @@
-"""Whole training jobs through the real ``entrypoints/train`` executable, against a real S3 server (moto).
+"""Whole training jobs through the real ``entrypoints/train`` executable, against a real S3 server
+(moto).
 
 Each test checks what landed in S3, the failure or success file and the exit code.
 """
@@ -15,7 +16,7 @@ import tarfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -69,14 +70,21 @@ def _members(s3: Any, bucket: str, key: str) -> dict[str, bytes]:
         return {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
 
 
-def _spec(bucket: str, *, hps: Optional[dict] = None, **overrides: Any) -> dict:
+def _spec(bucket: str, *, hps: dict | None = None, **overrides: Any) -> dict:
     spec = {
         "TrainingJobName": "e2e-job",
-        "HyperParameters": {"epochs": "3", "sagemaker_program": '"train.py"',
-                            "sagemaker_submit_directory": json.dumps(f"s3://{bucket}/src/sourcedir.tar.gz"),
-                            **(hps or {})},
-        "InputDataConfig": [{"ChannelName": "train",
-                             "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/data/train/"}}}],
+        "HyperParameters": {
+            "epochs": "3",
+            "sagemaker_program": '"train.py"',
+            "sagemaker_submit_directory": json.dumps(f"s3://{bucket}/src/sourcedir.tar.gz"),
+            **(hps or {}),
+        },
+        "InputDataConfig": [
+            {
+                "ChannelName": "train",
+                "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/data/train/"}},
+            }
+        ],
         "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/out"},
         "CheckpointConfig": {"S3Uri": f"s3://{bucket}/ckpt"},
         "StoppingCondition": {"MaxRuntimeInSeconds": 600},
@@ -85,9 +93,12 @@ def _spec(bucket: str, *, hps: Optional[dict] = None, **overrides: Any) -> dict:
     return spec
 
 
-def _arrange(s3: Any, bucket: str, files: Optional[dict[str, bytes]] = None) -> None:
-    s3.put_object(Bucket=bucket, Key="src/sourcedir.tar.gz",
-                  Body=tar_gz(files or {"train.py": textwrap.dedent(TRAIN_PY).encode()}))
+def _arrange(s3: Any, bucket: str, files: dict[str, bytes] | None = None) -> None:
+    s3.put_object(
+        Bucket=bucket,
+        Key="src/sourcedir.tar.gz",
+        Body=tar_gz(files or {"train.py": textwrap.dedent(TRAIN_PY).encode()}),
+    )
     s3.put_object(Bucket=bucket, Key="data/train/a.csv", Body=b"1,2\n")
     s3.put_object(Bucket=bucket, Key="data/train/b.csv", Body=b"3,4\n")
 
@@ -95,13 +106,22 @@ def _arrange(s3: Any, bucket: str, files: Optional[dict[str, bytes]] = None) -> 
 def _env(tmp_path: Path, s3_env: dict, spec: Any, **extra: str) -> dict[str, str]:
     spec_file = tmp_path / "job.json"
     spec_file.write_text(spec if isinstance(spec, str) else json.dumps(spec))
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **s3_env, "TORCHBAY_ROOT": str(tmp_path / "ml"),
-            "TORCHBAY_PYTHON": sys.executable, "TORCHBAY_JOB": str(spec_file), "TORCHBAY_GRACE_PERIOD": "20",
-            "TORCHBAY_SAMPLE_INTERVAL": "0", **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        **s3_env,
+        "TORCHBAY_ROOT": str(tmp_path / "ml"),
+        "TORCHBAY_PYTHON": sys.executable,
+        "TORCHBAY_JOB": str(spec_file),
+        "TORCHBAY_GRACE_PERIOD": "20",
+        "TORCHBAY_SAMPLE_INTERVAL": "0",
+        **extra,
+    }
 
 
 def _run(env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAIN)], env=env, capture_output=True, timeout=timeout, cwd=str(REPO))
+    return subprocess.run(
+        [str(TRAIN)], env=env, capture_output=True, timeout=timeout, cwd=str(REPO), check=False
+    )
 
 
 def _failure(tmp_path: Path) -> str:
@@ -146,7 +166,9 @@ def test_user_exit_code_passes_through(tmp_path: Path, bucket: str, s3, s3_env: 
 def test_sigterm_during_training(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket)
     env = _env(tmp_path, s3_env, _spec(bucket, hps={"mode": '"sleep"'}))
-    proc = subprocess.Popen([str(TRAIN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    proc = subprocess.Popen(
+        [str(TRAIN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO)
+    )
     try:
         ready = tmp_path / "ml" / "ready"
         deadline = time.monotonic() + 180
@@ -170,7 +192,9 @@ def test_sigterm_during_training(tmp_path: Path, bucket: str, s3, s3_env: dict) 
 def test_missing_channel_data(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket)
     spec = _spec(bucket)
-    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = f"s3://{bucket}/data/absent/"
+    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = (
+        f"s3://{bucket}/data/absent/"
+    )
     done = _run(_env(tmp_path, s3_env, spec))
     assert done.returncode == 66, done.stderr.decode()[-3000:]
     failure = _failure(tmp_path)
@@ -180,19 +204,31 @@ def test_missing_channel_data(tmp_path: Path, bucket: str, s3, s3_env: dict) -> 
 def test_missing_bucket(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket)
     spec = _spec(bucket)
-    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = "s3://torchbay-no-such-bucket/data/"
+    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = (
+        "s3://torchbay-no-such-bucket/data/"
+    )
     done = _run(_env(tmp_path, s3_env, spec))
     assert done.returncode == 68, done.stderr.decode()[-3000:]
     failure = _failure(tmp_path)
-    assert "BucketMissing" in failure and "torchbay-no-such-bucket" in failure and "create it" in failure
+    assert (
+        "BucketMissing" in failure
+        and "torchbay-no-such-bucket" in failure
+        and "create it" in failure
+    )
     assert "testing-secret" not in failure + done.stderr.decode()
     # Nothing ran, but what exists is still uploaded to the (real) output bucket.
     assert s3.head_object(Bucket=bucket, Key="out/e2e-job/output/model.tar.gz")["ContentLength"] > 0
 
 
 def test_failing_requirements(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
-    _arrange(s3, bucket, {"train.py": b"print('never')\n",
-                          "requirements.txt": b"torchbay-no-such-package-xyz==1.0\n"})
+    _arrange(
+        s3,
+        bucket,
+        {
+            "train.py": b"print('never')\n",
+            "requirements.txt": b"torchbay-no-such-package-xyz==1.0\n",
+        },
+    )
     done = _run(_env(tmp_path, s3_env, _spec(bucket), PIP_NO_INDEX="1"))
     assert done.returncode == 75, done.stderr.decode()[-3000:]
     failure = _failure(tmp_path)

@@ -3,7 +3,8 @@
 In CI (``CI=true``) the tests must run: the engine is installed and started when missing, and any
 failure to do so fails the session. Elsewhere they are skipped, with the reason, when no engine can
 be started (not root, no apt, no kernel support). The CPU image is built from a locally made
-debootstrap base (scripts/build-images --local-base), so no registry is needed; the CUDA image from the
+debootstrap base (scripts/build-images --local-base), so no registry is needed; the CUDA image from
+the
 same base, with the CPU torch wheel standing in for the CUDA one (``--torch-standin``), on demand.
 """
 
@@ -18,9 +19,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -64,10 +65,14 @@ class Engine:
     ca_bundle: str = ""  # the bundle itself (given to every build of the session)
     sources: str = ""  # the session's snapshot of what the builds read (see _snapshot)
 
-    def __call__(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess:
         proc = _run([self.cli, *args], timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def inspect(self, kind: str, name: str) -> dict:
@@ -97,11 +102,19 @@ def _canary_bundle(path: Path) -> str:
 
 def _cleanup(engine: Engine, started: bool) -> None:
     for kind in ("container", "network"):
-        listing = engine(kind, "ls", "-aq" if kind == "container" else "-q", "--filter", f"label={LABEL}",
-                         check=False)
+        listing = engine(
+            kind,
+            "ls",
+            "-aq" if kind == "container" else "-q",
+            "--filter",
+            f"label={LABEL}",
+            check=False,
+        )
         ids = listing.stdout.split()
         if ids:
-            engine(kind, "rm", *(["-f"] if kind == "container" else []), *ids, check=False, timeout=120)
+            engine(
+                kind, "rm", *(["-f"] if kind == "container" else []), *ids, check=False, timeout=120
+            )
     engine("rmi", "-f", TAG, SERVE_TAG, CUDA_TAG, CUDA_SERVE_TAG, check=False)
     if started:
         engine("rmi", "-f", "torchbay/base:bookworm", check=False)
@@ -130,12 +143,17 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     try:
         proc = _run([str(ENGINE), "start"], 900)
         if proc.returncode != 0:
-            _unavailable(f"scripts/docker-engine start failed ({proc.returncode}): {proc.stderr.strip()[-600:]}")
+            _unavailable(
+                f"scripts/docker-engine start failed ({proc.returncode}): "
+                f"{proc.stderr.strip()[-600:]}"
+            )
         started = proc.stdout.strip().endswith("ours")
         cli = _run([str(ENGINE), "docker"], 30).stdout.strip()
         tmp = tmp_path_factory.mktemp("image-build")
         canary = _canary_bundle(tmp / "ca-bundle.crt")
-        eng = Engine(cli, started, canary, str(tmp / "ca-bundle.crt"), str(_snapshot(tmp / "sources")))
+        eng = Engine(
+            cli, started, canary, str(tmp / "ca-bundle.crt"), str(_snapshot(tmp / "sources"))
+        )
         _build_images(eng, tmp / "build.log", "--tag", TAG)
         yield eng
     finally:
@@ -159,41 +177,67 @@ def _snapshot(dest: Path) -> Path:
 
 
 def _build_images(engine: Engine, log: Path, *args: str) -> None:
-    """scripts/build-images (of the snapshot) from the local base with the session's CA bundle and the
+    """scripts/build-images (of the snapshot) from the local base with the session's CA bundle and
+    the
     local torch wheel."""
     sources = Path(engine.sources)
-    build = [str(sources / "scripts" / "build-images"), "--local-base", "--ca-bundle", engine.ca_bundle, *args]
+    build = [
+        str(sources / "scripts" / "build-images"),
+        "--local-base",
+        "--ca-bundle",
+        engine.ca_bundle,
+        *args,
+    ]
     wheel = _torch_wheel()
     if wheel:
         build += ["--torch-wheel", wheel]
-    with open(log, "w") as out:  # GIT_DIR: the revision label names the commit the snapshot was taken at
-        done = subprocess.run(build, stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=str(sources),
-                              env=dict(os.environ, DOCKER=engine.cli, GIT_DIR=str(REPO / ".git")))
+    with open(
+        log, "w"
+    ) as out:  # GIT_DIR: the revision label names the commit the snapshot was taken at
+        done = subprocess.run(
+            build,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=1500,
+            cwd=str(sources),
+            env=dict(os.environ, DOCKER=engine.cli, GIT_DIR=str(REPO / ".git")),
+            check=False,
+        )
     if done.returncode != 0:
-        pytest.fail(f"scripts/build-images {' '.join(args)} exited {done.returncode}; the end of {log}:\n"
-                    + "\n".join(log.read_text().splitlines()[-40:]))
+        pytest.fail(
+            f"scripts/build-images {' '.join(args)} exited {done.returncode}; the end of {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-40:])
+        )
 
 
 @pytest.fixture(scope="session")
-def cuda_images(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """The CUDA Dockerfile's train and serve targets (CUDA_TAG, CUDA_SERVE_TAG), no GPU needed to build.
+def cuda_images(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """The CUDA Dockerfile's train and serve targets (CUDA_TAG, CUDA_SERVE_TAG), no GPU needed to
+    build.
 
     Same local base as the CPU images, and the CPU torch wheel standing in for the CUDA build
-    (``--torch-standin``, TORCH_VARIANT=cpu): every layer up to the CUDA-specific part comes from the
+    (``--torch-standin``, TORCH_VARIANT=cpu): every layer up to the CUDA-specific part comes from
+    the
     CPU build's cache. Removed at the end (the engine's cleanup removes them too).
     """
     started = time.monotonic()
     log = tmp_path_factory.mktemp("cuda-build") / "build.log"
     try:
         _build_images(engine, log, "--flavor", "cuda", "--torch-standin", "--tag", CUDA_TAG)
-        print(f"\nCUDA images (CPU torch stand-in) built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        print(
+            f"\nCUDA images (CPU torch stand-in) built in {time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+        )
         yield CUDA_TAG, CUDA_SERVE_TAG
     finally:
         engine("rmi", "-f", CUDA_TAG, CUDA_SERVE_TAG, check=False)
 
 
 class BridgeS3(S3Server):
-    """moto_server bound to a Docker network's gateway address (never 0.0.0.0), for the containers; started."""
+    """moto_server bound to a Docker network's gateway address (never 0.0.0.0), for the containers;
+    started."""
 
     def __init__(self, host: str, log: Path) -> None:
         super().__init__(free_port(), log, host=host, ready_timeout=60)
@@ -217,12 +261,25 @@ class Net:
 
 @pytest.fixture(scope="session")
 def net(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    """A user-defined network with an explicit subnet in 198.18.0.0/15 and an S3 server on its gateway."""
+    """A user-defined network with an explicit subnet in 198.18.0.0/15 and an S3 server on its
+    gateway."""
     name = f"tbtest-{uuid.uuid4().hex[:8]}"
     last = ""
     for octet in range(224, 240):
-        proc = engine("network", "create", "--driver", "bridge", "--subnet", f"198.19.{octet}.0/24",
-                      "--gateway", f"198.19.{octet}.1", "--label", LABEL, name, check=False)
+        proc = engine(
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--subnet",
+            f"198.19.{octet}.0/24",
+            "--gateway",
+            f"198.19.{octet}.1",
+            "--label",
+            LABEL,
+            name,
+            check=False,
+        )
         if proc.returncode == 0:
             gateway = f"198.19.{octet}.1"
             break
@@ -237,12 +294,19 @@ def net(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ne
         engine("network", "rm", name, check=False)
 
 
-OCI_LABELS = ("org.opencontainers.image.title", "org.opencontainers.image.version",
-              "org.opencontainers.image.revision", "org.opencontainers.image.created",
-              "org.opencontainers.image.source", "org.opencontainers.image.licenses")
+OCI_LABELS = (
+    "org.opencontainers.image.title",
+    "org.opencontainers.image.version",
+    "org.opencontainers.image.revision",
+    "org.opencontainers.image.created",
+    "org.opencontainers.image.source",
+    "org.opencontainers.image.licenses",
+)
 
 
 def assert_oci_labels(labels: dict) -> None:
     """Every OCI label an image of ours must carry is there and not empty."""
     for key in OCI_LABELS:
-        assert labels.get(key) not in (None, "", "unknown"), f"label {key} missing or empty: {labels}"
+        assert labels.get(key) not in (None, "", "unknown"), (
+            f"label {key} missing or empty: {labels}"
+        )

@@ -14,8 +14,8 @@ import tarfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -62,10 +62,19 @@ def trained(engine: Engine, net: Net) -> Iterator[dict]:
             "sagemaker_program": '"train.py"',
             "sagemaker_submit_directory": json.dumps(f"s3://{bucket}/src/sourcedir.tar.gz"),
             "sagemaker_torch_distributed_enabled": "true",
-            "epochs": "1", "image-size": "32", "ngf": "8", "ndf": "8", "batch-size": "16", "log-interval": "2",
+            "epochs": "1",
+            "image-size": "32",
+            "ngf": "8",
+            "ndf": "8",
+            "batch-size": "16",
+            "log-interval": "2",
         },
-        "InputDataConfig": [{"ChannelName": "training",
-                             "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/data/training/"}}}],
+        "InputDataConfig": [
+            {
+                "ChannelName": "training",
+                "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/data/training/"}},
+            }
+        ],
         "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/out"},
         "ResourceConfig": {"InstanceCount": 2},
         "StoppingCondition": {"MaxRuntimeInSeconds": 600},
@@ -75,10 +84,29 @@ def trained(engine: Engine, net: Net) -> Iterator[dict]:
     try:
         for host in ("algo-1", "algo-2"):
             name = f"{prefix}-{host}"
-            engine("run", "-d", "--name", name, "--hostname", host, "--network", net.name,
-                   "--network-alias", host, "--label", LABEL, *net.s3.env_args(),
-                   "-e", f"TORCHBAY_JOB={json.dumps(spec)}", "-e", f"TORCHBAY_CURRENT_HOST={host}",
-                   "-e", "TORCHBAY_HOST_WAIT_TIMEOUT=120", TAG, "train")
+            engine(
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--hostname",
+                host,
+                "--network",
+                net.name,
+                "--network-alias",
+                host,
+                "--label",
+                LABEL,
+                *net.s3.env_args(),
+                "-e",
+                f"TORCHBAY_JOB={json.dumps(spec)}",
+                "-e",
+                f"TORCHBAY_CURRENT_HOST={host}",
+                "-e",
+                "TORCHBAY_HOST_WAIT_TIMEOUT=120",
+                TAG,
+                "train",
+            )
             names.append(name)
         codes = {}
         for name in names:
@@ -97,7 +125,11 @@ def trained(engine: Engine, net: Net) -> Iterator[dict]:
 def _members(s3, bucket: str, key: str) -> dict[str, bytes]:
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
-        return {m.name.lstrip("./"): archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+        return {
+            m.name.lstrip("./"): archive.extractfile(m).read()
+            for m in archive.getmembers()
+            if m.isfile()
+        }
 
 
 def test_two_container_training_job_puts_model_and_outputs_in_s3(trained: dict) -> None:
@@ -111,13 +143,17 @@ def test_two_container_training_job_puts_model_and_outputs_in_s3(trained: dict) 
     found = {}
     for key in models:
         found.update(_members(trained["s3"], trained["bucket"], key))
-    assert "model.pt2" in found and found["model.pt2"][:2] == b"PK", f"no torch.export model.pt2 in {models}"
+    assert "model.pt2" in found and found["model.pt2"][:2] == b"PK", (
+        f"no torch.export model.pt2 in {models}"
+    )
     assert "code/inference.py" in found
     samples = {}
     for key in outputs:
         samples.update(_members(trained["s3"], trained["bucket"], key))
     grids = [n for n in samples if n.startswith("samples/") and n.endswith(".png")]
-    assert grids and samples[grids[0]][:8] == b"\x89PNG\r\n\x1a\n", f"no sample grid in {outputs}: {list(samples)}"
+    assert grids and samples[grids[0]][:8] == b"\x89PNG\r\n\x1a\n", (
+        f"no sample grid in {outputs}: {list(samples)}"
+    )
 
 
 def _wait_healthy(engine: Engine, name: str, timeout: float = 240) -> str:
@@ -132,24 +168,49 @@ def _wait_healthy(engine: Engine, name: str, timeout: float = 240) -> str:
     return status
 
 
-def test_serve_image_healthy_answers_and_stops_on_sigterm(engine: Engine, net: Net, trained: dict) -> None:
-    model = next((k for k in trained["keys"] if k.endswith("model.tar.gz")
-                  and "model.pt2" in _members(trained["s3"], trained["bucket"], k)), None)
+def test_serve_image_healthy_answers_and_stops_on_sigterm(
+    engine: Engine, net: Net, trained: dict
+) -> None:
+    model = next(
+        (
+            k
+            for k in trained["keys"]
+            if k.endswith("model.tar.gz")
+            and "model.pt2" in _members(trained["s3"], trained["bucket"], k)
+        ),
+        None,
+    )
     assert model, f"the training job left no model to serve: {trained['keys']}"
     name = f"tbtest-serve-{uuid.uuid4().hex[:6]}"
     try:
-        engine("run", "-d", "--name", name, "--network", net.name, "--label", LABEL, *net.s3.env_args(),
-               "-e", f"TORCHBAY_MODEL_URI=s3://{trained['bucket']}/{model}",
-               "-e", "SAGEMAKER_MODEL_SERVER_WORKERS=1", SERVE_TAG)
+        engine(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net.name,
+            "--label",
+            LABEL,
+            *net.s3.env_args(),
+            "-e",
+            f"TORCHBAY_MODEL_URI=s3://{trained['bucket']}/{model}",
+            "-e",
+            "SAGEMAKER_MODEL_SERVER_WORKERS=1",
+            SERVE_TAG,
+        )
         status = _wait_healthy(engine, name)
         info = engine.inspect("container", name)
         logs = engine("logs", name, check=False)
-        assert status == "healthy", f"health {status!r}; log:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        assert status == "healthy", (
+            f"health {status!r}; log:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        )
         address = info["NetworkSettings"]["Networks"][net.name]["IPAddress"]
-        request = urllib.request.Request(f"http://{address}:8080/invocations",
-                                         data=json.dumps({"count": 3, "seed": 7}).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "Accept": "application/x-npy"})
+        request = urllib.request.Request(
+            f"http://{address}:8080/invocations",
+            data=json.dumps({"count": 3, "seed": 7}).encode(),
+            headers={"Content-Type": "application/json", "Accept": "application/x-npy"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
             images = np.load(io.BytesIO(response.read()), allow_pickle=False)
@@ -180,11 +241,23 @@ def test_labels_users_and_entrypoints(engine: Engine) -> None:
         assert env["LANG"] == "C.UTF-8"
     assert train["Cmd"] == ["train"] and serve["Cmd"] == ["serve"]
     assert serve["User"].split(":")[0].isdigit() and serve["User"].split(":")[0] != "0"
-    assert serve["Healthcheck"]["Test"][0] == "CMD" and "/ping" in " ".join(serve["Healthcheck"]["Test"])
+    assert serve["Healthcheck"]["Test"][0] == "CMD" and "/ping" in " ".join(
+        serve["Healthcheck"]["Test"]
+    )
     # Running as a user would: the commands exist, the serve user is not root, tini is PID 1.
-    out = engine("run", "--rm", "--label", LABEL, SERVE_TAG, "sh", "-c",
-                 "id -u; command -v train; command -v serve; cat /proc/1/comm; train --help >/dev/null && echo help-ok; "
-                 "python -c 'import agent, torch; print(torch.__version__)'", timeout=180).stdout.split()
+    out = engine(
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        SERVE_TAG,
+        "sh",
+        "-c",
+        "id -u; command -v train; command -v serve; cat /proc/1/comm; train --help >/dev/null && "
+        "echo help-ok; "
+        "python -c 'import agent, torch; print(torch.__version__)'",
+        timeout=180,
+    ).stdout.split()
     assert out[0] != "0", f"serving runs as root: {out}"
     assert out[1:3] == ["/usr/local/bin/train", "/usr/local/bin/serve"]
     assert out[3] == "tini" and "help-ok" in out and out[-1].startswith("2.13.0")
@@ -207,11 +280,14 @@ def test_no_credentials_or_ca_bundle_in_any_layer(engine: Engine, tmp_path: Path
             with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
                 for entry in layer:
                     path = "/" + entry.name.lstrip("./")
-                    if path.startswith(("/run/secrets", "/root/.aws", "/home/torchbay/.aws")) or \
-                            path.endswith(("/.netrc", "/.pypirc", ".docker/config.json")):
+                    if path.startswith(
+                        ("/run/secrets", "/root/.aws", "/home/torchbay/.aws")
+                    ) or path.endswith(("/.netrc", "/.pypirc", ".docker/config.json")):
                         hits.append(f"{member.name}: {path}")
                     if not entry.isfile() or entry.size > 64 * 1024 * 1024:
                         continue
                     data = layer.extractfile(entry).read()
-                    hits += [f"{member.name}: {path} holds {s[:24]!r}" for s in secrets if s in data]
+                    hits += [
+                        f"{member.name}: {path} holds {s[:24]!r}" for s in secrets if s in data
+                    ]
     assert not hits, "secrets in image layers:\n" + "\n".join(hits)

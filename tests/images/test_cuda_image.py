@@ -2,9 +2,11 @@
 
 The CUDA Dockerfile's targets are built from the same local debootstrap base as the CPU images, with
 the pinned CPU torch wheel standing in for the CUDA build (``scripts/build-images --torch-standin``,
-build argument TORCH_VARIANT=cpu; no registry or CUDA wheel here, and a multi-GB CUDA torch would not
+build argument TORCH_VARIANT=cpu; no registry or CUDA wheel here, and a multi-GB CUDA torch would
+not
 fit a CI run anyway). Checked: the images build and reuse the CPU image's layers; labels and the
-NVIDIA environment; ``train``/``serve`` on PATH and runnable; serving non-root with a HEALTHCHECK; the
+NVIDIA environment; ``train``/``serve`` on PATH and runnable; serving non-root with a HEALTHCHECK;
+the
 serving process, finding no GPU, says so once and serves a TorchScript model on CPU; and without the
 declared stand-in a CPU torch fails the build.
 """
@@ -30,8 +32,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 _EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"  # diff ID of an empty tar
 
 
-def test_cuda_images_labels_environment_and_shared_layers(engine: Engine, cuda_images: tuple[str, str]) -> None:
-    train_tag, serve_tag = cuda_images
+def test_cuda_images_labels_environment_and_shared_layers(
+    engine: Engine, cuda_images: tuple[str, str]
+) -> None:
+    _train_tag, _serve_tag = cuda_images
     train, serve = (engine.inspect("image", tag) for tag in cuda_images)
     for image in (train, serve):
         config = image["Config"]
@@ -54,22 +58,40 @@ def test_cuda_images_labels_environment_and_shared_layers(engine: Engine, cuda_i
     assert train["Config"]["Labels"]["ai.torchbay.container_type"] == "training"
     assert serve["Config"]["Labels"]["ai.torchbay.container_type"] == "inference"
     user = serve["Config"]["User"].split(":")[0]
-    assert user.isdigit() and user != "0", f"serving must run as a numeric non-root user, not {user!r}"
+    assert user.isdigit() and user != "0", (
+        f"serving must run as a numeric non-root user, not {user!r}"
+    )
     check = serve["Config"]["Healthcheck"]
     assert check["Test"][0] == "CMD" and "/ping" in " ".join(check["Test"])
-    # The CPU image's layers are the CUDA image's first layers: the build reused them (what keeps it cheap).
+    # The CPU image's layers are the CUDA image's first layers: the build reused them (what keeps it
+    # cheap).
     # (Less the CPU image's final empty layer, from its WORKDIR, which the CUDA image has later.)
-    cpu_layers = [layer for layer in engine.inspect("image", TAG)["RootFS"]["Layers"] if layer != _EMPTY_LAYER]
+    cpu_layers = [
+        layer for layer in engine.inspect("image", TAG)["RootFS"]["Layers"] if layer != _EMPTY_LAYER
+    ]
     assert len(cpu_layers) >= 4, cpu_layers
-    assert train["RootFS"]["Layers"][:len(cpu_layers)] == cpu_layers, "CUDA image does not share the CPU layers"
+    assert train["RootFS"]["Layers"][: len(cpu_layers)] == cpu_layers, (
+        "CUDA image does not share the CPU layers"
+    )
 
 
-def test_cuda_images_commands_run_without_a_gpu(engine: Engine, cuda_images: tuple[str, str]) -> None:
+def test_cuda_images_commands_run_without_a_gpu(
+    engine: Engine, cuda_images: tuple[str, str]
+) -> None:
     train_tag, serve_tag = cuda_images
-    out = engine("run", "--rm", "--label", LABEL, serve_tag, "sh", "-c",
-                 "id -u; command -v train; command -v serve; cat /proc/1/comm; train --help >/dev/null && echo help-ok; "
-                 "python -c 'import agent, torch; print(torch.__version__, torch.cuda.is_available())'",
-                 timeout=180).stdout.split()
+    out = engine(
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        serve_tag,
+        "sh",
+        "-c",
+        "id -u; command -v train; command -v serve; cat /proc/1/comm; train --help >/dev/null && "
+        "echo help-ok; "
+        "python -c 'import agent, torch; print(torch.__version__, torch.cuda.is_available())'",
+        timeout=180,
+    ).stdout.split()
     assert out[0] != "0", f"serving runs as root: {out}"
     assert out[1:3] == ["/usr/local/bin/train", "/usr/local/bin/serve"]
     assert out[3] == "tini" and "help-ok" in out, out
@@ -88,7 +110,9 @@ def _tiny_model() -> bytes:
             return x * 2 + 1
 
     script = io.BytesIO()  # a torch.export program (TorchScript is deprecated), any batch size
-    program = torch.export.export(Affine(), (torch.zeros(2, 2),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    program = torch.export.export(
+        Affine(), (torch.zeros(2, 2),), dynamic_shapes=({0: torch.export.Dim("b")},)
+    )
     torch.export.save(program, script)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as archive:
@@ -98,18 +122,34 @@ def _tiny_model() -> bytes:
     return buf.getvalue()
 
 
-def test_cuda_serve_without_gpu_degrades_to_cpu_with_one_log_line(engine: Engine, net: Net,
-                                                                    cuda_images: tuple[str, str]) -> None:
+def test_cuda_serve_without_gpu_degrades_to_cpu_with_one_log_line(
+    engine: Engine, net: Net, cuda_images: tuple[str, str]
+) -> None:
     s3 = net.s3.client()
     bucket = f"cuda-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="model/model.tar.gz", Body=_tiny_model())
     name = f"tbtest-cuda-serve-{uuid.uuid4().hex[:6]}"
     try:
-        engine("run", "-d", "--name", name, "--network", net.name, "--label", LABEL, *net.s3.env_args(),
-               "-e", f"TORCHBAY_MODEL_URI=s3://{bucket}/model/model.tar.gz",
-               "-e", "SAGEMAKER_MODEL_SERVER_WORKERS=1", cuda_images[1])
-        address = engine.inspect("container", name)["NetworkSettings"]["Networks"][net.name]["IPAddress"]
+        engine(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net.name,
+            "--label",
+            LABEL,
+            *net.s3.env_args(),
+            "-e",
+            f"TORCHBAY_MODEL_URI=s3://{bucket}/model/model.tar.gz",
+            "-e",
+            "SAGEMAKER_MODEL_SERVER_WORKERS=1",
+            cuda_images[1],
+        )
+        address = engine.inspect("container", name)["NetworkSettings"]["Networks"][net.name][
+            "IPAddress"
+        ]
         deadline = time.monotonic() + 240
         ready = False
         while not ready and time.monotonic() < deadline:
@@ -123,27 +163,54 @@ def test_cuda_serve_without_gpu_degrades_to_cpu_with_one_log_line(engine: Engine
         logs = engine("logs", name, check=False)
         log = logs.stdout + logs.stderr
         assert ready, f"the CUDA serve image never answered /ping; its log:\n{log[-4000:]}"
-        request = urllib.request.Request(f"http://{address}:8080/invocations", data=b"[[1.0, 2.0], [0.5, -1.0]]",
-                                         headers={"Content-Type": "application/json", "Accept": "application/json"})
+        request = urllib.request.Request(
+            f"http://{address}:8080/invocations",
+            data=b"[[1.0, 2.0], [0.5, -1.0]]",
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
             assert json.loads(response.read()) == [[3.0, 5.0], [2.0, -1.0]]
         logs = engine("logs", name)
         log = logs.stdout + logs.stderr
         lines = [line for line in log.splitlines() if "no GPU found" in line]
-        assert len(lines) == 1 and "serving on CPU" in lines[0], f"want one 'no GPU found ... serving on CPU' line:\n{log}"
+        assert len(lines) == 1 and "serving on CPU" in lines[0], (
+            f"want one 'no GPU found ... serving on CPU' line:\n{log}"
+        )
     finally:
         engine("rm", "-f", name, check=False)
 
 
 def test_cuda_variant_refuses_a_cpu_torch(engine: Engine, cuda_images: tuple[str, str]) -> None:
-    """Without the declared stand-in, a CPU torch (the wheel in .whl/, no CUDA index) fails the build."""
+    """Without the declared stand-in, a CPU torch (the wheel in .whl/, no CUDA index) fails the
+    build."""
     sources = Path(engine.sources)  # build-images left the wheel in the snapshot's .whl/
-    proc = subprocess.run([engine.cli, "build", "--target", "train", "--build-arg", "BASE_IMAGE=torchbay/base:bookworm",
-                           "--build-arg", "TORCH_INDEX_URL=", "--build-arg", "PYTHON_VERSION=3.11",
-                           "--secret", f"id=cabundle,src={engine.ca_bundle}", "--progress", "plain",
-                           "-f", str(sources / "dockerfiles" / "Dockerfile.cuda"), str(sources)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, DOCKER_BUILDKIT="1"))
+    proc = subprocess.run(
+        [
+            engine.cli,
+            "build",
+            "--target",
+            "train",
+            "--build-arg",
+            "BASE_IMAGE=torchbay/base:bookworm",
+            "--build-arg",
+            "TORCH_INDEX_URL=",
+            "--build-arg",
+            "PYTHON_VERSION=3.11",
+            "--secret",
+            f"id=cabundle,src={engine.ca_bundle}",
+            "--progress",
+            "plain",
+            "-f",
+            str(sources / "dockerfiles" / "Dockerfile.cuda"),
+            str(sources),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, DOCKER_BUILDKIT="1"),
+        check=False,
+    )
     told = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode != 0, f"a CUDA build with a CPU torch succeeded:\n{told}"
     assert "TORCH_VARIANT=cuda but torch is built for CUDA none" in told, told

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -41,8 +41,13 @@ def root_s3(tmp_path: Path) -> Iterator[Callable[[NetnsCluster], S3Server]]:
     servers: list[S3Server] = []
 
     def _start(cluster: NetnsCluster) -> S3Server:
-        server = S3Server(free_port(), tmp_path / f"moto-{cluster.tag}.log", host=cluster.root_addr,
-                          env=dict(DUMMY_CREDS, PATH="/usr/bin:/bin"), ready_timeout=60)
+        server = S3Server(
+            free_port(),
+            tmp_path / f"moto-{cluster.tag}.log",
+            host=cluster.root_addr,
+            env=dict(DUMMY_CREDS, PATH="/usr/bin:/bin"),
+            ready_timeout=60,
+        )
         servers.append(server)
         server.start()
         return server

@@ -29,9 +29,9 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -40,7 +40,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=30)
 
 
-def netns_permitted() -> Optional[str]:
+def netns_permitted() -> str | None:
     """None when this process may create network namespaces, else the reason it may not."""
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
@@ -80,7 +80,9 @@ class NetnsCluster:
     root_addr: str = ""
     extra_names: Mapping[str, str] = field(default_factory=dict)
     hostnames: Sequence[str] = ()  # one per host; default algo-1..N
-    names: str = "all"  # "all": every hosts file lists every host; "own": each lists only its own name
+    names: str = (
+        "all"  # "all": every hosts file lists every host; "own": each lists only its own name
+    )
     gateway: str = ""
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _made_ns: list[str] = field(default_factory=list)
@@ -93,7 +95,7 @@ class NetnsCluster:
     def root_link(self) -> str:
         return f"tb{self.tag}r"
 
-    def open(self) -> "NetnsCluster":
+    def open(self) -> NetnsCluster:
         try:
             self._build()
         except BaseException:
@@ -113,7 +115,9 @@ class NetnsCluster:
         self._add_ns(self.switch_ns)
         _ip("-n", self.switch_ns, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch_ns, "link", "set", "br0", "up")
-        self.gateway = f"{prefix}.254"  # the hosts' default gateway: a dead end (the switch forwards nothing)
+        self.gateway = (
+            f"{prefix}.254"  # the hosts' default gateway: a dead end (the switch forwards nothing)
+        )
         _ip("-n", self.switch_ns, "addr", "add", f"{self.gateway}/24", "dev", "br0")
         _ip("link", "add", self.root_link, "type", "veth", "peer", "name", f"tb{self.tag}q")
         _ip("link", "set", f"tb{self.tag}q", "netns", self.switch_ns)
@@ -150,27 +154,60 @@ class NetnsCluster:
             return
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            ok = all(subprocess.run(["ip", "netns", "exec", h.ns, "ping", "-c", "1", "-W", "1", self.root_addr],
-                                    capture_output=True, timeout=10).returncode == 0 for h in self.hosts)
+            ok = all(
+                subprocess.run(
+                    ["ip", "netns", "exec", h.ns, "ping", "-c", "1", "-W", "1", self.root_addr],
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                ).returncode
+                == 0
+                for h in self.hosts
+            )
             if ok:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"namespaces of {self.tag} cannot reach {self.root_addr}")
 
-    def popen(self, index: int, argv: Sequence[str], *, env: Mapping[str, str], log: Path,
-              cwd: Optional[Path] = None) -> subprocess.Popen:
-        """Start ``argv`` in host ``index``'s namespace (1-based), in its own session, output to ``log``."""
+    def popen(
+        self,
+        index: int,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        log: Path,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen:
+        """Start ``argv`` in host ``index``'s namespace (1-based), in its own session, output to
+        ``log``."""
         with open(log, "ab") as out:
-            proc = subprocess.Popen(self.command(index, argv), env=dict(env), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+            proc = subprocess.Popen(
+                self.command(index, argv),
+                env=dict(env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=cwd,
+            )
         self._procs.append(proc)
         return proc
 
     def command(self, index: int, argv: Sequence[str]) -> list[str]:
         """``argv`` as run on host ``index`` (1-based): its network namespace and its own hostname."""
         host = self.hosts[index - 1]
-        return ["ip", "netns", "exec", host.ns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
-                host.name, *argv]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            host.ns,
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            host.name,
+            *argv,
+        ]
 
     def kill_host(self, index: int) -> None:
         """SIGKILL every process in host ``index``'s namespace (a host that dies)."""

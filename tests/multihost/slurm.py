@@ -17,25 +17,38 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from tests.multihost.netns import NetnsCluster
 
 BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
 
 
-def slurm_missing() -> Optional[str]:
+def slurm_missing() -> str | None:
     """None when Slurm and munge are installed (installing them first when CI=true), else why not."""
-    missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+    missing = [
+        b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()
+    ]
     if missing and os.environ.get("CI") == "true":
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], env=env, capture_output=True,
-                       timeout=900)
-        missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+        subprocess.run(
+            ["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600, check=False
+        )
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"],
+            env=env,
+            capture_output=True,
+            timeout=900,
+            check=False,
+        )
+        missing = [
+            b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()
+        ]
     if missing:
-        return (f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge, "
-                "or run with CI=true to let the test install them")
+        return (
+            f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm "
+            "munge, "
+            "or run with CI=true to let the test install them"
+        )
     return None
 
 
@@ -51,7 +64,8 @@ def _sbin(name: str) -> str:
 
 @dataclass
 class SlurmCluster:
-    """munged + slurmctld + one slurmd per host of ``net``; ``srun_command`` builds a job step's argv."""
+    """munged + slurmctld + one slurmd per host of ``net``; ``srun_command`` builds a job step's
+    argv."""
 
     net: NetnsCluster
     work: Path
@@ -66,7 +80,7 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
 
-    def open(self, timeout: float = 60.0) -> "SlurmCluster":
+    def open(self, timeout: float = 60.0) -> SlurmCluster:
         try:
             self._start(timeout)
         except BaseException:
@@ -76,8 +90,9 @@ class SlurmCluster:
 
     def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
         with open(self.work / log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=self.env)
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
         self._daemons.append(proc)
         return proc
 
@@ -90,13 +105,26 @@ class SlurmCluster:
         key.write_bytes(os.urandom(128))
         os.chmod(key, 0o600)
         munge_socket = work / "munge" / "munge.socket"
-        self._spawn([_sbin("munged"), "--foreground", "--force", f"--socket={munge_socket}", f"--key-file={key}",
-                     f"--pid-file={work / 'munge' / 'munged.pid'}", f"--seed-file={work / 'munge' / 'seed'}",
-                     f"--log-file={work / 'munge' / 'munged.log'}"], "munged.out")
+        self._spawn(
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={work / 'munge' / 'munged.pid'}",
+                f"--seed-file={work / 'munge' / 'seed'}",
+                f"--log-file={work / 'munge' / 'munged.log'}",
+            ],
+            "munged.out",
+        )
         ctl_port, node_port = _free_port(), _free_port()
         me = socket.gethostname().split(".")[0]
-        nodes = "\n".join(f"NodeName={h.name} NodeAddr={h.addr} CPUs={os.cpu_count() or 1} RealMemory=100 State=UNKNOWN"
-                          for h in self.net.hosts)
+        nodes = "\n".join(
+            f"NodeName={h.name} NodeAddr={h.addr} CPUs={os.cpu_count() or 1} RealMemory=100 "
+            "State=UNKNOWN"
+            for h in self.net.hosts
+        )
         self.conf.write_text(f"""ClusterName=tb{self.net.tag}
 SlurmctldHost={me}({self.net.root_addr})
 SlurmctldPort={ctl_port}
@@ -106,12 +134,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket}
-StateSaveLocation={work / 'state'}
-SlurmdSpoolDir={work / 'spool'}/%n
-SlurmctldPidFile={work / 'slurmctld.pid'}
-SlurmdPidFile={work / 'slurmd-%n.pid'}
-SlurmctldLogFile={work / 'slurmctld.log'}
-SlurmdLogFile={work / 'slurmd-%n.log'}
+StateSaveLocation={work / "state"}
+SlurmdSpoolDir={work / "spool"}/%n
+SlurmctldPidFile={work / "slurmctld.pid"}
+SlurmdPidFile={work / "slurmd-%n.pid"}
+SlurmctldLogFile={work / "slurmctld.log"}
+SlurmdLogFile={work / "slurmd-%n.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -128,7 +156,9 @@ MinJobAge=5
 {nodes}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-        (work / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")  # loaded, never used
+        (work / "cgroup.conf").write_text(
+            "CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n"
+        )  # loaded, never used
         deadline = time.monotonic() + timeout
         while not munge_socket.exists():
             self._check_alive(deadline, "munged")
@@ -136,37 +166,80 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._spawn([_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld.out")
         for index, host in enumerate(self.net.hosts, start=1):
             (work / "spool" / host.name).mkdir(exist_ok=True)
-            # `ip netns exec` mounts a fresh /sys without /sys/fs/cgroup, which slurmd probes at start even
+            # `ip netns exec` mounts a fresh /sys without /sys/fs/cgroup, which slurmd probes at
+            # start even
             # without cgroup plugins: mount one in the host's private mount namespace.
             mount = 'mountpoint -q /sys/fs/cgroup || mount -t tmpfs none /sys/fs/cgroup; exec "$@"'
-            self._spawn(self.net.command(index, ["sh", "-c", mount, "sh", _sbin("slurmd"), "-D", "-N", host.name,
-                                                 "-f", str(self.conf)]), f"slurmd-{host.name}.out")
+            self._spawn(
+                self.net.command(
+                    index,
+                    [
+                        "sh",
+                        "-c",
+                        mount,
+                        "sh",
+                        _sbin("slurmd"),
+                        "-D",
+                        "-N",
+                        host.name,
+                        "-f",
+                        str(self.conf),
+                    ],
+                ),
+                f"slurmd-{host.name}.out",
+            )
         self._wait_idle(deadline)
 
     def _check_alive(self, deadline: float, what: str) -> None:
         for proc in self._daemons:
             if proc.poll() is not None:
-                raise RuntimeError(f"a Slurm daemon exited with {proc.returncode} ({proc.args[0]}); "
-                                   f"see {self.work}: {self.logs()}")
+                raise RuntimeError(
+                    f"a Slurm daemon exited with {proc.returncode} ({proc.args[0]}); "
+                    f"see {self.work}: {self.logs()}"
+                )
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"Slurm did not become ready ({what}); see {self.work}: {self.logs()}")
+            raise RuntimeError(
+                f"Slurm did not become ready ({what}); see {self.work}: {self.logs()}"
+            )
 
     def _wait_idle(self, deadline: float) -> None:
         names = {h.name for h in self.net.hosts}
         while True:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True,
-                                 timeout=30).stdout
-            idle = {line.split()[0] for line in out.splitlines() if len(line.split()) == 2
-                    and line.split()[1] == "idle"}
+            out = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %t"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout
+            idle = {
+                line.split()[0]
+                for line in out.splitlines()
+                if len(line.split()) == 2 and line.split()[1] == "idle"
+            }
             if names <= idle:
                 return
-            self._check_alive(deadline, f"nodes idle: {sorted(idle)} of {sorted(names)}; sinfo: {out.strip()!r}")
+            self._check_alive(
+                deadline, f"nodes idle: {sorted(idle)} of {sorted(names)}; sinfo: {out.strip()!r}"
+            )
             time.sleep(0.1)
 
     def srun_command(self, *argv: str, nodes: int = 2) -> list[str]:
-        """srun of ``argv`` with one task per node, as started on the first host (a login/compute node)."""
-        return self.net.command(1, ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--partition={self.partition}",
-                                    "--export=ALL", "--kill-on-bad-exit=0", *argv])
+        """srun of ``argv`` with one task per node, as started on the first host (a login/compute
+        node)."""
+        return self.net.command(
+            1,
+            [
+                "srun",
+                f"--nodes={nodes}",
+                "--ntasks-per-node=1",
+                f"--partition={self.partition}",
+                "--export=ALL",
+                "--kill-on-bad-exit=0",
+                *argv,
+            ],
+        )
 
     def logs(self) -> str:
         texts = []

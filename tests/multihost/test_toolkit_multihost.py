@@ -1,5 +1,7 @@
-"""Two hosts (network namespaces): scripts using the toolkits' Python API see the cluster as SageMaker shows
-it, and every host's job log and status file land in S3, also for a host that fails before its script."""
+"""Two hosts (network namespaces): scripts using the toolkits' Python API see the cluster as
+SageMaker shows
+it, and every host's job log and status file land in S3, also for a host that fails before its
+script."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from tests.conftest import DUMMY_CREDS
 
 REPO = Path(__file__).resolve().parents[2]
 
-# One process per host, launched by torch.distributed.run; both toolkit APIs, then a Gloo all-reduce.
+# One process per host, launched by torch.distributed.run; both toolkit APIs, then a Gloo
+# all-reduce.
 SCRIPT = """
 import datetime, json, os
 import sagemaker_containers
@@ -41,21 +44,37 @@ def _spec(tmp_path: Path, bucket: str) -> tuple[Path, str]:
     code.mkdir(exist_ok=True)
     (code / "train.py").write_text(SCRIPT)
     name = f"tk-{uuid.uuid4().hex[:8]}"
-    spec = {"TrainingJobName": name,
-            "HyperParameters": {"sagemaker_program": "train.py", "sagemaker_submit_directory": code.as_uri(),
-                                "sagemaker_torch_distributed_enabled": "true", "epochs": "1"},
-            "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/out"},
-            "ResourceConfig": {"InstanceCount": 2, "InstanceType": "local"}}
+    spec = {
+        "TrainingJobName": name,
+        "HyperParameters": {
+            "sagemaker_program": "train.py",
+            "sagemaker_submit_directory": code.as_uri(),
+            "sagemaker_torch_distributed_enabled": "true",
+            "epochs": "1",
+        },
+        "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/out"},
+        "ResourceConfig": {"InstanceCount": 2, "InstanceType": "local"},
+    }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     return path, name
 
 
 def _env(tmp_path: Path, s3, hosts: list[str], current: str, **extra: str) -> dict[str, str]:
-    return {**DUMMY_CREDS, "AWS_ENDPOINT_URL": s3.endpoint, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(tmp_path / current / "ml"),
-            "TORCHBAY_HOSTS": ",".join(hosts), "TORCHBAY_CURRENT_HOST": current, "TORCHBAY_SAMPLE_INTERVAL": "0",
-            "TORCHBAY_NPROC_PER_NODE": "1", "TORCHBAY_HOST_WAIT_TIMEOUT": "120", **extra}
+    return {
+        **DUMMY_CREDS,
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "TORCHBAY_ROOT": str(tmp_path / current / "ml"),
+        "TORCHBAY_HOSTS": ",".join(hosts),
+        "TORCHBAY_CURRENT_HOST": current,
+        "TORCHBAY_SAMPLE_INTERVAL": "0",
+        "TORCHBAY_NPROC_PER_NODE": "1",
+        "TORCHBAY_HOST_WAIT_TIMEOUT": "120",
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -76,16 +95,26 @@ def test_two_hosts_see_the_cluster_through_the_toolkit_api(tmp_path, world):
     cluster, s3, bucket = world
     spec, name = _spec(tmp_path, bucket)
     hosts = ["algo-1", "algo-2"]
-    procs = [cluster.popen(i, [sys.executable, "-m", "agent", "train", "--job", str(spec)],
-                           env=_env(tmp_path, s3, hosts, f"algo-{i}"), log=tmp_path / f"algo-{i}.log")
-             for i in (1, 2)]
+    procs = [
+        cluster.popen(
+            i,
+            [sys.executable, "-m", "agent", "train", "--job", str(spec)],
+            env=_env(tmp_path, s3, hosts, f"algo-{i}"),
+            log=tmp_path / f"algo-{i}.log",
+        )
+        for i in (1, 2)
+    ]
     codes = [proc.wait(300) for proc in procs]
     logs = {i: (tmp_path / f"algo-{i}.log").read_text() for i in (1, 2)}
     assert codes == [0, 0], logs
     for i in (1, 2):
-        assert (f"TOOLKIT host=algo-{i} hosts=algo-1,algo-2 master=algo-1 is_master={i == 1} world=2"
-                in logs[i]), logs[i]
-        seen = json.loads((tmp_path / f"algo-{i}" / "ml" / "output" / "data" / "env.json").read_text())
+        assert (
+            f"TOOLKIT host=algo-{i} hosts=algo-1,algo-2 master=algo-1 is_master={i == 1} world=2"
+            in logs[i]
+        ), logs[i]
+        seen = json.loads(
+            (tmp_path / f"algo-{i}" / "ml" / "output" / "data" / "env.json").read_text()
+        )
         assert seen["current_host"] == f"algo-{i}" and seen["distribution_hosts"] == hosts
         assert seen["model_dir"] == str(tmp_path / f"algo-{i}" / "ml" / "model")
         assert _text(s3, bucket, f"out/{name}/output/success-algo-{i}") == ""
@@ -97,9 +126,12 @@ def test_two_hosts_see_the_cluster_through_the_toolkit_api(tmp_path, world):
 def test_a_host_that_waits_in_vain_leaves_its_log_and_failure(tmp_path, world):
     cluster, s3, bucket = world
     spec, name = _spec(tmp_path, bucket)
-    proc = cluster.popen(1, [sys.executable, "-m", "agent", "train", "--job", str(spec)],
-                         env=_env(tmp_path, s3, ["algo-1", "algo-9"], "algo-1", TORCHBAY_HOST_WAIT_TIMEOUT="3"),
-                         log=tmp_path / "lonely.log")
+    proc = cluster.popen(
+        1,
+        [sys.executable, "-m", "agent", "train", "--job", str(spec)],
+        env=_env(tmp_path, s3, ["algo-1", "algo-9"], "algo-1", TORCHBAY_HOST_WAIT_TIMEOUT="3"),
+        log=tmp_path / "lonely.log",
+    )
     assert proc.wait(150) == 68, (tmp_path / "lonely.log").read_text()
     failure = _text(s3, bucket, f"out/{name}/output/failure-algo-1")
     assert "algo-9 (does not resolve)" in failure

@@ -1,4 +1,5 @@
-"""Our launch plans, run as they are (no train agent) in two network namespaces: 2 hosts x 2 processes."""
+"""Our launch plans, run as they are (no train agent) in two network namespaces: 2 hosts x 2
+processes."""
 
 from __future__ import annotations
 
@@ -19,17 +20,31 @@ REPO = Path(__file__).resolve().parents[2]
 def _plans(tmp_path: Path, count: int, **kwargs):
     plans = []
     for index in range(1, count + 1):
-        job = make_job(tmp_path / f"h{index}", hosts=tuple(f"algo-{i}" for i in range(1, count + 1)),
-                       current=f"algo-{index}", hyperparameters={"sagemaker_torch_distributed_enabled": "true"},
-                       settings_env={"TORCHBAY_NPROC_PER_NODE": "2", "TORCHBAY_SOCKET_IFNAME": "eth0",
-                                     "TORCHBAY_MASTER_PORT": "29533", **kwargs})
+        job = make_job(
+            tmp_path / f"h{index}",
+            hosts=tuple(f"algo-{i}" for i in range(1, count + 1)),
+            current=f"algo-{index}",
+            hyperparameters={"sagemaker_torch_distributed_enabled": "true"},
+            settings_env={
+                "TORCHBAY_NPROC_PER_NODE": "2",
+                "TORCHBAY_SOCKET_IFNAME": "eth0",
+                "TORCHBAY_MASTER_PORT": "29533",
+                **kwargs,
+            },
+        )
         entry = EntryPoint(kind="script", name=SCRIPT.name, path=SCRIPT, code_dir=SCRIPT.parent)
         plans.append(build_plan(job, entry, [], discover(job)))
     return plans
 
 
 def _env(plan, **extra) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **plan.env, **extra}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),
+        **plan.env,
+        **extra,
+    }
 
 
 def _rank_lines(plan, pattern: str) -> list[str]:
@@ -43,8 +58,10 @@ def _rank_lines(plan, pattern: str) -> list[str]:
 def test_two_hosts_two_processes_all_reduce(tmp_path, netns_cluster):
     cluster = netns_cluster(2)
     plans = _plans(tmp_path, 2)
-    procs = [cluster.popen(i + 1, plan.argv, env=_env(plan), log=tmp_path / f"h{i + 1}.log")
-             for i, plan in enumerate(plans)]
+    procs = [
+        cluster.popen(i + 1, plan.argv, env=_env(plan), log=tmp_path / f"h{i + 1}.log")
+        for i, plan in enumerate(plans)
+    ]
     codes = [proc.wait(240) for proc in procs]
     logs = "\n".join((tmp_path / f"h{i}.log").read_text() for i in (1, 2))
     assert codes == [0, 0], logs
@@ -61,8 +78,12 @@ def test_killed_host_fails_the_other_within_the_bound(tmp_path, netns_cluster):
 
     cluster = netns_cluster(2)
     plans = _plans(tmp_path, 2)
-    procs = [cluster.popen(i + 1, plan.argv, env=_env(plan, DDP_LOOP_SECONDS="200"), log=tmp_path / f"h{i + 1}.log")
-             for i, plan in enumerate(plans)]
+    procs = [
+        cluster.popen(
+            i + 1, plan.argv, env=_env(plan, DDP_LOOP_SECONDS="200"), log=tmp_path / f"h{i + 1}.log"
+        )
+        for i, plan in enumerate(plans)
+    ]
     deadline = time.monotonic() + 200
     while len(_rank_lines(plans[0], "ALLREDUCE")) < 2 and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), (tmp_path / "h1.log").read_text()
@@ -74,4 +95,6 @@ def test_killed_host_fails_the_other_within_the_bound(tmp_path, netns_cluster):
     assert code != 0
     assert time.monotonic() - killed < 90
     message = first_failure(plans[0])
-    assert message and message.startswith("rank ") and "on host algo-1 failed first:" in message, message
+    assert message and message.startswith("rank ") and "on host algo-1 failed first:" in message, (
+        message
+    )

@@ -1,4 +1,5 @@
-"""A real ``torchbay serve`` (gunicorn + flask) in its own process group, on a free port on 127.0.0.1."""
+"""A real ``torchbay serve`` (gunicorn + flask) in its own process group, on a free port on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
 
 import pytest
 
@@ -18,19 +19,24 @@ from tests.conftest import REPO, free_port
 
 
 def mlp(inputs: int = 4, outputs: int = 3):
-    """The eager MLP every serving test serves (fixed weights, so answers can be checked), in eval mode."""
+    """The eager MLP every serving test serves (fixed weights, so answers can be checked), in eval
+    mode."""
     import torch
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(inputs, 8), torch.nn.ReLU(), torch.nn.Linear(8, outputs)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Linear(inputs, 8), torch.nn.ReLU(), torch.nn.Linear(8, outputs)
+    ).eval()
 
 
 _MADE: dict = {}  # (inputs, outputs, fmt) -> the file's bytes: torch.export takes a second or more per call
 
 
 def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export") -> None:
-    """:func:`mlp` saved at ``path`` as a torch.export program with a dynamic batch (whatever the file's name:
-    the server reads the format from the contents), or with ``fmt="torchscript"`` as TorchScript (only for the
+    """:func:`mlp` saved at ``path`` as a torch.export program with a dynamic batch (whatever the
+    file's name:
+    the server reads the format from the contents), or with ``fmt="torchscript"`` as TorchScript
+    (only for the
     tests that check the deprecated format is still served)."""
     import warnings
 
@@ -42,8 +48,12 @@ def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export")
         model = mlp(inputs, outputs)
         if fmt == "export":
             batch = torch.export.Dim("batch", min=1)
-            program = torch.export.export(model, (torch.zeros(2, inputs),), dynamic_shapes=({0: batch},))
-            with open(scratch, "wb") as stream:  # a stream: torch warns about names not ending in .pt2
+            program = torch.export.export(
+                model, (torch.zeros(2, inputs),), dynamic_shapes=({0: batch},)
+            )
+            with open(
+                scratch, "wb"
+            ) as stream:  # a stream: torch warns about names not ending in .pt2
                 torch.export.save(program, stream)
         else:
             with warnings.catch_warnings():  # deprecated on purpose: the legacy format stays served
@@ -55,7 +65,7 @@ def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export")
     path.write_bytes(_MADE[key])
 
 
-def mlp_forward(rows) -> "np.ndarray":
+def mlp_forward(rows) -> np.ndarray:
     """The eager forward() of :func:`mlp` (4 inputs, 3 outputs) on ``rows``."""
     import torch
 
@@ -70,32 +80,65 @@ class Server:
         self.root = root
         self.port = free_port()
         self.log = log
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "TORCHBAY_"))}
-        child_env.update({"TORCHBAY_ROOT": str(root), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+        child_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "TORCHBAY_"))
+        }
+        child_env.update(
+            {"TORCHBAY_ROOT": str(root), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        )
         child_env.update(env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            cwd=str(REPO), env=child_env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            cwd=str(REPO),
+            env=child_env,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None,
-                headers: Optional[Mapping[str, str]] = None, timeout: float = 60.0) -> tuple[int, dict, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[int, dict, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=dict(headers or {}))
             response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
         finally:
             conn.close()
 
-    def post(self, body: bytes, content_type: str = "application/json", accept: Optional[str] = None,
-             timeout: float = 60.0) -> tuple[int, dict, bytes]:
+    def post(
+        self,
+        body: bytes,
+        content_type: str = "application/json",
+        accept: str | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[int, dict, bytes]:
         headers = {"Content-Type": content_type}
         if accept is not None:
             headers["Accept"] = accept
         return self.request("POST", "/invocations", body, headers, timeout)
 
-    def ping(self) -> Optional[int]:
+    def ping(self) -> int | None:
         try:
             return self.request("GET", "/ping", timeout=10)[0]
         except OSError:
@@ -136,9 +179,15 @@ class Servers:
         self.root = root
         self._servers: list[Server] = []
 
-    def __call__(self, env: Optional[Mapping[str, str]] = None, args: Optional[list[str]] = None,
-                 wait: bool = True) -> Server:
-        server = Server(self.root, env or {}, list(args or []), self.root / f"serve-{len(self._servers)}.log")
+    def __call__(
+        self,
+        env: Mapping[str, str] | None = None,
+        args: list[str] | None = None,
+        wait: bool = True,
+    ) -> Server:
+        server = Server(
+            self.root, env or {}, list(args or []), self.root / f"serve-{len(self._servers)}.log"
+        )
         self._servers.append(server)
         if wait:
             server.wait_healthy()
@@ -171,10 +220,13 @@ def as_json(body: bytes) -> object:
 
 @pytest.fixture(scope="session")
 def exported_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with :func:`mlp` as ``model.pt2`` (torch.export, dynamic batch 1..64) and ``model.aoti.pt2``
-    (AOTInductor, compiled once per session: about 30-100 s on 2 cores), written by ``export_model``.
+    """A folder with :func:`mlp` as ``model.pt2`` (torch.export, dynamic batch 1..64) and
+    ``model.aoti.pt2``
+    (AOTInductor, compiled once per session: about 30-100 s on 2 cores), written by
+    ``export_model``.
 
-    With ``TORCHBAY_TEST_ARTIFACTS`` set, the folder lives there (per torch version) and is reused across runs.
+    With ``TORCHBAY_TEST_ARTIFACTS`` set, the folder lives there (per torch version) and is reused
+    across runs.
     """
     import torch
 

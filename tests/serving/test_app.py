@@ -29,27 +29,45 @@ def expected() -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(serve_module):
     make_mlp(serve_module.root / "model" / "model.pt")
-    return serve_module(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"})
+    return serve_module(
+        env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"}
+    )
 
 
 def test_ping_execution_parameters_and_metrics(server) -> None:
-    status, headers, body = server.request("GET", "/ping")
+    status, _headers, body = server.request("GET", "/ping")
     assert status == 200 and as_json(body) == {"status": "Healthy"}
     status, _, body = server.request("GET", "/execution-parameters")
     assert status == 200
-    assert as_json(body) == {"MaxConcurrentTransforms": 2 * 4, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
+    assert as_json(body) == {
+        "MaxConcurrentTransforms": 2 * 4,
+        "BatchStrategy": "MULTI_RECORD",
+        "MaxPayloadInMB": 1,
+    }
     before = _metrics(server)
     for _ in range(6):  # spread over both workers by the kernel; the counts must add up
         assert server.post(json.dumps(ROWS).encode())[0] == 200
     assert server.post(b"not json")[0] == 400
     after = _metrics(server)
-    assert after['torchbay_serve_requests_total{code="200",endpoint="invocations"}'] - \
-        before.get('torchbay_serve_requests_total{code="200",endpoint="invocations"}', 0) == 6
-    assert after['torchbay_serve_requests_total{code="400",endpoint="invocations"}'] - \
-        before.get('torchbay_serve_requests_total{code="400",endpoint="invocations"}', 0) == 1
-    assert after['torchbay_serve_request_duration_seconds_count{endpoint="invocations"}'] - \
-        before.get('torchbay_serve_request_duration_seconds_count{endpoint="invocations"}', 0) == 7
-    assert after["torchbay_serve_batch_size_count"] - before.get("torchbay_serve_batch_size_count", 0) == 6
+    assert (
+        after['torchbay_serve_requests_total{code="200",endpoint="invocations"}']
+        - before.get('torchbay_serve_requests_total{code="200",endpoint="invocations"}', 0)
+        == 6
+    )
+    assert (
+        after['torchbay_serve_requests_total{code="400",endpoint="invocations"}']
+        - before.get('torchbay_serve_requests_total{code="400",endpoint="invocations"}', 0)
+        == 1
+    )
+    assert (
+        after['torchbay_serve_request_duration_seconds_count{endpoint="invocations"}']
+        - before.get('torchbay_serve_request_duration_seconds_count{endpoint="invocations"}', 0)
+        == 7
+    )
+    assert (
+        after["torchbay_serve_batch_size_count"] - before.get("torchbay_serve_batch_size_count", 0)
+        == 6
+    )
     assert after["torchbay_serve_workers_ready"] == 2
 
 
@@ -76,7 +94,9 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/csv", "application/x-npy", "application/x-npz"])
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/csv", "application/x-npy", "application/x-npz"]
+)
 @pytest.mark.parametrize("accept", ["application/json", "text/csv", "application/x-npy"])
 def test_each_content_type_both_ways(server, expected, content_type: str, accept: str) -> None:
     rows = np.asarray(ROWS, dtype=np.float32)
@@ -109,7 +129,11 @@ class _ChannelMean:
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return x.mean(dim=(2, 3))
 
-        dims = {0: torch.export.Dim("n", min=1), 2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)}
+        dims = {
+            0: torch.export.Dim("n", min=1),
+            2: torch.export.Dim("h", min=2),
+            3: torch.export.Dim("w", min=2),
+        }
         program = torch.export.export(Mean(), (torch.zeros(2, 3, 5, 6),), dynamic_shapes=(dims,))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(path))
@@ -130,8 +154,14 @@ def test_image_in(serve, tmp_path: Path) -> None:
 
 def test_accept_q_values_and_default(server) -> None:
     body = json.dumps(ROWS).encode()
-    assert server.post(body, accept="text/csv;q=0.5, application/x-npy")[1]["content-type"] == "application/x-npy"
-    assert server.post(body, accept="application/x-npy;q=0.1, text/csv;q=0.9")[1]["content-type"] == "text/csv"
+    assert (
+        server.post(body, accept="text/csv;q=0.5, application/x-npy")[1]["content-type"]
+        == "application/x-npy"
+    )
+    assert (
+        server.post(body, accept="application/x-npy;q=0.1, text/csv;q=0.9")[1]["content-type"]
+        == "text/csv"
+    )
     assert server.post(body, accept="*/*")[1]["content-type"] == "application/json"
     assert server.post(body)[1]["content-type"] == "application/json"
     assert server.post(body, accept="text/*")[1]["content-type"] == "text/csv"
@@ -156,7 +186,9 @@ def test_error_statuses(server) -> None:
     assert status == 400 and "JSON" in _reason(body, 400)
     status, _, body = server.post(b"[[1, 2], [3]]")
     assert status == 400 and "rectangular" in _reason(body, 400)
-    status, _, body = server.post(json.dumps([[1.0, 2.0]]).encode())  # 2 features, the model takes 4
+    status, _, body = server.post(
+        json.dumps([[1.0, 2.0]]).encode()
+    )  # 2 features, the model takes 4
     assert status == 400 and "shape" in _reason(body, 400)
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)

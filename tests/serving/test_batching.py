@@ -28,7 +28,7 @@ def _rowwise(batches: list) -> Runner:
         out = [row * 10 for row in joined]
         result, start = [], 0
         for item in items:
-            result.append(out[start:start + len(item)])
+            result.append(out[start : start + len(item)])
             start += len(item)
         return result
 
@@ -72,8 +72,10 @@ def test_a_lone_request_is_not_delayed() -> None:
 
 
 def _closed_loop(runner: Runner, clients: int, rounds: int) -> None:
-    """``clients`` threads that each send a request, wait for it, and send the next after a short round trip
+    """``clients`` threads that each send a request, wait for it, and send the next after a short
+    round trip
     (started a few ms apart, which used to split them into groups that alternate in small batches)."""
+
     def client(i: int) -> None:
         time.sleep(0.007 * i)
         rnd = random.Random(i)
@@ -82,7 +84,9 @@ def _closed_loop(runner: Runner, clients: int, rounds: int) -> None:
                 time.sleep(0.001)  # decoding
                 future = runner.submit([i, n], key="same-shape")
             assert future.result(30) == [i * 10, n * 10]
-            time.sleep(rnd.uniform(0, 0.004))  # the response's way back and the next request's way in
+            time.sleep(
+                rnd.uniform(0, 0.004)
+            )  # the response's way back and the next request's way in
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -96,8 +100,13 @@ def _slow_rowwise(sizes: list, max_batch: int, max_delay: float) -> Runner:
         time.sleep(0.03)  # a forward() that takes a while, as a CNN's does
         return [[value * 10 for value in item] for item in items]
 
-    return Runner(lambda item: run_batch([item])[0], run_batch, max_batch=max_batch, max_delay=max_delay,
-                  on_batch=sizes.append)
+    return Runner(
+        lambda item: run_batch([item])[0],
+        run_batch,
+        max_batch=max_batch,
+        max_delay=max_delay,
+        on_batch=sizes.append,
+    )
 
 
 @pytest.mark.parametrize("clients, max_batch", [(16, 8), (6, 8)])
@@ -109,7 +118,8 @@ def test_closed_loop_clients_form_large_batches(clients: int, max_batch: int) ->
     runner.stop()
     assert sum(sizes) == clients * 10
     full = min(clients, max_batch)
-    # generous: waiting for the clients that come straight back gives ~0.9 of full (6 clients: 5.3, where
+    # generous: waiting for the clients that come straight back gives ~0.9 of full (6 clients: 5.3,
+    # where
     # starting a batch as soon as anything waits gave 2.9, a third of them single requests)
     assert statistics.mean(sizes) >= 0.6 * full, sizes
 
@@ -125,7 +135,9 @@ def test_a_lone_request_after_a_burst_is_not_delayed() -> None:
         with runner.arriving():
             future = runner.submit([n], key="same-shape")
         assert future.result(30) == [n * 10]
-        assert time.monotonic() - started < 1.5, "a lone request waited for a batch"  # 2 s if it had
+        assert time.monotonic() - started < 1.5, (
+            "a lone request waited for a batch"
+        )  # 2 s if it had
     runner.stop()
     assert sizes[-3:] == [1, 1, 1]
 
@@ -157,8 +169,14 @@ def test_server_batches_concurrent_requests(serve, tmp_path: Path) -> None:
 
     make_mlp(tmp_path / "model" / "model.pt")
     model = torch.export.load(open(tmp_path / "model" / "model.pt", "rb")).module()
-    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TORCHBAY_SERVE_BATCH_SIZE": "8",
-                        "TORCHBAY_SERVE_BATCH_DELAY_MS": "50", "TORCHBAY_SERVE_HTTP_THREADS": "16"})
+    server = serve(
+        env={
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+            "TORCHBAY_SERVE_BATCH_SIZE": "8",
+            "TORCHBAY_SERVE_BATCH_DELAY_MS": "50",
+            "TORCHBAY_SERVE_HTTP_THREADS": "16",
+        }
+    )
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=(i % 3 + 1, 4)).astype(np.float32) for i in range(48)]
 
@@ -169,13 +187,18 @@ def test_server_batches_concurrent_requests(serve, tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(16) as pool:
         outputs = list(pool.map(call, inputs))
-    for rows, got in zip(inputs, outputs):
+    for rows, got in zip(inputs, outputs, strict=False):
         with torch.no_grad():
             want = model(torch.from_numpy(rows)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     metrics = server.request("GET", "/metrics")[2].decode()
-    count = float(next(line.split()[-1] for line in metrics.splitlines()
-                       if line.startswith("torchbay_serve_batch_size_count")))
+    count = float(
+        next(
+            line.split()[-1]
+            for line in metrics.splitlines()
+            if line.startswith("torchbay_serve_batch_size_count")
+        )
+    )
     assert count < 48, "no request was batched with another"
 
 
@@ -189,20 +212,32 @@ def predict_fn(data, model):
 
 def _batch_stats(server) -> tuple[float, float]:
     metrics = server.request("GET", "/metrics")[2].decode()
-    values = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
-              if line.startswith("torchbay_serve_batch_size_")}
+    values = {
+        line.split()[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("torchbay_serve_batch_size_")
+    }
     return values["torchbay_serve_batch_size_count"], values["torchbay_serve_batch_size_sum"]
 
 
 def test_server_forms_large_batches_at_twice_the_batch_size_and_runs_a_lone_request_at_once(
-        serve, tmp_path: Path) -> None:
+    serve, tmp_path: Path
+) -> None:
     make_mlp(tmp_path / "model" / "model.pt")
     (tmp_path / "model" / "code").mkdir()
     (tmp_path / "model" / "code" / "inference.py").write_text(SLOW_PREDICT)
-    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TORCHBAY_SERVE_BATCH_SIZE": "4",
-                        "TORCHBAY_SERVE_BATCH_DELAY_MS": "3000", "TORCHBAY_SERVE_HTTP_THREADS": "16"})
+    server = serve(
+        env={
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+            "TORCHBAY_SERVE_BATCH_SIZE": "4",
+            "TORCHBAY_SERVE_BATCH_DELAY_MS": "3000",
+            "TORCHBAY_SERVE_HTTP_THREADS": "16",
+        }
+    )
     row = json.dumps([[0.1, 0.2, 0.3, 0.4]]).encode()
-    for _ in range(3):  # concurrency 1: each request runs at once (3 s each if it waited for a batch)
+    for _ in range(
+        3
+    ):  # concurrency 1: each request runs at once (3 s each if it waited for a batch)
         started = time.monotonic()
         status, _, body = server.post(row)
         assert status == 200, body

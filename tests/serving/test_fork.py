@@ -1,6 +1,8 @@
-"""Loading a model (each format) and a warm-up forward() before fork keep working in the children (torch 2.13).
+"""Loading a model (each format) and a warm-up forward() before fork keep working in the children
+(torch 2.13).
 
-The parent is a fresh interpreter, as the serve master is: the pytest process has run other tests whose
+The parent is a fresh interpreter, as the serve master is: the pytest process has run other tests
+whose
 OpenMP pools would not survive a fork, which says nothing about the server.
 """
 
@@ -16,7 +18,7 @@ import pytest
 from tests.conftest import REPO
 from tests.serving.conftest import make_mlp
 
-_SCRIPT = r'''
+_SCRIPT = r"""
 import multiprocessing, os, sys
 import torch
 from pathlib import Path
@@ -45,18 +47,26 @@ for c in children:
 assert all(abs(value - want) < 1e-4 for _, value in results), (results, want)
 assert len({pid for pid, _ in results}) == 2
 print("FORK_OK", want)
-'''
+"""
 
 
 def _run(model: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(model)], capture_output=True, text=True, timeout=240,
-                          cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FORK_OK" in proc.stdout
 
 
 def test_torchscript_load_and_warm_up_before_fork(tmp_path: Path) -> None:
-    # TorchScript is deprecated but still served (models saved before torch.export): its profiling executor
+    # TorchScript is deprecated but still served (models saved before torch.export): its profiling
+    # executor
     # must keep working in forked workers.
     make_mlp(tmp_path / "model.pt", fmt="torchscript")
     _run(tmp_path / "model.pt")

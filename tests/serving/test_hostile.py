@@ -14,7 +14,7 @@ import struct
 import time
 import zipfile
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import psutil
@@ -31,10 +31,14 @@ RSS_BOUND = 150 * 1024 * 1024  # no probe may grow a worker by more than this
 @pytest.fixture(scope="module")
 def server(serve_module: Servers) -> Iterator[Server]:
     make_mlp(serve_module.root / "model" / "model.pt")
-    yield serve_module(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2",
-                            "TORCHBAY_SERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
-                            "TORCHBAY_SERVE_BODY_MIN_RATE": str(MIN_RATE),
-                            "TORCHBAY_SERVE_KEEPALIVE": "2"})
+    yield serve_module(
+        env={
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+            "TORCHBAY_SERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+            "TORCHBAY_SERVE_BODY_MIN_RATE": str(MIN_RATE),
+            "TORCHBAY_SERVE_KEEPALIVE": "2",
+        }
+    )
 
 
 def _workers(server: Server) -> list[psutil.Process]:
@@ -45,11 +49,17 @@ def _rss(server: Server) -> int:
     return max(worker.memory_info().rss for worker in _workers(server))
 
 
-def _timed(server: Server, method: str, path: str, body: bytes | None = None,
-           headers: dict | None = None) -> tuple[int, float, bytes]:
+def _timed(
+    server: Server, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, float, bytes]:
     started = time.monotonic()
-    status, _, payload = server.request(method, path, body, headers or ({"Content-Type": "application/json"}
-                                                                         if body else {}), timeout=5)
+    status, _, payload = server.request(
+        method,
+        path,
+        body,
+        headers or ({"Content-Type": "application/json"} if body else {}),
+        timeout=5,
+    )
     return status, time.monotonic() - started, payload
 
 
@@ -79,7 +89,7 @@ def _read_all(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
             if not chunk:
                 break
             out += chunk
-    except socket.timeout:
+    except TimeoutError:
         return out, float("inf")
     except ConnectionResetError:
         pass
@@ -94,9 +104,13 @@ def _json_error(answer: bytes, status: int) -> dict:
 
 
 def test_lying_content_length_holds_nothing(server: Server) -> None:
-    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n")
-    held = [_connect(server, head + b"[[0.1, 0.2") for _ in range(16)]  # 16 > 2 workers x 4 request threads
+    head = (
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    held = [
+        _connect(server, head + b"[[0.1, 0.2") for _ in range(16)
+    ]  # 16 > 2 workers x 4 request threads
     try:
         time.sleep(0.3)
         for _ in range(3):
@@ -114,7 +128,9 @@ def test_lying_content_length_holds_nothing(server: Server) -> None:
 
 def test_connect_only_and_half_header_sockets_hold_nothing(server: Server) -> None:
     silent = [_connect(server) for _ in range(150)]
-    half = [_connect(server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(150)]
+    half = [
+        _connect(server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(150)
+    ]
     try:
         started = time.monotonic()
         while time.monotonic() - started < HEADER_TIMEOUT - 0.5:
@@ -149,8 +165,9 @@ def _zip_bomb(members: int = 2, rows: int = 32 * 1024, columns: int = 1024) -> b
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for m in range(members):
             with archive.open(f"arr_{m}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
-                                                              "shape": (rows, columns)})
+                np.lib.format.write_array_header_1_0(
+                    member, {"descr": "<f4", "fortran_order": False, "shape": (rows, columns)}
+                )
                 zeros = bytes(columns * 4 * 256)
                 for _ in range(rows // 256):
                     member.write(zeros)
@@ -161,33 +178,49 @@ def test_npz_zip_bomb_is_refused_before_inflating(server: Server) -> None:
     bomb = _zip_bomb()
     assert len(bomb) < 2 * 1024 * 1024
     before = _rss(server)
-    status, took, body = _timed(server, "POST", "/invocations", bomb, {"Content-Type": "application/x-npz"})
+    status, took, body = _timed(
+        server, "POST", "/invocations", bomb, {"Content-Type": "application/x-npz"}
+    )
     assert status == 413 and took < 2.0, (status, took, body)
     assert "TORCHBAY_SERVE_MAX_DECODED_MB" in json.loads(body)["message"]
     assert _rss(server) - before < RSS_BOUND
     small = io.BytesIO()
     np.savez(small, np.ones((1, 4), dtype=np.float32))
-    status, _, _ = _timed(server, "POST", "/invocations", small.getvalue(), {"Content-Type": "application/x-npz"})
+    status, _, _ = _timed(
+        server, "POST", "/invocations", small.getvalue(), {"Content-Type": "application/x-npz"}
+    )
     assert status == 200
 
 
 def _png(width: int, height: int) -> bytes:
     """A real black RGB PNG (compressed rows of zeros)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     compressor = zlib.compressobj(9)
     row = bytes(1 + width * 3)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_9000x9000_png_is_refused_from_its_header(server: Server) -> None:
     image = _png(9000, 9000)
     assert len(image) < 512 * 1024
     before = _rss(server)
-    status, took, body = _timed(server, "POST", "/invocations", image, {"Content-Type": "image/png"})
+    status, took, body = _timed(
+        server, "POST", "/invocations", image, {"Content-Type": "image/png"}
+    )
     assert status == 413 and took < 2.0, (status, took, body)
     message = json.loads(body)["message"]
     assert "9000x9000" in message and "TORCHBAY_SERVE_MAX_IMAGE_PIXELS" in message
@@ -196,10 +229,14 @@ def test_9000x9000_png_is_refused_from_its_header(server: Server) -> None:
 
 def test_npy_header_declaring_10_12_elements(server: Server) -> None:
     out = io.BytesIO()
-    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12,)})
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+    )
     out.write(bytes(64))
     before = _rss(server)
-    status, took, body = _timed(server, "POST", "/invocations", out.getvalue(), {"Content-Type": "application/x-npy"})
+    status, took, body = _timed(
+        server, "POST", "/invocations", out.getvalue(), {"Content-Type": "application/x-npy"}
+    )
     assert status == 413 and took < 2.0, (status, took, body)
     assert "TORCHBAY_SERVE_MAX_DECODED_MB" in json.loads(body)["message"]
     assert _rss(server) - before < RSS_BOUND
@@ -232,15 +269,23 @@ def test_parser_errors_are_json(server: Server) -> None:
 def test_chunked_body_and_expect_continue(server: Server) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
-        conn.request("POST", "/invocations", body=iter([ROW[:5], ROW[5:]]),
-                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/invocations",
+            body=iter([ROW[:5], ROW[5:]]),
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+            encode_chunked=True,
+        )
         response = conn.getresponse()
         assert response.status == 200, response.read()
         response.read()
     finally:
         conn.close()
-    sock = _connect(server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            b"Expect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(ROW))
+    sock = _connect(
+        server,
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(ROW),
+    )
     try:
         sock.settimeout(2)
         assert sock.recv(100).startswith(b"HTTP/1.1 100")

@@ -19,7 +19,9 @@ LIMITS = Limits(max_decoded_bytes=1024 * 1024, max_image_pixels=1000 * 1000, max
 
 def _npy(shape: tuple, data: bytes = b"") -> bytes:
     out = io.BytesIO()
-    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
     return out.getvalue() + data
 
 
@@ -29,12 +31,16 @@ def test_npy_declared_size() -> None:
     np.save(out, array)
     assert check_decoded_size(out.getvalue(), "application/x-npy", LIMITS) == array.nbytes
     with pytest.raises(RequestError) as err:
-        check_decoded_size(_npy((10 ** 12,)), "application/x-npy", LIMITS)
+        check_decoded_size(_npy((10**12,)), "application/x-npy", LIMITS)
     assert err.value.status == 413 and "TORCHBAY_SERVE_MAX_DECODED_MB" in err.value.message
     with pytest.raises(RequestError) as err:
-        check_decoded_size(_npy((1000,), bytes(100)), "application/x-npy", LIMITS)  # a header that lies
+        check_decoded_size(
+            _npy((1000,), bytes(100)), "application/x-npy", LIMITS
+        )  # a header that lies
     assert err.value.status == 400
-    assert check_decoded_size(b"not npy", "application/x-npy", LIMITS) == 0  # left to the decoder's 400
+    assert (
+        check_decoded_size(b"not npy", "application/x-npy", LIMITS) == 0
+    )  # left to the decoder's 400
 
 
 def test_npz_members_count_as_declared_or_inflated() -> None:
@@ -50,7 +56,12 @@ def test_npz_members_count_as_declared_or_inflated() -> None:
 
 
 def test_image_dimensions_from_headers() -> None:
-    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13)
+        + b"IHDR"
+        + struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    )
     with pytest.raises(RequestError) as err:
         check_decoded_size(png + bytes(8), "image/png", LIMITS)
     assert err.value.status == 413 and "9000x9000" in err.value.message
@@ -62,7 +73,9 @@ def test_image_dimensions_from_headers() -> None:
 
 
 def test_json_depth_and_values() -> None:
-    assert check_decoded_size(json.dumps([[1, 2], [3, 4]]).encode(), "application/json", LIMITS) == 16
+    assert (
+        check_decoded_size(json.dumps([[1, 2], [3, 4]]).encode(), "application/json", LIMITS) == 16
+    )
     with pytest.raises(RequestError) as err:
         check_decoded_size(b"[" * 9 + b"1" + b"]" * 9, "application/json", LIMITS)
     assert err.value.status == 400 and "TORCHBAY_SERVE_MAX_JSON_DEPTH" in err.value.message
@@ -73,15 +86,21 @@ def test_json_depth_and_values() -> None:
         check_decoded_size(b"0,0\n" * 200_000, "text/csv", LIMITS)
 
 
-@pytest.mark.parametrize("data,done", [
-    (b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", True),
-    (b"GET /ping HTTP/1.1\r\nHo", False),
-    (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345", False),
-    (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n1234567890", True),
-    (b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", True),  # over the payload limit: answered 413
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", False),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
-    (b"x" * 70_000, True),  # no end of headers in 64 KiB: gunicorn's parser answers 431
-])
+@pytest.mark.parametrize(
+    "data,done",
+    [
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"GET /ping HTTP/1.1\r\nHo", False),
+        (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345", False),
+        (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n1234567890", True),
+        (
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            True,
+        ),  # over the payload limit: answered 413
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", False),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
+        (b"x" * 70_000, True),  # no end of headers in 64 KiB: gunicorn's parser answers 431
+    ],
+)
 def test_request_complete(data: bytes, done: bool) -> None:
     assert request_complete(data, max_body=1024 * 1024)[0] is done

@@ -1,4 +1,5 @@
-"""The user's inference.py hooks, called as the SageMaker PyTorch toolkit calls them, through a real server."""
+"""The user's inference.py hooks, called as the SageMaker PyTorch toolkit calls them, through a real
+server."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from tests.serving.conftest import as_json, make_mlp
 
-HOOKS = '''
+HOOKS = """
 import json, os, torch
 
 def model_fn(model_dir, context):
@@ -29,9 +30,9 @@ def predict_fn(data, model, context):
 
 def output_fn(prediction, accept):
     return json.dumps({"scores": prediction.tolist(), "accept": accept}), "application/vnd.test+json"
-'''
+"""
 
-TRANSFORM = '''
+TRANSFORM = """
 class Rejected(Exception):
     status_code = 422
 
@@ -44,7 +45,7 @@ def transform_fn(model, input_data, content_type, accept):
     if input_data == b"boom":
         raise KeyError("boom")
     return b"%s:%s:%s:%s" % (model.encode(), input_data, content_type.encode(), accept.encode())
-'''
+"""
 
 
 def _write(root: Path, source: str, program: str = "inference.py") -> None:
@@ -58,14 +59,17 @@ def test_hooks_with_context_and_warmup(serve, tmp_path: Path) -> None:
     _write(tmp_path, HOOKS)
     server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})
     assert (tmp_path / "model" / "warmed").exists()
-    status, headers, body = server.post(json.dumps({"rows": [[1, 2, 3, 4], [5, 6, 7, 8]]}).encode(),
-                                        accept="application/x-anything")
+    status, headers, body = server.post(
+        json.dumps({"rows": [[1, 2, 3, 4], [5, 6, 7, 8]]}).encode(), accept="application/x-anything"
+    )
     assert status == 200, body
     assert headers["content-type"] == "application/vnd.test+json"
     assert as_json(body) == {"scores": [[1.0] * 3, [1.0] * 3], "accept": "application/x-anything"}
     status, _, body = server.post(b"1,2", "text/csv")  # input_fn's ValueError is the client's error
     assert status == 400 and "only JSON here" in as_json(body)["message"]
-    status, _, body = server.post(b'{"rows": "\xff\xfe"}')  # JSON that is not UTF-8 never reaches input_fn
+    status, _, body = server.post(
+        b'{"rows": "\xff\xfe"}'
+    )  # JSON that is not UTF-8 never reaches input_fn
     assert status == 400 and "not UTF-8" in as_json(body)["message"]
     assert server.post(json.dumps({"rows": [[1, 2, 3, 4]]}).encode())[0] == 200
 
@@ -73,7 +77,7 @@ def test_hooks_with_context_and_warmup(serve, tmp_path: Path) -> None:
 def test_transform_fn_and_user_status(serve, tmp_path: Path) -> None:
     _write(tmp_path, TRANSFORM, "handler.py")
     server = serve(env={"SAGEMAKER_PROGRAM": "handler.py", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
-    status, headers, body = server.post(b"abc", "application/octet-stream")
+    status, _headers, body = server.post(b"abc", "application/octet-stream")
     assert status == 200 and body == b"the model:abc:application/octet-stream:application/json"
     status, _, body = server.post(b"reject", "application/octet-stream")
     assert status == 422 and "no thanks" in as_json(body)["message"]

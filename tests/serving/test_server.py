@@ -1,4 +1,5 @@
-"""The process side: /ping honesty, load failures, worker crashes, SIGTERM under load, timeouts, memory."""
+"""The process side: /ping honesty, load failures, worker crashes, SIGTERM under load, timeouts,
+memory."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from tests.serving.conftest import as_json, make_mlp
 
 ROW = json.dumps([[0.1, 0.2, 0.3, 0.4]]).encode()
 
-SLOW_LOAD = '''
+SLOW_LOAD = """
 import os, time, torch
 def model_fn(model_dir):
     time.sleep(4)
     return torch.export.load(open(os.path.join(model_dir, "model.pt"), "rb")).module()
-'''
+"""
 
-CRASHY = '''
+CRASHY = """
 import os, time, torch
 def predict_fn(data, model):
     if float(data[0, 0]) == 666:
@@ -29,9 +30,9 @@ def predict_fn(data, model):
     if float(data[0, 0]) == 777:
         time.sleep(5)
     return model(data)
-'''
+"""
 
-LOGGED = '''
+LOGGED = """
 import json, os, time, torch
 def input_fn(input_data, content_type):
     data = json.loads(input_data)
@@ -41,7 +42,7 @@ def input_fn(input_data, content_type):
 def predict_fn(data, model):
     time.sleep(0.2)
     return model(data)
-'''
+"""
 
 
 def _code(root: Path, source: str) -> None:
@@ -98,7 +99,9 @@ def test_crashing_worker_makes_ping_unhealthy_then_recovers(serve, tmp_path: Pat
 def test_slow_request_gets_504_and_worker_lives(serve, tmp_path: Path) -> None:
     make_mlp(tmp_path / "model" / "model.pt")
     _code(tmp_path, CRASHY)
-    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "1"})
+    server = serve(
+        env={"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "1"}
+    )
     status, _, body = server.post(json.dumps([[777, 0, 0, 0]]).encode())
     assert status == 504 and "SAGEMAKER_MODEL_SERVER_TIMEOUT" in as_json(body)["message"]
     deadline = time.monotonic() + 30
@@ -112,8 +115,13 @@ def test_sigterm_under_load_drops_no_accepted_request(serve, tmp_path: Path) -> 
     make_mlp(tmp_path / "model" / "model.pt")
     _code(tmp_path, LOGGED)
     seen_log = tmp_path / "seen.log"
-    server = serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "TORCHBAY_SERVE_GRACE_PERIOD": "20",
-                        "SEEN_LOG": str(seen_log)})
+    server = serve(
+        env={
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+            "TORCHBAY_SERVE_GRACE_PERIOD": "20",
+            "SEEN_LOG": str(seen_log),
+        }
+    )
     answered: set[int] = set()
     lock = threading.Lock()
     counter = iter(range(1_000_000))
@@ -165,9 +173,13 @@ def _pss_kib(pid: int) -> int:
 def test_four_workers_share_the_weights(serve, tmp_path: Path) -> None:
     import torch
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4096), torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4096), torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 3)
+    )
     (tmp_path / "model").mkdir()
-    program = torch.export.export(model.eval(), (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    program = torch.export.export(
+        model.eval(), (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("b")},)
+    )
     torch.export.save(program, str(tmp_path / "model" / "model.pt2"))  # 64 MiB of weights
     pss = {}
     for workers in (1, 4):
@@ -177,8 +189,10 @@ def test_four_workers_share_the_weights(serve, tmp_path: Path) -> None:
         time.sleep(0.5)
         pss[workers] = _pss_kib(server.proc.pid)
         server.stop()
-    print(f"PSS of the server: 1 worker {pss[1] / 1024:.0f} MiB, 4 workers {pss[4] / 1024:.0f} MiB, "
-          f"ratio {pss[4] / pss[1]:.2f}")
+    print(
+        f"PSS of the server: 1 worker {pss[1] / 1024:.0f} MiB, 4 workers {pss[4] / 1024:.0f} MiB, "
+        f"ratio {pss[4] / pss[1]:.2f}"
+    )
     assert pss[4] <= 1.5 * pss[1]
 
 
@@ -199,9 +213,16 @@ def test_keep_alive_connections_spread_evenly_over_the_workers(serve, tmp_path: 
             response.read()
             conns.append(conn)
         counts = sorted(
-            sum(1 for c in worker.net_connections("tcp") if c.status == "ESTABLISHED" and c.laddr.port == server.port)
-            for worker in psutil.Process(server.proc.pid).children())
-        assert sum(counts) == 12 and counts[0] >= 5, counts  # 6 and 6 when balanced; plain gthread: often 1 and 11
+            sum(
+                1
+                for c in worker.net_connections("tcp")
+                if c.status == "ESTABLISHED" and c.laddr.port == server.port
+            )
+            for worker in psutil.Process(server.proc.pid).children()
+        )
+        assert sum(counts) == 12 and counts[0] >= 5, (
+            counts
+        )  # 6 and 6 when balanced; plain gthread: often 1 and 11
     finally:
         for conn in conns:
             conn.close()

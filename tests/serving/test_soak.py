@@ -1,4 +1,5 @@
-"""A mixed soak against a real ``torchbay serve``: good clients never see an error while hostile ones
+"""A mixed soak against a real ``torchbay serve``: good clients never see an error while hostile
+ones
 stall, lie, flood and send bombs, and the workers' memory stays flat.
 
 TORCHBAY_SOAK_SECONDS sets the length (default 180, the issue's 3 minutes).
@@ -13,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import psutil
@@ -29,12 +30,16 @@ ROW = json.dumps([[0.1, 0.2, 0.3, 0.4]]).encode()
 @pytest.fixture
 def server(serve: Servers) -> Iterator[Server]:
     make_mlp(serve.root / "model" / "model.pt")
-    yield serve(env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})  # default deadlines: 10 s headers, 5 s keep-alive
+    yield serve(
+        env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+    )  # default deadlines: 10 s headers, 5 s keep-alive
 
 
 def _npy_bomb() -> bytes:
     out = io.BytesIO()
-    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12,)})
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+    )
     return out.getvalue() + bytes(64)
 
 
@@ -51,7 +56,9 @@ def test_mixed_soak(server: Server) -> None:
                 if not keepalive:
                     conn.close()
                 sent = time.monotonic()
-                conn.request("POST", "/invocations", body=ROW, headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST", "/invocations", body=ROW, headers={"Content-Type": "application/json"}
+                )
                 response = conn.getresponse()
                 body = response.read()
                 with lock:
@@ -67,8 +74,13 @@ def test_mixed_soak(server: Server) -> None:
             time.sleep(0.005)
         conn.close()
 
-    bodies = [(b"[" * 50_000 + b"]" * 50_000, "application/json"), (_npy_bomb(), "application/x-npy"),
-              (_zip_bomb(), "application/x-npz"), (_png(9000, 9000), "image/png"), (b"{nope", "application/json")]
+    bodies = [
+        (b"[" * 50_000 + b"]" * 50_000, "application/json"),
+        (_npy_bomb(), "application/x-npy"),
+        (_zip_bomb(), "application/x-npz"),
+        (_png(9000, 9000), "image/png"),
+        (b"{nope", "application/json"),
+    ]
 
     def hostile_client() -> None:
         held: list[tuple[float, socket.socket]] = []
@@ -79,29 +91,37 @@ def test_mixed_soak(server: Server) -> None:
                 kind = i % 4
                 sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
                 if kind == 0:  # a body that stalls after 10 bytes
-                    sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 1000\r\n\r\n[[0.1, 0.2")
+                    sock.sendall(
+                        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n[[0.1, 0.2"
+                    )
                 elif kind == 1:  # half a header
                     sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Le")
                 elif kind == 2:  # a bomb or a bad body, then read the answer
                     body, kind_type = bodies[i % len(bodies)]
-                    sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d"
-                                 b"\r\nConnection: close\r\n\r\n" % (kind_type.encode(), len(body)) + body)
+                    sock.sendall(
+                        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"%s\r\nContent-Length: %d"
+                        b"\r\nConnection: close\r\n\r\n" % (kind_type.encode(), len(body)) + body
+                    )
                     sock.settimeout(10)
                     while sock.recv(65536):
                         pass
                     sock.close()
                     sock = None
                 else:  # headers over the limits
-                    sock.sendall(b"GET /ping HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (n, b"v" * 200)
-                                                                   for n in range(150)) + b"\r\n")
+                    sock.sendall(
+                        b"GET /ping HTTP/1.1\r\n"
+                        + b"".join(b"X-%d: %s\r\n" % (n, b"v" * 200) for n in range(150))
+                        + b"\r\n"
+                    )
                 if sock is not None:
                     held.append((time.monotonic(), sock))
                 hostile["sent"] += 1
             except OSError:
                 pass
             now = time.monotonic()
-            for opened, sock in [h for h in held if now - h[0] > 5]:
+            for _opened, sock in [h for h in held if now - h[0] > 5]:
                 sock.close()
             held = [h for h in held if now - h[0] <= 5]
             time.sleep(0.02)
@@ -119,16 +139,28 @@ def test_mixed_soak(server: Server) -> None:
     try:
         while time.monotonic() - started < SECONDS:
             time.sleep(2)
-            samples.append((time.monotonic() - started, sum(worker.memory_info().rss for worker in workers)))
+            samples.append(
+                (time.monotonic() - started, sum(worker.memory_info().rss for worker in workers))
+            )
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
-    assert not good["errors"], (len(good["errors"]), good["ok"], good["errors"][:3], server.output()[-3000:])
-    print(f"soak {SECONDS:g} s: {good['ok']} good requests (slowest {good['slowest']:.2f} s), {hostile['sent']} "
-          f"hostile, load {os.getloadavg()[0]:.1f}")
+    assert not good["errors"], (
+        len(good["errors"]),
+        good["ok"],
+        good["errors"][:3],
+        server.output()[-3000:],
+    )
+    print(
+        f"soak {SECONDS:g} s: {good['ok']} good requests (slowest {good['slowest']:.2f} s), "
+        f"{hostile['sent']} "
+        f"hostile, load {os.getloadavg()[0]:.1f}"
+    )
     assert good["ok"] > SECONDS * 2 and hostile["sent"] > SECONDS, (good["ok"], hostile["sent"])
-    assert sorted(worker.pid for worker in psutil.Process(server.proc.pid).children()) == pids  # none died
+    assert (
+        sorted(worker.pid for worker in psutil.Process(server.proc.pid).children()) == pids
+    )  # none died
     warm = [rss for t, rss in samples if SECONDS * 0.2 <= t < SECONDS * 0.4]
     end = [rss for t, rss in samples if t >= SECONDS * 0.8]
     assert max(end) <= 1.10 * max(warm), (max(warm), max(end))  # RSS flat within 10 %

@@ -1,8 +1,10 @@
 """The real toolkits, installed by the tests into a folder of their own, for the differential tests.
 
-``pip install --no-deps --target`` of the pinned releases (pure Python but for one small C extension),
+``pip install --no-deps --target`` of the pinned releases (pure Python but for one small C
+extension),
 cached under this venv (``<venv>/torchbay-reference/``): their imports (boto3, numpy) come from the
-test venv, nothing lands in it. Without PyPI the tests skip with the reason; in CI (CI=true) they fail.
+test venv, nothing lands in it. Without PyPI the tests skip with the reason; in CI (CI=true) they
+fail.
 """
 
 from __future__ import annotations
@@ -28,11 +30,29 @@ def reference_toolkit() -> Path:
     staging = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     pins = [f"{name}=={version}" for name, version in REFERENCE.items()]
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           "--no-deps", "--target", str(staging), *pins], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(staging),
+            *pins,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if done.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        reason = f"pip could not install the reference toolkits {pins}: {done.stderr.strip()[-500:]}"
+        reason = (
+            f"pip could not install the reference toolkits {pins}: {done.stderr.strip()[-500:]}"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -1,5 +1,7 @@
-"""The stand-ins against the real toolkits (sagemaker-training 5.1.4, sagemaker-inference 1.10.1) on the same
-input: every Environment property, to_env_vars() and to_cmd_args() on trees of several shapes, and the
+"""The stand-ins against the real toolkits (sagemaker-training 5.1.4, sagemaker-inference 1.10.1) on
+the same
+input: every Environment property, to_env_vars() and to_cmd_args() on trees of several shapes, and
+the
 codecs' results on the content types TorchBay supports."""
 
 from __future__ import annotations
@@ -13,30 +15,58 @@ import pytest
 from tests.shims.helpers import DUMP, REFERENCE_HPS, make_tree, resource, user_python
 from tests.shims.reference import reference_toolkit  # noqa: F401  (a fixture)
 
-HETERO = {"current_host": "algo-3", "current_instance_type": "ml.p4d.24xlarge", "current_group_name": "gpu",
-          "hosts": ["algo-1", "algo-2", "algo-3"],
-          "instance_groups": [{"instance_group_name": "cpu", "instance_type": "ml.c5.xlarge", "hosts": ["algo-1"]},
-                              {"instance_group_name": "gpu", "instance_type": "ml.p4d.24xlarge",
-                               "hosts": ["algo-2", "algo-3"]}],
-          "network_interface_name": "ethwe", "topology": [{"hostName": "algo-2", "capacityUnitId": "u1"}]}
+HETERO = {
+    "current_host": "algo-3",
+    "current_instance_type": "ml.p4d.24xlarge",
+    "current_group_name": "gpu",
+    "hosts": ["algo-1", "algo-2", "algo-3"],
+    "instance_groups": [
+        {"instance_group_name": "cpu", "instance_type": "ml.c5.xlarge", "hosts": ["algo-1"]},
+        {
+            "instance_group_name": "gpu",
+            "instance_type": "ml.p4d.24xlarge",
+            "hosts": ["algo-2", "algo-3"],
+        },
+    ],
+    "network_interface_name": "ethwe",
+    "topology": [{"hostName": "algo-2", "capacityUnitId": "u1"}],
+}
 
 TREES = {
     "reference": ({}, {}),
-    "two hosts, ddp": ({"hps": {**REFERENCE_HPS, "sagemaker_pytorch_ddp_enabled": "true"},
-                        "resource_config": resource("algo-2", ["algo-1", "algo-2"])}, {"TRAINING_JOB_NAME": "j-1"}),
-    "hetero, distribution groups": ({"hps": {"sagemaker_program": '"-m pkg.train"', "x": '{"a": 1, "b": [2]}',
-                                             "sagemaker_distribution_instance_groups": '["gpu"]',
-                                             "sagemaker_submit_directory": '"s3://b/src.tar.gz"', "y": "not json",
-                                             "k": "3", "_tuning_objective_metric": '"loss"'},
-                                     "resource_config": HETERO}, {"SAGEMAKER_TRAINING_MODULE": "m:main"}),
-    "no instance groups, program from env": ({"resource_config": {"current_host": "b", "hosts": ["a", "b"]},
-                                              "channels": {}},
-                                             {"SAGEMAKER_PROGRAM": "entry.py", "SM_HP_MP_PARAMETERS": '{"x": 1}'}),
+    "two hosts, ddp": (
+        {
+            "hps": {**REFERENCE_HPS, "sagemaker_pytorch_ddp_enabled": "true"},
+            "resource_config": resource("algo-2", ["algo-1", "algo-2"]),
+        },
+        {"TRAINING_JOB_NAME": "j-1"},
+    ),
+    "hetero, distribution groups": (
+        {
+            "hps": {
+                "sagemaker_program": '"-m pkg.train"',
+                "x": '{"a": 1, "b": [2]}',
+                "sagemaker_distribution_instance_groups": '["gpu"]',
+                "sagemaker_submit_directory": '"s3://b/src.tar.gz"',
+                "y": "not json",
+                "k": "3",
+                "_tuning_objective_metric": '"loss"',
+            },
+            "resource_config": HETERO,
+        },
+        {"SAGEMAKER_TRAINING_MODULE": "m:main"},
+    ),
+    "no instance groups, program from env": (
+        {"resource_config": {"current_host": "b", "hosts": ["a", "b"]}, "channels": {}},
+        {"SAGEMAKER_PROGRAM": "entry.py", "SM_HP_MP_PARAMETERS": '{"x": 1}'},
+    ),
 }
 
 
 @pytest.mark.parametrize("shape", list(TREES))
-def test_environment_equals_the_real_toolkit(tmp_path: Path, reference_toolkit: Path, shape: str) -> None:
+def test_environment_equals_the_real_toolkit(
+    tmp_path: Path, reference_toolkit: Path, shape: str
+) -> None:
     tree, env = TREES[shape]
     root = make_tree(tmp_path / "ml", **tree)
     env = {"AWS_REGION": "eu-west-1", "AWS_EC2_METADATA_DISABLED": "true", **env}
@@ -110,7 +140,9 @@ json.dump({name: run(call) for name, call in cases.items()}, sys.stdout)
 
 def test_codecs_equal_the_real_toolkit(tmp_path: Path, reference_toolkit: Path) -> None:
     ours = user_python(CODECS.replace("{stub}", "no"), tmp_path)
-    real = user_python(CODECS.replace("{stub}", "yes"), tmp_path, env={"PYTHONPATH": str(reference_toolkit)})
+    real = user_python(
+        CODECS.replace("{stub}", "yes"), tmp_path, env={"PYTHONPATH": str(reference_toolkit)}
+    )
     assert ours.returncode == 0, ours.stderr
     assert real.returncode == 0, real.stderr
     ours_out, real_out = json.loads(ours.stdout), json.loads(real.stdout)
@@ -118,7 +150,11 @@ def test_codecs_equal_the_real_toolkit(tmp_path: Path, reference_toolkit: Path) 
 
 
 def test_the_reference_is_the_real_package(tmp_path: Path, reference_toolkit: Path) -> None:
-    done = user_python("import sagemaker_training, sagemaker_inference; print(sagemaker_training.__file__, "
-                       "sagemaker_inference.__file__)", tmp_path, env={"PYTHONPATH": str(reference_toolkit)})
+    done = user_python(
+        "import sagemaker_training, sagemaker_inference; print(sagemaker_training.__file__, "
+        "sagemaker_inference.__file__)",
+        tmp_path,
+        env={"PYTHONPATH": str(reference_toolkit)},
+    )
     assert done.returncode == 0, done.stderr
     assert all(path.startswith(str(reference_toolkit) + os.sep) for path in done.stdout.split())

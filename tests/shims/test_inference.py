@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,14 +19,13 @@ def si() -> Iterator[Any]:
     import sys
 
     install()
-    for name in [m for m in sys.modules if m.split(".")[0] in ("sagemaker_inference", "_torchbay_toolkit")]:
+    for name in [
+        m for m in sys.modules if m.split(".")[0] in ("sagemaker_inference", "_torchbay_toolkit")
+    ]:
         del sys.modules[name]
     module = importlib.import_module("sagemaker_inference")
     if not getattr(module, "__torchbay_shim__", False):
         pytest.skip("the real sagemaker-inference is installed here")
-    import sagemaker_inference.decoder
-    import sagemaker_inference.default_inference_handler
-    import sagemaker_inference.encoder
 
     yield module
 
@@ -34,7 +33,13 @@ def si() -> Iterator[Any]:
 def test_content_types(si: Any) -> None:
     ct = si.content_types
     assert (ct.JSON, ct.CSV, ct.NPY, ct.NPZ, ct.OCTET_STREAM, ct.ANY) == (
-        "application/json", "text/csv", "application/x-npy", "application/x-npz", "application/octet-stream", "*/*")
+        "application/json",
+        "text/csv",
+        "application/x-npy",
+        "application/x-npz",
+        "application/octet-stream",
+        "*/*",
+    )
     assert ct.UTF8_TYPES == [ct.JSON, ct.CSV]
 
 
@@ -62,10 +67,13 @@ def test_encode(si: Any) -> None:
         def tolist(self) -> list:
             return [0.5, 1.5]
 
-    assert json.loads(e.encode({"y": TensorLike(), "z": np.array([1, 2])}, ct.JSON)) == {"y": [0.5, 1.5], "z": [1, 2]}
+    assert json.loads(e.encode({"y": TensorLike(), "z": np.array([1, 2])}, ct.JSON)) == {
+        "y": [0.5, 1.5],
+        "z": [1, 2],
+    }
     assert e.encode(np.array([[1, 2], [3, 4]]), ct.CSV) == "1,2\n3,4\n"
     assert np.load(io.BytesIO(e.encode([1.0, 2.0], ct.NPY))).tolist() == [1.0, 2.0]
-    assert e.SUPPORTED_CONTENT_TYPES == {ct.JSON, ct.CSV, ct.NPY}
+    assert {ct.JSON, ct.CSV, ct.NPY} == e.SUPPORTED_CONTENT_TYPES
     with pytest.raises(si.errors.UnsupportedFormatError) as err:
         e.encode([1], "image/png")
     assert err.value.status_code == 406

@@ -1,4 +1,5 @@
-"""Shared helpers for the live sync tests: a job, polling, S3 look-ups, whole-file blobs, child writers."""
+"""Shared helpers for the live sync tests: a job, polling, S3 look-ups, whole-file blobs, child
+writers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.job import Job, Layout, Resource
 from agent.settings import read_settings
@@ -21,11 +23,18 @@ LOG = logging.getLogger("test-sync")
 
 def make_job(root: Path, endpoint: str, **fields: Any) -> Job:
     settings = read_settings({"AWS_ENDPOINT_URL": endpoint})
-    overrides = {k[len("setting_"):]: fields.pop(k) for k in list(fields) if k.startswith("setting_")}
+    overrides = {
+        k[len("setting_") :]: fields.pop(k) for k in list(fields) if k.startswith("setting_")
+    }
     if overrides:
         settings = settings.replace(**overrides)
-    return Job(name="job-1", layout=Layout(root), settings=settings,
-               resource=Resource("algo-1", ("algo-1",)), **fields)
+    return Job(
+        name="job-1",
+        layout=Layout(root),
+        settings=settings,
+        resource=Resource("algo-1", ("algo-1",)),
+        **fields,
+    )
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:
@@ -66,13 +75,20 @@ def is_whole(blob: bytes) -> bool:
 
 
 def spawn(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def started_sync(root: Path, endpoint: str, bucket: str, **fields: Any) -> LiveSync:
-    """A started LiveSync mirroring ``root/checkpoints`` to ``s3://<bucket>/ckpt`` (``setting_*`` overrides)."""
-    sync = LiveSync(make_job(root, endpoint, checkpoint_uri=f"s3://{bucket}/ckpt", **fields), log=LOG)
+    """A started LiveSync mirroring ``root/checkpoints`` to ``s3://<bucket>/ckpt`` (``setting_*``
+    overrides)."""
+    sync = LiveSync(
+        make_job(root, endpoint, checkpoint_uri=f"s3://{bucket}/ckpt", **fields), log=LOG
+    )
     sync.start()
     return sync

@@ -9,11 +9,21 @@ import struct
 import time
 
 from agent.sync import LiveSync
-from tests.sync.helpers import (LOG, all_versions, body, checked_blob, is_whole, keys, make_job, spawn,
-                                started_sync, wait_for)
+from tests.sync.helpers import (
+    LOG,
+    all_versions,
+    body,
+    checked_blob,
+    is_whole,
+    keys,
+    make_job,
+    spawn,
+    started_sync,
+    wait_for,
+)
 
-
-# --- live uploads -------------------------------------------------------------------------------------
+# --- live uploads
+# -------------------------------------------------------------------------------------
 
 CHECKPOINTER = """
     import hashlib, os, sys, time
@@ -35,7 +45,9 @@ CHECKPOINTER = """
 """
 
 
-def test_checkpoints_every_second_then_sigterm_last_one_arrives_whole(tmp_path, s3_server, s3, versioned):
+def test_checkpoints_every_second_then_sigterm_last_one_arrives_whole(
+    tmp_path, s3_server, s3, versioned
+):
     job = make_job(tmp_path, s3_server.endpoint, checkpoint_uri=f"s3://{versioned}/ckpt")
     sync = LiveSync(job, log=LOG)
     sync.restore()
@@ -72,7 +84,9 @@ SLOW_WRITER = """
 """
 
 
-def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(tmp_path, s3_server, s3, versioned):
+def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(
+    tmp_path, s3_server, s3, versioned
+):
     sync = started_sync(tmp_path, s3_server.endpoint, versioned, setting_sync_stable=0.5)
     blob = checked_blob(3 * 1024 * 1024, 7)
     (tmp_path / "blob").write_bytes(blob)
@@ -80,10 +94,14 @@ def test_a_file_written_slowly_in_pieces_is_never_uploaded_half_written(tmp_path
     try:
         while child.poll() is None:  # look at what the server holds while the file is being written
             for key, version in all_versions(s3, versioned):
-                assert is_whole(body(s3, versioned, key, version)), "a half-written object was uploaded"
+                assert is_whole(body(s3, versioned, key, version)), (
+                    "a half-written object was uploaded"
+                )
             time.sleep(0.2)
         assert child.returncode == 0, child.stdout.read()
-        data = wait_for(lambda: "ckpt/model.pt" in keys(s3, versioned) and body(s3, versioned, "ckpt/model.pt"))
+        data = wait_for(
+            lambda: "ckpt/model.pt" in keys(s3, versioned) and body(s3, versioned, "ckpt/model.pt")
+        )
         assert data == blob
     finally:
         if child.poll() is None:
@@ -103,8 +121,13 @@ def test_deletes_are_mirrored_and_bursts_become_few_uploads(tmp_path, s3_server,
     for i in range(50):  # 50 open-append-close cycles in a burst
         with open(local / "log.txt", "ab") as out:
             out.write(b"line %d\n" % i)
-    wait_for(lambda: body(s3, versioned, "ckpt/log.txt").count(b"\n") == 50 if "ckpt/log.txt" in
-             keys(s3, versioned) else False)
+    wait_for(
+        lambda: (
+            body(s3, versioned, "ckpt/log.txt").count(b"\n") == 50
+            if "ckpt/log.txt" in keys(s3, versioned)
+            else False
+        )
+    )
     assert sync.close(time.monotonic() + 60) == []
     log_versions = [k for k, _ in all_versions(s3, versioned) if k == "ckpt/log.txt"]
     assert 1 <= len(log_versions) <= 10, len(log_versions)
@@ -125,7 +148,9 @@ def test_unchanged_file_is_not_uploaded_again(tmp_path, s3_server, s3, versioned
 
 
 def test_large_file_goes_multipart_and_arrives_whole(tmp_path, s3_server, s3, bucket):
-    sync = started_sync(tmp_path, s3_server.endpoint, bucket, setting_sync_part_size=5 * 1024 * 1024)
+    sync = started_sync(
+        tmp_path, s3_server.endpoint, bucket, setting_sync_part_size=5 * 1024 * 1024
+    )
     blob = checked_blob(12 * 1024 * 1024, 3)
     (tmp_path / "checkpoints" / "big.pt").write_bytes(blob)
     wait_for(lambda: "ckpt/big.pt" in keys(s3, bucket))
@@ -162,13 +187,14 @@ def test_file_uri_destination(tmp_path, s3_server):
     sync = LiveSync(job, log=LOG)
     sync.start()
     (tmp_path / "root" / "checkpoints" / "x.pt").write_bytes(b"xyz")
-    wait_for(lambda: (dest / "x.pt").exists())
+    wait_for((dest / "x.pt").exists)
     assert sync.close(time.monotonic() + 60) == []
     assert (dest / "x.pt").read_bytes() == b"xyz"
     assert sorted(os.listdir(dest)) == ["x.pt"]
 
 
-# --- TensorBoard --------------------------------------------------------------------------------------
+# --- TensorBoard
+# --------------------------------------------------------------------------------------
 
 TB_WRITER = """
     import sys, time
@@ -187,7 +213,7 @@ def count_records(blob: bytes) -> int:
     """TFRecord framing: u64 length, u32 crc, data, u32 crc; a cut-off last record is not counted."""
     count, at = 0, 0
     while at + 12 <= len(blob):
-        (length,) = struct.unpack("<Q", blob[at:at + 8])
+        (length,) = struct.unpack("<Q", blob[at : at + 8])
         if at + 12 + length + 4 > len(blob):
             break
         at += 12 + length + 4
@@ -198,12 +224,14 @@ def count_records(blob: bytes) -> int:
 def test_tensorboard_events_visible_while_the_writer_runs(tmp_path, s3_server, s3, bucket):
     # The writer flushes every 0.2 s, never pausing for the 1 s stability window: it is sent anyway
     # (at least every 5 x sync_stable), since TensorBoard keeps its event file open and growing.
-    job = make_job(tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb",
-                   setting_sync_stable=1.0)
+    job = make_job(
+        tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb", setting_sync_stable=1.0
+    )
     sync = LiveSync(job, log=LOG)
     sync.start()
     child = spawn(TB_WRITER, str(tmp_path / "output" / "tensorboard"))
     try:
+
         def grown() -> bool:
             found = [k for k in keys(s3, bucket, "tb/") if "tfevents" in k]
             return bool(found) and count_records(body(s3, bucket, found[0])) >= 5
@@ -216,7 +244,8 @@ def test_tensorboard_events_visible_while_the_writer_runs(tmp_path, s3_server, s
     assert sync.close(time.monotonic() + 60) == []
     [event_file] = list((tmp_path / "output" / "tensorboard").glob("*tfevents*"))
     assert body(s3, bucket, f"tb/{event_file.name}") == event_file.read_bytes()
-    # SummaryWriter reopens and closes its file on each flush (5 a second here): at most one upload a second
+    # SummaryWriter reopens and closes its file on each flush (5 a second here): at most one upload
+    # a second
     assert sync.counters.uploads <= 2 + count_records(event_file.read_bytes()) // 5
 
 
@@ -233,17 +262,23 @@ OPEN_APPENDER = """
 """
 
 
-def test_an_event_file_kept_open_and_growing_is_sent_while_it_grows(tmp_path, s3_server, s3, bucket):
-    job = make_job(tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb",
-                   setting_sync_stable=1.0)  # never 1 s without a write: sent every 5 s anyway
+def test_an_event_file_kept_open_and_growing_is_sent_while_it_grows(
+    tmp_path, s3_server, s3, bucket
+):
+    job = make_job(
+        tmp_path, s3_server.endpoint, tensorboard_uri=f"s3://{bucket}/tb", setting_sync_stable=1.0
+    )  # never 1 s without a write: sent every 5 s anyway
     sync = LiveSync(job, log=LOG)
     sync.start()
     path = tmp_path / "output" / "tensorboard" / "events.out.tfevents.1"
     child = spawn(OPEN_APPENDER, str(path))
     try:
+
         def grown() -> bool:
-            return "tb/events.out.tfevents.1" in keys(s3, bucket) and \
-                count_records(body(s3, bucket, "tb/events.out.tfevents.1")) >= 5
+            return (
+                "tb/events.out.tfevents.1" in keys(s3, bucket)
+                and count_records(body(s3, bucket, "tb/events.out.tfevents.1")) >= 5
+            )
 
         wait_for(grown, timeout=120, every=0.3)
         assert child.poll() is None, child.stdout.read()
@@ -255,7 +290,8 @@ def test_an_event_file_kept_open_and_growing_is_sent_while_it_grows(tmp_path, s3
     assert sync.counters.uploads <= 10  # a few snapshots, not one per record
 
 
-# --- faults -------------------------------------------------------------------------------------------
+# --- faults
+# -------------------------------------------------------------------------------------------
 
 
 def test_server_stopped_and_restarted_everything_arrives(tmp_path, s3_server, s3, bucket):
@@ -276,7 +312,12 @@ def test_server_stopped_and_restarted_everything_arrives(tmp_path, s3_server, s3
     assert sync.close(time.monotonic() + 120) == []
     remote = keys(s3, bucket, "ckpt/")
     # before.pt was lost with the server's memory; close() saw that in the listing and sent it again
-    assert set(remote) == {"ckpt/before.pt", "ckpt/during.pt", "ckpt/big-during.pt", "ckpt/after.pt"}
+    assert set(remote) == {
+        "ckpt/before.pt",
+        "ckpt/during.pt",
+        "ckpt/big-during.pt",
+        "ckpt/after.pt",
+    }
     for key in remote:
         assert body(s3, bucket, key) == (local / key.split("/")[1]).read_bytes()
 

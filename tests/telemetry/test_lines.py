@@ -13,7 +13,7 @@ def _feed_all(splitter: LineSplitter, data: bytes, sizes: list[int]) -> bytes:
     out = []
     pos = 0
     for size in sizes:
-        out.append(splitter.feed(data[pos:pos + size]))
+        out.append(splitter.feed(data[pos : pos + size]))
         pos += size
     out.append(splitter.feed(data[pos:]))
     out.append(splitter.finish())
@@ -26,9 +26,9 @@ def _rejoin(pieces: list[bytes]) -> list[bytes]:
     current = b""
     for piece in pieces:
         if current and piece.startswith(CUT_MARK):
-            piece = piece[len(CUT_MARK):]
+            piece = piece[len(CUT_MARK) :]
         if piece.endswith(CUT_MARK):
-            current += piece[:-len(CUT_MARK)]
+            current += piece[: -len(CUT_MARK)]
             continue
         lines.append(current + piece)
         current = b""
@@ -95,7 +95,9 @@ def test_long_line_found_anywhere_in_a_big_block():
     for position in (0, 500, 9000 - 200):
         lines = [b"k" * 30] * 300
         data = bytearray(b"\n".join(lines) + b"\n")
-        data[position:position + 100] = b"L" * 100  # overwrites newlines: one line of at least 100 bytes
+        data[position : position + 100] = (
+            b"L" * 100
+        )  # overwrites newlines: one line of at least 100 bytes
         out = LineSplitter(max_line).feed(bytes(data))
         assert max(map(len, out.split(b"\n"))) <= max_line + 2 * len(CUT_MARK)
         assert _rejoin(out.split(b"\n")[:-1]) == bytes(data).split(b"\n")[:-1]

@@ -14,11 +14,27 @@ from agent.telemetry.metrics import MetricMatcher, parse_definitions, parse_numb
 LOG = logging.getLogger("test.metrics")
 
 
-@pytest.mark.parametrize("text, value", [
-    ("3", 3.0), ("-7", -7.0), ("+2", 2.0), ("0.5", 0.5), (".5", 0.5), ("5.", 5.0), ("1e-3", 1e-3),
-    ("2.5E+4", 2.5e4), ("-1.25e2", -125.0), ("inf", math.inf), ("-inf", -math.inf), ("Infinity", math.inf),
-    ("0.25,", 0.25), ("12%", 12.0), ("1_000", 1000.0), (" 4.0", 4.0),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("3", 3.0),
+        ("-7", -7.0),
+        ("+2", 2.0),
+        ("0.5", 0.5),
+        (".5", 0.5),
+        ("5.", 5.0),
+        ("1e-3", 1e-3),
+        ("2.5E+4", 2.5e4),
+        ("-1.25e2", -125.0),
+        ("inf", math.inf),
+        ("-inf", -math.inf),
+        ("Infinity", math.inf),
+        ("0.25,", 0.25),
+        ("12%", 12.0),
+        ("1_000", 1000.0),
+        (" 4.0", 4.0),
+    ],
+)
 def test_parse_number_every_form(text, value):
     assert parse_number(text) == value
 
@@ -40,8 +56,10 @@ def _scan(definitions, text):
 
 def test_values_in_every_form_from_lines():
     text = "epoch=1 loss=0.5\nloss=1e-3 acc=97%\nloss=nan\nloss=-inf\nno metric here\nloss=7\n"
-    matcher, points = _scan([MetricDefinition("train:loss", r"loss=(\S+)"),
-                             MetricDefinition("acc", r"acc=([0-9.]+)%")], text)
+    matcher, points = _scan(
+        [MetricDefinition("train:loss", r"loss=(\S+)"), MetricDefinition("acc", r"acc=([0-9.]+)%")],
+        text,
+    )
     values = [p.value for p in points if p.name == "train:loss"]
     assert values[:2] == [0.5, 1e-3] and math.isnan(values[2]) and values[3:] == [-math.inf, 7.0]
     assert [p.value for p in points if p.name == "acc"] == [97.0]
@@ -71,7 +89,9 @@ def test_regex_never_matched_is_reported(caplog):
 
 def test_a_capture_that_is_not_a_number_warns_once(caplog):
     with caplog.at_level(logging.WARNING):
-        matcher, points = _scan([MetricDefinition("phase", r"phase=(\S+)")], "phase=warmup\nphase=train\n")
+        _matcher, points = _scan(
+            [MetricDefinition("phase", r"phase=(\S+)")], "phase=warmup\nphase=train\n"
+        )
     assert points == []
     assert caplog.text.count("not a number") == 1
 
@@ -93,7 +113,8 @@ def test_bad_regex_is_a_config_error():
 
 def test_parse_definitions_sagemaker_json():
     assert parse_definitions('[{"Name": "train:loss", "Regex": "loss=(\\\\S+)"}]') == (
-        MetricDefinition("train:loss", r"loss=(\S+)"),)
+        MetricDefinition("train:loss", r"loss=(\S+)"),
+    )
     assert parse_definitions(None) == ()
     with pytest.raises(ConfigError, match="not JSON"):
         parse_definitions("[{")

@@ -1,4 +1,5 @@
-"""SystemSampler: the real absence path of NVML here, the presence path with an injected NVML object."""
+"""SystemSampler: the real absence path of NVML here, the presence path with an injected NVML
+object."""
 
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ def tree():
         print("ready", flush=True)
         time.sleep(120)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True,
-                            env=CHILD_ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        env=CHILD_ENV,
+    )
     assert proc.stdout.readline() == b"ready\n"
     try:
         for _ in range(300):  # the grandchild starts a moment after its parent
@@ -53,7 +58,7 @@ def test_tree_pids_matches_psutil_recursive_children(tree):
 
 
 def test_tree_pids_of_a_missing_process_is_empty():
-    assert tree_pids(2 ** 22 + 17) == []
+    assert tree_pids(2**22 + 17) == []
 
 
 def test_without_nvml_one_info_line_and_no_gpu_metrics(tree, caplog, tmp_path):
@@ -105,7 +110,9 @@ def _fake_nvml(count=2, power_fails_on=1):
         nvmlDeviceGetCount=lambda: count,
         nvmlDeviceGetHandleByIndex=handle,
         nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=87, memory=40),
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 << 30, total=80 << 30, free=77 << 30),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(
+            used=3 << 30, total=80 << 30, free=77 << 30
+        ),
         nvmlDeviceGetTemperature=lambda h, sensor: 61,
         nvmlDeviceGetPowerUsage=power,
     )
@@ -115,15 +122,20 @@ def _fake_nvml(count=2, power_fails_on=1):
 def test_with_nvml_per_gpu_metrics_in_base_units(caplog):
     nvml, calls = _fake_nvml()
     with caplog.at_level(logging.INFO):
-        sampler = SystemSampler(root_pid=lambda: os.getpid(), nvml=nvml)
+        sampler = SystemSampler(root_pid=os.getpid, nvml=nvml)
         records = sampler.sample() + sampler.sample()
     sampler.close()
     sampler.close()
     assert sampler.gpu_count == 0 and calls == ["init", "shutdown"]
     gpu0 = _names(records, gpu="0")
-    assert gpu0 == {"gpu_utilization_ratio": 0.87, "gpu_memory_bandwidth_utilization_ratio": 0.40,
-                    "gpu_memory_used_bytes": float(3 << 30), "gpu_memory_total_bytes": float(80 << 30),
-                    "gpu_temperature_celsius": 61.0, "gpu_power_watts": 250.5}
+    assert gpu0 == {
+        "gpu_utilization_ratio": 0.87,
+        "gpu_memory_bandwidth_utilization_ratio": 0.40,
+        "gpu_memory_used_bytes": float(3 << 30),
+        "gpu_memory_total_bytes": float(80 << 30),
+        "gpu_temperature_celsius": 61.0,
+        "gpu_power_watts": 250.5,
+    }
     gpu1 = _names(records, gpu="1")
     assert "gpu_power_watts" not in gpu1 and gpu1["gpu_utilization_ratio"] == 0.87
     assert caplog.text.count("GPU power metrics off") == 1

@@ -1,4 +1,5 @@
-"""Telemetry end to end at the library level: a real failing child, LogCapture, sampler, shipping to moto S3."""
+"""Telemetry end to end at the library level: a real failing child, LogCapture, sampler, shipping to
+moto S3."""
 
 from __future__ import annotations
 
@@ -32,21 +33,37 @@ def _job(tmp_path: Path, env: dict[str, str], output_path: str | None, **setting
     layout = Layout(tmp_path / "ml")
     layout.data_dir.mkdir(parents=True)
     layout.model_dir.mkdir(parents=True)
-    return Job(name="job-1", layout=layout, settings=read_settings({**env, **settings}),
-               resource=Resource("algo-1", ("algo-1",)), output_path=output_path,
-               metric_definitions=(MetricDefinition("train:loss", r"loss=(\S+)"),))
+    return Job(
+        name="job-1",
+        layout=layout,
+        settings=read_settings({**env, **settings}),
+        resource=Resource("algo-1", ("algo-1",)),
+        output_path=output_path,
+        metric_definitions=(MetricDefinition("train:loss", r"loss=(\S+)"),),
+    )
 
 
 def _run_job(job: Job, tmp_path: Path) -> tuple[Telemetry, LogCapture, int]:
     job_log, metrics_file = default_paths(job)
-    capture = LogCapture(host="algo-1", log_dir=job.layout.agent_dir / "ranks", out=io.BytesIO(), job_log=job_log,
-                         settings=job.settings, metric_definitions=job.metric_definitions,
-                         metrics_file=metrics_file)
+    capture = LogCapture(
+        host="algo-1",
+        log_dir=job.layout.agent_dir / "ranks",
+        out=io.BytesIO(),
+        job_log=job_log,
+        settings=job.settings,
+        metric_definitions=job.metric_definitions,
+        metrics_file=metrics_file,
+    )
     stdout, stderr = capture.files_for(0)
     capture.start()
     with open(stdout, "ab") as out, open(stderr, "ab") as err:
-        child = subprocess.Popen([sys.executable, "-c", FAILING], stdout=out, stderr=err, env=CHILD_ENV,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", FAILING],
+            stdout=out,
+            stderr=err,
+            env=CHILD_ENV,
+            start_new_session=True,
+        )
     telemetry = Telemetry(job, root_pid=lambda: child.pid if child.poll() is None else None)
     telemetry.start()
     code = child.wait(120)
@@ -55,8 +72,13 @@ def _run_job(job: Job, tmp_path: Path) -> tuple[Telemetry, LogCapture, int]:
 
 
 def test_log_and_metrics_in_s3_after_a_failed_job(tmp_path, s3_env, bucket, s3):
-    job = _job(tmp_path, s3_env, f"s3://{bucket}/jobs", TORCHBAY_SAMPLE_INTERVAL="0.2",
-               TORCHBAY_LOG_UPLOAD_INTERVAL="0.3")
+    job = _job(
+        tmp_path,
+        s3_env,
+        f"s3://{bucket}/jobs",
+        TORCHBAY_SAMPLE_INTERVAL="0.2",
+        TORCHBAY_LOG_UPLOAD_INTERVAL="0.3",
+    )
     telemetry, capture, code = _run_job(job, tmp_path)
     assert code == 3
     assert capture.stderr_tail(0, lines=1) == ["RuntimeError: CUDA out of memory"]
@@ -69,13 +91,21 @@ def test_log_and_metrics_in_s3_after_a_failed_job(tmp_path, s3_env, bucket, s3):
     assert log.splitlines()[0] == "[algo-1:0] step=0 loss=1.0"
     assert log.splitlines()[-1] == "[algo-1:0] RuntimeError: CUDA out of memory"
     assert log == default_paths(job)[0].read_text()
-    records = [json.loads(line) for line in
-               s3.get_object(Bucket=bucket, Key=prefix + "metrics-algo-1.jsonl")["Body"].read().splitlines()]
+    records = [
+        json.loads(line)
+        for line in s3.get_object(Bucket=bucket, Key=prefix + "metrics-algo-1.jsonl")["Body"]
+        .read()
+        .splitlines()
+    ]
     losses = [r["value"] for r in records if r["name"] == "train:loss"]
     assert losses == [1.0 / (step + 1) for step in range(30)]
     names = {r["name"] for r in records}
-    assert {"node_cpu_utilization_ratio", "node_memory_available_bytes", "process_tree_resident_memory_bytes",
-            "filesystem_avail_bytes"} <= names
+    assert {
+        "node_cpu_utilization_ratio",
+        "node_memory_available_bytes",
+        "process_tree_resident_memory_bytes",
+        "filesystem_avail_bytes",
+    } <= names
     assert not any(n.startswith("gpu_") for n in names)  # no NVML here: left out, nothing crashed
 
 
@@ -119,7 +149,7 @@ def test_an_s3_outage_at_close_is_reported_not_raised(tmp_path, s3_env, bucket, 
 
 def test_prometheus_endpoint_serves_system_metrics(tmp_path):
     job = _job(tmp_path, {}, None, TORCHBAY_PROMETHEUS_PORT="0", TORCHBAY_SAMPLE_INTERVAL="30")
-    telemetry = Telemetry(job, root_pid=lambda: os.getpid())
+    telemetry = Telemetry(job, root_pid=os.getpid)
     telemetry.start()
     try:
         url = telemetry.prometheus_url
@@ -140,7 +170,9 @@ def test_a_busy_prometheus_port_is_a_warning_not_a_crash(tmp_path, caplog):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        job = _job(tmp_path, {}, None, TORCHBAY_PROMETHEUS_PORT=str(port), TORCHBAY_SAMPLE_INTERVAL="30")
+        job = _job(
+            tmp_path, {}, None, TORCHBAY_PROMETHEUS_PORT=str(port), TORCHBAY_SAMPLE_INTERVAL="30"
+        )
         telemetry = Telemetry(job, root_pid=lambda: None)
         telemetry.start()
         assert telemetry.prometheus_url is None

@@ -27,7 +27,9 @@ def test_metrics_file_appends_whole_lines_from_many_threads(tmp_path):
     sink.close()
     sink.close()
     sink.write([{"late": 1}])  # ignored after close
-    records = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 4 * 200 * 2
 
 
@@ -35,9 +37,13 @@ def test_prometheus_scrape_over_http():
     endpoint = PrometheusEndpoint(0, addr="127.0.0.1")
     try:
         assert endpoint.url.startswith("http://127.0.0.1:")
-        endpoint.update([{"name": "node_memory_available_bytes", "value": 1234.0, "labels": {}},
-                         {"name": "gpu_temperature_celsius", "value": 61, "labels": {"gpu": "0"}},
-                         {"name": "gpu_temperature_celsius", "value": 65, "labels": {"gpu": "1"}}])
+        endpoint.update(
+            [
+                {"name": "node_memory_available_bytes", "value": 1234.0, "labels": {}},
+                {"name": "gpu_temperature_celsius", "value": 61, "labels": {"gpu": "0"}},
+                {"name": "gpu_temperature_celsius", "value": 65, "labels": {"gpu": "1"}},
+            ]
+        )
         endpoint.update([{"name": "node_memory_available_bytes", "value": 99.0, "labels": {}}])
         with urllib.request.urlopen(endpoint.url, timeout=30) as response:
             body = response.read().decode()
@@ -55,9 +61,16 @@ def test_prometheus_scrape_over_http():
 def test_tensorboard_event_files_readable_by_tensorboard(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sink = TensorBoardSink.open(tmp_path / "tb", log=__import__("logging").getLogger("t"), suffix=".algo-1")
+    sink = TensorBoardSink.open(
+        tmp_path / "tb", log=__import__("logging").getLogger("t"), suffix=".algo-1"
+    )
     assert sink is not None
-    sink.write([MetricPoint("train:loss", v, 1000.0 + i, "algo-1", 0) for i, v in enumerate([3.0, 2.0, 1.5])])
+    sink.write(
+        [
+            MetricPoint("train:loss", v, 1000.0 + i, "algo-1", 0)
+            for i, v in enumerate([3.0, 2.0, 1.5])
+        ]
+    )
     sink.write([MetricPoint("train:loss", 9.0, 1000.0, "algo-1", 1)])
     sink.close()
     sink.close()

@@ -1,20 +1,24 @@
-"""A real `torchbay serve` whose hooks make a transform job's behaviour visible: counts, failures, echoes."""
+"""A real `torchbay serve` whose hooks make a transform job's behaviour visible: counts, failures,
+echoes."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.serving.conftest import Servers
 
-# transform_fn over CSV rows, JSON Lines and PNG images. Every request is logged (records per request);
-# a record holding 666 fails for good (400). Switched on at run time through files in CONTROL_DIR: flaky/
-# makes the first attempt of every request fail with a 503 (so the client must retry), slow holds the
+# transform_fn over CSV rows, JSON Lines and PNG images. Every request is logged (records per
+# request);
+# a record holding 666 fails for good (400). Switched on at run time through files in CONTROL_DIR:
+# flaky/
+# makes the first attempt of every request fail with a 503 (so the client must retry), slow holds
+# the
 # seconds each request sleeps.
-HOOKS = r'''
+HOOKS = r"""
 import hashlib, io, json, os
 
 class Unavailable(Exception):
@@ -68,7 +72,7 @@ def transform_fn(model, data, content_type, accept):
         image = Image.open(io.BytesIO(data))
         return json.dumps({"size": list(image.size), "mode": image.mode}), "application/json"
     raise ValueError("unsupported " + kind)
-'''
+"""
 
 
 def write_hooks(root: Path) -> None:
@@ -78,7 +82,8 @@ def write_hooks(root: Path) -> None:
 
 
 class EchoServer:
-    """One server per test module; ``reset()`` clears its request log and switches, ``flaky()``/``slow(s)`` set them."""
+    """One server per test module; ``reset()`` clears its request log and switches,
+    ``flaky()``/``slow(s)`` set them."""
 
     def __init__(self, server, folder: Path) -> None:
         self.server = server
@@ -101,8 +106,10 @@ class EchoServer:
         (self.folder / "control" / "slow").write_text(str(seconds))
 
     def requests(self) -> list[tuple[str, int]]:
-        return [(line.split()[0], int(line.split()[1]))
-                for line in (self.folder / "requests.log").read_text().splitlines()]
+        return [
+            (line.split()[0], int(line.split()[1]))
+            for line in (self.folder / "requests.log").read_text().splitlines()
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +118,14 @@ def echo_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoServer
     (folder / "control").mkdir()
     servers = Servers(folder)
     write_hooks(folder)
-    server = servers(env={"REQUEST_LOG": str(folder / "requests.log"), "CONTROL_DIR": str(folder / "control"),
-                          "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TORCHBAY_SERVE_HTTP_THREADS": "4"})
+    server = servers(
+        env={
+            "REQUEST_LOG": str(folder / "requests.log"),
+            "CONTROL_DIR": str(folder / "control"),
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+            "TORCHBAY_SERVE_HTTP_THREADS": "4",
+        }
+    )
     yield EchoServer(server, folder)
     servers.stop_all()
 

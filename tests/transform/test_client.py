@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +17,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     script: list = []  # what to do for each request in turn: a status, or "drop"
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         action = self.script.pop(0) if self.script else 200
         if action == "drop":
@@ -48,7 +48,9 @@ def server() -> Iterator[http.server.ThreadingHTTPServer]:
 def test_5xx_and_429_are_retried_with_growing_backoff(server) -> None:
     _Handler.script = [503, 429, 500]
     sleeps: list[float] = []
-    endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}", max_retries=3, sleep=sleeps.append)
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{server.server_port}", max_retries=3, sleep=sleeps.append
+    )
     reply = endpoint.request("POST", "/invocations", b"x")
     assert (reply.status, reply.body, reply.attempts, endpoint.retries) == (200, b"ok", 4, 3)
     assert sleeps[0] < sleeps[1] < sleeps[2] and sleeps[0] <= 0.2
@@ -56,7 +58,9 @@ def test_5xx_and_429_are_retried_with_growing_backoff(server) -> None:
 
 def test_retries_run_out_and_4xx_is_not_retried(server) -> None:
     _Handler.script = [503] * 5
-    endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}", max_retries=2, sleep=lambda s: None)
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{server.server_port}", max_retries=2, sleep=lambda s: None
+    )
     reply = endpoint.request("POST", "/invocations", b"x")
     assert (reply.status, reply.attempts, reply.reason()) == (503, 3, "busy")
     _Handler.script = [400]
@@ -65,7 +69,9 @@ def test_retries_run_out_and_4xx_is_not_retried(server) -> None:
 
 def test_a_dropped_connection_fails_the_request_and_a_refused_one_the_endpoint(server) -> None:
     _Handler.script = ["drop", "drop"]
-    endpoint = Endpoint(f"http://127.0.0.1:{server.server_port}", max_retries=1, sleep=lambda s: None)
+    endpoint = Endpoint(
+        f"http://127.0.0.1:{server.server_port}", max_retries=1, sleep=lambda s: None
+    )
     reply = endpoint.request("POST", "/invocations", b"x")
     assert reply.status == 502 and "connection dropped" in reply.reason()
     dead = Endpoint(f"http://127.0.0.1:{free_port()}", max_retries=1, sleep=lambda s: None)

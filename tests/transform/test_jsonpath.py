@@ -10,20 +10,23 @@ ROW = ["id-7", "1.5", "2", "3", "4", "5", "6"]
 DOC = {"id": 7, "features": [1, 2, 3], "meta": {"k": "v"}, "SageMakerOutput": {"score": 0.5}}
 
 
-@pytest.mark.parametrize("path, record, expected", [
-    ("$", ROW, ROW),
-    ("$[1:]", ROW, ROW[1:]),
-    ("$[0,2]", ROW, ["id-7", "2"]),
-    ("$[0,5:]", ROW, ["id-7", "5", "6"]),
-    ("$[-1]", ROW, "6"),
-    ("$[:-5]", ROW, ["id-7", "1.5"]),
-    ("$[*]", ROW, ROW),
-    ("$.features", DOC, [1, 2, 3]),
-    ("$.features[1:]", DOC, [2, 3]),
-    ("$['id','SageMakerOutput']", DOC, {"id": 7, "SageMakerOutput": {"score": 0.5}}),
-    ('$["meta"].k', DOC, "v"),
-    ("$.SageMakerOutput.score", DOC, 0.5),
-])
+@pytest.mark.parametrize(
+    "path, record, expected",
+    [
+        ("$", ROW, ROW),
+        ("$[1:]", ROW, ROW[1:]),
+        ("$[0,2]", ROW, ["id-7", "2"]),
+        ("$[0,5:]", ROW, ["id-7", "5", "6"]),
+        ("$[-1]", ROW, "6"),
+        ("$[:-5]", ROW, ["id-7", "1.5"]),
+        ("$[*]", ROW, ROW),
+        ("$.features", DOC, [1, 2, 3]),
+        ("$.features[1:]", DOC, [2, 3]),
+        ("$['id','SageMakerOutput']", DOC, {"id": 7, "SageMakerOutput": {"score": 0.5}}),
+        ('$["meta"].k', DOC, "v"),
+        ("$.SageMakerOutput.score", DOC, 0.5),
+    ],
+)
 def test_documented_expressions(path: str, record, expected) -> None:
     assert compile_path(path).apply(record) == expected
 

@@ -1,4 +1,5 @@
-"""agent/transform/split.py: records per SplitType, framing errors named, MultiRecord packing under the limit."""
+"""agent/transform/split.py: records per SplitType, framing errors named, MultiRecord packing under
+the limit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from agent.transform.split import Record, decompress, pack, split_records
 
 
 def _recordio(payload: bytes, flag: int = 0) -> bytes:
-    return struct.pack("<II", 0xCED7230A, (flag << 29) | len(payload)) + payload + b"\0" * (-len(payload) % 4)
+    return (
+        struct.pack("<II", 0xCED7230A, (flag << 29) | len(payload))
+        + payload
+        + b"\0" * (-len(payload) % 4)
+    )
 
 
 def _tfrecord(payload: bytes) -> bytes:
@@ -38,7 +43,10 @@ def test_recordio_records_keep_their_framing_and_multipart_records_stay_whole() 
 
 def test_tfrecord_records_and_a_cut_object() -> None:
     data = _tfrecord(b"first") + _tfrecord(b"second!")
-    assert [r.data for r in split_records(data, "TFRecord", "t")] == [_tfrecord(b"first"), _tfrecord(b"second!")]
+    assert [r.data for r in split_records(data, "TFRecord", "t")] == [
+        _tfrecord(b"first"),
+        _tfrecord(b"second!"),
+    ]
     with pytest.raises(TransformError, match="TFRecord record at byte 21"):
         split_records(data[:-3], "TFRecord", "t")
 

@@ -1,1 +1,2 @@
-"""The folder put on the user's PYTHONPATH: ``sitecustomize`` installs the toolkit stand-ins' finder."""
+"""The folder put on the user's PYTHONPATH: ``sitecustomize`` installs the toolkit stand-ins'
+finder."""

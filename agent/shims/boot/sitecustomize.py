@@ -1,9 +1,11 @@
 """Runs at the start of every Python process of the user's job (this folder is on its PYTHONPATH).
 
-It adds the finder of TorchBay's stand-ins for the SageMaker toolkits at the end of ``sys.meta_path``
+It adds the finder of TorchBay's stand-ins for the SageMaker toolkits at the end of
+``sys.meta_path``
 (so a real installed package is always found first), then runs the ``sitecustomize`` this file
 shadows, if any. Stdlib only and cheap (it runs at every interpreter start); nothing is imported by
-name from ``agent``, since the user's code dir may hold a module of that name. ``agent.shims`` imports
+name from ``agent``, since the user's code dir may hold a module of that name. ``agent.shims``
+imports
 :class:`ShimFinder` and :func:`install` from here for the serving workers.
 """
 
@@ -38,9 +40,12 @@ class ShimFinder:
         if parent is not None and getattr(parent, "__torchbay_shim__", False):
             # a submodule the stand-in does not have: say so instead of a bare "No module named"
             raise ModuleNotFoundError(
-                f"No module named {fullname!r}: TorchBay's stand-in for {SHIMMED[top]} provides only the modules "
+                f"No module named {fullname!r}: TorchBay's stand-in for {SHIMMED[top]} provides "
+                "only the modules "
                 f"listed in the README (section 'The SageMaker toolkits' Python API'); pip install "
-                f"{SHIMMED[top]} to use the real package", name=fullname)
+                f"{SHIMMED[top]} to use the real package",
+                name=fullname,
+            )
         return None
 
     def __repr__(self):
@@ -48,7 +53,8 @@ class ShimFinder:
 
 
 def install(directory):
-    """Append a ShimFinder for ``directory`` to ``sys.meta_path`` unless one is there; True when added."""
+    """Append a ShimFinder for ``directory`` to ``sys.meta_path`` unless one is there; True when
+    added."""
     if any(getattr(finder, "torchbay_shims", False) for finder in sys.meta_path):
         return False
     sys.meta_path.append(ShimFinder(directory))
@@ -61,7 +67,11 @@ def _boot():
     # The sitecustomize this one shadows (a distribution's or the image's) still runs.
     others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     chained = importlib.machinery.PathFinder.find_spec("sitecustomize", others)
-    if chained is not None and chained.loader is not None and chained.origin != os.path.abspath(__file__):
+    if (
+        chained is not None
+        and chained.loader is not None
+        and chained.origin != os.path.abspath(__file__)
+    ):
         from importlib.util import module_from_spec  # only when there is one to chain to
 
         module = module_from_spec(chained)
@@ -72,4 +82,6 @@ if __name__ == "sitecustomize":
     try:
         _boot()
     except Exception as _err:  # never stop the user's interpreter from starting
-        sys.stderr.write(f"torchbay: the SageMaker toolkit stand-ins are off: {type(_err).__name__}: {_err}\n")
+        sys.stderr.write(
+            f"torchbay: the SageMaker toolkit stand-ins are off: {type(_err).__name__}: {_err}\n"
+        )

@@ -10,11 +10,32 @@ import os
 from _torchbay_toolkit import training as _t
 
 __all__ = [
-    "Environment", "SAGEMAKER_BASE_PATH", "BASE_PATH_ENV", "HYPERPARAMETERS_FILE", "RESOURCE_CONFIG_FILE",
-    "INPUT_DATA_CONFIG_FILE", "base_dir", "code_dir", "model_dir", "input_dir", "input_config_dir", "output_dir",
-    "output_data_dir", "output_intermediate_dir", "hyperparameters_file_dir", "input_data_config_file_dir",
-    "resource_config_file_dir", "read_hyperparameters", "read_resource_config", "read_input_data_config",
-    "channel_path", "num_gpus", "num_cpus", "num_neurons", "validate_smddprun", "validate_smddpmprun",
+    "BASE_PATH_ENV",
+    "HYPERPARAMETERS_FILE",
+    "INPUT_DATA_CONFIG_FILE",
+    "RESOURCE_CONFIG_FILE",
+    "SAGEMAKER_BASE_PATH",
+    "Environment",
+    "base_dir",
+    "channel_path",
+    "code_dir",
+    "hyperparameters_file_dir",
+    "input_config_dir",
+    "input_data_config_file_dir",
+    "input_dir",
+    "model_dir",
+    "num_cpus",
+    "num_gpus",
+    "num_neurons",
+    "output_data_dir",
+    "output_dir",
+    "output_intermediate_dir",
+    "read_hyperparameters",
+    "read_input_data_config",
+    "read_resource_config",
+    "resource_config_file_dir",
+    "validate_smddpmprun",
+    "validate_smddprun",
     "write_env_vars",
 ]
 
@@ -94,4 +115,3 @@ def write_env_vars(env_vars=None):
     env_vars["PYTHONPATH"] = ":".join(sys.path)
     for name, value in env_vars.items():
         os.environ[name] = value
-

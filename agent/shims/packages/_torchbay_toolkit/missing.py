@@ -1,4 +1,5 @@
-"""The AttributeError a stand-in module raises for a name the real toolkit has and TorchBay does not."""
+"""The AttributeError a stand-in module raises for a name the real toolkit has and TorchBay does
+not."""
 
 _README = "the README, section 'The SageMaker toolkits' Python API'"
 
@@ -10,7 +11,11 @@ def missing(module, name, distribution, instead=None):
     hint = (instead or {}).get(name)
     use = f"use {hint}" if hint else f"see {_README} for what is provided"
     if distribution == "sagemaker-containers":  # the real one cannot be installed on Python 3.10+
-        raise AttributeError(f"{module}.{name} is not provided by TorchBay's stand-in for {distribution}; {use}")
+        raise AttributeError(
+            f"{module}.{name} is not provided by TorchBay's stand-in for {distribution}; {use}"
+        )
     raise AttributeError(
-        f"{module}.{name} is not provided by TorchBay's stand-in for {distribution}; {use}, or pip install "
-        f"{distribution} (a real installed package replaces the stand-in)")
+        f"{module}.{name} is not provided by TorchBay's stand-in for {distribution}; {use}, or pip "
+        "install "
+        f"{distribution} (a real installed package replaces the stand-in)"
+    )

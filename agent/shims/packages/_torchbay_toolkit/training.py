@@ -1,7 +1,9 @@
 """The training environment as sagemaker-training 5.x computes it inside the user's process.
 
-Read at run time, as the toolkit reads it: the config files under ``SAGEMAKER_BASE_DIR`` (``/opt/ml``),
-the process environment (``SAGEMAKER_PROGRAM``, ``TRAINING_JOB_NAME``, ``SAGEMAKER_TRAINING_MODULE``,
+Read at run time, as the toolkit reads it: the config files under ``SAGEMAKER_BASE_DIR``
+(``/opt/ml``),
+the process environment (``SAGEMAKER_PROGRAM``, ``TRAINING_JOB_NAME``,
+``SAGEMAKER_TRAINING_MODULE``,
 ...), ``/dev`` for accelerators and the CPU count. Folder attributes are fixed when the module is
 imported, as in the toolkit. Stdlib only.
 """
@@ -10,8 +12,6 @@ import collections.abc
 import json
 import logging
 import os
-import re
-import sys
 
 SAGEMAKER_BASE_PATH = os.path.join("/opt", "ml")
 BASE_PATH_ENV = "SAGEMAKER_BASE_DIR"
@@ -19,17 +19,28 @@ HYPERPARAMETERS_FILE = "hyperparameters.json"
 RESOURCE_CONFIG_FILE = "resourceconfig.json"
 INPUT_DATA_CONFIG_FILE = "inputdataconfig.json"
 
-# Hyperparameters the toolkit keeps for itself (sagemaker_training.params.SAGEMAKER_HYPERPARAMETERS).
+# Hyperparameters the toolkit keeps for itself
+# (sagemaker_training.params.SAGEMAKER_HYPERPARAMETERS).
 SAGEMAKER_PREFIX = "sagemaker_"
 SAGEMAKER_HYPERPARAMETERS = (
-    "sagemaker_program", "sagemaker_submit_directory", "sagemaker_enable_cloudwatch_metrics",
-    "sagemaker_container_log_level", "sagemaker_job_name", "sagemaker_region",
-    "sagemaker_s3_output", "_tuning_objective_metric", "default_user_module_name",
+    "sagemaker_program",
+    "sagemaker_submit_directory",
+    "sagemaker_enable_cloudwatch_metrics",
+    "sagemaker_container_log_level",
+    "sagemaker_job_name",
+    "sagemaker_region",
+    "sagemaker_s3_output",
+    "_tuning_objective_metric",
+    "default_user_module_name",
 )
 _DISTRIBUTION_FLAGS = (
-    "sagemaker_mpi_enabled", "sagemaker_parameter_server_enabled", "sagemaker_distributed_dataparallel_enabled",
-    "sagemaker_pytorch_ddp_enabled", "sagemaker_pytorch_xla_multi_worker_enabled",
-    "sagemaker_multi_worker_mirrored_strategy_enabled", "sagemaker_torch_distributed_enabled",
+    "sagemaker_mpi_enabled",
+    "sagemaker_parameter_server_enabled",
+    "sagemaker_distributed_dataparallel_enabled",
+    "sagemaker_pytorch_ddp_enabled",
+    "sagemaker_pytorch_xla_multi_worker_enabled",
+    "sagemaker_multi_worker_mirrored_strategy_enabled",
+    "sagemaker_torch_distributed_enabled",
 )
 
 
@@ -47,7 +58,9 @@ class Paths:
         self.output_data_dir = os.path.join(self.output_dir, "data")
         self.output_intermediate_dir = os.path.join(self.output_dir, "intermediate")
         self.hyperparameters_file_dir = os.path.join(self.input_config_dir, HYPERPARAMETERS_FILE)
-        self.input_data_config_file_dir = os.path.join(self.input_config_dir, INPUT_DATA_CONFIG_FILE)
+        self.input_data_config_file_dir = os.path.join(
+            self.input_config_dir, INPUT_DATA_CONFIG_FILE
+        )
         self.resource_config_file_dir = os.path.join(self.input_config_dir, RESOURCE_CONFIG_FILE)
 
 
@@ -57,7 +70,7 @@ def base_dir_from_environment():
 
 
 def read_json(path):
-    with open(path, "r", encoding="utf-8") as handle:
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
@@ -78,7 +91,9 @@ def count_gpus():
     import subprocess
 
     try:
-        output = subprocess.check_output(["nvidia-smi", "--list-gpus"], stderr=subprocess.DEVNULL).decode("utf-8")
+        output = subprocess.check_output(
+            ["nvidia-smi", "--list-gpus"], stderr=subprocess.DEVNULL
+        ).decode("utf-8")
     except (OSError, subprocess.CalledProcessError):
         return 0
     return sum(1 for line in output.split("\n") if line.startswith("GPU "))
@@ -91,7 +106,9 @@ def count_neurons(instance_type=""):
     if "trn2.48xlarge" in (instance_type or ""):
         return 64
     try:
-        output = subprocess.check_output(["neuron-ls", "-j"], stderr=subprocess.DEVNULL).decode("utf-8")
+        output = subprocess.check_output(["neuron-ls", "-j"], stderr=subprocess.DEVNULL).decode(
+            "utf-8"
+        )
         return sum(int(device.get("nc_count", 0)) for device in json.loads(output))
     except (OSError, ValueError, TypeError, AttributeError, subprocess.CalledProcessError):
         return 0
@@ -127,6 +144,7 @@ def to_cmd_args(mapping):
 
 def to_env_vars(mapping):
     """``SM_<KEY>`` names; strings as they are, None as "", the rest as compact sorted JSON."""
+
     def value_of(value):
         if isinstance(value, bytes):
             return value.decode("latin1")
@@ -136,7 +154,9 @@ def to_env_vars(mapping):
             return value
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
-    return {(f"SM_{str(key).upper()}" if key else ""): value_of(value) for key, value in mapping.items()}
+    return {
+        (f"SM_{str(key).upper()}" if key else ""): value_of(value) for key, value in mapping.items()
+    }
 
 
 def _module_name(program):
@@ -146,7 +166,8 @@ def _module_name(program):
 
 
 class MappingMixin(collections.abc.Mapping):
-    """Dict-like access to every property, as the toolkit's Environment offers (``dict(env)``, ``env["hosts"]``)."""
+    """Dict-like access to every property, as the toolkit's Environment offers (``dict(env)``,
+    ``env["hosts"]``)."""
 
     @classmethod
     def properties(cls):
@@ -168,13 +189,17 @@ class MappingMixin(collections.abc.Mapping):
 
 
 class Environment(MappingMixin):
-    """A read-only snapshot of the training environment, equal to sagemaker-training 5.x's ``Environment``.
+    """A read-only snapshot of the training environment, equal to sagemaker-training 5.x's
+    ``Environment``.
 
-    Like the toolkit, making one sets ``SAGEMAKER_JOB_NAME``, ``CURRENT_HOST`` and ``SAGEMAKER_REGION``
+    Like the toolkit, making one sets ``SAGEMAKER_JOB_NAME``, ``CURRENT_HOST`` and
+    ``SAGEMAKER_REGION``
     (from the hyperparameters and the resource config) in ``os.environ``.
     """
 
-    def __init__(self, resource_config=None, input_data_config=None, hyperparameters=None, *, paths=None):
+    def __init__(
+        self, resource_config=None, input_data_config=None, hyperparameters=None, *, paths=None
+    ):
         paths = paths or _PATHS
         environ = os.environ
         self._paths = paths
@@ -183,50 +208,80 @@ class Environment(MappingMixin):
         program = environ.get("SAGEMAKER_PROGRAM")
         resource_config = resource_config or read_json(paths.resource_config_file_dir)
         input_data_config = input_data_config or read_json(paths.input_data_config_file_dir)
-        all_hps = hyperparameters or decode_hyperparameters(read_json(paths.hyperparameters_file_dir))
+        all_hps = hyperparameters or decode_hyperparameters(
+            read_json(paths.hyperparameters_file_dir)
+        )
         self._resource_config = resource_config
         self._input_data_config = input_data_config
         self._hosts = resource_config["hosts"]
         self._current_host = resource_config["current_host"]
         self._current_instance_type = resource_config.get("current_instance_type", "local")
-        self._current_instance_group = resource_config.get("current_group_name", "homogeneousCluster")
+        self._current_instance_group = resource_config.get(
+            "current_group_name", "homogeneousCluster"
+        )
         self._network_interface_name = resource_config.get("network_interface_name", "eth0")
         self._topology = resource_config.get("topology", [])
         self._num_neurons = count_neurons(self._current_instance_type)
-        sagemaker_hps = {k: v for k, v in all_hps.items()
-                         if k in SAGEMAKER_HYPERPARAMETERS or k.startswith(SAGEMAKER_PREFIX)}
+        sagemaker_hps = {
+            k: v
+            for k, v in all_hps.items()
+            if k in SAGEMAKER_HYPERPARAMETERS or k.startswith(SAGEMAKER_PREFIX)
+        }
         self._hyperparameters = {k: v for k, v in all_hps.items() if k not in sagemaker_hps}
-        self._additional_framework_parameters = {k: v for k, v in sagemaker_hps.items()
-                                                 if k not in SAGEMAKER_HYPERPARAMETERS}
-        region = sagemaker_hps.get("sagemaker_region", environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"))
+        self._additional_framework_parameters = {
+            k: v for k, v in sagemaker_hps.items() if k not in SAGEMAKER_HYPERPARAMETERS
+        }
+        region = sagemaker_hps.get(
+            "sagemaker_region", environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        )
         environ["SAGEMAKER_JOB_NAME"] = _text(sagemaker_hps.get("sagemaker_job_name", ""))
         environ["CURRENT_HOST"] = self._current_host
         environ["SAGEMAKER_REGION"] = _text(region)
-        self._channel_input_dirs = {name: os.path.join(paths.input_data_dir, name) for name in input_data_config}
-        self._module_name = program if program is not None else str(sagemaker_hps.get("sagemaker_program", None))
+        self._channel_input_dirs = {
+            name: os.path.join(paths.input_data_dir, name) for name in input_data_config
+        }
+        self._module_name = (
+            program if program is not None else str(sagemaker_hps.get("sagemaker_program"))
+        )
         self._user_entry_point = program or sagemaker_hps.get("sagemaker_program")
         self._module_dir = str(sagemaker_hps.get("sagemaker_submit_directory", paths.code_dir))
         self._log_level = sagemaker_hps.get("sagemaker_container_log_level", logging.INFO)
-        self._sagemaker_s3_output = sagemaker_hps.get("sagemaker_s3_output", None)
+        self._sagemaker_s3_output = sagemaker_hps.get("sagemaker_s3_output")
         self._framework_module = environ.get("SAGEMAKER_TRAINING_MODULE", None)
         self._job_name = environ.get("TRAINING_JOB_NAME", None)
         groups = resource_config.get("instance_groups", [])
         self._instance_groups = [g["instance_group_name"] for g in groups]
         self._instance_groups_dict = {g["instance_group_name"]: g for g in groups}
         self._current_instance_group_hosts = next(
-            (g["hosts"] for g in groups if g["instance_group_name"] == self._current_instance_group), [])
-        fallback = [self._current_instance_group] if any(
-            self._additional_framework_parameters.get(flag, False) for flag in _DISTRIBUTION_FLAGS) else []
+            (
+                g["hosts"]
+                for g in groups
+                if g["instance_group_name"] == self._current_instance_group
+            ),
+            [],
+        )
+        fallback = (
+            [self._current_instance_group]
+            if any(
+                self._additional_framework_parameters.get(flag, False)
+                for flag in _DISTRIBUTION_FLAGS
+            )
+            else []
+        )
         self._distribution_instance_groups = self._additional_framework_parameters.get(
-            "sagemaker_distribution_instance_groups", fallback)
+            "sagemaker_distribution_instance_groups", fallback
+        )
         if groups:
-            self._distribution_hosts = [h for g in groups
-                                        if g["instance_group_name"] in self._distribution_instance_groups
-                                        for h in g["hosts"]]
+            self._distribution_hosts = [
+                h
+                for g in groups
+                if g["instance_group_name"] in self._distribution_instance_groups
+                for h in g["hosts"]
+            ]
         else:
             self._distribution_hosts = list(self._hosts)
         self._is_hetero = len(self._instance_groups) > 1
-        self._master_hostname = list(self._distribution_hosts or self._hosts)[0]
+        self._master_hostname = next(iter(self._distribution_hosts or self._hosts))
         self._is_master = self._current_host == self._master_hostname
         mp_parameters = environ.get("SM_HP_MP_PARAMETERS")
         self._is_modelparallel_enabled = mp_parameters and mp_parameters != "{}"

@@ -1,7 +1,9 @@
-"""TorchBay's stand-in for the legacy sagemaker-containers 2.x: ``training_env()`` and ``beta.framework``.
+"""TorchBay's stand-in for the legacy sagemaker-containers 2.x: ``training_env()`` and
+``beta.framework``.
 
 The real package does not run on Python 3.10+ (``collections.Mapping``); scripts written for it run
-unchanged here. ``training_env()`` returns the same object as ``sagemaker_training.environment.Environment()``
+unchanged here. ``training_env()`` returns the same object as
+``sagemaker_training.environment.Environment()``
 (every property the legacy ``TrainingEnv`` had, with the same values).
 """
 
@@ -9,7 +11,7 @@ from _torchbay_toolkit.missing import missing as _missing
 
 __torchbay_shim__ = True
 __version__ = "2.8.6+torchbay"
-__all__ = ["training_env", "beta"]
+__all__ = ["beta", "training_env"]
 
 _INSTEAD = {
     "entry_point": "`torchbay train` (it runs the entry point named by sagemaker_program)",
@@ -21,7 +23,8 @@ _INSTEAD = {
 
 
 def training_env():
-    """The training environment of this job (``sagemaker_training.environment.Environment``'s values)."""
+    """The training environment of this job (``sagemaker_training.environment.Environment``'s
+    values)."""
     from _torchbay_toolkit.training import Environment
 
     return Environment()

@@ -1,4 +1,5 @@
-"""TorchBay's stand-in for sagemaker-inference 1.x: content types, codecs, errors and the default handler.
+"""TorchBay's stand-in for sagemaker-inference 1.x: content types, codecs, errors and the default
+handler.
 
 Only what inference modules import is here (see the README); the model server itself is TorchBay's
 ``torchbay serve``. A real installed ``sagemaker-inference`` replaces this package.
@@ -8,7 +9,7 @@ from _torchbay_toolkit.missing import missing as _missing
 
 __torchbay_shim__ = True
 __version__ = "1.10.1+torchbay"
-__all__ = ["content_types", "decoder", "encoder", "errors", "default_inference_handler", "utils"]
+__all__ = ["content_types", "decoder", "default_inference_handler", "encoder", "errors", "utils"]
 
 _INSTEAD = {
     "model_server": "`torchbay serve` (it serves the model, your inference.py and the SageMaker HTTP contract)",

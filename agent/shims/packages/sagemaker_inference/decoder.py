@@ -1,6 +1,8 @@
-"""``decode(obj, content_type)``: a request body to a numpy array, as sagemaker-inference's decoder does.
+"""``decode(obj, content_type)``: a request body to a numpy array, as sagemaker-inference's decoder
+does.
 
-JSON -> ``np.array(json.loads(...))``, CSV -> ``np.genfromtxt(..., delimiter=",")``, NPY -> ``np.load``,
+JSON -> ``np.array(json.loads(...))``, CSV -> ``np.genfromtxt(..., delimiter=",")``, NPY ->
+``np.load``,
 NPZ -> a scipy sparse matrix (scipy needed). One difference, on purpose: NPY is loaded with
 ``allow_pickle=False``, so a request body cannot run code in the server.
 """

@@ -1,7 +1,8 @@
 """``DefaultInferenceHandler``: the base class inference handlers extend, as in sagemaker-inference.
 
 ``default_input_fn`` decodes with :func:`decoder.decode`; ``default_output_fn`` encodes with
-:func:`encoder.encode` as the first type of the Accept header it supports and returns ``(body, type)``;
+:func:`encoder.encode` as the first type of the Accept header it supports and returns ``(body,
+type)``;
 ``default_model_fn`` and ``default_predict_fn`` are left to the subclass.
 """
 
@@ -15,14 +16,18 @@ class DefaultInferenceHandler:
 
     def default_model_fn(self, model_dir, context=None):
         raise NotImplementedError(
-            "default_model_fn is not provided: implement model_fn(model_dir) in your inference module")
+            "default_model_fn is not provided: implement model_fn(model_dir) in your inference "
+            "module"
+        )
 
     def default_input_fn(self, input_data, content_type, context=None):
         return decoder.decode(input_data, content_type)
 
     def default_predict_fn(self, data, model, context=None):
         raise NotImplementedError(
-            "default_predict_fn is not provided: implement predict_fn(data, model) in your inference module")
+            "default_predict_fn is not provided: implement predict_fn(data, model) in your "
+            "inference module"
+        )
 
     def default_output_fn(self, prediction, accept, context=None):
         """``(body, content type)`` for the first type in ``accept`` the encoder supports."""

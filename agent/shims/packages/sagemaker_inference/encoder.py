@@ -1,6 +1,8 @@
-"""``encode(array_like, content_type)``: a prediction to bytes or text, as sagemaker-inference's encoder does.
+"""``encode(array_like, content_type)``: a prediction to bytes or text, as sagemaker-inference's
+encoder does.
 
-JSON via ``json.dumps`` (anything with ``tolist()``, numpy arrays and torch tensors included, becomes a
+JSON via ``json.dumps`` (anything with ``tolist()``, numpy arrays and torch tensors included,
+becomes a
 list), CSV via ``np.savetxt(delimiter=",", fmt="%s")``, NPY via ``np.save``.
 """
 
@@ -9,7 +11,7 @@ import json
 
 from sagemaker_inference import content_types, errors
 
-__all__ = ["encode", "SUPPORTED_CONTENT_TYPES"]
+__all__ = ["SUPPORTED_CONTENT_TYPES", "encode"]
 
 
 def _array_to_json(array_like):

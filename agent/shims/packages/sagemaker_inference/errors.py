@@ -12,8 +12,13 @@ class UnsupportedFormatError(Exception):
     def __init__(self, content_type, **kwargs):
         self.content_type = content_type
         self.status_code = kwargs.pop("status_code", 415)
-        self._message = (f"Content type {content_type} is not supported by this framework. Implement input_fn to "
-                         "decode the request or output_fn to encode the response.")
+        self._message = (
+            f"Content type {content_type} is not supported by this framework. Implement input_fn to "
+            ""
+            ""
+            ""
+            "decode the request or output_fn to encode the response."
+        )
         super().__init__(self._message, **kwargs)
 
 
@@ -28,7 +33,8 @@ class BaseInferenceToolkitError(Exception):
 
 
 class GenericInferenceToolkitError(BaseInferenceToolkitError):
-    """A BaseInferenceToolkitError whose message defaults to "Invalid Request" and phrase to the message."""
+    """A BaseInferenceToolkitError whose message defaults to "Invalid Request" and phrase to the
+    message."""
 
     def __init__(self, status_code, message=None, phrase=None):
         message = message or "Invalid Request"

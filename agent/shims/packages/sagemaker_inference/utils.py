@@ -1,4 +1,5 @@
-"""``parse_accept``: the MIME types of an Accept header, in order (no q-values), as sagemaker-inference reads it."""
+"""``parse_accept``: the MIME types of an Accept header, in order (no q-values), as
+sagemaker-inference reads it."""
 
 __all__ = ["parse_accept"]
 

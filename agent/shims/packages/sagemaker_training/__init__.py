@@ -1,4 +1,5 @@
-"""TorchBay's stand-in for sagemaker-training 5.x: ``sagemaker_training.environment`` for user scripts.
+"""TorchBay's stand-in for sagemaker-training 5.x: ``sagemaker_training.environment`` for user
+scripts.
 
 The toolkit's launcher, runners and MPI/smdistributed support are TorchBay's own ``torchbay train``;
 a real installed ``sagemaker-training`` replaces this package.

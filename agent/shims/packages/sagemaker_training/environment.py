@@ -1,11 +1,12 @@
-"""``sagemaker_training.environment`` as sagemaker-training 5.x has it: ``Environment()``, the folders and readers.
+"""``sagemaker_training.environment`` as sagemaker-training 5.x has it: ``Environment()``, the
+folders and readers.
 
 Values come from the job contract the way the toolkit reads it inside the script's process:
 ``SAGEMAKER_BASE_DIR`` (``/opt/ml``; ``torchbay train`` sets it to its root), the config files under
 ``input/config``, and the environment. The folder names are fixed when this module is imported.
 """
 
-from _torchbay_toolkit.envmod import *  # noqa: F401,F403
+from _torchbay_toolkit.envmod import *  # noqa: F403
 from _torchbay_toolkit.envmod import __all__  # noqa: F401
 from _torchbay_toolkit.missing import missing as _missing
 

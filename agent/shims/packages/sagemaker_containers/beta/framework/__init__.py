@@ -1,10 +1,11 @@
-"""``sagemaker_containers.beta.framework``: ``env``, ``training_env()``, ``content_types`` and ``encoders``."""
+"""``sagemaker_containers.beta.framework``: ``env``, ``training_env()``, ``content_types`` and
+``encoders``."""
 
 from _torchbay_toolkit.missing import missing as _missing
 from sagemaker_containers import training_env
 from sagemaker_containers.beta.framework import content_types, encoders, env
 
-__all__ = ["env", "training_env", "content_types", "encoders"]
+__all__ = ["content_types", "encoders", "env", "training_env"]
 
 _INSTEAD = {
     "modules": "`torchbay train` (it installs code/requirements.txt and runs the entry point)",

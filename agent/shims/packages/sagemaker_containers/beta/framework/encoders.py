@@ -5,8 +5,17 @@ The same codecs as ``sagemaker_inference.decoder``/``encoder`` (NPY without pick
 
 from _torchbay_toolkit.missing import missing as _missing
 
-__all__ = ["decode", "encode", "json_to_numpy", "csv_to_numpy", "npy_to_numpy", "array_to_json", "array_to_csv",
-           "array_to_npy", "UnsupportedFormatError"]
+__all__ = [
+    "UnsupportedFormatError",
+    "array_to_csv",
+    "array_to_json",
+    "array_to_npy",
+    "csv_to_numpy",
+    "decode",
+    "encode",
+    "json_to_numpy",
+    "npy_to_numpy",
+]
 
 
 def _codecs():
