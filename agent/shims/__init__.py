@@ -11,17 +11,21 @@ after it); serving workers call :func:`install` before importing the user's modu
 
 The stand-ins read the job contract as the toolkits do at run time (``input/config/*.json`` under
 ``SAGEMAKER_BASE_DIR``, which the agent sets to its root, and the process environment), so they
-equal
-the real toolkits on whatever the agent wrote; they import nothing from ``agent`` and never import
-torch.
+equal the real toolkits on whatever the agent wrote; they import nothing from ``agent`` and never
+import torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.shims.boot.sitecustomize import SHIMMED
-from agent.shims.boot.sitecustomize import install as _install
+from agent.shims.boot.sitecustomize import install as _boot_install
+
+# boot/sitecustomize.py runs at every interpreter start of the user's job and is kept to bare
+# stdlib code; this is the signature it has.
+_install: Callable[[str], bool] = _boot_install
 
 __all__ = ["BOOT_DIR", "PACKAGES_DIR", "SHIMMED", "install"]
 
@@ -30,5 +34,5 @@ PACKAGES_DIR = Path(__file__).resolve().parent / "packages"
 
 
 def install() -> bool:
-    """Put the stand-ins' finder at the end of ``sys.meta_path`` (once); True when it was added now."""
+    """Put the stand-ins' finder at the end of ``sys.meta_path`` (once); True when added now."""
     return _install(str(PACKAGES_DIR))

@@ -237,3 +237,38 @@ def test_shadowed_sitecustomize_still_runs_and_a_user_agent_module_is_harmless(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ran", "localhost"]
+
+
+def test_star_imports_give_every_name_in_all(tmp_path: Path) -> None:
+    """``from ... import *`` of the legacy modules gives what their ``__all__`` lists: the
+    environment API with ``TrainingEnv``, and the codecs with the ``UnsupportedFormatError`` that
+    sagemaker_inference's decoder raises."""
+    code = (
+        "import json\n"
+        "ns_env, ns_enc = {}, {}\n"
+        "exec('from sagemaker_containers.beta.framework.env import *', ns_env)\n"
+        "exec('from sagemaker_containers.beta.framework.encoders import *', ns_enc)\n"
+        "from sagemaker_containers.beta.framework import env, encoders\n"
+        "import sagemaker_inference.errors\n"
+        "err = ns_enc['UnsupportedFormatError']\n"
+        "try:\n"
+        "    ns_enc['decode']('x', 'text/plain')\n"
+        "except err as raised:\n"
+        "    status = raised.status_code\n"
+        "print(json.dumps({'missing_env': sorted(set(env.__all__) - set(ns_env)),\n"
+        "                  'missing_enc': sorted(set(encoders.__all__) - set(ns_enc)),\n"
+        "                  'env_all': sorted(env.__all__),\n"
+        "                  'same_class': err is sagemaker_inference.errors.UnsupportedFormatError,\n"
+        "                  'status': status, 'model_dir': ns_env['model_dir'],\n"
+        "                  'hosts': ns_env['TrainingEnv']().hosts}))\n"
+    )
+    root = make_tree(tmp_path / "ml")
+    done = user_python(code, root)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["missing_env"] == [] and out["missing_enc"] == []
+    assert {"TrainingEnv", "Environment", "model_dir", "read_hyperparameters"} <= set(
+        out["env_all"]
+    )
+    assert out["same_class"] is True and out["status"] == 415
+    assert out["model_dir"] == f"{root}/model" and out["hosts"] == ["localhost"]

@@ -6,6 +6,7 @@ Values come from the job contract the way the toolkit reads it inside the script
 """
 
 import os
+from typing import Any
 
 from _torchbay_toolkit import training as _t
 
@@ -62,52 +63,52 @@ resource_config_file_dir = _paths.resource_config_file_dir
 Environment = _t.Environment
 
 
-def read_hyperparameters():
+def read_hyperparameters() -> dict[str, Any]:
     """hyperparameters.json, each value JSON-decoded (kept as it is when it is not JSON)."""
     return _t.decode_hyperparameters(_t.read_json(hyperparameters_file_dir))
 
 
-def read_resource_config():
+def read_resource_config() -> Any:
     """resourceconfig.json."""
     return _t.read_json(resource_config_file_dir)
 
 
-def read_input_data_config():
+def read_input_data_config() -> Any:
     """inputdataconfig.json."""
     return _t.read_json(input_data_config_file_dir)
 
 
-def channel_path(channel):
+def channel_path(channel: str) -> str:
     """``<base>/input/data/<channel>``."""
     return os.path.join(_input_data_dir, channel)
 
 
-def num_gpus():
+def num_gpus() -> int:
     """GPUs as ``nvidia-smi --list-gpus`` lists them."""
     return _t.count_gpus()
 
 
-def num_cpus():
+def num_cpus() -> int:
     """``multiprocessing.cpu_count()``."""
     return _t.count_cpus()
 
 
-def num_neurons(instance_type):
+def num_neurons(instance_type: str | None) -> int:
     """Neuron cores on this instance (0 without Neuron devices)."""
     return _t.count_neurons(instance_type)
 
 
-def validate_smddprun():
+def validate_smddprun() -> bool:
     """Whether ``smddprun`` is on PATH."""
     return _t._on_path("smddprun")
 
 
-def validate_smddpmprun():
+def validate_smddpmprun() -> bool:
     """Whether ``smddpmprun`` is on PATH."""
     return _t._on_path("smddpmprun")
 
 
-def write_env_vars(env_vars=None):
+def write_env_vars(env_vars: dict[str, str] | None = None) -> None:
     """Put ``env_vars`` (and ``PYTHONPATH`` from sys.path) into ``os.environ``."""
     import sys
 

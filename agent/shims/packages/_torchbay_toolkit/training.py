@@ -1,17 +1,21 @@
 """The training environment as sagemaker-training 5.x computes it inside the user's process.
 
 Read at run time, as the toolkit reads it: the config files under ``SAGEMAKER_BASE_DIR``
-(``/opt/ml``),
-the process environment (``SAGEMAKER_PROGRAM``, ``TRAINING_JOB_NAME``,
-``SAGEMAKER_TRAINING_MODULE``,
-...), ``/dev`` for accelerators and the CPU count. Folder attributes are fixed when the module is
-imported, as in the toolkit. Stdlib only.
+(``/opt/ml``), the process environment (``SAGEMAKER_PROGRAM``, ``TRAINING_JOB_NAME``,
+``SAGEMAKER_TRAINING_MODULE``, ...), ``/dev`` for accelerators and the CPU count. Folder attributes
+are fixed when the module is imported, as in the toolkit. Stdlib only.
+
+The config files are JSON the platform wrote and hyperparameter values are whatever the user
+passed, so those are typed ``Any``; the names the toolkit reads from them (hosts, groups) are typed
+as the contract has them.
 """
 
 import collections.abc
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 SAGEMAKER_BASE_PATH = os.path.join("/opt", "ml")
 BASE_PATH_ENV = "SAGEMAKER_BASE_DIR"
@@ -47,7 +51,7 @@ _DISTRIBUTION_FLAGS = (
 class Paths:
     """The folders under one base dir."""
 
-    def __init__(self, base_dir):
+    def __init__(self, base_dir: str) -> None:
         self.base_dir = base_dir
         self.code_dir = os.path.join(base_dir, "code")
         self.model_dir = os.path.join(base_dir, "model")
@@ -64,19 +68,19 @@ class Paths:
         self.resource_config_file_dir = os.path.join(self.input_config_dir, RESOURCE_CONFIG_FILE)
 
 
-def base_dir_from_environment():
+def base_dir_from_environment() -> str:
     """``SAGEMAKER_BASE_DIR``, else ``/opt/ml`` (the agent sets the former to its root)."""
     return os.environ.get(BASE_PATH_ENV) or SAGEMAKER_BASE_PATH
 
 
-def read_json(path):
+def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
-def decode_hyperparameters(raw):
+def decode_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-decode each value, keeping one that is not JSON as it is."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in raw.items():
         try:
             value = json.loads(value)
@@ -86,7 +90,7 @@ def decode_hyperparameters(raw):
     return out
 
 
-def count_gpus():
+def count_gpus() -> int:
     """GPUs as ``nvidia-smi --list-gpus`` counts them (0 without nvidia-smi)."""
     import subprocess
 
@@ -99,8 +103,8 @@ def count_gpus():
     return sum(1 for line in output.split("\n") if line.startswith("GPU "))
 
 
-def count_neurons(instance_type=""):
-    """AWS Neuron cores (64 on trn2.48xlarge, else as neuron-ls counts them; 0 without neuron-ls)."""
+def count_neurons(instance_type: str | None = "") -> int:
+    """AWS Neuron cores: 64 on trn2.48xlarge, else as neuron-ls counts them (0 without it)."""
     import subprocess
 
     if "trn2.48xlarge" in (instance_type or ""):
@@ -114,13 +118,13 @@ def count_neurons(instance_type=""):
         return 0
 
 
-def count_cpus():
+def count_cpus() -> int:
     import multiprocessing
 
     return multiprocessing.cpu_count()
 
 
-def _text(value):
+def _text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, bytes):
@@ -128,9 +132,9 @@ def _text(value):
     return str(value)
 
 
-def to_cmd_args(mapping):
+def to_cmd_args(mapping: Mapping[Any, Any]) -> list[str]:
     """``--key value`` pairs (``-k`` for one letter), keys sorted, dicts as ``k=v,k2=v2``."""
-    args = []
+    args: list[str] = []
     for key in sorted(mapping):
         name = _text(key)
         args.append(("--" if len(name) > 1 else "-") + name if name else "")
@@ -142,10 +146,10 @@ def to_cmd_args(mapping):
     return args
 
 
-def to_env_vars(mapping):
+def to_env_vars(mapping: Mapping[Any, Any]) -> dict[str, str]:
     """``SM_<KEY>`` names; strings as they are, None as "", the rest as compact sorted JSON."""
 
-    def value_of(value):
+    def value_of(value: object) -> str:
         if isinstance(value, bytes):
             return value.decode("latin1")
         if value is None:
@@ -159,32 +163,32 @@ def to_env_vars(mapping):
     }
 
 
-def _module_name(program):
+def _module_name(program: str) -> str:
     if program and program.endswith(".py"):
         return program[:-3]
     return program
 
 
-class MappingMixin(collections.abc.Mapping):
+class MappingMixin(collections.abc.Mapping[str, Any]):
     """Dict-like access to every property, as the toolkit's Environment offers (``dict(env)``,
     ``env["hosts"]``)."""
 
     @classmethod
-    def properties(cls):
+    def properties(cls) -> list[str]:
         return [name for name in dir(cls) if isinstance(getattr(cls, name, None), property)]
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         if not isinstance(getattr(type(self), str(key), None), property):
             raise KeyError(f"Trying to access non property {key}")
         return getattr(self, key)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.properties())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.properties())
 
-    def __str__(self):
+    def __str__(self) -> str:
         return str(dict(self))
 
 
@@ -193,13 +197,17 @@ class Environment(MappingMixin):
     ``Environment``.
 
     Like the toolkit, making one sets ``SAGEMAKER_JOB_NAME``, ``CURRENT_HOST`` and
-    ``SAGEMAKER_REGION``
-    (from the hyperparameters and the resource config) in ``os.environ``.
+    ``SAGEMAKER_REGION`` (from the hyperparameters and the resource config) in ``os.environ``.
     """
 
     def __init__(
-        self, resource_config=None, input_data_config=None, hyperparameters=None, *, paths=None
-    ):
+        self,
+        resource_config: Mapping[str, Any] | None = None,
+        input_data_config: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        *,
+        paths: Paths | None = None,
+    ) -> None:
         paths = paths or _PATHS
         environ = os.environ
         self._paths = paths
@@ -211,24 +219,26 @@ class Environment(MappingMixin):
         all_hps = hyperparameters or decode_hyperparameters(
             read_json(paths.hyperparameters_file_dir)
         )
-        self._resource_config = resource_config
-        self._input_data_config = input_data_config
-        self._hosts = resource_config["hosts"]
-        self._current_host = resource_config["current_host"]
-        self._current_instance_type = resource_config.get("current_instance_type", "local")
-        self._current_instance_group = resource_config.get(
+        self._resource_config: Mapping[str, Any] = resource_config
+        self._input_data_config: Mapping[str, Any] = input_data_config
+        self._hosts: list[str] = resource_config["hosts"]
+        self._current_host: str = resource_config["current_host"]
+        self._current_instance_type: str = resource_config.get("current_instance_type", "local")
+        self._current_instance_group: str = resource_config.get(
             "current_group_name", "homogeneousCluster"
         )
-        self._network_interface_name = resource_config.get("network_interface_name", "eth0")
-        self._topology = resource_config.get("topology", [])
+        self._network_interface_name: str = resource_config.get("network_interface_name", "eth0")
+        self._topology: Any = resource_config.get("topology", [])
         self._num_neurons = count_neurons(self._current_instance_type)
-        sagemaker_hps = {
+        sagemaker_hps: dict[str, Any] = {
             k: v
             for k, v in all_hps.items()
             if k in SAGEMAKER_HYPERPARAMETERS or k.startswith(SAGEMAKER_PREFIX)
         }
-        self._hyperparameters = {k: v for k, v in all_hps.items() if k not in sagemaker_hps}
-        self._additional_framework_parameters = {
+        self._hyperparameters: dict[str, Any] = {
+            k: v for k, v in all_hps.items() if k not in sagemaker_hps
+        }
+        self._additional_framework_parameters: dict[str, Any] = {
             k: v for k, v in sagemaker_hps.items() if k not in SAGEMAKER_HYPERPARAMETERS
         }
         region = sagemaker_hps.get(
@@ -243,16 +253,16 @@ class Environment(MappingMixin):
         self._module_name = (
             program if program is not None else str(sagemaker_hps.get("sagemaker_program"))
         )
-        self._user_entry_point = program or sagemaker_hps.get("sagemaker_program")
+        self._user_entry_point: Any = program or sagemaker_hps.get("sagemaker_program")
         self._module_dir = str(sagemaker_hps.get("sagemaker_submit_directory", paths.code_dir))
-        self._log_level = sagemaker_hps.get("sagemaker_container_log_level", logging.INFO)
-        self._sagemaker_s3_output = sagemaker_hps.get("sagemaker_s3_output")
+        self._log_level: Any = sagemaker_hps.get("sagemaker_container_log_level", logging.INFO)
+        self._sagemaker_s3_output: Any = sagemaker_hps.get("sagemaker_s3_output")
         self._framework_module = environ.get("SAGEMAKER_TRAINING_MODULE", None)
         self._job_name = environ.get("TRAINING_JOB_NAME", None)
-        groups = resource_config.get("instance_groups", [])
-        self._instance_groups = [g["instance_group_name"] for g in groups]
+        groups: list[dict[str, Any]] = resource_config.get("instance_groups", [])
+        self._instance_groups: list[str] = [g["instance_group_name"] for g in groups]
         self._instance_groups_dict = {g["instance_group_name"]: g for g in groups}
-        self._current_instance_group_hosts = next(
+        self._current_instance_group_hosts: list[str] = next(
             (
                 g["hosts"]
                 for g in groups
@@ -268,11 +278,11 @@ class Environment(MappingMixin):
             )
             else []
         )
-        self._distribution_instance_groups = self._additional_framework_parameters.get(
+        self._distribution_instance_groups: Any = self._additional_framework_parameters.get(
             "sagemaker_distribution_instance_groups", fallback
         )
         if groups:
-            self._distribution_hosts = [
+            self._distribution_hosts: list[str] = [
                 h
                 for g in groups
                 if g["instance_group_name"] in self._distribution_instance_groups
@@ -281,82 +291,192 @@ class Environment(MappingMixin):
         else:
             self._distribution_hosts = list(self._hosts)
         self._is_hetero = len(self._instance_groups) > 1
-        self._master_hostname = next(iter(self._distribution_hosts or self._hosts))
-        self._is_master = self._current_host == self._master_hostname
+        self._master_hostname: str = next(iter(self._distribution_hosts or self._hosts))
+        self._is_master: bool = self._current_host == self._master_hostname
         mp_parameters = environ.get("SM_HP_MP_PARAMETERS")
-        self._is_modelparallel_enabled = mp_parameters and mp_parameters != "{}"
+        self._is_modelparallel_enabled: str | bool | None = mp_parameters and mp_parameters != "{}"
         self._is_smddprun_installed = _on_path("smddprun")
         self._is_smddpmprun_installed = _on_path("smddpmprun")
 
     # --- the properties (what dict(env) and SM_TRAINING_ENV hold) -------------------------------
-    additional_framework_parameters = property(lambda self: self._additional_framework_parameters)
-    channel_input_dirs = property(lambda self: self._channel_input_dirs)
-    current_host = property(lambda self: self._current_host)
-    current_instance_group = property(lambda self: self._current_instance_group)
-    current_instance_group_hosts = property(lambda self: self._current_instance_group_hosts)
-    current_instance_type = property(lambda self: self._current_instance_type)
-    distribution_hosts = property(lambda self: self._distribution_hosts)
-    distribution_instance_groups = property(lambda self: self._distribution_instance_groups)
-    framework_module = property(lambda self: self._framework_module)
-    hosts = property(lambda self: self._hosts)
-    hyperparameters = property(lambda self: self._hyperparameters)
-    input_config_dir = property(lambda self: self._paths.input_config_dir)
-    input_data_config = property(lambda self: self._input_data_config)
-    input_dir = property(lambda self: self._paths.input_dir)
-    instance_groups = property(lambda self: self._instance_groups)
-    instance_groups_dict = property(lambda self: self._instance_groups_dict)
-    is_hetero = property(lambda self: self._is_hetero)
-    is_master = property(lambda self: self._is_master)
-    is_modelparallel_enabled = property(lambda self: self._is_modelparallel_enabled)
-    is_smddpmprun_installed = property(lambda self: self._is_smddpmprun_installed)
-    is_smddprun_installed = property(lambda self: self._is_smddprun_installed)
-    job_name = property(lambda self: self._job_name)
-    log_level = property(lambda self: self._log_level)
-    master_hostname = property(lambda self: self._master_hostname)
-    model_dir = property(lambda self: self._paths.model_dir)
-    module_dir = property(lambda self: self._module_dir)
-    module_name = property(lambda self: _module_name(self._module_name))
-    network_interface_name = property(lambda self: self._network_interface_name)
-    num_cpus = property(lambda self: self._num_cpus)
-    num_gpus = property(lambda self: self._num_gpus)
-    num_neurons = property(lambda self: self._num_neurons)
-    output_data_dir = property(lambda self: self._paths.output_data_dir)
-    output_dir = property(lambda self: self._paths.output_dir)
-    output_intermediate_dir = property(lambda self: self._paths.output_intermediate_dir)
-    resource_config = property(lambda self: self._resource_config)
-    topology = property(lambda self: self._topology)
-    user_entry_point = property(lambda self: self._user_entry_point)
+    @property
+    def additional_framework_parameters(self) -> dict[str, Any]:
+        return self._additional_framework_parameters
+
+    @property
+    def channel_input_dirs(self) -> dict[str, str]:
+        return self._channel_input_dirs
+
+    @property
+    def current_host(self) -> str:
+        return self._current_host
+
+    @property
+    def current_instance_group(self) -> str:
+        return self._current_instance_group
+
+    @property
+    def current_instance_group_hosts(self) -> list[str]:
+        return self._current_instance_group_hosts
+
+    @property
+    def current_instance_type(self) -> str:
+        return self._current_instance_type
+
+    @property
+    def distribution_hosts(self) -> list[str]:
+        return self._distribution_hosts
+
+    @property
+    def distribution_instance_groups(self) -> Any:
+        return self._distribution_instance_groups
+
+    @property
+    def framework_module(self) -> str | None:
+        return self._framework_module
+
+    @property
+    def hosts(self) -> list[str]:
+        return self._hosts
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return self._hyperparameters
+
+    @property
+    def input_config_dir(self) -> str:
+        return self._paths.input_config_dir
+
+    @property
+    def input_data_config(self) -> Mapping[str, Any]:
+        return self._input_data_config
+
+    @property
+    def input_dir(self) -> str:
+        return self._paths.input_dir
+
+    @property
+    def instance_groups(self) -> list[str]:
+        return self._instance_groups
+
+    @property
+    def instance_groups_dict(self) -> dict[str, dict[str, Any]]:
+        return self._instance_groups_dict
+
+    @property
+    def is_hetero(self) -> bool:
+        return self._is_hetero
+
+    @property
+    def is_master(self) -> bool:
+        return self._is_master
+
+    @property
+    def is_modelparallel_enabled(self) -> str | bool | None:
+        return self._is_modelparallel_enabled
+
+    @property
+    def is_smddpmprun_installed(self) -> bool:
+        return self._is_smddpmprun_installed
+
+    @property
+    def is_smddprun_installed(self) -> bool:
+        return self._is_smddprun_installed
+
+    @property
+    def job_name(self) -> str | None:
+        return self._job_name
+
+    @property
+    def log_level(self) -> Any:
+        return self._log_level
+
+    @property
+    def master_hostname(self) -> str:
+        return self._master_hostname
+
+    @property
+    def model_dir(self) -> str:
+        return self._paths.model_dir
+
+    @property
+    def module_dir(self) -> str:
+        return self._module_dir
+
+    @property
+    def module_name(self) -> str:
+        return _module_name(self._module_name)
+
+    @property
+    def network_interface_name(self) -> str:
+        return self._network_interface_name
+
+    @property
+    def num_cpus(self) -> int:
+        return self._num_cpus
+
+    @property
+    def num_gpus(self) -> int:
+        return self._num_gpus
+
+    @property
+    def num_neurons(self) -> int:
+        return self._num_neurons
+
+    @property
+    def output_data_dir(self) -> str:
+        return self._paths.output_data_dir
+
+    @property
+    def output_dir(self) -> str:
+        return self._paths.output_dir
+
+    @property
+    def output_intermediate_dir(self) -> str:
+        return self._paths.output_intermediate_dir
+
+    @property
+    def resource_config(self) -> Mapping[str, Any]:
+        return self._resource_config
+
+    @property
+    def topology(self) -> Any:
+        return self._topology
+
+    @property
+    def user_entry_point(self) -> Any:
+        return self._user_entry_point
 
     # --- methods --------------------------------------------------------------------------------
-    def sagemaker_s3_output(self):
+    def sagemaker_s3_output(self) -> Any:
         """``sagemaker_s3_output`` from the hyperparameters, or None."""
         return self._sagemaker_s3_output
 
-    def get_current_instance_group(self):
+    def get_current_instance_group(self) -> Any:
         return self._resource_config["current_instance_group"]
 
-    def get_current_instance_group_hosts(self):
+    def get_current_instance_group_hosts(self) -> list[str]:
         return self._current_instance_group_hosts
 
-    def get_instance_groups(self):
+    def get_instance_groups(self) -> list[str]:
         return self._instance_groups
 
-    def get_instance_groups_dict(self):
+    def get_instance_groups_dict(self) -> dict[str, dict[str, Any]]:
         return self._instance_groups_dict
 
-    def get_distribution_hosts(self):
+    def get_distribution_hosts(self) -> list[str]:
         return self._distribution_hosts
 
-    def get_master_hostname(self):
+    def get_master_hostname(self) -> str:
         return self._master_hostname
 
-    def to_cmd_args(self):
+    def to_cmd_args(self) -> list[str]:
         """The user's hyperparameters as the command line the toolkit passes to the script."""
         return to_cmd_args(self.hyperparameters)
 
-    def to_env_vars(self):
+    def to_env_vars(self) -> dict[str, str]:
         """Every ``SM_*`` variable the toolkit sets for the script, from this environment."""
-        env = {
+        env: dict[str, Any] = {
             "hosts": self.hosts,
             "network_interface_name": self.network_interface_name,
             "hps": self.hyperparameters,
@@ -398,7 +518,7 @@ class Environment(MappingMixin):
         return to_env_vars(env)
 
 
-def _on_path(program):
+def _on_path(program: str) -> bool:
     import shutil
 
     return shutil.which(program) is not None

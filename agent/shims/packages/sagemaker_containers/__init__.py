@@ -7,7 +7,15 @@ unchanged here. ``training_env()`` returns the same object as
 (every property the legacy ``TrainingEnv`` had, with the same values).
 """
 
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 from _torchbay_toolkit.missing import missing as _missing
+
+if TYPE_CHECKING:
+    from _torchbay_toolkit.training import Environment
 
 __torchbay_shim__ = True
 __version__ = "2.8.6+torchbay"
@@ -22,15 +30,17 @@ _INSTEAD = {
 }
 
 
-def training_env():
+def training_env() -> Environment:
     """The training environment of this job (``sagemaker_training.environment.Environment``'s
     values)."""
+    # Imported on the first call, as the toolkit reads the folders: SAGEMAKER_BASE_DIR is read
+    # when _torchbay_toolkit.training is imported, not when sagemaker_containers is.
     from _torchbay_toolkit.training import Environment
 
     return Environment()
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> ModuleType:
     import importlib
 
     if name == "beta":

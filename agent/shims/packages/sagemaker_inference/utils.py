@@ -4,5 +4,5 @@ sagemaker-inference reads it."""
 __all__ = ["parse_accept"]
 
 
-def parse_accept(accept):
+def parse_accept(accept: str) -> list[str]:
     return accept.replace(" ", "").split(",")

@@ -5,6 +5,8 @@ The toolkit's launcher, runners and MPI/smdistributed support are TorchBay's own
 a real installed ``sagemaker-training`` replaces this package.
 """
 
+from types import ModuleType
+
 from _torchbay_toolkit.missing import missing as _missing
 
 __torchbay_shim__ = True
@@ -22,7 +24,7 @@ _INSTEAD = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> ModuleType:
     import importlib
 
     if name in __all__:

@@ -6,10 +6,12 @@ Values come from the job contract the way the toolkit reads it inside the script
 ``input/config``, and the environment. The folder names are fixed when this module is imported.
 """
 
-from _torchbay_toolkit.envmod import *  # noqa: F403
-from _torchbay_toolkit.envmod import __all__  # noqa: F401
+from typing import NoReturn
+
+from _torchbay_toolkit.envmod import *  # noqa: F403  (the module API, as envmod's __all__ lists it)
+from _torchbay_toolkit.envmod import __all__  # noqa: F401  (re-exported: the same names)
 from _torchbay_toolkit.missing import missing as _missing
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> NoReturn:
     _missing(__name__, name, "sagemaker-training")

@@ -1,11 +1,13 @@
 """``sagemaker_containers.beta``: only ``framework`` exists."""
 
+from types import ModuleType
+
 from _torchbay_toolkit.missing import missing as _missing
 
 __all__ = ["framework"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> ModuleType:
     import importlib
 
     if name == "framework":

@@ -1,6 +1,8 @@
 """``sagemaker_containers.beta.framework``: ``env``, ``training_env()``, ``content_types`` and
 ``encoders``."""
 
+from typing import NoReturn
+
 from _torchbay_toolkit.missing import missing as _missing
 from sagemaker_containers import training_env
 from sagemaker_containers.beta.framework import content_types, encoders, env
@@ -13,11 +15,13 @@ _INSTEAD = {
     "trainer": "`torchbay train`",
     "worker": "model_fn/input_fn/predict_fn/output_fn in code/inference.py under `torchbay serve`",
     "server": "`torchbay serve`",
-    "transformer": "model_fn/input_fn/predict_fn/output_fn in code/inference.py under `torchbay serve`",
+    "transformer": (
+        "model_fn/input_fn/predict_fn/output_fn in code/inference.py under `torchbay serve`"
+    ),
     "functions": "plain Python",
     "mapping": "plain dicts",
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> NoReturn:
     _missing(__name__, name, "sagemaker-containers", _INSTEAD)

@@ -1,15 +1,19 @@
 """``sagemaker_containers.beta.framework.env``: ``TrainingEnv`` and the module-level folders and
 readers."""
 
-from _torchbay_toolkit.envmod import *  # noqa: F403
-from _torchbay_toolkit.envmod import __all__ as _names
+from typing import NoReturn
+
+from _torchbay_toolkit import envmod as _envmod
+from _torchbay_toolkit.envmod import *  # noqa: F403  (the module API, as envmod's __all__ lists it)
 from _torchbay_toolkit.missing import missing as _missing
 from _torchbay_toolkit.training import Environment as TrainingEnv
 
-__all__ = [*_names, "TrainingEnv"]
+# Spelled so that linters and type checkers can read the names (a starred list they cannot).
+__all__ = ["TrainingEnv"]
+__all__ += _envmod.__all__
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> NoReturn:
     _missing(
         __name__,
         name,
