@@ -20,6 +20,7 @@ stdlib sockets and daemon threads only; every wait is bounded.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -35,10 +36,10 @@ __all__ = ["DEFAULT_PORT", "LOST_AFTER", "PING_EVERY", "Exchange"]
 
 DEFAULT_PORT = 29499
 PING_EVERY = 2.0  # seconds between pings on an idle connection
-LOST_AFTER = 15.0  # seconds of silence after which a peer counts as gone (a host that froze or lost its link)
-_LINGER = (
-    10.0  # seconds a failing host waits to hand its failure to peers that are still connecting
-)
+# seconds of silence after which a peer counts as gone (a host that froze or lost its link)
+LOST_AFTER = 15.0
+# seconds a failing host waits to hand its failure to peers that are still connecting
+_LINGER = 10.0
 _MAX_LINE = 4096
 _REASON_MAX = 400
 
@@ -87,8 +88,8 @@ class _Conn:
 
 class Exchange:
     """This host's side of the exchange. ``start`` returns at once; ``wait_table`` blocks until the
-    table
-    is known; ``close`` tells the peers how this host ended and returns the peer failure, if any."""
+    table is known; ``close`` tells the peers how this host ended and returns the peer failure, if
+    any."""
 
     def __init__(
         self,
@@ -109,9 +110,8 @@ class Exchange:
         self._table: dict[str, str] = {}
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._conns: dict[
-            str, _Conn
-        ] = {}  # host -> connection (the master: every worker; a worker: the master)
+        # host -> connection (the master: every worker; a worker: the master)
+        self._conns: dict[str, _Conn] = {}
         self._done: set[str] = set()
         self._told: set[str] = set()  # late peers the master told how it ended
         self._closing: dict[str, Any] | None = None  # this host's last word, once it is ending
@@ -162,7 +162,9 @@ class Exchange:
                 sock, peer = self._server.accept()
             except OSError:
                 return
-            self._thread(lambda: self._serve(_Conn(sock), peer[0]), "exchange-peer")
+            # Bound now: a lambda would read sock when the thread runs, by which time the loop
+            # may have accepted the next peer (two threads on one socket, the first peer unserved).
+            self._thread(functools.partial(self._serve, _Conn(sock), peer[0]), "exchange-peer")
 
     def _serve(self, conn: _Conn, address: str) -> None:
         hello = conn.receive()
@@ -318,8 +320,7 @@ class Exchange:
     # ----------------------------------------------------------------------------
     def wait_table(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
         """The name -> address table once every host has reported; DistributedError when a host
-        failed, did
-        not report within the timeout, or the exchange could not start."""
+        failed, did not report within the timeout, or the exchange could not start."""
         deadline = time.monotonic() + self.timeout
         while not self._ready.wait(0.05):
             if should_stop():
@@ -353,7 +354,8 @@ class Exchange:
         return dict(self._table)
 
     def close(self, exit_code: int | None, reason: str | None) -> None:
-        """Tell the peers how this host ended (``done``, or ``failed`` with ``reason``), then stop."""
+        """Tell the peers how this host ended (``done``, or ``failed`` with ``reason``), then
+        stop."""
         me = self.cluster.current_host
         failed = exit_code not in (0, None) and self.peer_failure is None
         if failed:

@@ -1,4 +1,5 @@
-"""The identity exchange over real sockets on 127.0.0.1: the table, failures passed on, lost peers."""
+"""The identity exchange over real sockets on 127.0.0.1: the table, failures passed on, lost
+peers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -61,9 +63,8 @@ def _start(
 
 def test_every_host_gets_the_same_table():
     port = _port()
-    workers = [
-        _start(r, port) for r in (1, 2)
-    ]  # workers first: they retry until the master listens
+    # workers first: they retry until the master listens
+    workers = [_start(r, port) for r in (1, 2)]
     time.sleep(0.2)
     master, _ = _start(0, port)
     tables = [ex.wait_table() for ex, _ in [(master, None), *workers]]
@@ -161,3 +162,39 @@ def test_a_worker_whose_master_waits_for_another_host_says_so():
         master.wait_table()
     worker.close(68, None)
     master.close(68, None)
+
+
+class _LatePeerThreads(Exchange):
+    """A master whose per-peer threads start only after ``HOLD`` peers were accepted: the order a
+    loaded host can run them in (the accept loop takes the next queued peer first)."""
+
+    HOLD = 2
+    held: list[Callable[[], None]]
+
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        if name != "exchange-peer":
+            super()._thread(target, name)
+            return
+        self.held.append(target)
+        if len(self.held) == self.HOLD:
+            for held in self.held:
+                super()._thread(held, name)
+
+
+def test_each_accepted_peer_is_served_on_its_own_connection():
+    port = _port()
+    master = _LatePeerThreads(
+        _cluster(0), job_name="j", port=port, timeout=10.0, log=LOG, on_peer_failure=_Stops()
+    )
+    master.held = []
+    master.start()
+    first, _ = _start(1, port)
+    deadline = time.monotonic() + 5
+    while not master.held and time.monotonic() < deadline:  # the first peer is accepted
+        time.sleep(0.01)
+    second, _ = _start(2, port)
+    tables = [ex.wait_table() for ex in (master, first, second)]
+    assert tables[0] == tables[1] == tables[2]
+    assert set(tables[0]) == {"algo-1", "algo-2", "algo-3"}
+    for ex in (first, second, master):
+        ex.close(0, None)
