@@ -181,7 +181,8 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = self.redactor.text(record.getMessage())
         if self.max_chars is not None and len(message) > self.max_chars:
-            message = f"{message[: self.max_chars]} [... {len(message) - self.max_chars} more characters cut]"
+            cut = len(message) - self.max_chars
+            message = f"{message[: self.max_chars]} [... {cut} more characters cut]"
         record.msg, record.args = message, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -1,4 +1,5 @@
-"""Writing untrusted names safely: object keys and archive members never land outside their target."""
+"""Writing untrusted names safely: object keys and archive members never land outside their
+target."""
 
 from __future__ import annotations
 
@@ -179,13 +180,15 @@ def _check_member(member: tarfile.TarInfo, root: Path, what: str) -> None:
             )
 
 
-def _extract(archive: tarfile.TarFile, members: list, root: Path, tally: _Tally) -> None:
+def _extract(
+    archive: tarfile.TarFile, members: list[tarfile.TarInfo], root: Path, tally: _Tally
+) -> None:
     data_filter: object | None = getattr(tarfile, "data_filter", None)
     try:
         if data_filter is not None:
             try:
                 archive.extractall(root, members=members, filter="data")
-            except tarfile.FilterError as err:  # type: ignore[attr-defined]
+            except tarfile.FilterError as err:
                 raise UnsafePathError(f"archive member refused: {err}") from err
         else:  # Python without PEP 706 filters: members were checked above
             for member in members:

@@ -37,8 +37,8 @@ class S3Server:
     port.
 
     ``host`` is the address it binds (127.0.0.1, or a test-host address in a network namespace
-    set-up);
-    ``env`` the server's whole environment (default: this process's plus the dummy credentials).
+    set-up); ``env`` the server's whole environment (default: this process's plus the dummy
+    credentials).
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class S3Server:
                     return
             except OSError:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited early; see {self._log}")
+                    raise RuntimeError(f"moto_server exited early; see {self._log}") from None
                 time.sleep(0.1)
         raise RuntimeError(
             f"moto_server did not listen on {self.endpoint} within {self._ready_timeout:.0f} s"
@@ -113,10 +113,8 @@ class OutageProxy:
     """A TCP relay in front of an S3 server that can go down and come back on the same port.
 
     moto forgets every bucket, object and multipart upload when its process restarts, which a real
-    S3
-    outage does not: the relay drops the network path instead. ``stop()`` closes the listening
-    socket
-    and resets every open connection (clients see "connection refused" / "connection reset");
+    S3 outage does not: the relay drops the network path instead. ``stop()`` closes the listening
+    socket and resets every open connection (clients see "connection refused" / "connection reset");
     ``start()`` listens again. ``outage_after(nbytes, seconds)`` takes it down once ``nbytes`` more
     bytes went upstream (e.g. two parts into a multipart upload), and back up ``seconds`` later
     (``None``: stays down). ``sent`` counts upstream bytes.
@@ -153,7 +151,9 @@ class OutageProxy:
                 pass
             listener.close()
         for conn in conns:
-            try:  # shutdown wakes a pump blocked in recv (close alone would not), then RST like a dead server
+            # shutdown wakes a pump blocked in recv (close alone would not), then RST like a dead
+            # server
+            try:
                 conn.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                 )

@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from agent.distributed.cluster import Cluster, discover, expand_nodelist
 from agent.distributed.exchange import Exchange
@@ -100,10 +100,8 @@ def wait_for_hosts(
         if not table:
             return  # stopped: the caller's stop check says why
         log.info(
-            "hosts ready after %.2f s: %s (node %d of %d, master %s:%d, names from %s, interface %s "
-            ""
-            ""
-            "from %s)",
+            "hosts ready after %.2f s: %s (node %d of %d, master %s:%d, names from %s, "
+            "interface %s from %s)",
             time.monotonic() - started,
             ", ".join(f"{h}={table.get(h, '?')}" for h in cluster.hosts),
             cluster.node_rank,

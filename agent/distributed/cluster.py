@@ -101,7 +101,9 @@ _RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 def _split_top(text: str) -> list[str]:
     """Split on commas that are not inside brackets."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "[":
             depth += 1
@@ -212,11 +214,8 @@ def _from_resource(job: Job, source: str, port: int) -> Cluster:
     resource = job.resource
     if resource.current_host not in resource.hosts:
         raise ConfigError(
-            f"current host {resource.current_host!r} is not among the hosts {list(resource.hosts)}; "
-            ""
-            ""
-            ""
-            "fix resourceconfig.json or the job spec's ResourceConfig"
+            f"current host {resource.current_host!r} is not among the hosts "
+            f"{list(resource.hosts)}; fix resourceconfig.json or the job spec's ResourceConfig"
         )
     names_from = (
         "resourceconfig.json"
@@ -452,7 +451,8 @@ def _nproc(job: Job, env: Mapping[str, str], gpus: int) -> tuple[int, str]:
 
 
 def discover(job: Job, *, dev_root: Path = Path("/dev")) -> Cluster:
-    """The cluster this job runs on, from the first source that applies (see the module docstring)."""
+    """The cluster this job runs on, from the first source that applies (see the module
+    docstring)."""
     env = job.base_env
     port_override = getattr(job.settings, "master_port", None)
     cluster: Cluster | None = None

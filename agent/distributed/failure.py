@@ -24,7 +24,7 @@ _MAX_MESSAGE = 500
 
 
 def read_error_file(path: Path) -> tuple[float, str] | None:
-    """(timestamp, message) from a torchelastic error file; None when it is missing or unreadable."""
+    """(timestamp, message) from a torchelastic error file; None when missing or unreadable."""
     try:
         data = json.loads(path.read_text(errors="replace"))
     except (OSError, ValueError):

@@ -42,7 +42,9 @@ TORCHRUN_FLAG = "sagemaker_torch_distributed_enabled"
 UNSUPPORTED_FLAGS = {
     "sagemaker_mpi_enabled": "the MPI launcher (mpirun over ssh)",
     "sagemaker_pytorch_ddp_enabled": "the SageMaker data parallel launcher (smddprun)",
-    "sagemaker_distributed_dataparallel_enabled": "the SageMaker distributed data parallel library (SMDDP)",
+    "sagemaker_distributed_dataparallel_enabled": (
+        "the SageMaker distributed data parallel library (SMDDP)"
+    ),
     "sagemaker_pytorch_xla_multi_worker_enabled": "the PyTorch/XLA multi-worker launcher",
 }
 _RUNNER = ("-m", "torch.distributed.run")

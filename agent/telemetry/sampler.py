@@ -96,10 +96,11 @@ class SystemSampler:
     def _open_nvml(self, nvml: Any) -> None:
         if nvml is None:
             try:
-                import pynvml as nvml  # nvidia-ml-py
+                import pynvml  # nvidia-ml-py; only when GPU metrics are on
             except ImportError:
                 self._log.info("GPU metrics off: nvidia-ml-py is not installed")
                 return
+            nvml = pynvml
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as err:

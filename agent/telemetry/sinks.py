@@ -15,7 +15,10 @@ import socket
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 __all__ = ["MetricsFile", "PrometheusEndpoint", "TensorBoardSink"]
 
@@ -118,8 +121,9 @@ class PrometheusEndpoint:
         self._gauges: dict[str, tuple[Any, tuple[str, ...]]] = {}
         self._prefix = prefix
         self._lock = threading.Lock()
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self._registry)
-        self.port: int = self._server.server_address[1]
+        server, self._thread = start_http_server(port, addr=addr, registry=self._registry)
+        self._server: WSGIServer | None = server
+        self.port: int = server.server_address[1]
         self.addr = addr
 
     @property

@@ -69,7 +69,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str) -> 
                 return
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"{what} exited with {proc.returncode} before listening")
+                raise SystemExit(f"{what} exited with {proc.returncode} before listening") from None
             time.sleep(0.2)
     raise SystemExit(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
@@ -328,11 +328,13 @@ def main(argv=None) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(BUCKET, key, str(target))
         local = root / "output"
+        job_log, board = local / "torchbay" / "job.log", local / "tensorboard"
+        s3_out = f"s3://{BUCKET}/output/dcgan-demo/"
         print(f"""
 demo: done in {time.monotonic() - started:.0f} s. Where things are:
-  logs              {out / "logs"} (train.log, serve.log); the job log {local / "torchbay" / "job.log"}
-  metrics           {local / "torchbay" / "metrics.jsonl"}; in S3 under s3://{BUCKET}/output/dcgan-demo/
-  TensorBoard       {local / "tensorboard"} and s3://{BUCKET}/tensorboard/  (tensorboard --logdir {local / "tensorboard"})
+  logs              {out / "logs"} (train.log, serve.log); the job log {job_log}
+  metrics           {local / "torchbay" / "metrics.jsonl"}; in S3 under {s3_out}
+  TensorBoard       {board} and s3://{BUCKET}/tensorboard/  (tensorboard --logdir {board})
   sample grids      {local / "data" / "samples"} (also in output.tar.gz)
   model             {root / "model" / "model.pt2"}; s3://{BUCKET}/{model_key}
   generated images  {gen_dir / "grid.png"} and {gen_dir / "images.npy"}

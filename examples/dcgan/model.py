@@ -1,5 +1,6 @@
 """DCGAN generator and discriminator (Radford et al., 2015), as in the PyTorch examples and the
-PyTorch-on-SageMaker talk; ``image_size`` 64 is the original, 32 drops one up/down-sampling block."""
+PyTorch-on-SageMaker talk; ``image_size`` 64 is the original, 32 drops one up/down-sampling
+block."""
 
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ def test_wait_for_hosts_uses_the_setting_and_skips_one_host(tmp_path):
 
 
 def test_torchrun_workers_do_not_wait_for_the_master_port(tmp_path):
-    """torchrun's rendezvous waits for the master itself; a one-process-per-host worker waits here."""
+    """torchrun's rendezvous waits for the master itself; a one-process-per-host worker waits
+    here."""
     port = str(free_port())
     base = {"TORCHBAY_HOST_WAIT_TIMEOUT": "1", "TORCHBAY_MASTER_PORT": port}
     job = make_job(

@@ -49,7 +49,8 @@ def _images(count: int) -> bytes:
 
 @pytest.fixture(scope="session")
 def trained(engine: Engine, net: Net) -> Iterator[dict]:
-    """Run the DCGAN job on two containers (one process each, torch.distributed.run); what it left."""
+    """Run the DCGAN job on two containers (one process each, torch.distributed.run); what it
+    left."""
     s3 = net.s3.client()
     bucket = f"images-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)

@@ -29,7 +29,8 @@ import pytest
 from tests.images.conftest import LABEL, TAG, Engine, Net, assert_oci_labels
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-_EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"  # diff ID of an empty tar
+# the diff ID of an empty tar
+_EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 
 
 def test_cuda_images_labels_environment_and_shared_layers(

@@ -1,4 +1,5 @@
-"""What both Dockerfiles must say, checked without an engine (the CUDA image cannot be built here)."""
+"""What both Dockerfiles must say, checked without an engine (the CUDA image cannot be built
+here)."""
 
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ def test_environment_and_labels(flavour: str) -> None:
 
 def test_dockerignore_is_an_allow_list() -> None:
     lines = [
-        l.strip()
-        for l in (REPO / ".dockerignore").read_text().splitlines()
-        if l.strip() and l[0] != "#"
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and line[0] != "#"
     ]
     assert lines[0] == "**"
-    allowed = {l[1:] for l in lines if l.startswith("!")}
+    allowed = {line[1:] for line in lines if line.startswith("!")}
     assert {"agent/**", "setup.cfg", "pyproject.toml", "entrypoints/*"} <= allowed
     assert not any(a.startswith((".venv", ".git", "tests")) for a in allowed)
 

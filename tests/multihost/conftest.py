@@ -1,4 +1,5 @@
-"""Fixtures for multi-host tests: network namespaces (one per host) and an S3 server they can reach."""
+"""Fixtures for multi-host tests: network namespaces (one per host) and an S3 server they can
+reach."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def netns_reason() -> str | None:
 
 @pytest.fixture
 def netns_cluster(netns_reason) -> Iterator[Callable[..., NetnsCluster]]:
-    """A factory: ``netns_cluster(2)`` builds two host namespaces; all are removed after the test."""
+    """A factory: ``netns_cluster(2)`` builds two host namespaces, all removed after the test."""
     if netns_reason:
         pytest.skip(netns_reason)
     made: list[NetnsCluster] = []
@@ -37,7 +38,8 @@ def netns_cluster(netns_reason) -> Iterator[Callable[..., NetnsCluster]]:
 
 @pytest.fixture
 def root_s3(tmp_path: Path) -> Iterator[Callable[[NetnsCluster], S3Server]]:
-    """A factory: a moto server on a cluster's root address (reachable from every host namespace)."""
+    """A factory: a moto server on a cluster's root address (reachable from every host
+    namespace)."""
     servers: list[S3Server] = []
 
     def _start(cluster: NetnsCluster) -> S3Server:

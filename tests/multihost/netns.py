@@ -193,7 +193,7 @@ class NetnsCluster:
         return proc
 
     def command(self, index: int, argv: Sequence[str]) -> list[str]:
-        """``argv`` as run on host ``index`` (1-based): its network namespace and its own hostname."""
+        """``argv`` as run on host ``index`` (1-based): its network namespace and own hostname."""
         host = self.hosts[index - 1]
         return [
             "ip",

@@ -24,7 +24,8 @@ BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sinfo")
 
 
 def slurm_missing() -> str | None:
-    """None when Slurm and munge are installed (installing them first when CI=true), else why not."""
+    """None when Slurm and munge are installed (installing them first when CI=true), else why
+    not."""
     missing = [
         b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()
     ]

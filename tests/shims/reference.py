@@ -1,10 +1,9 @@
 """The real toolkits, installed by the tests into a folder of their own, for the differential tests.
 
 ``pip install --no-deps --target`` of the pinned releases (pure Python but for one small C
-extension),
-cached under this venv (``<venv>/torchbay-reference/``): their imports (boto3, numpy) come from the
-test venv, nothing lands in it. Without PyPI the tests skip with the reason; in CI (CI=true) they
-fail.
+extension), cached under this venv (``<venv>/torchbay-reference/``): their imports (boto3, numpy)
+come from the test venv, nothing lands in it. Without PyPI the tests skip with the reason; in CI
+(CI=true) they fail.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ _TAG = "-".join(f"{name}-{version}" for name, version in REFERENCE.items())
 
 @pytest.fixture(scope="session")
 def reference_toolkit() -> Path:
-    """A folder to put on PYTHONPATH that holds the real sagemaker_training and sagemaker_inference."""
+    """A folder to put on PYTHONPATH that holds the real sagemaker_training and
+    sagemaker_inference."""
     folder = Path(sys.prefix) / "torchbay-reference" / _TAG
     if (folder / "sagemaker_training" / "environment.py").is_file():
         return folder

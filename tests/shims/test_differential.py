@@ -1,8 +1,7 @@
 """The stand-ins against the real toolkits (sagemaker-training 5.1.4, sagemaker-inference 1.10.1) on
-the same
-input: every Environment property, to_env_vars() and to_cmd_args() on trees of several shapes, and
-the
-codecs' results on the content types TorchBay supports."""
+the same input: every Environment property, to_env_vars() and to_cmd_args() on trees of several
+shapes, and the codecs' results on the content types TorchBay supports. The ``reference_toolkit``
+fixture comes from tests/shims/conftest.py."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.shims.helpers import DUMP, REFERENCE_HPS, make_tree, resource, user_python
-from tests.shims.reference import reference_toolkit  # noqa: F401  (a fixture)
 
 HETERO = {
     "current_host": "algo-3",
@@ -82,7 +80,8 @@ def test_environment_equals_the_real_toolkit(
 CODECS = r"""
 import io, json, sys
 import numpy as np
-if "{stub}" == "yes":  # the real decoder imports scipy.sparse for NPZ, which TorchBay's tests do not install
+# the real decoder imports scipy.sparse for NPZ, which TorchBay's tests do not install
+if "{stub}" == "yes":
     import types
     scipy = types.ModuleType("scipy"); scipy.sparse = types.ModuleType("scipy.sparse")
     sys.modules["scipy"] = scipy; sys.modules["scipy.sparse"] = scipy.sparse
@@ -91,8 +90,8 @@ from sagemaker_inference.default_inference_handler import DefaultInferenceHandle
 
 def describe(value):
     if isinstance(value, np.ndarray):
-        return ["array", value.dtype.str, list(value.shape), np.where(np.isnan(value), None, value).tolist()
-                if value.dtype.kind == "f" else value.tolist()]
+        values = np.where(np.isnan(value), None, value) if value.dtype.kind == "f" else value
+        return ["array", value.dtype.str, list(value.shape), values.tolist()]
     if isinstance(value, bytes):
         return ["bytes", value.hex()]
     if isinstance(value, tuple):
@@ -125,7 +124,8 @@ cases = {
     "npy list": lambda: encoder.encode([[1, 2], [3, 4]], ct.NPY),
     "encode unknown": lambda: encoder.encode([1], "image/png"),
     "handler input": lambda: DefaultInferenceHandler().default_input_fn("[1]", ct.JSON),
-    "handler output": lambda: DefaultInferenceHandler().default_output_fn([1], "text/html, text/csv"),
+    "handler output": lambda: DefaultInferenceHandler().default_output_fn(
+        [1], "text/html, text/csv"),
     "handler output none": lambda: DefaultInferenceHandler().default_output_fn([1], "text/html"),
     "handler model": lambda: DefaultInferenceHandler().default_model_fn("/x"),
     "generic error": lambda: (lambda e: [e.status_code, e.message, e.phrase, list(e.args)])(

@@ -1,4 +1,5 @@
-"""The sagemaker_inference stand-in: content types, decoder, encoder, errors, the default handler."""
+"""The sagemaker_inference stand-in: content types, decoder, encoder, errors, the default
+handler."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ REFERENCE_VARS = {
     "SM_NETWORK_INTERFACE_NAME": "eth0",
     "SM_NUM_GPUS": "0",
     "SM_NUM_NEURONS": "0",
-    "SM_USER_ARGS": '["--batch-size","32","--epochs","2","--flag","True","--lr","0.1","--name","dcgan"]',
+    "SM_USER_ARGS": '["--batch-size","32","--epochs","2","--flag","True","--lr","0.1",'
+    '"--name","dcgan"]',
     "SM_USER_ENTRY_POINT": "train.py",
 }
 REFERENCE_KEYS = {
@@ -140,14 +141,13 @@ def test_legacy_sagemaker_containers_api(tmp_path: Path) -> None:
         "import json, sagemaker_containers\n"
         "from sagemaker_containers.beta import framework\n"
         "from sagemaker_containers.beta.framework import env as fenv\n"
-        "a = sagemaker_containers.training_env(); b = framework.training_env(); c = "
-        "fenv.TrainingEnv()\n"
+        "a = sagemaker_containers.training_env(); b = framework.training_env()\n"
+        "c = fenv.TrainingEnv()\n"
         "assert dict(a) == dict(b) == dict(c)\n"
-        "print(json.dumps([a.model_dir, a.hosts, a.channel_input_dirs, a.hyperparameters, "
-        "fenv.model_dir,\n"
-        "                  fenv.read_hyperparameters()['epochs'], framework.encoders.decode('[1, "
-        "2]',\n"
-        "                  framework.content_types.JSON).tolist()]))\n"
+        "print(json.dumps([a.model_dir, a.hosts, a.channel_input_dirs, a.hyperparameters,\n"
+        "                  fenv.model_dir, fenv.read_hyperparameters()['epochs'],\n"
+        "                  framework.encoders.decode('[1, 2]', framework.content_types.JSON)\n"
+        "                  .tolist()]))\n"
     )
     done = user_python(code, root)
     assert done.returncode == 0, done.stderr
@@ -160,7 +160,11 @@ def test_legacy_sagemaker_containers_api(tmp_path: Path) -> None:
 def test_missing_names_say_what_to_use(tmp_path: Path) -> None:
     code = """
 import sagemaker_training.environment as e, sagemaker_containers, sagemaker_inference
-for get in (lambda: e.not_a_name, lambda: sagemaker_containers.entry_point, lambda: sagemaker_inference.model_server):
+for get in (
+    lambda: e.not_a_name,
+    lambda: sagemaker_containers.entry_point,
+    lambda: sagemaker_inference.model_server,
+):
     try:
         get()
     except AttributeError as err:
@@ -175,9 +179,8 @@ except ModuleNotFoundError as err:
     lines = done.stdout.splitlines()
     assert "sagemaker_training.environment.not_a_name is not provided by TorchBay" in lines[0]
     assert "pip install sagemaker-training" in lines[0]
-    assert (
-        "use `torchbay train`" in lines[1] and "pip install" not in lines[1]
-    )  # the real one needs Python < 3.10
+    # the real sagemaker-containers needs Python < 3.10: no pip install hint
+    assert "use `torchbay train`" in lines[1] and "pip install" not in lines[1]
     assert "torchbay serve" in lines[2]
     assert "sagemaker_training.mpi" in lines[3] and "pip install sagemaker-training" in lines[3]
 
@@ -187,16 +190,14 @@ def test_a_real_package_always_wins(tmp_path: Path) -> None:
     (site / "sagemaker_training").mkdir(parents=True)
     (site / "sagemaker_training" / "__init__.py").write_text("REAL = True\n")
     code = (
-        "import sagemaker_training, sagemaker_inference; print(getattr(sagemaker_training, 'REAL', "
-        "False), "
-        "getattr(sagemaker_inference, '__torchbay_shim__', False))"
+        "import sagemaker_training, sagemaker_inference\n"
+        "print(getattr(sagemaker_training, 'REAL', False),\n"
+        "      getattr(sagemaker_inference, '__torchbay_shim__', False))"
     )
     done = user_python(code, make_tree(tmp_path / "ml"), pythonpath=[str(site)])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [
-        "True",
-        "True",
-    ]  # the real training package, the stand-in for inference
+    # the real training package, the stand-in for inference
+    assert done.stdout.split() == ["True", "True"]
 
 
 def test_imports_pull_no_torch_and_no_numpy(tmp_path: Path) -> None:
@@ -258,7 +259,8 @@ def test_star_imports_give_every_name_in_all(tmp_path: Path) -> None:
         "print(json.dumps({'missing_env': sorted(set(env.__all__) - set(ns_env)),\n"
         "                  'missing_enc': sorted(set(encoders.__all__) - set(ns_enc)),\n"
         "                  'env_all': sorted(env.__all__),\n"
-        "                  'same_class': err is sagemaker_inference.errors.UnsupportedFormatError,\n"
+        "                  'same_class': err is sagemaker_inference.errors.UnsupportedFormatError"
+        ",\n"
         "                  'status': status, 'model_dir': ns_env['model_dir'],\n"
         "                  'hosts': ns_env['TrainingEnv']().hosts}))\n"
     )

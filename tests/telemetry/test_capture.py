@@ -102,7 +102,8 @@ def test_sigkilled_child_loses_no_line(tmp_path):
     assert child.wait(120) == -signal.SIGKILL
     capture.close()
     lines = job_log.read_text().splitlines()
-    assert [l for l in lines if "step" in l] == [f"[algo-1:3] step {i} of {n}" for i in range(n)]
+    steps = [line for line in lines if "step" in line]
+    assert steps == [f"[algo-1:3] step {i} of {n}" for i in range(n)]
     assert "[algo-1:3] fatal: about to die" in lines
     assert capture.stderr_tail(3, lines=1) == ["fatal: about to die"]
     assert capture.stderr_tail(lines=1) == ["[algo-1:3] fatal: about to die"]

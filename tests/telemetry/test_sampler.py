@@ -28,7 +28,11 @@ def tree():
     """A parent with 3 children, one of which has a child of its own, all sleeping."""
     script = textwrap.dedent("""
         import subprocess, sys, time
-        code = "import subprocess, sys, time; [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']) for _ in range(int(sys.argv[1]))]; time.sleep(120)"
+        code = (
+            "import subprocess, sys, time; "
+            "[subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+            " for _ in range(int(sys.argv[1]))]; time.sleep(120)"
+        )
         kids = [subprocess.Popen([sys.executable, "-c", code, str(n)]) for n in (0, 0, 1)]
         print("ready", flush=True)
         time.sleep(120)

@@ -52,8 +52,7 @@ def _npy_to_numpy(npy_array: bytes) -> Any:
 
 
 def _npz_to_sparse(npz_bytes: bytes) -> Any:
-    # scipy is optional (NPZ only) and ships no type information (no py.typed, stubs apart).
-    import scipy.sparse  # type: ignore[import-untyped]
+    import scipy.sparse  # optional: NPZ only
 
     return scipy.sparse.load_npz(io.BytesIO(npz_bytes))
 
