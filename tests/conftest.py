@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 server (moto's standalone server) over HTTP on 127.0.0.1."""
+"""Shared fixtures: a real S3 server (moto's standalone server) over HTTP on 127.0.0.1, and the real
+SageMaker toolkits (tests/shims/reference.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+# The real SageMaker toolkits, for the differential tests of tests/shims and tests/e2e.
+from tests.shims.reference import reference_toolkit  # noqa: F401  (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parent.parent
 DUMMY_CREDS = {

@@ -1,7 +1,7 @@
 """The stand-ins against the real toolkits (sagemaker-training 5.1.4, sagemaker-inference 1.10.1) on
 the same input: every Environment property, to_env_vars() and to_cmd_args() on trees of several
 shapes, and the codecs' results on the content types TorchBay supports. The ``reference_toolkit``
-fixture comes from tests/shims/conftest.py."""
+fixture comes from tests/conftest.py."""
 
 from __future__ import annotations
 
