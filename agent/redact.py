@@ -2,13 +2,12 @@
 shown in logs.
 
 A :class:`Redactor` knows which names look secret (the ``TORCHBAY_SECRET_NAMES`` pattern, searched
-in
-the name lower-cased with camelCase, ``-`` and ``.`` turned into ``_``) and the secret values it has
-learnt (hyperparameters and environment variables with such names, and the password of any
+in the name lower-cased with camelCase, ``-`` and ``.`` turned into ``_``) and the secret values it
+has learnt (hyperparameters and environment variables with such names, and the password of any
 ``scheme://user:password@host`` URL among their values). :meth:`Redactor.text` replaces every known
 value of at least :data:`MIN_SECRET_LENGTH` characters with ``****`` and hides URL passwords;
-:meth:`Redactor.argv` masks the value after a secret-named ``--flag`` whatever its length.
-The user's process still gets every argument and variable unchanged: only what is written is masked.
+:meth:`Redactor.argv` masks the value after a secret-named ``--flag`` whatever its length. The
+user's process still gets every argument and variable unchanged: only what is written is masked.
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ class Redactor:
 
     def learn(self, named: Mapping[str, Any]) -> int:
         """Remember the values of secret-looking names in ``named`` (and URL passwords in any
-        value); returns
-        how many values are known now."""
+        value); returns how many values are known now."""
         found: list[str] = []
         for name, value in named.items():
             texts = _forms(value)
@@ -149,8 +147,7 @@ class Redactor:
 
 def _forms(value: Any) -> list[str]:
     """The spellings a value takes where it is written: raw, ``str()`` of the JSON-decoded value
-    (argv),
-    and its JSON encoding (SM_HPS, SM_TRAINING_ENV)."""
+    (argv), and its JSON encoding (SM_HPS, SM_TRAINING_ENV)."""
     if value is None:
         return []
     forms = [value] if isinstance(value, str) else [str(value)]

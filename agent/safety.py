@@ -58,11 +58,10 @@ def safe_extract_tar(
 
     Every member is checked before anything is written: absolute names, ``..``, links that point
     outside ``dest``, and device files raise UnsafePathError naming the member. A truncated or
-    corrupt
-    archive raises ArchiveError naming the byte offset reached and the last member read; more than
-    ``max_members`` members or ``max_bytes`` unpacked bytes (a gzip bomb) raise ArchiveError before
-    those
-    bytes are written (``limit_names`` are the settings named in that message).
+    corrupt archive raises ArchiveError naming the byte offset reached and the last member read;
+    more than ``max_members`` members or ``max_bytes`` unpacked bytes (a gzip bomb) raise
+    ArchiveError before those bytes are written (``limit_names`` are the settings named in that
+    message).
     """
     dest_path = Path(dest)
     dest_path.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,7 @@ __all__ = [
 
 def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Exchange | None:
     """Start this host's side of the identity exchange (a multi-host, non-elastic job with the
-    exchange
-    on); a peer's failure requests ``stop``. None when there is nothing to exchange."""
+    exchange on); a peer's failure requests ``stop``. None when there is nothing to exchange."""
     cluster = job.cluster or discover(job)
     if not cluster.multi_host or cluster.elastic or not job.settings.exchange_port:
         return None
@@ -59,8 +58,7 @@ def peer_reason(
     exchange: Exchange | None, host: str, exit_code: int | None, reason: str | None
 ) -> str | None:
     """The failure reason of a host that a peer's failure stopped: the peer's first, then this
-    host's own
-    (left out when it only says that this host was stopped)."""
+    host's own (left out when it only says that this host was stopped)."""
     if exchange is None or not exchange.peer_failure:
         return reason
     own = ((reason or "").strip().splitlines() or [""])[0]
@@ -79,10 +77,8 @@ def wait_for_hosts(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Wait until every host has reported to the master (``exchange``) and make every host name
-    resolve;
-    without an exchange, until every host resolves and, on workers of a one-process-per-host job,
-    the
-    master accepts connections.
+    resolve; without an exchange, until every host resolves and, on workers of a
+    one-process-per-host job, the master accepts connections.
 
     Under torch.distributed.run a worker does not wait for the master's port here: torchrun's own
     rendezvous waits for it (bounded by ``TORCHBAY_RDZV_TIMEOUT``). Bounded by

@@ -3,20 +3,18 @@ listens.
 
 Sources, in this order (the first that applies wins). Every source yields the whole host list in
 node-rank order (``hosts[0]`` is the master) and this host's place in it, so every host of a job
-gets
-a distinct ``current_host`` and the same ``hosts``:
+gets a distinct ``current_host`` and the same ``hosts``:
 
 1. SageMaker (``job.on_sagemaker``): ``resourceconfig.json`` as parsed into ``job.resource``.
 2. Kubeflow PyTorchJob / torchrun ``PET_*`` variables: elastic when ``PET_RDZV_ENDPOINT`` is set
    (``PET_NNODES`` may be ``min:max``), else ``PET_NNODES`` with ``PET_NODE_RANK`` (or ``RANK``) and
    ``MASTER_ADDR``/``MASTER_PORT``. Names: the training operator's service names
    ``<job>-master-0``, ``<job>-worker-<i>`` (derived from ``MASTER_ADDR``, or from the elastic
-   endpoint ``<job>-worker-0`` and this pod's ``HOSTNAME``); ``algo-1..N`` when they cannot be
-   derived.
+   endpoint ``<job>-worker-0`` and this pod's ``HOSTNAME``); ``algo-1..N`` when they cannot
+   be derived.
 3. Slurm: ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``, ranges like ``node[01-04,07]``) with
-   ``SLURM_NODEID``; the port is ``15000 + last 4 digits of SLURM_JOB_ID`` unless ``MASTER_PORT`` is
-   set.
-   Names: Slurm's node names.
+   ``SLURM_NODEID``; the port is ``15000 + last 4 digits of SLURM_JOB_ID`` unless
+   ``MASTER_PORT`` is set. Names: Slurm's node names.
 4. torchrun-style variables for plain ``docker run``: ``MASTER_ADDR`` with ``NNODES``/``NODE_RANK``
    or ``WORLD_SIZE``/``RANK`` (one agent per host). Names: ``algo-1..N`` by node rank (made
    resolvable by the identity exchange, agent/distributed/exchange.py).
@@ -302,9 +300,8 @@ def _elastic_names(
     """(hosts, current host, index, where the names come from) of an elastic PyTorchJob.
 
     The operator points ``PET_RDZV_ENDPOINT`` at ``<job>-worker-0``; pod ``<job>-worker-<i>`` is
-    host
-    ``i`` of ``max_nodes``. Ranks are assigned by torchrun's rendezvous; the host index is the
-    pod's.
+    host ``i`` of ``max_nodes``. Ranks are assigned by torchrun's rendezvous; the host index is
+    the pod's.
     """
     match = re.fullmatch(r"(.+)-worker-(\d+)", hostname)
     if (

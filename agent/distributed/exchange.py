@@ -121,8 +121,7 @@ class Exchange:
         self.error: str | None = None  # why the exchange could not finish (bind, connect, bad peer)
         self._stopped = threading.Event()
 
-    # --- starting
-    # --------------------------------------------------------------------------------------
+    # --- starting ---------------------------------------------------------------------------------
     def start(self) -> Exchange:
         if self.cluster.is_master:
             try:
@@ -153,8 +152,7 @@ class Exchange:
         self.error = error
         self._ready.set()
 
-    # --- the master
-    # --------------------------------------------------------------------------------------
+    # --- the master -------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self._server is not None
         while not self._stopped.is_set():
@@ -214,8 +212,7 @@ class Exchange:
             conn.send(message)
         self._ready.set()
 
-    # --- a worker
-    # ----------------------------------------------------------------------------------------
+    # --- a worker ---------------------------------------------------------------------------------
     def _connect_loop(self) -> None:
         master, host = self.cluster.hosts[0], self.cluster.master_addr
         deadline = time.monotonic() + self.timeout
@@ -247,8 +244,7 @@ class Exchange:
         self._connected.set()
         self._read_loop(master, conn)
 
-    # --- both
-    # ----------------------------------------------------------------------------------------------
+    # --- both -------------------------------------------------------------------------------------
     def _read_loop(self, host: str, conn: _Conn) -> None:
         while True:
             message = conn.receive()
@@ -316,8 +312,7 @@ class Exchange:
             for conn in conns:
                 conn.send({"ping": 1})
 
-    # --- the public surface
-    # ----------------------------------------------------------------------------
+    # --- the public surface -----------------------------------------------------------------------
     def wait_table(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
         """The name -> address table once every host has reported; DistributedError when a host
         failed, did not report within the timeout, or the exchange could not start."""

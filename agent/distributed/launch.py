@@ -97,8 +97,8 @@ def _check_flags(hyperparameters: Mapping[str, Any]) -> bool:
         if _flag(hyperparameters.get(name, False)):
             raise ConfigError(
                 f"hyperparameter {name}={hyperparameters[name]!r} asks for {launcher}, which "
-                "TorchBay does not "
-                f"provide; set {TORCHRUN_FLAG}=true to launch through torch.distributed.run instead"
+                f"TorchBay does not provide; set {TORCHRUN_FLAG}=true to launch through "
+                "torch.distributed.run instead"
             )
     return _flag(hyperparameters.get(TORCHRUN_FLAG, False))
 

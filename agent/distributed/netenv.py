@@ -54,8 +54,8 @@ def choose_interface(
     wanted: str | None, configured: str | None, sys_paths: SysPaths = SysPaths()
 ) -> str | None:
     """The interface for NCCL/Gloo sockets: the setting, else the resourceconfig's if it exists
-    here,
-    else the default route's; None when none exists (the libraries then pick one themselves)."""
+    here, else the default route's; None when none exists (the libraries then pick one
+    themselves)."""
     if wanted:
         return wanted
     if configured and _exists(sys_paths, configured):

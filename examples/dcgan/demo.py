@@ -105,8 +105,7 @@ def _tool(name: str) -> str:
 
 def _docker_run(name: str, env: dict, *args: str) -> list[str]:
     """``docker run`` of one demo step: host network (the S3 server is on 127.0.0.1), named so it
-    can be
-    removed whatever happens, the environment passed explicitly."""
+    can be removed whatever happens, the environment passed explicitly."""
     return [
         os.environ.get("DOCKER", "docker"),
         "run",

@@ -1,11 +1,11 @@
 """Train a DCGAN with DistributedDataParallel, as a SageMaker user would write it.
 
 Runs unchanged under SageMaker, ``torchbay train`` or plain ``torchrun --nproc-per-node 2
-train.py``:
-the folders come from the SM_* environment (or the flags), the ranks from torchrun's variables.
-Gloo on CPU, NCCL on GPUs. Rank 0 writes TensorBoard scalars (both losses, batch and data time),
-a grid of fake samples per epoch under the output folder, and the generator as a ``torch.export``
-program with a dynamic batch (``model.pt2``) plus ``code/inference.py`` into the model folder.
+train.py``: the folders come from the SM_* environment (or the flags), the ranks from torchrun's
+variables. Gloo on CPU, NCCL on GPUs. Rank 0 writes TensorBoard scalars (both losses, batch and data
+time), a grid of fake samples per epoch under the output folder, and the generator as a
+``torch.export`` program with a dynamic batch (``model.pt2``) plus ``code/inference.py`` into the
+model folder.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ In CI (``CI=true``) the tests must run: the engine is installed and started when
 failure to do so fails the session. Elsewhere they are skipped, with the reason, when no engine can
 be started (not root, no apt, no kernel support). The CPU image is built from a locally made
 debootstrap base (scripts/build-images --local-base), so no registry is needed; the CUDA image from
-the
-same base, with the CPU torch wheel standing in for the CUDA one (``--torch-standin``), on demand.
+the same base, with the CPU torch wheel standing in for the CUDA one (``--torch-standin``), on
+demand.
 """
 
 from __future__ import annotations
@@ -180,8 +180,7 @@ def _snapshot(dest: Path) -> Path:
 
 def _build_images(engine: Engine, log: Path, *args: str) -> None:
     """scripts/build-images (of the snapshot) from the local base with the session's CA bundle and
-    the
-    local torch wheel."""
+    the local torch wheel."""
     sources = Path(engine.sources)
     build = [
         str(sources / "scripts" / "build-images"),
@@ -221,8 +220,7 @@ def cuda_images(
 
     Same local base as the CPU images, and the CPU torch wheel standing in for the CUDA build
     (``--torch-standin``, TORCH_VARIANT=cpu): every layer up to the CUDA-specific part comes from
-    the
-    CPU build's cache. Removed at the end (the engine's cleanup removes them too).
+    the CPU build's cache. Removed at the end (the engine's cleanup removes them too).
     """
     started = time.monotonic()
     log = tmp_path_factory.mktemp("cuda-build") / "build.log"

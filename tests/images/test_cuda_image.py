@@ -3,12 +3,10 @@
 The CUDA Dockerfile's targets are built from the same local debootstrap base as the CPU images, with
 the pinned CPU torch wheel standing in for the CUDA build (``scripts/build-images --torch-standin``,
 build argument TORCH_VARIANT=cpu; no registry or CUDA wheel here, and a multi-GB CUDA torch would
-not
-fit a CI run anyway). Checked: the images build and reuse the CPU image's layers; labels and the
+not fit a CI run anyway). Checked: the images build and reuse the CPU image's layers; labels and the
 NVIDIA environment; ``train``/``serve`` on PATH and runnable; serving non-root with a HEALTHCHECK;
-the
-serving process, finding no GPU, says so once and serves a TorchScript model on CPU; and without the
-declared stand-in a CPU torch fails the build.
+the serving process, finding no GPU, says so once and serves a TorchScript model on CPU; and without
+the declared stand-in a CPU torch fails the build.
 """
 
 from __future__ import annotations

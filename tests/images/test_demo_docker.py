@@ -1,6 +1,5 @@
 """``scripts/demo --docker IMAGE``: the demo's train and serve steps through ``docker run`` of the
-CPU
-images the session built (a short run: 1 epoch, 128 images)."""
+CPU images the session built (a short run: 1 epoch, 128 images)."""
 
 from __future__ import annotations
 

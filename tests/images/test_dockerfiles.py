@@ -119,8 +119,8 @@ def test_dockerignore_is_an_allow_list() -> None:
 
 def test_cuda_shares_the_cpu_layers_up_to_its_own_part() -> None:
     """base, builder and the start of runtime are instruction for instruction the CPU image's, so
-    one
-    machine building both (CI: the CUDA targets with the CPU torch stand-in) reuses those layers."""
+    one machine building both (CI: the CUDA targets with the CPU torch stand-in) reuses those
+    layers."""
 
     def names(stage: list[tuple[str, str]]) -> list[tuple[str, str]]:
         # An ARG's default may differ (TORCH_INDEX_URL); build-images passes the same value to both.

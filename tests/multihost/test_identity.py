@@ -1,7 +1,6 @@
 """One cluster identity under every dialect: two pod-like hosts, a ShardedByS3Key channel, and a
-script in the
-SageMaker-example shape (hosts.index(current_host), MASTER_ADDR=hosts[0]) that all-reduces across
-them.
+script in the SageMaker-example shape (hosts.index(current_host), MASTER_ADDR=hosts[0]) that
+all-reduces across them.
 
 Each host has its own hostname, a default route and its own /etc/hosts (tests/multihost/netns.py).
 """
@@ -233,8 +232,7 @@ def test_a_master_that_dies_at_import_ends_the_worker_quickly(tmp_path, netns_cl
 @pytest.mark.timeout(200)
 def test_sagemaker_resourceconfig_two_hosts(tmp_path, netns_cluster):
     """On SageMaker the platform wrote the config files and staged each host's shard: the identity
-    is
-    resourceconfig.json's, the same script runs, and the exchange still joins the hosts."""
+    is resourceconfig.json's, the same script runs, and the exchange still joins the hosts."""
     cluster = netns_cluster(2)
     code = tmp_path / "src"
     code.mkdir()

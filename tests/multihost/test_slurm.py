@@ -1,7 +1,6 @@
 """A real Slurm cluster (Debian's slurm-wlm and munge, one slurmd per namespace host): the job is
-started with
-``srun --nodes=2 --ntasks-per-node=1 torchbay train --job ...``, so every SLURM_* variable comes
-from Slurm."""
+started with ``srun --nodes=2 --ntasks-per-node=1 torchbay train --job ...``, so every SLURM_*
+variable comes from Slurm."""
 
 from __future__ import annotations
 

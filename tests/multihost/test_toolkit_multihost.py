@@ -1,7 +1,6 @@
 """Two hosts (network namespaces): scripts using the toolkits' Python API see the cluster as
-SageMaker shows
-it, and every host's job log and status file land in S3, also for a host that fails before its
-script."""
+SageMaker shows it, and every host's job log and status file land in S3, also for a host that fails
+before its script."""
 
 from __future__ import annotations
 
