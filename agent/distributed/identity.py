@@ -26,6 +26,7 @@ from agent.job import Job, Resource, frozen_map
 __all__ = ["identify", "interface_for", "route_interface"]
 
 _RESOLVE_TIMEOUT = 1.0  # seconds: load_job must not hang on a slow resolver
+_SYS_PATHS = SysPaths()
 
 
 def _address(host: str, timeout: float = _RESOLVE_TIMEOUT) -> str | None:
@@ -78,7 +79,7 @@ def interface_for(
     wanted: str | None,
     configured: str | None,
     sagemaker: bool,
-    sys_paths: SysPaths = SysPaths(),
+    sys_paths: SysPaths = _SYS_PATHS,
     resolve: Callable[[str], str | None] = _address,
 ) -> tuple[str | None, str]:
     """(interface, why) for NCCL/Gloo sockets: the setting; on SageMaker the resourceconfig's; else
@@ -104,7 +105,7 @@ def interface_for(
     return None, "none found (the libraries choose)"
 
 
-def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = SysPaths()) -> Job:
+def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = _SYS_PATHS) -> Job:
     """``job`` with its one cluster identity (``job.cluster``) and a ``resource`` that agrees with
     it."""
     cluster = discover(job, dev_root=dev_root)
