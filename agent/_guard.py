@@ -111,6 +111,7 @@ def _guard(
 
     for signum in _WATCHED:
         signal.signal(signum, on_signal)
+    signal.set_wakeup_fd(-1)  # a wakeup descriptor of the agent's is about to be closed
     os.setsid()
     _plumb(stdout, stderr)
     if cwd is not None:

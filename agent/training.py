@@ -83,7 +83,7 @@ _EXCEPTION_LINE = re.compile(
     r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
     r"(?::\s?(.*))?$"
 )
-_UPLOAD_POOL = 16  # connections of the uploads' S3 client, at least
+_UPLOAD_POOL = 16  # connections of the uploads' S3 client
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -237,13 +237,13 @@ class _JobStorage:
     the lifecycle (boto3 is imported only when an s3:// URI is used).
 
     ``reads`` serves the code fetch (the S3 client's standard retries); ``writes`` the end-of-job
-    uploads, live sync and the log shipping, which retry with their own backoff up to the upload
-    deadline, so their S3 client retries little and gives up connecting early.
+    uploads, the job log and metrics uploads and the host report, which retry with their own
+    backoff up to the upload deadline, so their S3 client retries little and gives up connecting
+    early. The staging and live sync still make their own clients (they take no storage yet).
     """
 
     def __init__(self, settings: Settings) -> None:
         self._endpoint_url: str | None = settings.endpoint_url
-        self._sync_workers = int(settings.sync_workers)
         self._reads: dict[str, Storage] = {}
         self._writes: dict[str, Storage] = {}
 
@@ -260,11 +260,8 @@ class _JobStorage:
         if scheme != "s3":
             return self.reads(uri)
         if scheme not in self._writes:
-            from agent.sync.upload import PART_THREADS  # with boto3: only for an s3:// URI
-
-            pool = max(_UPLOAD_POOL, self._sync_workers * PART_THREADS + 4)
             self._writes[scheme] = S3Storage(
-                make_s3_client(self._endpoint_url, pool, max_attempts=2, connect_timeout=5)
+                make_s3_client(self._endpoint_url, _UPLOAD_POOL, max_attempts=2, connect_timeout=5)
             )
         return self._writes[scheme]
 
@@ -516,16 +513,11 @@ class _Lifecycle:
         if self._sync is None:
             from agent.sync import LiveSync  # watchdog: after the script started, unless restoring
 
-            self._sync = LiveSync(self.job, log=self.log, storage=self._sync_storage())
+            # Not given the job's storage yet: LiveSync takes one ready storage for all three
+            # prefixes (which may differ in scheme), and making an S3 client here would import
+            # boto3 while the script starts; it makes its clients on first use instead.
+            self._sync = LiveSync(self.job, log=self.log)
         return self._sync
-
-    def _sync_storage(self) -> Storage | None:
-        """The job's storage for the synced prefixes, when they share one scheme (LiveSync takes
-        one storage for all of them); else None and LiveSync makes one per scheme."""
-        job = self.job
-        uris = [u for u in (job.checkpoint_uri, job.job_output_uri, job.tensorboard_uri) if u]
-        schemes = {parse_uri(uri).scheme for uri in uris}
-        return self.storage.writes(uris[0]) if len(schemes) == 1 else None
 
     def _start_live_sync(self) -> None:
         self._live_sync().start()
