@@ -6,8 +6,9 @@ One job, as the named steps of :class:`_Lifecycle`, in this order:
 2. write the config files (not on SageMaker), fetch the code, install its requirements;
 3. stage the channels, restore the checkpoints;
 4. wait for the hosts, plan the launch, start the log capture, start the user's process group;
-5. start live sync and telemetry, then wait for the script (SIGTERM/SIGINT/MaxRuntimeInSeconds:
-   SIGTERM to the group, SIGKILL after the grace period);
+5. wait for the script, starting live sync and telemetry at the wait's first tick, off the
+   script's start-up path (SIGTERM/SIGINT/MaxRuntimeInSeconds: SIGTERM to the group, SIGKILL after
+   the grace period);
 6. at the end of every job, whatever failed before: drain the logs, stop the Pipe feeders, upload
    model.tar.gz and output.tar.gz, finish the checkpoint sync, close telemetry, write the success
    or failure file, ship this host's report; exit with the user's code (TorchBay errors:
@@ -295,6 +296,7 @@ class _Lifecycle:
         self._plan: LaunchPlan | None = None
         self._capture: LogCapture | None = None
         self._script_started = False
+        self._watching = False
         self._log_storage: DeadlineStorage | None = None
         self._telemetry: Telemetry | None = None
 
@@ -353,11 +355,7 @@ class _Lifecycle:
         plan = self._plan_launch(entry)
         outputs = self._start_log_capture(plan)
         group = self._start_script(plan, entry, outputs)
-        # Watching and sampling start once the script runs, off its start-up path; files written
-        # before the watch begins are picked up by LiveSync.start itself.
-        self._start_live_sync()
-        self._start_telemetry(group)
-        self._wait_for_script(group)
+        self._wait_for_script(group)  # live sync and telemetry start at its first tick
 
     def _check_stop(self, step: str) -> None:
         if self.stop.requested:
@@ -519,6 +517,16 @@ class _Lifecycle:
             self._sync = LiveSync(self.job, log=self.log)
         return self._sync
 
+    def _start_watching(self, group: ProcessGroup) -> None:
+        """Start live sync and telemetry, once: at the wait's first tick, so that their imports and
+        threads are off the script's start-up path (files written before the watch begins are
+        picked up by LiveSync.start itself), or after a script that ended before it."""
+        if self._watching:
+            return
+        self._watching = True
+        self._start_live_sync()
+        self._start_telemetry(group)
+
     def _start_live_sync(self) -> None:
         self._live_sync().start()
 
@@ -541,8 +549,14 @@ class _Lifecycle:
     def _wait_for_script(self, group: ProcessGroup) -> None:
         job = self.job
         result = supervise(
-            group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime
+            group,
+            stop=self.stop,
+            grace=job.settings.grace_period,
+            max_runtime=job.max_runtime,
+            on_tick=lambda: self._start_watching(group),
         )
+        # A script that ended within the first tick is synced and reported all the same.
+        self._start_watching(group)
         self.exit_code = result.exit_code
         stopped = None
         if result.stopped_by == "signal":
