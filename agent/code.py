@@ -92,7 +92,9 @@ def fetch_code(
             f"sagemaker_submit_directory {redact(source)} does not exist; upload the source "
             "archive (tar -czf sourcedir.tar.gz -C src .) or fix the URI"
         )
-    identity = None if is_dir else [source, info.size, info.etag, info.mtime]
+    # not a folder: the object exists (checked above)
+    identity = None if is_dir or info is None else [source, info.size, info.etag, info.mtime]
+    size = info.size if info is not None else None
     stamp_path = _state(job, "code.json")
     code_dir.mkdir(parents=True, exist_ok=True)
     stamp = _read_stamp(stamp_path)
@@ -117,7 +119,7 @@ def fetch_code(
         shutil.copytree(location.key, code_dir, dirs_exist_ok=True)
     elif location.key.endswith(_TARBALL_SUFFIXES):
         archive = _state(job, "sourcedir.tar.gz")
-        storage.get_file(source, archive, expected_size=info.size)
+        storage.get_file(source, archive, expected_size=size)
         try:
             count = safe_extract_tar(
                 archive,
@@ -134,7 +136,7 @@ def fetch_code(
         log.info("fetched %s into %s (%d members)", redact(source), code_dir, count)
     else:
         name = location.key.rstrip("/").rsplit("/", 1)[-1]
-        storage.get_file(source, code_dir / name, expected_size=info.size)
+        storage.get_file(source, code_dir / name, expected_size=size)
     _write_stamp(stamp_path, identity if identity is not None else [source, "folder"])
     return FETCHED
 
@@ -293,8 +295,8 @@ def _guard(
     python: str,
 ) -> dict[str, Any]:
     """The pip guard (agent/pipguard.py): refuse a requirement that would replace a package the
-    agent needs,
-    and write the constraints file for pip; returns the agent's packages ({} when the guard is off)."""
+    agent needs, and write the constraints file for pip; returns the agent's packages ({} when the
+    guard is off)."""
     if os.path.abspath(python) != os.path.abspath(sys.executable):
         return {}  # another interpreter's environment is not the agent's
     try:

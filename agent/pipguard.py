@@ -213,15 +213,9 @@ def _disjoint(asked: str, need: Needed) -> bool:
 
 def _conflict(need: Needed, asked: str, who: str, what: str) -> PackageConflictError:
     return PackageConflictError(
-        f"{who} {asked}, but TorchBay itself needs {need.describe()}; installing it would replace a "
-        ""
-        ""
-        "package the "
-        f"agent runs on, so nothing from {what} was installed. Drop the pin or ask for a version in "
-        ""
-        ""
-        ""
-        f"{need.name}{need.specifier}",
+        f"{who} {asked}, but TorchBay itself needs {need.describe()}; installing it would replace "
+        f"a package the agent runs on, so nothing from {what} was installed. Drop the pin or ask "
+        f"for a version in {need.name}{need.specifier}",
         package=need.name,
         asked=asked,
         needed=need.specifier,
@@ -264,7 +258,10 @@ def conflict_from_pip(
                 else f"{what} asks for"
             )
             if match.group(1) and canonical(match.group(1)) in _TOOLKITS:
-                who = f"{who[: -len(' depends on')]} (TorchBay provides its Python API itself: remove it) depends on"
+                who = (
+                    f"{who[: -len(' depends on')]} (TorchBay provides its Python API itself: "
+                    "remove it) depends on"
+                )
             asked.setdefault(canonical(req.name), (who, f"{req.name}{req.specifier}"))
     for key in sorted(constrained):
         need = needed.get(key)

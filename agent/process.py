@@ -6,17 +6,13 @@ exit codes.
 sends SIGTERM to the whole group, then SIGKILL after the grace period. The result carries the
 child's exit code, 128+N when a signal N ended it.
 
-With ``guard=True`` (the training script) the command runs under ``agent/_guard.py``, a tiny
-standard-library process that leads the group: it is a child subreaper with PR_SET_PDEATHSIG, so
-when
-the agent dies however it dies (SIGKILL included) every process the command started, ``setsid`` ones
+With ``guard=True`` (the training script) the command runs under the guard (agent/_guard.py), a
+fork of the agent that leads the group: it is a child subreaper with PR_SET_PDEATHSIG, so when the
+agent dies however it dies (SIGKILL included) every process the command started, ``setsid`` ones
 too, is killed. The agent is a child subreaper too: processes that left the group are found at a
-normal
-stop by the tag the guard's environment carries (``TORCHBAY_PROCESS_TAG``), logged by PID and
-command,
-and stopped. :func:`check_command_size` refuses a command line Linux would refuse (E2BIG), naming
-the
-hyperparameter that made it too big.
+normal stop by the tag the command's environment carries (``TORCHBAY_PROCESS_TAG``), logged by PID
+and command, and stopped. :func:`check_command_size` refuses a command line Linux would refuse
+(E2BIG), naming the hyperparameter that made it too big.
 """
 
 from __future__ import annotations
@@ -26,16 +22,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from agent import _guard
 from agent.errors import EntryPointError, JobSpecError
+
+if TYPE_CHECKING:
+    import psutil
 
 __all__ = [
     "MAX_ARG_STRLEN",
@@ -47,12 +45,9 @@ __all__ = [
     "supervise",
 ]
 
-MAX_ARG_STRLEN = (
-    32 * 4096
-)  # Linux: the longest single argument or NAME=value string exec accepts (with its NUL)
+# Linux: the longest single argument or NAME=value string exec accepts (with its NUL)
+MAX_ARG_STRLEN = 32 * 4096
 TAG_VARIABLE = "TORCHBAY_PROCESS_TAG"
-_GUARD = Path(__file__).with_name("_guard.py")
-_PR_SET_CHILD_SUBREAPER = 36
 
 _POLL = 0.1
 _SIGTERM = signal.SIGTERM  # the method ProcessGroup.signal hides the module inside the class body
@@ -64,7 +59,8 @@ def exit_code_of(returncode: int) -> int:
 
 
 class StopRequest:
-    """A stop asked for by a signal. The handler only records it; the supervising loop acts on it."""
+    """A stop asked for by a signal. The handler only records it; the supervising loop acts on
+    it."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -117,7 +113,62 @@ class RunResult:
     duration: float = 0.0
 
 
-Output = Union[int, IO[bytes], None]
+Output = int | IO[bytes] | None
+
+
+class _Child(Protocol):
+    """What ProcessGroup needs of the started leader: a ``subprocess.Popen`` or a forked guard."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class _Forked:
+    """The guard forked by agent/_guard.py, waited for like a ``subprocess.Popen``: ``poll`` and
+    ``wait`` return the return code, -N for signal N; ``wait`` raises TimeoutExpired."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self._pid, flags)
+            except ChildProcessError:  # reaped elsewhere: its status is lost (as Popen says, 0)
+                self.returncode = 0
+                return 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            code = self._reap(0)
+            assert code is not None
+            return code
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            code = self._reap(os.WNOHANG)
+            if code is not None:
+                return code
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(["guard", str(self._pid)], timeout)
+            delay = min(delay * 2, left, 0.05)
+            time.sleep(delay)
 
 
 class ProcessGroup:
@@ -143,8 +194,8 @@ class ProcessGroup:
         self._guard = guard
         self._failure_file = failure_file
         self._log = log or logging.getLogger("torchbay")
-        self._tag = uuid.uuid4().hex
-        self._proc: subprocess.Popen | None = None
+        self._tag = os.urandom(16).hex()
+        self._proc: _Child | None = None
         self.started_at: float | None = None
 
     def start(self) -> ProcessGroup:
@@ -155,23 +206,28 @@ class ProcessGroup:
         """
         env = dict(self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        argv = self.argv
         if self._guard:
             self._check_executable(env)
             env[TAG_VARIABLE] = self._tag
-            argv = [
-                sys.executable,
-                "-I",
-                "-S",
-                str(_GUARD),
-                str(os.getpid()),
-                str(self._failure_file or ""),
-                "--",
-                *self.argv,
-            ]
+            libc = _guard.load_libc()
+            self._proc = _Forked(
+                _guard.spawn(
+                    self.argv,
+                    env=env,
+                    cwd=self._cwd,
+                    stdout=_fd_of(self._stdout),
+                    stderr=_fd_of(self._stderr),
+                    failure_file=self._failure_file,
+                    libc=libc,
+                )
+            )
+            self.started_at = time.monotonic()
+            # Orphans that leave the guard's tree reach the agent, not PID 1: found at the stop.
+            _guard.prctl(libc, _guard.PR_SET_CHILD_SUBREAPER, 1)
+            return self
         try:
             self._proc = subprocess.Popen(
-                argv,
+                self.argv,
                 env=env,
                 cwd=str(self._cwd) if self._cwd else None,
                 stdin=subprocess.DEVNULL,
@@ -186,13 +242,17 @@ class ProcessGroup:
                 "its permissions"
             ) from err
         self.started_at = time.monotonic()
-        if self._guard:
-            _become_subreaper()  # after the start: the import of ctypes is off the script's start-up path
         return self
 
     def _check_executable(self, env: Mapping[str, str]) -> None:
-        """What Popen would have said about ``argv[0]``, said before the guard runs it."""
+        """What Popen would have said about ``argv[0]`` and the folder, said before the guard runs
+        it."""
         program = self.argv[0]
+        if self._cwd is not None and not os.path.isdir(self._cwd):
+            raise EntryPointError(
+                f"cannot start {program!r} in {str(self._cwd)!r}: No such directory; check the "
+                "code folder"
+            )
         if os.sep in program:
             full = (
                 program if os.path.isabs(program) else os.path.join(str(self._cwd or "."), program)
@@ -260,7 +320,8 @@ class ProcessGroup:
         return None if code is None else exit_code_of(code)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait up to ``timeout`` seconds for the leader; its exit code, or None if still running."""
+        """Wait up to ``timeout`` seconds for the leader; its exit code, or None if still
+        running."""
         assert self._proc is not None, "start() first"
         try:
             return exit_code_of(self._proc.wait(timeout))
@@ -361,15 +422,11 @@ def supervise(
             )
 
 
-def _become_subreaper() -> None:
-    """Orphans of our descendants become our children (not PID 1's), so they can be found and
-    stopped."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the guard alone has to do
-        pass
+def _fd_of(output: Output) -> int | None:
+    """The file descriptor of a Popen-style output (None: inherit the agent's)."""
+    if output is None or isinstance(output, int):
+        return output
+    return output.fileno()
 
 
 def _reap_zombies(pgid: int) -> None:
@@ -390,7 +447,7 @@ def _reap_zombies(pgid: int) -> None:
             continue
 
 
-def _tagged_processes(tag: str) -> list:
+def _tagged_processes(tag: str) -> list[psutil.Process]:
     """Our descendants whose environment carries ``tag`` (the guard's tag; every process the command
     started
     inherits it unless it cleared its environment)."""
@@ -398,7 +455,7 @@ def _tagged_processes(tag: str) -> list:
         import psutil
     except ImportError:
         return []
-    found = []
+    found: list[psutil.Process] = []
     for proc in psutil.Process().children(recursive=True):
         try:
             if proc.environ().get(TAG_VARIABLE) == tag and proc.status() != psutil.STATUS_ZOMBIE:
@@ -437,14 +494,20 @@ def check_command_size(
         reverse=True,
     )
     if len(longest) + 1 > MAX_ARG_STRLEN:
-        limit = f"one argument or environment variable can hold at most {MAX_ARG_STRLEN - 1} bytes on Linux"
+        limit = (
+            f"one argument or environment variable can hold at most {MAX_ARG_STRLEN - 1} bytes "
+            "on Linux"
+        )
         where = (
             longest.split(b"=", 1)[0].decode("utf-8", "replace")[:60]
             if not longest.startswith(b"-")
             else None
         )
     else:
-        limit = f"the command line and environment together would take {total} bytes, over ARG_MAX ({arg_max})"
+        limit = (
+            f"the command line and environment together would take {total} bytes, over ARG_MAX "
+            f"({arg_max})"
+        )
         where = None
     if sizes and sizes[0][0] > 1024:
         size, name = sizes[0]

@@ -1,17 +1,21 @@
 """The train lifecycle (``torchbay train``, ``entrypoints/train``).
 
-load_job → write config files (not on SageMaker) → fetch code → install requirements → stage
-channels →
-restore checkpoints and start live sync → wait for hosts → plan the launch → start log capture →
-start
-the user's process group → telemetry → wait (SIGTERM/SIGINT/MaxRuntimeInSeconds → SIGTERM to the
-group,
-SIGKILL after the grace period) → drain logs → upload model.tar.gz and output.tar.gz → finish
-checkpoint
-sync → telemetry → success or failure file → exit with the user's code (TorchBay errors:
-agent/errors.py).
+One job, as the named steps of :class:`_Lifecycle`, in this order:
 
-This module never imports torch, and boto3 only when an s3:// URI is used.
+1. load_job (``main``), then the job's folders, its log and its storage;
+2. write the config files (not on SageMaker), fetch the code, install its requirements;
+3. stage the channels, restore the checkpoints;
+4. wait for the hosts, plan the launch, start the log capture, start the user's process group;
+5. wait for the script, starting live sync and telemetry at the wait's first tick, off the
+   script's start-up path (SIGTERM/SIGINT/MaxRuntimeInSeconds: SIGTERM to the group, SIGKILL after
+   the grace period);
+6. at the end of every job, whatever failed before: drain the logs, stop the Pipe feeders, upload
+   model.tar.gz and output.tar.gz, finish the checkpoint sync, close telemetry, write the success
+   or failure file, ship this host's report; exit with the user's code (TorchBay errors:
+   agent/errors.py).
+
+A stop request between two steps before the script starts ends the job there. This module never
+imports torch, and boto3 only when an s3:// URI is used.
 """
 
 from __future__ import annotations
@@ -21,13 +25,26 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
+from agent.code import fetch_code, install_requirements
+from agent.distributed import (
+    Exchange,
+    LaunchPlan,
+    first_failure,
+    peer_reason,
+    plan_launch,
+    start_exchange,
+    wait_for_hosts,
+)
+from agent.environment import EntryPoint, resolve_entry_point, user_args, user_environment
 from agent.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -36,10 +53,27 @@ from agent.errors import (
     TorchBayError,
     exit_code_for,
 )
-from agent.job import Job, load_job, write_config_files
+from agent.job import Job, Layout, load_job, write_config_files
+from agent.process import ProcessGroup, StopRequest, check_command_size, supervise
 from agent.redact import RedactingFilter, Redactor
-from agent.settings import read_settings
-from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
+from agent.settings import Settings, read_settings
+from agent.storage import (
+    FileStorage,
+    S3Storage,
+    Storage,
+    make_s3_client,
+    parse_uri,
+    redact,
+    write_text_atomically,
+)
+from agent.telemetry.agentlog import AgentLogHandler
+from agent.telemetry.capture import LogCapture
+from agent.uploads import DeadlineStorage, put_until
+
+if TYPE_CHECKING:  # imported where used: only for a job that needs them, or after the start
+    from agent.data import DataHandle
+    from agent.sync import LiveSync
+    from agent.telemetry.service import Telemetry
 
 __all__ = ["FAILURE_REASON_MAX", "failure_reason", "main", "parse_args"]
 
@@ -50,14 +84,15 @@ _EXCEPTION_LINE = re.compile(
     r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
     r"(?::\s?(.*))?$"
 )
+_UPLOAD_POOL = 16  # connections of the uploads' S3 client
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """``torchbay train [--job SPEC]``."""
     parser = argparse.ArgumentParser(
         prog="torchbay train",
-        description="Run a SageMaker-shaped training job: the job spec (or the config files under the root), "
-        "the user's code, data, process supervision, outputs and the failure report.",
+        description="Run a SageMaker-shaped training job: the job spec (or the config files under "
+        "the root), the user's code, data, process supervision, outputs and the failure report.",
     )
     parser.add_argument(
         "--job",
@@ -96,7 +131,10 @@ def failure_reason(
         except ValueError:
             pass
         if exit_code == 128 + signal.SIGKILL and not stopped:
-            how += "; SIGKILL without a stop request often means the kernel's OOM killer: check memory use"
+            how += (
+                "; SIGKILL without a stop request often means the kernel's OOM killer: check "
+                "memory use"
+            )
     if stopped:
         how += f"; {stopped}"
     program = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:3]))
@@ -159,8 +197,6 @@ def _configure_logging(level: str, redactor: Redactor | None = None) -> logging.
 
 
 def _make_tarball(folder: Path, dest: Path) -> None:
-    import tarfile
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(dest, "w:gz") as archive:
@@ -187,8 +223,6 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
     """
     if not enabled:
         return list(argv)
-    import shutil
-
     stdbuf = shutil.which("stdbuf")
     if stdbuf is None:
         log.info(
@@ -199,79 +233,138 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
     return [stdbuf, "-oL", "-eL", *argv]
 
 
+class _JobStorage:
+    """The job's storage backends, one per URI scheme, made on first use here and nowhere else in
+    the lifecycle (boto3 is imported only when an s3:// URI is used).
+
+    ``reads`` serves the code fetch (the S3 client's standard retries); ``writes`` the end-of-job
+    uploads, the job log and metrics uploads and the host report, which retry with their own
+    backoff up to the upload deadline, so their S3 client retries little and gives up connecting
+    early. The staging and live sync still make their own clients (they take no storage yet).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._endpoint_url: str | None = settings.endpoint_url
+        self._reads: dict[str, Storage] = {}
+        self._writes: dict[str, Storage] = {}
+
+    def reads(self, uri: str) -> Storage:
+        scheme = parse_uri(uri).scheme
+        if scheme not in self._reads:
+            self._reads[scheme] = (
+                S3Storage(make_s3_client(self._endpoint_url)) if scheme == "s3" else FileStorage()
+            )
+        return self._reads[scheme]
+
+    def writes(self, uri: str) -> Storage:
+        scheme = parse_uri(uri).scheme
+        if scheme != "s3":
+            return self.reads(uri)
+        if scheme not in self._writes:
+            self._writes[scheme] = S3Storage(
+                make_s3_client(self._endpoint_url, _UPLOAD_POOL, max_attempts=2, connect_timeout=5)
+            )
+        return self._writes[scheme]
+
+
 class _Lifecycle:
-    """One train run. ``run`` returns the exit code; every step after load_job ends in ``_finish``."""
+    """One train run: ``run`` calls the steps in order and returns the exit code; every step after
+    load_job ends in ``_finish``."""
 
     def __init__(
         self,
         job: Job,
         *,
         log: logging.Logger,
-        stop: Any,
+        stop: StopRequest,
         out: BinaryIO,
         redactor: Redactor | None = None,
     ) -> None:
         self.job = job
-        self.redactor = redactor or Redactor(job.settings.secret_names)
-        self._log_storage: Any = None
-        self._script_started = False
         self.log = log
         self.stop = stop
         self.out = out
+        self.redactor = redactor or Redactor(job.settings.secret_names)
+        self.storage = _JobStorage(job.settings)  # the job's one storage, for every step
         self.exit_code: int | None = None
         self.reason: str | None = None
-        self._storages: dict[str, Storage] = {}
-        self._s3_client: Any = None
-        self._capture: Any = None
-        self._data: Any = None
-        self._sync: Any = None
-        self._telemetry: Any = None
-        self._plan: Any = None
-        self._argv: list[str] = []
-        self._rank = 0
-        self._agent_log: Any = None
-        self._exchange: Any = (
-            None  # the identity exchange with the other hosts (agent.distributed.exchange)
-        )
+        # What the steps started, for the steps after them and for the end of the job.
+        self._agent_log: AgentLogHandler | None = None
+        self._exchange: Exchange | None = None
+        self._data: DataHandle | None = None
+        self._sync: LiveSync | None = None
+        self._plan: LaunchPlan | None = None
+        self._capture: LogCapture | None = None
+        self._script_started = False
+        self._watching = False
+        self._log_storage: DeadlineStorage | None = None
+        self._telemetry: Telemetry | None = None
 
-    # --- storage, shared by the fetch and the uploads --------------------------------------------
-    def storage_for(self, uri: str) -> Storage:
-        scheme = parse_uri(uri).scheme
-        if scheme not in self._storages:
-            if scheme == "s3":
-                from agent.storage import make_s3_client
-
-                self._s3_client = make_s3_client(self.job.settings.endpoint_url)
-                self._storages[scheme] = open_storage(uri, s3_client=self._s3_client)
-            else:
-                self._storages[scheme] = open_storage(uri)
-        return self._storages[scheme]
-
-    def upload_storage_for(self, uri: str) -> Storage:
-        """The storage for end-of-job uploads: an S3 client with few built-in retries (agent.uploads
-        retries
-        with its own backoff, up to the upload deadline)."""
-        if parse_uri(uri).scheme != "s3":
-            return self.storage_for(uri)
-        if "s3-uploads" not in self._storages:
-            from agent.storage import S3Storage, make_s3_client
-
-            self._storages["s3-uploads"] = S3Storage(
-                make_s3_client(
-                    self.job.settings.endpoint_url, 16, max_attempts=2, connect_timeout=5
-                )
+    def run(self) -> int:
+        self._prepare_folders()
+        self._attach_job_log()
+        self._start_exchange()
+        try:
+            self._until_the_script_ends()
+        except _Stopped as stopped:
+            signum = self.stop.signum or signal.SIGTERM
+            self.exit_code = 128 + signum
+            self.reason = (
+                f"stopped by {signal.Signals(signum).name} during {stopped}, before the script "
+                "started"
             )
-        return self._storages["s3-uploads"]
+            self.log.warning("%s", self.reason)
+        except TorchBayError as err:
+            self.exit_code = err.exit_code
+            self.reason = f"{type(err).__name__}: {err}"
+            self.log.error("%s (exit code %d)", self.reason, err.exit_code)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            where = err.filename or f"a file under {self.job.layout.root}"
+            disk = DiskFullError(
+                f"disk full: {err.strerror} ({where}); free space or give the job a bigger volume"
+            )
+            self.exit_code, self.reason = disk.exit_code, f"DiskFullError: {disk}"
+            self.log.error("%s (exit code %d)", self.reason, disk.exit_code)
+        except Exception as err:  # the process top level: log it and still upload what exists
+            self.log.exception("internal error: %s", err)
+            self.exit_code = EXIT_INTERNAL
+            self.reason = (
+                f"TorchBay internal error: {type(err).__name__}: {redact(str(err))}; please "
+                "report it"
+            )
+        self._close_exchange()
+        self._finish()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def _until_the_script_ends(self) -> None:
+        """The steps up to the end of the script; a stop request between two ends the run."""
+        self._write_config_files()
+        self._check_stop("setup")
+        self._fetch_code()
+        self._check_stop("the code download")
+        self._install_requirements()
+        self._check_stop("pip install")
+        entry = resolve_entry_point(self.job)
+        self._stage_channels()
+        self._restore_checkpoints()
+        self._wait_for_hosts()
+        self._check_stop("the wait for hosts")
+        plan = self._plan_launch(entry)
+        outputs = self._start_log_capture(plan)
+        group = self._start_script(plan, entry, outputs)
+        self._wait_for_script(group)  # live sync and telemetry start at its first tick
 
     def _check_stop(self, step: str) -> None:
         if self.stop.requested:
             raise _Stopped(step)
 
-    # --- the steps
-    # ------------------------------------------------------------------------------------
-    def run(self) -> int:
-        job, log = self.job, self.log
-        layout = job.layout
+    # --- the steps before the script ------------------------------------------------------------
+    def _prepare_folders(self) -> None:
+        """The layout's folders; no status file of an earlier run; room kept for this one's."""
+        layout = self.job.layout
         for folder in (
             layout.model_dir,
             layout.output_data_dir,
@@ -284,127 +377,119 @@ class _Lifecycle:
         for stale in (layout.failure_file, layout.success_file):
             stale.unlink(missing_ok=True)
         _reserve_room(layout.agent_dir / _RESERVE_NAME)
-        self._attach_job_log()
-        log.info(
+
+    def _attach_job_log(self) -> None:
+        """The agent's own lines go to the job log too, tagged as the agent's
+        (agent/telemetry/agentlog.py)."""
+        job, settings = self.job, self.job.settings
+        try:
+            self._agent_log = AgentLogHandler(
+                job.layout.job_log_file,
+                host=job.resource.current_host,
+                tag_format=settings.log_tag,
+                json_lines=settings.log_json,
+                fmt=logging.Formatter(_LOG_FORMAT),
+            )
+        except OSError as err:
+            self.log.warning(
+                "the agent's lines will not be in the job log: cannot open %s (%s)",
+                job.layout.job_log_file,
+                err,
+            )
+        else:
+            self.log.addHandler(self._agent_log)
+        self.log.info(
             "job %s on %s (%d host(s)); root %s%s",
             job.name,
             job.resource.current_host,
             job.resource.host_count,
-            layout.root,
+            job.layout.root,
             " (SageMaker: config and data in place)" if job.on_sagemaker else "",
         )
-        if job.cluster is not None and job.cluster.multi_host:
-            from agent.distributed import start_exchange
 
-            self._exchange = start_exchange(job, log=log, stop=self.stop)
-        try:
-            self._prepare_and_run()
-        except _Stopped as stopped:
-            signum = self.stop.signum or signal.SIGTERM
-            self.exit_code = 128 + signum
-            self.reason = f"stopped by {signal.Signals(signum).name} during {stopped}, before the script started"
-            log.warning("%s", self.reason)
-        except TorchBayError as err:
-            self.exit_code = err.exit_code
-            self.reason = f"{type(err).__name__}: {err}"
-            log.error("%s (exit code %d)", self.reason, err.exit_code)
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            disk = DiskFullError(
-                f"disk full: {err.strerror} ({err.filename or 'a file under ' + str(layout.root)}); "
-                ""
-                ""
-                ""
-                "free space or give the job a bigger volume"
-            )
-            self.exit_code, self.reason = disk.exit_code, f"DiskFullError: {disk}"
-            log.error("%s (exit code %d)", self.reason, disk.exit_code)
-        except Exception as err:  # the process top level: log it and still upload what exists
-            log.exception("internal error: %s", err)
-            self.exit_code = EXIT_INTERNAL
-            self.reason = f"TorchBay internal error: {type(err).__name__}: {redact(str(err))}; please report it"
-        if self._exchange is not None:  # the other hosts learn at once how this one ended
-            from agent.distributed import peer_reason
+    def _start_exchange(self) -> None:
+        """The identity exchange with the other hosts of a multi-host job
+        (agent.distributed.exchange)."""
+        if self.job.cluster is not None and self.job.cluster.multi_host:
+            self._exchange = start_exchange(self.job, log=self.log, stop=self.stop)
 
-            self._exchange.close(self.exit_code, self.reason)
-            self.reason = peer_reason(
-                self._exchange, job.resource.current_host, self.exit_code, self.reason
-            )
-        self._finish()
-        assert self.exit_code is not None
-        return self.exit_code
+    def _write_config_files(self) -> None:
+        if not self.job.on_sagemaker:  # on SageMaker the platform wrote them
+            write_config_files(self.job)
 
-    def _prepare_and_run(self) -> None:
-        from agent.code import fetch_code, install_requirements
-        from agent.environment import resolve_entry_point, user_args, user_environment
-        from agent.process import ProcessGroup, supervise
+    def _fetch_code(self) -> None:
+        fetch_code(self.job, log=self.log, storage_for=self.storage.reads)
 
-        job, log = self.job, self.log
-        if not job.on_sagemaker:
-            write_config_files(job)
-        self._check_stop("setup")
-        fetch_code(job, log=log, storage_for=self.storage_for)
-        self._check_stop("the code download")
-        install_requirements(job, log=log, stop=self.stop)
-        self._check_stop("pip install")
-        entry = resolve_entry_point(job)
-        if any(
-            channel.uri is not None for channel in job.channels
-        ):  # on SageMaker the data is in place
-            from agent.data import prepare_channels
+    def _install_requirements(self) -> None:
+        install_requirements(self.job, log=self.log, stop=self.stop)
 
-            self._data = prepare_channels(job, log=log)
-            self._check_stop("data staging")
-        if job.checkpoint_uri:
-            from agent.sync import LiveSync
+    def _stage_channels(self) -> None:
+        """Stage File channels and start the Pipe feeders; on SageMaker the data is in place."""
+        if all(channel.uri is None for channel in self.job.channels):
+            return
+        from agent.data import prepare_channels  # the staging machinery: only for a job with data
 
-            self._sync = LiveSync(job, log=log)
-            restored = self._sync.restore()
-            if restored:
-                log.info(
-                    "restored %d checkpoint file(s) from %s", restored, redact(job.checkpoint_uri)
-                )
-            self._check_stop("checkpoint restore")
-        from agent.distributed import plan_launch, wait_for_hosts
+        # The staging makes its own clients until it takes a storage (see _JobStorage).
+        self._data = prepare_channels(self.job, log=self.log)
+        self._check_stop("data staging")
 
+    def _restore_checkpoints(self) -> None:
+        uri = self.job.checkpoint_uri
+        if not uri:
+            return
+        restored = self._live_sync().restore()
+        if restored:
+            self.log.info("restored %d checkpoint file(s) from %s", restored, redact(uri))
+        self._check_stop("checkpoint restore")
+
+    def _wait_for_hosts(self) -> None:
         wait_for_hosts(
-            job, log=log, exchange=self._exchange, should_stop=lambda: self.stop.requested
+            self.job,
+            log=self.log,
+            exchange=self._exchange,
+            should_stop=lambda: self.stop.requested,
         )
-        self._check_stop("the wait for hosts")
-        args = user_args(job)
-        self._plan = plan = plan_launch(job, entry, args, log=log)
-        self._argv = list(plan.argv)
-        from agent.telemetry.capture import LogCapture
 
-        agent_dir = job.layout.agent_dir
+    def _plan_launch(self, entry: EntryPoint) -> LaunchPlan:
+        self._plan = plan_launch(self.job, entry, user_args(self.job), log=self.log)
+        return self._plan
+
+    def _start_log_capture(self, plan: LaunchPlan) -> tuple[Path, Path]:
+        """Tail the ranks' files into the job log; returns the stdout and stderr files of this
+        host's first rank (the script's own, or torchrun's)."""
+        job = self.job
         self._capture = capture = LogCapture(
             host=job.resource.current_host,
-            log_dir=agent_dir / "logs",
+            log_dir=job.layout.agent_dir / "logs",
             out=self.out,
             job_log=job.layout.job_log_file,
             settings=job.settings,
             metric_definitions=job.metric_definitions,
             metrics_file=job.layout.metrics_file,
             tensorboard_dir=job.tensorboard_local_path,
-            log=log,
+            log=self.log,
             **({"mask": self.redactor.data} if self.redactor.active else {}),
         )
-        self._rank = plan.rank_base
         if plan.torchrun_log_dir is not None:
             capture.add_torchrun_dir(plan.torchrun_log_dir, plan.rank_base)
-        stdout_path, stderr_path = capture.files_for(plan.rank_base)
+        outputs = capture.files_for(plan.rank_base)
         capture.start()
-        env = user_environment(job, entry, plan.env)
-        from agent.process import check_command_size
+        return outputs
 
+    def _start_script(
+        self, plan: LaunchPlan, entry: EntryPoint, outputs: tuple[Path, Path]
+    ) -> ProcessGroup:
+        """The user's process group under the orphan guard, its output in the captured files."""
+        job = self.job
+        env = user_environment(job, entry, plan.env)
         check_command_size(plan.argv, env, job.hyperparameters)
         shown = [
             word if len(word) <= 256 else f"{word[:64]}...({len(word)} chars)"
             for word in self.redactor.argv(plan.argv)
         ]
-        log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
-        argv = _line_buffered(plan.argv, job.settings.line_buffer, log)
+        self.log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
+        argv = _line_buffered(plan.argv, job.settings.line_buffer, self.log)
+        stdout_path, stderr_path = outputs
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
             group = ProcessGroup(
                 argv,
@@ -414,153 +499,136 @@ class _Lifecycle:
                 stderr=child_err,
                 guard=True,
                 failure_file=job.layout.failure_file,
-                log=log,
+                log=self.log,
             ).start()
         self._script_started = True
-        # Watching and sampling start once the script runs, off its start-up path; files written
-        # before the
-        # watch begins are picked up by LiveSync.start itself.
+        return group
+
+    # --- while the script runs ------------------------------------------------------------------
+    def _live_sync(self) -> LiveSync:
+        """The job's one LiveSync, made by the first step that needs it (the checkpoint restore, or
+        the start of the watch)."""
         if self._sync is None:
-            from agent.sync import LiveSync
+            from agent.sync import LiveSync  # watchdog: after the script started, unless restoring
 
-            self._sync = LiveSync(job, log=log)
-        self._sync.start()
+            # Not given the job's storage yet: LiveSync takes one ready storage for all three
+            # prefixes (which may differ in scheme), and making an S3 client here would import
+            # boto3 while the script starts; it makes its clients on first use instead.
+            self._sync = LiveSync(self.job, log=self.log)
+        return self._sync
+
+    def _start_watching(self, group: ProcessGroup) -> None:
+        """Start live sync and telemetry, once: at the wait's first tick, so that their imports and
+        threads are off the script's start-up path (files written before the watch begins are
+        picked up by LiveSync.start itself), or after a script that ended before it."""
+        if self._watching:
+            return
+        self._watching = True
+        self._start_live_sync()
         self._start_telemetry(group)
-        result = supervise(
-            group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime
-        )
-        self.exit_code = result.exit_code
-        stopped = None
-        if result.stopped_by == "signal":
-            stopped = f"the agent got {signal.Signals(result.signum or signal.SIGTERM).name} and stopped the script"
-        elif result.stopped_by == "max_runtime":
-            stopped = f"MaxRuntimeInSeconds ({job.max_runtime:g} s) was reached and the script was stopped"
-        if stopped:
-            stopped += " (SIGKILL after the grace period)" if result.killed else ""
-            log.warning("%s; exit code %d", stopped, result.exit_code)
-        log.info(
-            "the script ended with exit code %d after %.1f s", result.exit_code, result.duration
-        )
-        if result.exit_code != EXIT_OK:
-            capture.close()
-            self.reason = self._user_failure(result.exit_code, stopped)
 
-    def _start_telemetry(self, group: Any) -> None:
+    def _start_live_sync(self) -> None:
+        self._live_sync().start()
+
+    def _start_telemetry(self, group: ProcessGroup) -> None:
         try:
-            from agent.telemetry import Telemetry
+            from agent.telemetry.service import Telemetry  # psutil and the sampler: after the start
         except ImportError:
             self.log.debug("telemetry sampler not available; system metrics are off")
             return
-        from agent.uploads import DeadlineStorage
-
         uri = self.job.job_output_uri
-        self._log_storage = (
-            DeadlineStorage(
-                lambda: self.upload_storage_for(uri),
+        if uri:
+            self._log_storage = DeadlineStorage(
+                lambda: self.storage.writes(uri),
                 log=self.log,
                 part_size=self.job.settings.upload_part_size,
             )
-            if uri
-            else None
-        )
         self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid, storage=self._log_storage)
         self._telemetry.start()
 
-    def _user_failure(self, exit_code: int, stopped: str | None) -> str:
-        tail = self._capture.stderr_tail(self._rank, _STDERR_TAIL_LINES) if self._capture else []
-        reason = failure_reason(exit_code, tail, argv=self._argv, stopped=stopped)
-        if self._plan is not None and (
-            self._plan.torchrun_log_dir is not None or self._plan.error_file is not None
-        ):
-            from agent.distributed import first_failure
+    def _wait_for_script(self, group: ProcessGroup) -> None:
+        job = self.job
+        result = supervise(
+            group,
+            stop=self.stop,
+            grace=job.settings.grace_period,
+            max_runtime=job.max_runtime,
+            on_tick=lambda: self._start_watching(group),
+        )
+        # A script that ended within the first tick is synced and reported all the same.
+        self._start_watching(group)
+        self.exit_code = result.exit_code
+        stopped = None
+        if result.stopped_by == "signal":
+            name = signal.Signals(result.signum or signal.SIGTERM).name
+            stopped = f"the agent got {name} and stopped the script"
+        elif result.stopped_by == "max_runtime":
+            stopped = (
+                f"MaxRuntimeInSeconds ({job.max_runtime:g} s) was reached and the script was "
+                "stopped"
+            )
+        if stopped:
+            stopped += " (SIGKILL after the grace period)" if result.killed else ""
+            self.log.warning("%s; exit code %d", stopped, result.exit_code)
+        self.log.info(
+            "the script ended with exit code %d after %.1f s", result.exit_code, result.duration
+        )
+        if result.exit_code != EXIT_OK:
+            if self._capture is not None:  # the stderr tail complete before it is read
+                self._capture.close()
+            self.reason = self._user_failure(result.exit_code, stopped)
 
-            first = first_failure(self._plan)
+    def _user_failure(self, exit_code: int, stopped: str | None) -> str:
+        plan = self._plan
+        rank = plan.rank_base if plan is not None else 0
+        tail = self._capture.stderr_tail(rank, _STDERR_TAIL_LINES) if self._capture else []
+        argv = list(plan.argv) if plan is not None else []
+        reason = failure_reason(exit_code, tail, argv=argv, stopped=stopped)
+        if plan is not None and (plan.torchrun_log_dir is not None or plan.error_file is not None):
+            first = first_failure(plan)
             if first:
                 reason = (first + "\n" + reason)[:FAILURE_REASON_MAX]
         return reason
 
-    # --- the end of every job
-    # ----------------------------------------------------------------------------
+    def _close_exchange(self) -> None:
+        """The other hosts learn at once how this one ended; a peer's failure leads the reason."""
+        if self._exchange is not None:
+            self._exchange.close(self.exit_code, self.reason)
+            self.reason = peer_reason(
+                self._exchange, self.job.resource.current_host, self.exit_code, self.reason
+            )
+
+    # --- the end of every job -------------------------------------------------------------------
     def _finish(self) -> None:
-        """Every end-of-job step runs, whatever failed before it; then the status file is written."""
+        """Every end-of-job step runs, whatever failed before it; then the status file is written
+        and this host's report shipped."""
         deadline = time.monotonic() + self.job.settings.upload_timeout
-        if self._capture is not None:
-            self._step("draining the logs", self._capture.close)
-        if self._data is not None:
-            self._step("stopping the Pipe feeders", lambda: self._data.stop(10.0))
+        capture, data, sync = self._capture, self._data, self._sync
+        if capture is not None:
+            self._end_step("draining the logs", capture.close)
+        if data is not None:
+            self._end_step("stopping the Pipe feeders", lambda: data.stop(10.0))
         deadlines = [deadline]
-        self._step(
-            "uploading the outputs", lambda: deadlines.append(self._upload_outputs(deadline))
-        )
-        deadline = max(d for d in deadlines if d is not None)
-        if self._sync is not None:
-            self._step("uploading the checkpoints", lambda: self._close_sync(deadline))
-        if self._log_storage is not None:
-            self._log_storage.set_deadline(
-                deadline
-            )  # the final job log and metrics uploads retry too
+
+        def upload_outputs() -> None:
+            started = self._upload_outputs(deadline)
+            if started is not None:
+                deadlines.append(started)
+
+        self._end_step("uploading the outputs", upload_outputs)
+        deadline = max(deadlines)
+        if sync is not None:
+            self._end_step("uploading the checkpoints", lambda: self._finish_sync(sync, deadline))
+        if self._log_storage is not None:  # the final job log and metrics uploads retry too
+            self._log_storage.set_deadline(deadline)
         if self._telemetry is not None:
-            self._step("closing telemetry", self._telemetry.close)
+            self._end_step("closing telemetry", self._telemetry.close)
         self._write_status()
         self._ship_report()
 
-    def _attach_job_log(self) -> None:
-        """The agent's own lines go to the job log too, tagged as the agent's
-        (agent/telemetry/agentlog.py)."""
-        from agent.telemetry.agentlog import AgentLogHandler
-
-        settings = self.job.settings
-        try:
-            self._agent_log = AgentLogHandler(
-                self.job.layout.job_log_file,
-                host=self.job.resource.current_host,
-                tag_format=settings.log_tag,
-                json_lines=settings.log_json,
-                fmt=logging.Formatter(_LOG_FORMAT),
-            )
-        except OSError as err:
-            self.log.warning(
-                "the agent's lines will not be in the job log: cannot open %s (%s)",
-                self.job.layout.job_log_file,
-                err,
-            )
-            return
-        self.log.addHandler(self._agent_log)
-
-    def _ship_report(self) -> None:
-        """This host's job log and failure/success file beside the outputs
-        (agent/telemetry/shipping.py)."""
-        base = self.job.job_output_uri
-        try:
-            if base and not self.job.on_sagemaker:
-                from agent.telemetry.shipping import ship_host_report
-
-                layout = self.job.layout
-                # the deadline-bound storage of the final uploads when the script ran, else one try
-                storage = (
-                    self._log_storage if self._log_storage is not None else self.storage_for(base)
-                )
-                ship_host_report(
-                    storage,
-                    base,
-                    self.job.resource.current_host,
-                    job_log=layout.job_log_file,
-                    failure_file=layout.failure_file,
-                    success_file=layout.success_file,
-                    log=self.log,
-                )
-        except (TorchBayError, OSError) as err:  # the report never changes the job's exit code
-            self.log.warning("could not upload this host's job log and status file: %s", err)
-        finally:
-            if self._agent_log is not None:
-                self.log.removeHandler(self._agent_log)
-                self._agent_log.close()
-                self._agent_log = None
-
-    def _step(self, what: str, action: Any) -> None:
+    def _end_step(self, what: str, action: Callable[[], object]) -> None:
         # The end of a job is a top level of its own: one failing step must not skip the others or
-        # the
-        # status file, so any exception is logged and (for a job that had succeeded) fails it.
+        # the status file, so any exception is logged and (for a job that had succeeded) fails it.
         try:
             action()
         except TorchBayError as err:
@@ -574,14 +642,6 @@ class _Lifecycle:
                 )
             )
 
-    def _close_sync(self, deadline: float) -> None:
-        left = self._sync.close(deadline)
-        if left:
-            raise StorageError(
-                f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
-                f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"
-            )
-
     def _fail_late(self, err: TorchBayError) -> None:
         """An error after the script ended: it fails a job that had succeeded; otherwise it is
         logged."""
@@ -592,8 +652,7 @@ class _Lifecycle:
 
     def _upload_outputs(self, deadline: float) -> float | None:
         """Pack and upload model.tar.gz and output.tar.gz; returns the upload deadline, which starts
-        once
-        they are packed (packing is local work, not upload time)."""
+        once they are packed (packing is local work, not upload time)."""
         job = self.job
         base = job.job_output_uri
         if not base or job.on_sagemaker:
@@ -624,9 +683,8 @@ class _Lifecycle:
                     continue
                 packed.append((folder, archive, f"{base}/{name}"))
             # The deadline starts once the archives are packed; a job whose script never ran (a bad
-            # spec, an
-            # endpoint that never answered) tries once instead of waiting out the deadline for empty
-            # folders.
+            # spec, an endpoint that never answered) tries once instead of waiting out the deadline
+            # for empty folders.
             deadline = (
                 max(deadline, time.monotonic() + job.settings.upload_timeout)
                 if self._script_started
@@ -653,10 +711,8 @@ class _Lifecycle:
         return deadline
 
     def _upload_one(self, folder: Path, archive: Path, uri: str, deadline: float) -> None:
-        from agent.uploads import put_until
-
         put_until(
-            self.upload_storage_for(uri),
+            self.storage.writes(uri),
             archive,
             uri,
             deadline,
@@ -665,6 +721,14 @@ class _Lifecycle:
             what=archive.name,
         )
         self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
+
+    def _finish_sync(self, sync: LiveSync, deadline: float) -> None:
+        left = sync.close(deadline)
+        if left:
+            raise StorageError(
+                f"{len(left)} checkpoint/output file(s) were not uploaded by the deadline "
+                f"(first: {left[0]}); check the endpoint, or raise TORCHBAY_UPLOAD_TIMEOUT"
+            )
 
     def _write_status(self) -> None:
         layout = self.job.layout
@@ -695,13 +759,42 @@ class _Lifecycle:
             "failure reason written to %s:\n%s", layout.failure_file, reason[:FAILURE_REASON_MAX]
         )
 
+    def _ship_report(self) -> None:
+        """This host's job log and failure/success file beside the outputs
+        (agent/telemetry/shipping.py)."""
+        base = self.job.job_output_uri
+        try:
+            if base and not self.job.on_sagemaker:
+                from agent.telemetry.shipping import ship_host_report  # tempfile, gzip: at the end
+
+                layout = self.job.layout
+                # the deadline-bound storage of the final uploads when the script ran, else one try
+                storage = self._log_storage or self.storage.writes(base)
+                ship_host_report(
+                    storage,
+                    base,
+                    self.job.resource.current_host,
+                    job_log=layout.job_log_file,
+                    failure_file=layout.failure_file,
+                    success_file=layout.success_file,
+                    log=self.log,
+                )
+        except (TorchBayError, OSError) as err:  # the report never changes the job's exit code
+            self.log.warning("could not upload this host's job log and status file: %s", err)
+        finally:
+            if self._agent_log is not None:
+                self.log.removeHandler(self._agent_log)
+                self._agent_log.close()
+                self._agent_log = None
+
 
 _RESERVE_NAME = "failure.reserve"
 _RESERVE_BYTES = 64 * 1024
 
 
 def _reserve_room(path: Path) -> None:
-    """Hold some disk space for the status file: a full disk still gets a readable output/failure."""
+    """Hold some disk space for the status file: a full disk still gets a readable failure
+    file."""
     try:
         with open(path, "wb") as handle:
             handle.write(b"\0" * _RESERVE_BYTES)
@@ -713,7 +806,8 @@ def _reserve_room(path: Path) -> None:
 
 
 def _write_small(path: Path, text: str, reserve: Path) -> None:
-    """Write a status file; on a full disk give back the reserved room and try again, then in place."""
+    """Write a status file; on a full disk give back the reserved room and try again, then in
+    place."""
     try:
         write_text_atomically(path, text)
         return
@@ -733,24 +827,22 @@ def _write_small(path: Path, text: str, reserve: Path) -> None:
 
 
 def _early_failure(
-    env: Mapping[str, str],
+    settings: Settings | None,
     err: TorchBayError,
     log: logging.Logger,
     redactor: Redactor | None = None,
 ) -> None:
     """Write the failure file for an error before the job could be read, when the root is known."""
-    try:
-        root = Path(read_settings(env).root)
-    except TorchBayError:
+    if settings is None:  # a bad setting: no root to trust
         return
+    failure_file = Layout(Path(settings.root)).failure_file
     try:
         text = f"{type(err).__name__}: {err}"
         write_text_atomically(
-            root / "output" / "failure",
-            (redactor.text(text) if redactor else text)[:FAILURE_REASON_MAX],
+            failure_file, (redactor.text(text) if redactor else text)[:FAILURE_REASON_MAX]
         )
     except OSError as os_err:
-        log.warning("cannot write the failure file under %s: %s", root, os_err)
+        log.warning("cannot write the failure file %s: %s", failure_file, os_err)
 
 
 def main(
@@ -764,9 +856,11 @@ def main(
     env = dict(os.environ) if env is None else dict(env)
     redactor = Redactor()
     redactor.learn(env)
-    log = _configure_logging(env.get("TORCHBAY_LOG_LEVEL", "INFO"), redactor)
-    from agent.process import StopRequest
-
+    try:
+        settings: Settings | None = read_settings(env)
+    except TorchBayError:  # load_job reports the bad setting, through a log at the default level
+        settings = None
+    log = _configure_logging(settings.log_level if settings is not None else "INFO", redactor)
     stop = StopRequest()
     try:
         stop.install()
@@ -777,7 +871,7 @@ def main(
             job = load_job(env, args.job)
         except TorchBayError as err:
             log.error("%s: %s (exit code %d)", type(err).__name__, err, err.exit_code)
-            _early_failure(env, err, log, redactor)
+            _early_failure(settings, err, log, redactor)
             return err.exit_code
         redactor.set_pattern(job.settings.secret_names)
         for named in (job.base_env, job.environment, job.hyperparameters):

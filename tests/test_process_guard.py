@@ -77,6 +77,32 @@ def test_a_command_that_cannot_start_under_the_guard(tmp_path: Path) -> None:
         ProcessGroup(["no-such-program-anywhere"], env=ENV, guard=True).start()
 
 
+def test_a_missing_working_folder_is_named_before_the_guard_forks(tmp_path: Path) -> None:
+    with pytest.raises(EntryPointError, match="No such directory"):
+        ProcessGroup(
+            [sys.executable, "-c", "pass"], env=ENV, cwd=tmp_path / "gone", guard=True
+        ).start()
+
+
+def test_the_forked_guard_keeps_none_of_the_agents_descriptors(tmp_path: Path) -> None:
+    held = open(tmp_path / "agent-file", "wb")  # an agent-side descriptor the guard must not keep
+    try:
+        group = _group("import time; open('ready', 'w').close(); time.sleep(60)", tmp_path)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert group.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert group.pid is not None
+        guard_fds = sorted(int(fd) for fd in os.listdir(f"/proc/{group.pid}/fd"))
+        assert guard_fds == [0, 1, 2]
+        assert os.readlink(f"/proc/{group.pid}/fd/0") == os.devnull
+        stop = StopRequest()
+        stop.request(signal.SIGTERM)
+        assert supervise(group, stop=stop, grace=10).exit_code == 128 + signal.SIGTERM
+    finally:
+        held.close()
+
+
 def test_command_size_ok_for_normal_jobs() -> None:
     check_command_size(
         ["python", "train.py", "--epochs", "3"], {"SM_HPS": '{"epochs": 3}'}, {"epochs": 3}

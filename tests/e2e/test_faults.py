@@ -215,7 +215,8 @@ root = os.path.dirname(os.environ["SM_MODEL_DIR"])
 child = subprocess.Popen(["sleep", "300"])
 grandchild = subprocess.Popen([sys.executable, "-c", "import os, subprocess, time; "
                                "p = subprocess.Popen(['sleep', '301'], start_new_session=True); "
-                               "open(os.environ['PIDS_DIR'] + '/grandchild', 'w').write(str(p.pid))"],
+                               "open(os.environ['PIDS_DIR'] + '/grandchild', 'w')"
+                               ".write(str(p.pid))"],
                               env=dict(os.environ, PIDS_DIR=root))
 grandchild.wait()
 with open(os.path.join(root, "pids.tmp"), "w") as f:

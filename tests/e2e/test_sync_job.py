@@ -32,8 +32,7 @@ with open(os.path.join(os.environ["SM_MODEL_DIR"], "restored.txt"), "w") as f:
     f.write(",".join(found))
 if found:
     sys.exit(0)
-inter = os.path.join(os.environ["SM_OUTPUT_INTERMEDIATE_DIR"] if "SM_OUTPUT_INTERMEDIATE_DIR" in os.environ
-                     else os.path.join(root, "output", "intermediate"))
+inter = os.environ.get("SM_OUTPUT_INTERMEDIATE_DIR") or os.path.join(root, "output", "intermediate")
 os.makedirs(inter, exist_ok=True)
 with open(os.path.join(inter, "progress.txt"), "w") as f:
     f.write("epoch 1")

@@ -21,7 +21,6 @@ import pytest
 
 from tests.conftest import free_port
 from tests.helpers import tar_gz
-from tests.shims.reference import reference_toolkit  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "entrypoints" / "train"
@@ -80,7 +79,8 @@ if __name__ == "__main__":
     env = environment.Environment()
     args = parse_args(env)
     files = sorted(os.listdir(args.train))
-    print(f"training on {{env.current_host}} of {{env.hosts}} (master {{env.master_hostname}}): {{files}}", flush=True)
+    print(f"training on {{env.current_host}} of {{env.hosts}} "
+          f"(master {{env.master_hostname}}): {{files}}", flush=True)
     for epoch in range(args.epochs):
         print(f"epoch={{epoch}} loss={{1.0 / (epoch + 1):.3f}}", flush=True)
     with open(os.path.join(args.model_dir, "model.json"), "w") as f:
@@ -103,7 +103,8 @@ import sagemaker_containers
 
 
 def train(args):
-    print(f"{len(args.hosts)} host(s), this is {args.current_host}, {args.num_gpus} GPU(s)", flush=True)
+    print(f"{len(args.hosts)} host(s), this is {args.current_host}, {args.num_gpus} GPU(s)",
+          flush=True)
     with open(os.path.join(args.model_dir, "generator.txt"), "w") as f:
         f.write(f"nz={args.nz} data={sorted(os.listdir(args.data_dir))}")
 
@@ -275,7 +276,9 @@ def _wheel(name: str, requires: str) -> bytes:
         f"{info}/METADATA": (
             f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\nRequires-Dist: {requires}\n"
         ).encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -377,7 +380,8 @@ def test_serve_with_a_sagemaker_inference_module(tmp_path: Path) -> None:
 
 
         def model_fn(model_dir):
-            return torch.export.load(f"{model_dir}/model.pt").module()  # make_mlp writes torch.export
+            # make_mlp writes a torch.export program
+            return torch.export.load(f"{model_dir}/model.pt").module()
 
 
         def input_fn(input_data, content_type):
@@ -388,7 +392,9 @@ def test_serve_with_a_sagemaker_inference_module(tmp_path: Path) -> None:
 
         def predict_fn(data, model):
             if data.shape[-1] != 4:
-                raise errors.GenericInferenceToolkitError(422, f"expected 4 features, got {data.shape[-1]}")
+                raise errors.GenericInferenceToolkitError(
+                    422, f"expected 4 features, got {data.shape[-1]}"
+                )
             with torch.no_grad():
                 return model(data)
 

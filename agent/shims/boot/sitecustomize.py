@@ -1,17 +1,23 @@
 """Runs at the start of every Python process of the user's job (this folder is on its PYTHONPATH).
 
 It adds the finder of TorchBay's stand-ins for the SageMaker toolkits at the end of
-``sys.meta_path``
-(so a real installed package is always found first), then runs the ``sitecustomize`` this file
-shadows, if any. Stdlib only and cheap (it runs at every interpreter start); nothing is imported by
-name from ``agent``, since the user's code dir may hold a module of that name. ``agent.shims``
-imports
-:class:`ShimFinder` and :func:`install` from here for the serving workers.
+``sys.meta_path`` (so a real installed package is always found first), then runs the
+``sitecustomize`` this file shadows, if any. Stdlib only and cheap (it runs at every interpreter
+start); nothing is imported by name from ``agent``, since the user's code dir may hold a module of
+that name. ``agent.shims`` imports :class:`ShimFinder` and :func:`install` from here for the
+serving workers.
 """
+
+from __future__ import annotations  # the annotations stay strings: nothing imported for them
 
 import importlib.machinery
 import os
 import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing at every interpreter start costs ms
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
 
 # top-level name -> the PyPI distribution it stands in for
 SHIMMED = {
@@ -23,14 +29,20 @@ SHIMMED = {
 
 
 class ShimFinder:
-    """Finds the stand-in packages in ``directory``; asked last, so any real package is found first."""
+    """Finds the stand-in packages in ``directory``; asked last, so any real package is found
+    first."""
 
     torchbay_shims = True
 
-    def __init__(self, directory):
+    def __init__(self, directory: str) -> None:
         self.directory = directory
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None = None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
         top, dot, _ = fullname.partition(".")
         if top not in SHIMMED:
             return None
@@ -48,11 +60,11 @@ class ShimFinder:
             )
         return None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"ShimFinder({self.directory!r})"
 
 
-def install(directory):
+def install(directory: str) -> bool:
     """Append a ShimFinder for ``directory`` to ``sys.meta_path`` unless one is there; True when
     added."""
     if any(getattr(finder, "torchbay_shims", False) for finder in sys.meta_path):
@@ -61,7 +73,7 @@ def install(directory):
     return True
 
 
-def _boot():
+def _boot() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     install(os.path.join(os.path.dirname(here), "packages"))
     # The sitecustomize this one shadows (a distribution's or the image's) still runs.

@@ -1,0 +1,3 @@
+"""Fixtures of the end-to-end jobs."""
+
+from tests.shims.reference import reference_toolkit  # noqa: F401  (the real toolkit, a fixture)
