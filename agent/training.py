@@ -212,7 +212,7 @@ class _Lifecycle:
         redactor: Redactor | None = None,
     ) -> None:
         self.job = job
-        self.redactor = redactor or Redactor(job.settings.secret_names)
+        self.redactor = redactor or Redactor(job.settings.train.secret_names)
         self._log_storage: Any = None
         self._script_started = False
         self.log = log
@@ -241,7 +241,7 @@ class _Lifecycle:
             if scheme == "s3":
                 from agent.storage import make_s3_client
 
-                self._s3_client = make_s3_client(self.job.settings.endpoint_url)
+                self._s3_client = make_s3_client(self.job.settings.general.endpoint_url)
                 self._storages[scheme] = open_storage(uri, s3_client=self._s3_client)
             else:
                 self._storages[scheme] = open_storage(uri)
@@ -258,7 +258,7 @@ class _Lifecycle:
 
             self._storages["s3-uploads"] = S3Storage(
                 make_s3_client(
-                    self.job.settings.endpoint_url, 16, max_attempts=2, connect_timeout=5
+                    self.job.settings.general.endpoint_url, 16, max_attempts=2, connect_timeout=5
                 )
             )
         return self._storages["s3-uploads"]
@@ -404,7 +404,7 @@ class _Lifecycle:
             for word in self.redactor.argv(plan.argv)
         ]
         log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
-        argv = _line_buffered(plan.argv, job.settings.line_buffer, log)
+        argv = _line_buffered(plan.argv, job.settings.train.line_buffer, log)
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
             group = ProcessGroup(
                 argv,
@@ -427,7 +427,10 @@ class _Lifecycle:
         self._sync.start()
         self._start_telemetry(group)
         result = supervise(
-            group, stop=self.stop, grace=job.settings.grace_period, max_runtime=job.max_runtime
+            group,
+            stop=self.stop,
+            grace=job.settings.train.grace_period,
+            max_runtime=job.max_runtime,
         )
         self.exit_code = result.exit_code
         stopped = None
@@ -458,7 +461,7 @@ class _Lifecycle:
             DeadlineStorage(
                 lambda: self.upload_storage_for(uri),
                 log=self.log,
-                part_size=self.job.settings.upload_part_size,
+                part_size=self.job.settings.train.upload_part_size,
             )
             if uri
             else None
@@ -483,7 +486,7 @@ class _Lifecycle:
     # ----------------------------------------------------------------------------
     def _finish(self) -> None:
         """Every end-of-job step runs, whatever failed before it; then the status file is written."""
-        deadline = time.monotonic() + self.job.settings.upload_timeout
+        deadline = time.monotonic() + self.job.settings.train.upload_timeout
         if self._capture is not None:
             self._step("draining the logs", self._capture.close)
         if self._data is not None:
@@ -514,8 +517,8 @@ class _Lifecycle:
             self._agent_log = AgentLogHandler(
                 self.job.layout.job_log_file,
                 host=self.job.resource.current_host,
-                tag_format=settings.log_tag,
-                json_lines=settings.log_json,
+                tag_format=settings.telemetry.log_tag,
+                json_lines=settings.telemetry.log_json,
                 fmt=logging.Formatter(_LOG_FORMAT),
             )
         except OSError as err:
@@ -628,7 +631,7 @@ class _Lifecycle:
             # endpoint that never answered) tries once instead of waiting out the deadline for empty
             # folders.
             deadline = (
-                max(deadline, time.monotonic() + job.settings.upload_timeout)
+                max(deadline, time.monotonic() + job.settings.train.upload_timeout)
                 if self._script_started
                 else time.monotonic()
             )
@@ -646,8 +649,8 @@ class _Lifecycle:
         if missed:
             raise StorageError(
                 f"not uploaded: {' and '.join(missed)}; the upload deadline "
-                f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.upload_timeout:g} s) passed or the upload "
-                "failed for good (see the log); check the endpoint, or raise "
+                f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.train.upload_timeout:g} s) passed or the "
+                "upload failed for good (see the log); check the endpoint, or raise "
                 "TORCHBAY_UPLOAD_TIMEOUT"
             )
         return deadline
@@ -661,7 +664,7 @@ class _Lifecycle:
             uri,
             deadline,
             log=self.log,
-            part_size=self.job.settings.upload_part_size,
+            part_size=self.job.settings.train.upload_part_size,
             what=archive.name,
         )
         self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
@@ -740,7 +743,7 @@ def _early_failure(
 ) -> None:
     """Write the failure file for an error before the job could be read, when the root is known."""
     try:
-        root = Path(read_settings(env).root)
+        root = Path(read_settings(env).general.root)
     except TorchBayError:
         return
     try:
@@ -779,7 +782,7 @@ def main(
             log.error("%s: %s (exit code %d)", type(err).__name__, err, err.exit_code)
             _early_failure(env, err, log, redactor)
             return err.exit_code
-        redactor.set_pattern(job.settings.secret_names)
+        redactor.set_pattern(job.settings.train.secret_names)
         for named in (job.base_env, job.environment, job.hyperparameters):
             redactor.learn(named)
         return _Lifecycle(
