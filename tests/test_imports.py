@@ -279,6 +279,9 @@ def test_the_graph_sees_every_kind_of_import() -> None:
     assert any(i.in_function for i in imports), "in-function imports are counted"
     # a submodule import runs its package first: agent.telemetry.capture -> agent.job (package)
     assert "agent.job" in edges["agent.telemetry.capture"]
+    # imports under `if TYPE_CHECKING:` never run: agent.distributed annotates with agent.job's Job
+    assert "agent.job" not in edges["agent.distributed.cluster"]
+    assert "agent.distributed.identity" in edges["agent.job.load"]
 
 
 def test_cycle_finder_names_the_cycle() -> None:
@@ -298,8 +301,16 @@ def test_no_import_cycles_in_agent() -> None:
     assert not unexpected, "import cycles in agent/:\n" + "\n".join(unexpected)
 
 
+# Files under those folders that the core branch owns: held to the rules now.
+NOT_LEFT_TO_OTHER_BRANCHES = frozenset(
+    {"agent/serving/config.py", "agent/telemetry/capture.py", "agent/telemetry/metrics.py"}
+)
+
+
 def _left_to(problem: str) -> str | None:
     path = problem.split(":", 1)[0]
+    if path in NOT_LEFT_TO_OTHER_BRANCHES:
+        return None
     for prefix, branch in LAZY_IMPORTS_LEFT_TO_THEIR_BRANCHES.items():
         if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
             return branch
