@@ -909,7 +909,6 @@ PARTS: tuple[type[_Part], ...] = (
 )
 ALL_SETTINGS: tuple[Setting, ...] = tuple(s for part in PARTS for s in _declared(part))
 _PART_OF: Mapping[str, str] = types.MappingProxyType({s.name: s.section for s in ALL_SETTINGS})
-_BY_NAME: Mapping[str, Setting] = types.MappingProxyType({s.name: s for s in ALL_SETTINGS})
 
 
 def _no_sources() -> Mapping[str, str]:
