@@ -10,11 +10,16 @@ torchbay settings [--section S] print every setting as a Markdown table (the REA
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["SUBCOMMANDS", "main", "run", "settings_table"]
+from agent import __version__
+from agent.settings import ALL_SETTINGS, Setting
+
+__all__ = ["SUBCOMMANDS", "add_setting_flags", "main", "run", "settings_table"]
 
 # name -> (module with main(argv) -> int, one-line help)
 SUBCOMMANDS = {
@@ -45,8 +50,6 @@ def _usage() -> str:
 
 def settings_table(section: str | None = None) -> str:
     """Every declared setting as a Markdown table: setting, variable(s), default, meaning."""
-    from agent.settings import ALL_SETTINGS
-
     rows = ["| setting | environment variable | default | meaning |", "|---|---|---|---|"]
     for setting in ALL_SETTINGS:
         if section and setting.section != section:
@@ -60,9 +63,40 @@ def settings_table(section: str | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _settings_main(argv: Sequence[str]) -> int:
-    import argparse
+def add_setting_flags(parser: argparse.ArgumentParser, flags: Mapping[str, str]) -> None:
+    """Add a ``--flag VALUE`` for each setting in ``flags`` (flag -> setting name): its help,
+    parser, check and variable come from the setting's declaration (agent.settings); its value
+    lands under the setting's name (None when the flag is not given)."""
+    declared = {s.name: s for s in ALL_SETTINGS}
+    for flag, name in flags.items():
+        setting = declared[name]
+        default = "unset" if setting.default is None else f"default {setting.default}"
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar=flag.lstrip("-").upper().replace("-", "_"),
+            type=_flag_value(setting),
+            default=None,
+            help=f"{setting.help} ({setting.env[0]}; {default})".replace("%", "%%"),
+        )
 
+
+def _flag_value(setting: Setting) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = setting.type(text)
+            if setting.validator is not None:
+                setting.validator(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid: {err} (the setting {setting.env[0]})"
+            ) from err
+        return value
+
+    return parse
+
+
+def _settings_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="torchbay settings", description="Print every setting as Markdown."
     )
@@ -81,17 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_USAGE
     if args[0] == "--version":
-        from agent import __version__
-
         print(f"torchbay {__version__}")
         return 0
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
         print(f"torchbay: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
-    if name == "settings":
+    module_name = SUBCOMMANDS[name][0]
+    if module_name is None:  # torchbay settings: answered here
         return _settings_main(rest)
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module = importlib.import_module(module_name)
     entry: Callable[[Sequence[str]], int] = module.main
     return int(entry(rest))
 

@@ -125,8 +125,8 @@ def fetch_code(
                 archive,
                 code_dir,
                 what=f"source archive {redact(source)}",
-                max_bytes=job.settings.source_max_bytes,
-                max_members=job.settings.source_max_members,
+                max_bytes=job.settings.train.source_max_bytes,
+                max_members=job.settings.train.source_max_members,
             )
         except BaseException:
             _clear(code_dir)
@@ -210,7 +210,7 @@ def install_requirements(
         stamp=_state(job, "install.json"),
         pip_log=_state(job, "pip.log"),
         log=log,
-        timeout=job.settings.pip_timeout,
+        timeout=job.settings.train.pip_timeout,
         stop=stop,
         python=python,
     )

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.data import channel_uri_variable
+from agent.distributed.cluster import count_gpus
 from agent.errors import EntryPointError, UnsafePathError
 from agent.job import Job, resource_config
 from agent.safety import safe_join
+from agent.shims import BOOT_DIR  # the SageMaker toolkits' API when the real packages are absent
 from agent.storage import redact
 
 __all__ = [
@@ -193,8 +196,6 @@ def _env_value(value: Any) -> str:
 def detect_gpus(env: Mapping[str, str], dev: Path = Path("/dev")) -> int:
     """GPUs this process may use: the cluster identity's one counter
     (agent.distributed.cluster.count_gpus)."""
-    from agent.distributed.cluster import count_gpus
-
     return count_gpus(env, dev)
 
 
@@ -355,13 +356,7 @@ def user_environment(
         env["SAGEMAKER_REGION"] = str(region)
     for channel in job.channels:  # for scripts that stream instead of reading the staged copy
         if channel.uri:
-            from agent.data import channel_uri_variable
-
             env[channel_uri_variable(channel.name)] = channel.uri
-    from agent.shims import (
-        BOOT_DIR,
-    )  # the SageMaker toolkits' API when the real packages are absent
-
     previous = [
         p
         for p in env.get("PYTHONPATH", "").split(os.pathsep)

@@ -244,7 +244,7 @@ class _JobStorage:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self._endpoint_url: str | None = settings.endpoint_url
+        self._endpoint_url: str | None = settings.general.endpoint_url
         self._reads: dict[str, Storage] = {}
         self._writes: dict[str, Storage] = {}
 
@@ -284,7 +284,7 @@ class _Lifecycle:
         self.log = log
         self.stop = stop
         self.out = out
-        self.redactor = redactor or Redactor(job.settings.secret_names)
+        self.redactor = redactor or Redactor(job.settings.train.secret_names)
         self.storage = _JobStorage(job.settings)  # the job's one storage, for every step
         self.exit_code: int | None = None
         self.reason: str | None = None
@@ -386,8 +386,8 @@ class _Lifecycle:
             self._agent_log = AgentLogHandler(
                 job.layout.job_log_file,
                 host=job.resource.current_host,
-                tag_format=settings.log_tag,
-                json_lines=settings.log_json,
+                tag_format=settings.telemetry.log_tag,
+                json_lines=settings.telemetry.log_json,
                 fmt=logging.Formatter(_LOG_FORMAT),
             )
         except OSError as err:
@@ -488,7 +488,7 @@ class _Lifecycle:
             for word in self.redactor.argv(plan.argv)
         ]
         self.log.info("starting %s (cwd %s)", " ".join(shown), entry.code_dir)
-        argv = _line_buffered(plan.argv, job.settings.line_buffer, self.log)
+        argv = _line_buffered(plan.argv, job.settings.train.line_buffer, self.log)
         stdout_path, stderr_path = outputs
         with open(stdout_path, "ab") as child_out, open(stderr_path, "ab") as child_err:
             group = ProcessGroup(
@@ -541,7 +541,7 @@ class _Lifecycle:
             self._log_storage = DeadlineStorage(
                 lambda: self.storage.writes(uri),
                 log=self.log,
-                part_size=self.job.settings.upload_part_size,
+                part_size=self.job.settings.train.upload_part_size,
             )
         self._telemetry = Telemetry(self.job, root_pid=lambda: group.pid, storage=self._log_storage)
         self._telemetry.start()
@@ -551,7 +551,7 @@ class _Lifecycle:
         result = supervise(
             group,
             stop=self.stop,
-            grace=job.settings.grace_period,
+            grace=job.settings.train.grace_period,
             max_runtime=job.max_runtime,
             on_tick=lambda: self._start_watching(group),
         )
@@ -602,7 +602,7 @@ class _Lifecycle:
     def _finish(self) -> None:
         """Every end-of-job step runs, whatever failed before it; then the status file is written
         and this host's report shipped."""
-        deadline = time.monotonic() + self.job.settings.upload_timeout
+        deadline = time.monotonic() + self.job.settings.train.upload_timeout
         capture, data, sync = self._capture, self._data, self._sync
         if capture is not None:
             self._end_step("draining the logs", capture.close)
@@ -686,7 +686,7 @@ class _Lifecycle:
             # spec, an endpoint that never answered) tries once instead of waiting out the deadline
             # for empty folders.
             deadline = (
-                max(deadline, time.monotonic() + job.settings.upload_timeout)
+                max(deadline, time.monotonic() + job.settings.train.upload_timeout)
                 if self._script_started
                 else time.monotonic()
             )
@@ -704,8 +704,8 @@ class _Lifecycle:
         if missed:
             raise StorageError(
                 f"not uploaded: {' and '.join(missed)}; the upload deadline "
-                f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.upload_timeout:g} s) passed or the upload "
-                "failed for good (see the log); check the endpoint, or raise "
+                f"(TORCHBAY_UPLOAD_TIMEOUT={job.settings.train.upload_timeout:g} s) passed or the "
+                "upload failed for good (see the log); check the endpoint, or raise "
                 "TORCHBAY_UPLOAD_TIMEOUT"
             )
         return deadline
@@ -717,7 +717,7 @@ class _Lifecycle:
             uri,
             deadline,
             log=self.log,
-            part_size=self.job.settings.upload_part_size,
+            part_size=self.job.settings.train.upload_part_size,
             what=archive.name,
         )
         self.log.info("uploaded %s (%d bytes) to %s", folder, archive.stat().st_size, redact(uri))
@@ -835,7 +835,7 @@ def _early_failure(
     """Write the failure file for an error before the job could be read, when the root is known."""
     if settings is None:  # a bad setting: no root to trust
         return
-    failure_file = Layout(Path(settings.root)).failure_file
+    failure_file = Layout(Path(settings.general.root)).failure_file
     try:
         text = f"{type(err).__name__}: {err}"
         write_text_atomically(
@@ -860,7 +860,9 @@ def main(
         settings: Settings | None = read_settings(env)
     except TorchBayError:  # load_job reports the bad setting, through a log at the default level
         settings = None
-    log = _configure_logging(settings.log_level if settings is not None else "INFO", redactor)
+    log = _configure_logging(
+        settings.general.log_level if settings is not None else "INFO", redactor
+    )
     stop = StopRequest()
     try:
         stop.install()
@@ -873,7 +875,7 @@ def main(
             log.error("%s: %s (exit code %d)", type(err).__name__, err, err.exit_code)
             _early_failure(settings, err, log, redactor)
             return err.exit_code
-        redactor.set_pattern(job.settings.secret_names)
+        redactor.set_pattern(job.settings.train.secret_names)
         for named in (job.base_env, job.environment, job.hyperparameters):
             redactor.learn(named)
         return _Lifecycle(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.cli import EXIT_USAGE, main, settings_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,3 +67,33 @@ def test_readme_keeps_every_part_and_both_setup_commands() -> None:
         assert 0 <= start < end, f"README lost its {part} section"
         assert len(readme[start:end].strip().splitlines()) > 5, f"README's {part} section is empty"
     assert "scripts/demo" in readme and "scripts/test" in readme
+
+
+def test_serve_flags_come_from_the_settings_declarations(capsys) -> None:
+    from agent.serving import parse_args
+    from agent.settings import ALL_SETTINGS
+
+    declared = {s.name: s for s in ALL_SETTINGS}
+    args = parse_args(["--port", "9000", "--workers", "3", "--batch-delay-ms", "2.5"])
+    assert (args.serve_port, args.serve_workers, args.serve_batch_delay_ms) == (9000, 3, 2.5)
+    assert args.serve_host is None and args.root is None  # not given: the setting decides
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in ("serve_port", "serve_timeout", "serve_http_threads", "root"):
+        assert " ".join(declared[name].help.split()) in shown, name
+        assert declared[name].env[0] in shown, name
+
+
+def test_a_flag_is_checked_as_its_setting_is(capsys) -> None:
+    from agent.serving import parse_args
+
+    for argv, words in (
+        (["--port", "70000"], ["--port", "'70000'", "0 to 65535", "SAGEMAKER_BIND_TO_PORT"]),
+        (["--batch-size", "0"], ["--batch-size", "must be greater than 0"]),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        err = capsys.readouterr().err
+        for word in words:
+            assert word in err, (word, err)

@@ -125,14 +125,18 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
         "SM_HP_LR": "0.1",
         "SM_HP_NAME": "dcgan",
         "SM_INPUT_CONFIG_DIR": f"{r}/input/config",
-        "SM_INPUT_DATA_CONFIG": '{"eval":{"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
-        '"TrainingInputMode":"File"},"train":{"ContentType":"text/csv",'
-        '"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
-        '"TrainingInputMode":"File"}}',
+        "SM_INPUT_DATA_CONFIG": (
+            '{"eval":{"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
+            '"TrainingInputMode":"File"},"train":{"ContentType":"text/csv",'
+            '"RecordWrapperType":"None","S3DistributionType":"FullyReplicated",'
+            '"TrainingInputMode":"File"}}'
+        ),
         "SM_INPUT_DIR": f"{r}/input",
         "SM_INSTANCE_GROUPS": '["homogeneousCluster"]',
-        "SM_INSTANCE_GROUPS_DICT": '{"homogeneousCluster":{"hosts":["localhost"],"instance_group_name":'
-        '"homogeneousCluster","instance_type":"ml.m5.large"}}',
+        "SM_INSTANCE_GROUPS_DICT": (
+            '{"homogeneousCluster":{"hosts":["localhost"],"instance_group_name":'
+            '"homogeneousCluster","instance_type":"ml.m5.large"}}'
+        ),
         "SM_IS_HETERO": "false",
         "SM_LOG_LEVEL": "20",
         "SM_MODEL_DIR": f"{r}/model",
@@ -145,11 +149,15 @@ def test_sm_variables_match_the_toolkit(sm_root: Path) -> None:
         "SM_OUTPUT_DATA_DIR": f"{r}/output/data",
         "SM_OUTPUT_DIR": f"{r}/output",
         "SM_OUTPUT_INTERMEDIATE_DIR": f"{r}/output/intermediate",
-        "SM_RESOURCE_CONFIG": '{"current_group_name":"homogeneousCluster","current_host":"localhost",'
-        '"current_instance_type":"ml.m5.large","hosts":["localhost"],"instance_groups":'
-        '[{"hosts":["localhost"],"instance_group_name":"homogeneousCluster","instance_type":'
-        '"ml.m5.large"}],"network_interface_name":"eth0"}',
-        "SM_USER_ARGS": '["--batch-size","32","--epochs","2","--flag","True","--lr","0.1","--name","dcgan"]',
+        "SM_RESOURCE_CONFIG": (
+            '{"current_group_name":"homogeneousCluster","current_host":"localhost",'
+            '"current_instance_type":"ml.m5.large","hosts":["localhost"],"instance_groups":'
+            '[{"hosts":["localhost"],"instance_group_name":"homogeneousCluster","instance_type":'
+            '"ml.m5.large"}],"network_interface_name":"eth0"}'
+        ),
+        "SM_USER_ARGS": (
+            '["--batch-size","32","--epochs","2","--flag","True","--lr","0.1","--name","dcgan"]'
+        ),
         "SM_USER_ENTRY_POINT": "train.py",
     }
     for key, value in expected.items():

@@ -216,3 +216,46 @@ def test_malformed_or_missing_config_files(tmp_path: Path) -> None:
     (config / "resourceconfig.json").write_text('{"hosts": ["x"], "current_host": "x"}')
     job = load_job(_env(tmp_path))
     assert job.resource.current_host == "x" and job.hyperparameters["a"] == 1 and job.channels == ()
+
+
+def test_metric_regexes_compile_in_load_job_naming_the_regex_and_the_definition(
+    tmp_path: Path,
+) -> None:
+    spec = json.loads(json.dumps(SPEC))
+    spec["AlgorithmSpecification"]["MetricDefinitions"].append({"Name": "acc", "Regex": "acc=("})
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError) as info:
+        load_job(_env(tmp_path), str(spec_file))
+    message = str(info.value)
+    for word in ("'acc'", "'acc=('", "does not compile", "MetricDefinitions[1]", str(spec_file)):
+        assert word in message, (word, message)
+
+    setting = json.dumps([{"Name": "ok", "Regex": "ok=(\\d+)"}, {"Name": "bad", "Regex": "[z"}])
+    with pytest.raises(ConfigError) as info:
+        load_job(_env(tmp_path, TORCHBAY_METRIC_DEFINITIONS=setting), json.dumps(SPEC))
+    message = str(info.value)
+    for word in ("TORCHBAY_METRIC_DEFINITIONS[1]", "'bad'", "'[z'", "does not compile"):
+        assert word in message, (word, message)
+
+
+def test_the_settings_metric_definitions_join_the_jobs_the_spec_winning(tmp_path: Path) -> None:
+    setting = json.dumps(
+        [{"Name": "loss", "Regex": "other=(\\S+)"}, {"Name": "lr", "Regex": "lr=(\\S+)"}]
+    )
+    job = load_job(_env(tmp_path, TORCHBAY_METRIC_DEFINITIONS=setting), json.dumps(SPEC))
+    assert [(d.name, d.regex) for d in job.metric_definitions] == [
+        ("loss", "loss=(\\S+)"),
+        ("lr", "lr=(\\S+)"),
+    ]
+    assert job.metric_definitions[0].pattern.search("step 3 loss=0.5").group(1) == "0.5"
+
+
+def test_settings_are_typed_parts_read_once(tmp_path: Path) -> None:
+    job = load_job(_env(tmp_path, TORCHBAY_DATA_THREADS="3"), json.dumps(SPEC))
+    assert job.settings.data.data_threads == 3
+    assert job.settings.general.root == str(tmp_path / "ml")
+    assert job.settings.source("data_threads") == "TORCHBAY_DATA_THREADS"
+    assert job.settings.source("pipe_epochs") == "default"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.settings.data.data_threads = 4  # type: ignore[misc]

@@ -133,7 +133,7 @@ def _entries_for(
     assert channel.uri is not None
     scheme = parse_uri(channel.uri).scheme
     if scheme not in storages:
-        storages[scheme] = open_storage(channel.uri, endpoint_url=job.settings.endpoint_url)
+        storages[scheme] = open_storage(channel.uri, endpoint_url=job.settings.general.endpoint_url)
     storage = storages[scheme]
     entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
     mine = select_shard(
@@ -169,18 +169,18 @@ def _start_pipe(
 
     settings = job.settings
     reader = ObjectReader(
-        endpoint_url=settings.endpoint_url,
-        attempts=settings.data_attempts,
-        verify_md5=settings.data_verify_md5,
-        max_pool_connections=settings.pipe_prefetch + 4,
+        endpoint_url=settings.general.endpoint_url,
+        attempts=settings.data.data_attempts,
+        verify_md5=settings.data.data_verify_md5,
+        max_pool_connections=settings.data.pipe_prefetch + 4,
     )
     feeder = PipeFeeder(
         channel.name,
         entries,
         lambda epoch: job.layout.pipe_path(channel.name, epoch),
         reader=reader,
-        epochs=settings.pipe_epochs,
-        prefetch=settings.pipe_prefetch,
+        epochs=settings.data.pipe_epochs,
+        prefetch=settings.data.pipe_prefetch,
         gzip=channel.compression == "Gzip",
         seed=channel.shuffle_seed,
         log=log,
@@ -191,7 +191,7 @@ def _start_pipe(
         channel.name,
         len(entries),
         job.layout.pipe_path(channel.name, 0).parent / channel.name,
-        settings.pipe_epochs,
+        settings.data.pipe_epochs,
     )
     return feeder
 

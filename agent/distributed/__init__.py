@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.distributed.cluster import Cluster, discover, expand_nodelist
 from agent.distributed.exchange import Exchange
@@ -21,7 +21,9 @@ from agent.distributed.failure import first_failure
 from agent.distributed.hostsfile import ensure_resolvable
 from agent.distributed.launch import LaunchPlan, build_plan, plan_launch, uses_torchrun
 from agent.distributed.readiness import wait_until_ready
-from agent.job import Job
+
+if TYPE_CHECKING:  # an annotation only: agent.job's load_job runs host discovery (this package)
+    from agent.job import Job
 
 __all__ = [
     "Cluster",
@@ -42,13 +44,13 @@ def start_exchange(job: Job, *, log: logging.Logger, stop: Any) -> Exchange | No
     """Start this host's side of the identity exchange (a multi-host, non-elastic job with the
     exchange on); a peer's failure requests ``stop``. None when there is nothing to exchange."""
     cluster = job.cluster or discover(job)
-    if not cluster.multi_host or cluster.elastic or not job.settings.exchange_port:
+    if not cluster.multi_host or cluster.elastic or not job.settings.distributed.exchange_port:
         return None
     return Exchange(
         cluster,
         job_name=job.name,
-        port=job.settings.exchange_port,
-        timeout=job.settings.host_wait_timeout,
+        port=job.settings.distributed.exchange_port,
+        timeout=job.settings.distributed.host_wait_timeout,
         log=log,
         on_peer_failure=lambda text: stop.request(signal.SIGTERM),
     ).start()
@@ -109,7 +111,11 @@ def wait_for_hosts(
             cluster.interface_source or "-",
         )
         ensure_resolvable(
-            cluster.hosts, table, job=job.name, hosts_file=Path(job.settings.hosts_file), log=log
+            cluster.hosts,
+            table,
+            job=job.name,
+            hosts_file=Path(job.settings.distributed.hosts_file),
+            log=log,
         )
         return
     master = None
@@ -118,7 +124,9 @@ def wait_for_hosts(
     hosts = (
         (cluster.master_addr,) if cluster.elastic else cluster.hosts
     )  # elastic: pods come and go
-    waited = wait_until_ready(hosts, master=master, timeout=job.settings.host_wait_timeout, log=log)
+    waited = wait_until_ready(
+        hosts, master=master, timeout=job.settings.distributed.host_wait_timeout, log=log
+    )
     log.info(
         "hosts ready after %.2f s: %s (master %s:%d)",
         waited,

@@ -33,9 +33,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
-from agent.job import Job
+from agent.settings import check_port
+
+if TYPE_CHECKING:  # an annotation only: agent.job's load_job runs host discovery (this package)
+    from agent.job import Job
 
 __all__ = [
     "SAGEMAKER_MASTER_PORT",
@@ -193,8 +197,10 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     if not env.get(name):
         return default
     port = _int(env, name)
-    if not 0 < port < 65536:
-        raise ConfigError(f"{name}={port} is not a TCP port; use 1-65535")
+    try:
+        check_port(port)
+    except ValueError as err:
+        raise ConfigError(f"{name}={port} is not a TCP port: {err}") from None
     return port
 
 
@@ -219,7 +225,7 @@ def _from_resource(job: Job, source: str, port: int) -> Cluster:
         "resourceconfig.json"
         if source == "sagemaker"
         else "TORCHBAY_HOSTS"
-        if job.settings.hosts
+        if job.settings.train.hosts
         else "algo-N (the spec's InstanceCount)"
     )
     return Cluster(
@@ -432,7 +438,7 @@ def _sm_env(env: Mapping[str, str], job: Job, port_override: int | None) -> Clus
 
 
 def _nproc(job: Job, env: Mapping[str, str], gpus: int) -> tuple[int, str]:
-    setting = getattr(job.settings, "nproc_per_node", None)
+    setting = job.settings.distributed.nproc_per_node
     if setting:
         return int(setting), "TORCHBAY_NPROC_PER_NODE"
     if env.get("PET_NPROC_PER_NODE", "").strip().isdigit():
@@ -451,7 +457,7 @@ def discover(job: Job, *, dev_root: Path = Path("/dev")) -> Cluster:
     """The cluster this job runs on, from the first source that applies (see the module
     docstring)."""
     env = job.base_env
-    port_override = getattr(job.settings, "master_port", None)
+    port_override = job.settings.distributed.master_port
     cluster: Cluster | None = None
     if job.on_sagemaker:
         cluster = _from_resource(job, "sagemaker", port_override or SAGEMAKER_MASTER_PORT)

@@ -17,13 +17,17 @@ import ipaddress
 import socket
 import struct
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.distributed.cluster import Cluster, discover
 from agent.distributed.netenv import SysPaths, choose_interface, default_route_interface
-from agent.job import Job, Resource, frozen_map
+
+if TYPE_CHECKING:  # an annotation only: agent.job's load_job calls identify
+    from agent.job import Job
 
 __all__ = ["identify", "interface_for", "route_interface"]
 
@@ -129,7 +133,7 @@ def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = _
     cluster = discover(job, dev_root=dev_root)
     interface, why = interface_for(
         cluster,
-        wanted=job.settings.socket_ifname,
+        wanted=job.settings.distributed.socket_ifname,
         configured=job.resource.network_interface_name,
         sagemaker=job.on_sagemaker,
         sys_paths=sys_paths,
@@ -139,17 +143,19 @@ def identify(job: Job, *, dev_root: Path = Path("/dev"), sys_paths: SysPaths = _
         return replace(job, cluster=cluster)
     resource = job.resource
     groups = (
-        tuple(frozen_map({**g, "hosts": list(cluster.hosts)}) for g in resource.instance_groups)
+        tuple(
+            types.MappingProxyType({**g, "hosts": list(cluster.hosts)})
+            for g in resource.instance_groups
+        )
         if len(resource.instance_groups) <= 1
         else resource.instance_groups
     )
     chosen = interface if cluster.multi_host and interface else resource.network_interface_name
-    resource = Resource(
+    resource = replace(
+        resource,
         current_host=cluster.current_host,
         hosts=cluster.hosts,
         network_interface_name=chosen,
-        current_instance_type=resource.current_instance_type,
-        current_group_name=resource.current_group_name,
         instance_groups=groups,
     )
     return replace(job, resource=resource, cluster=cluster)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from agent.distributed.cluster import Cluster, discover
 from agent.distributed.netenv import SysPaths, choose_interface, network_env
 from agent.errors import ConfigError, EntryPointError
-from agent.job import Job
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from agent.environment import EntryPoint
+    from agent.job import Job  # agent.job's load_job runs host discovery (this package)
 
 __all__ = [
     "TORCHRUN_FLAG",
@@ -109,7 +109,7 @@ def _torchrun_args(cluster: Cluster, job: Job, log_dir: Path) -> list[str]:
         "--nproc-per-node",
         str(cluster.nproc_per_node),
         "--monitor-interval",
-        f"{settings.monitor_interval:g}",
+        f"{settings.distributed.monitor_interval:g}",
         "--log-dir",
         str(log_dir),
         "--redirects",
@@ -119,10 +119,12 @@ def _torchrun_args(cluster: Cluster, job: Job, log_dir: Path) -> list[str]:
     ]
     if cluster.elastic:
         conf = ",".join(
-            c for c in (cluster.rdzv_conf, f"join_timeout={settings.rdzv_timeout}") if c
+            c for c in (cluster.rdzv_conf, f"join_timeout={settings.distributed.rdzv_timeout}") if c
         )
         restarts = (
-            cluster.max_restarts if cluster.max_restarts is not None else settings.max_restarts
+            cluster.max_restarts
+            if cluster.max_restarts is not None
+            else settings.distributed.max_restarts
         )
         return [
             "--nnodes",
@@ -153,7 +155,7 @@ def _torchrun_args(cluster: Cluster, job: Job, log_dir: Path) -> list[str]:
         "--rdzv-backend",
         "static",
         "--rdzv-conf",
-        f"timeout={settings.rdzv_timeout}",
+        f"timeout={settings.distributed.rdzv_timeout}",
         "--max-restarts",
         "0",
         *args,
@@ -165,9 +167,9 @@ def uses_torchrun(job: Job, cluster: Cluster) -> bool:
     launchers)."""
     return (
         _check_flags(job.hyperparameters)
-        or job.settings.torchrun
+        or job.settings.distributed.torchrun
         or cluster.elastic
-        or (job.settings.nproc_per_node or 1) > 1
+        or (job.settings.distributed.nproc_per_node or 1) > 1
     )
 
 
@@ -200,18 +202,18 @@ def build_plan(
         interface = cluster.interface
     else:
         interface = choose_interface(
-            settings.socket_ifname, job.resource.network_interface_name, sys_paths
+            settings.distributed.socket_ifname, job.resource.network_interface_name, sys_paths
         )
     extra = (
-        {"TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(settings.nccl_timeout)}
-        if settings.nccl_timeout
+        {"TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(settings.distributed.nccl_timeout)}
+        if settings.distributed.nccl_timeout
         else {}
     )
     env = network_env(
         master_addr=cluster.master_addr,
         master_port=cluster.master_port,
         interface=interface,
-        nccl_debug=settings.nccl_debug,
+        nccl_debug=settings.distributed.nccl_debug,
         user_env=user_env,
         sys_paths=sys_paths,
         extra=extra,

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
+from agent.cli import add_setting_flags
+
 __all__ = ["EXIT_MODEL_LOAD", "EXIT_OK", "main", "parse_args"]
 
 EXIT_OK = 0
@@ -25,68 +27,29 @@ EXIT_MODEL_LOAD = 3  # ModelLoadError: gunicorn's WORKER_BOOT_ERROR
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of ``torchbay serve``; every flag overrides its setting."""
     parser = argparse.ArgumentParser(prog="torchbay serve", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--host", dest="serve_host", help="address to bind (TORCHBAY_SERVE_HOST, default 0.0.0.0)"
-    )
-    parser.add_argument(
-        "--port", dest="serve_port", type=int, help="port (SAGEMAKER_BIND_TO_PORT, default 8080)"
-    )
-    parser.add_argument(
-        "--model-uri",
-        dest="serve_model_uri",
-        help="model.tar.gz to fetch and unpack first (s3:// or file://)",
-    )
-    parser.add_argument(
-        "--workers",
-        dest="serve_workers",
-        type=int,
-        help="worker processes (SAGEMAKER_MODEL_SERVER_WORKERS)",
-    )
-    parser.add_argument(
-        "--workers-per-gpu",
-        dest="serve_workers_per_gpu",
-        type=int,
-        help="worker processes per GPU when --workers is unset (TORCHBAY_SERVE_WORKERS_PER_GPU)",
-    )
-    parser.add_argument(
-        "--torch-threads",
-        dest="serve_torch_threads",
-        type=int,
-        help="torch threads per worker (TORCHBAY_SERVE_TORCH_THREADS)",
-    )
-    parser.add_argument(
-        "--http-threads",
-        dest="serve_http_threads",
-        type=int,
-        help="requests a worker holds at once (TORCHBAY_SERVE_HTTP_THREADS)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        dest="serve_batch_size",
-        type=int,
-        help="dynamic batching: most requests per forward() (TORCHBAY_SERVE_BATCH_SIZE)",
-    )
-    parser.add_argument(
-        "--batch-delay-ms",
-        dest="serve_batch_delay_ms",
-        type=float,
-        help="dynamic batching: longest wait for more requests (TORCHBAY_SERVE_BATCH_DELAY_MS)",
-    )
-    parser.add_argument(
-        "--timeout",
-        dest="serve_timeout",
-        type=float,
-        help="seconds per request (SAGEMAKER_MODEL_SERVER_TIMEOUT)",
+    add_setting_flags(
+        parser,
+        {
+            "--host": "serve_host",
+            "--port": "serve_port",
+            "--model-uri": "serve_model_uri",
+            "--workers": "serve_workers",
+            "--workers-per-gpu": "serve_workers_per_gpu",
+            "--torch-threads": "serve_torch_threads",
+            "--http-threads": "serve_http_threads",
+            "--batch-size": "serve_batch_size",
+            "--batch-delay-ms": "serve_batch_delay_ms",
+            "--timeout": "serve_timeout",
+            "--root": "root",
+        },
     )
     parser.add_argument(
         "--no-preload",
         dest="serve_preload",
         action="store_const",
         const=False,
-        help="load the model in each worker instead of once before the fork",
-    )
-    parser.add_argument(
-        "--root", dest="root", help="root of the layout (TORCHBAY_ROOT, default /opt/ml)"
+        help="load the model in each worker instead of once before the fork "
+        "(TORCHBAY_SERVE_PRELOAD=false)",
     )
     return parser.parse_args(list(argv) if argv is not None else None)
 
@@ -102,7 +65,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         settings = read_settings(env)
         logging.basicConfig(
-            level=settings.log_level.upper(),
+            level=settings.general.log_level.upper(),
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s [serve] %(message)s",
         )
@@ -126,7 +89,7 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
     gpus = _gpu_count(log, env)
     config = resolve_config(settings, overrides, gpus=gpus)
     if (
-        settings.serve_multi_model
+        settings.serving.serve_multi_model
     ):  # SAGEMAKER_MULTI_MODEL=true: the /models contract (agent.serving.multimodel)
         from agent.serving.multimodel import serve_multi_model
 
@@ -146,7 +109,9 @@ def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logge
         config.gpus,
     )
     if config.model_uri:
-        fetch_model(config.model_uri, config.model_dir, endpoint_url=settings.endpoint_url, log=log)
+        fetch_model(
+            config.model_uri, config.model_dir, endpoint_url=settings.general.endpoint_url, log=log
+        )
     install_requirements(config.code_dir, env=env, log=log)
 
     import torch  # once, in the master, after the config is resolved

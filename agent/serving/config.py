@@ -93,52 +93,48 @@ def resolve_config(
         raise ConfigError(
             f"unknown serving overrides {sorted(unknown)}; this is a bug in the caller"
         )
-    settings = settings.replace(**values)
+    settings = settings.replace(**values)  # each flag checked as its setting is
+    serving = settings.serving
     cores = cores or available_cores()
-    if settings.serve_workers:
-        workers = settings.serve_workers
+    if serving.serve_workers:
+        workers = serving.serve_workers
     elif gpus:
-        workers = gpus * (settings.serve_workers_per_gpu or max(1, min(4, cores // gpus)))
+        workers = gpus * (serving.serve_workers_per_gpu or max(1, min(4, cores // gpus)))
     else:
         workers = cores
-    torch_threads = settings.serve_torch_threads or max(1, cores // workers)
-    batch_size = settings.serve_batch_size
-    http_threads = settings.serve_http_threads or max(4, 2 * batch_size)
-    port = settings.serve_port
-    if not 0 <= port <= 65535:
-        raise ConfigError(
-            f"port {port} is not a TCP port; set SAGEMAKER_BIND_TO_PORT or --port to 1..65535"
-        )
+    torch_threads = serving.serve_torch_threads or max(1, cores // workers)
+    batch_size = serving.serve_batch_size
+    http_threads = serving.serve_http_threads or max(4, 2 * batch_size)
     return ServeConfig(
-        layout=Layout(Path(settings.root)),
-        host=settings.serve_host,
-        port=port,
-        model_uri=settings.serve_model_uri,
-        program=settings.serve_program,
+        layout=Layout(Path(settings.general.root)),
+        host=serving.serve_host,
+        port=serving.serve_port,
+        model_uri=serving.serve_model_uri,
+        program=serving.serve_program,
         workers=workers,
         torch_threads=torch_threads,
         http_threads=http_threads,
-        timeout=settings.serve_timeout,
-        max_payload_bytes=int(settings.serve_max_payload_mb * 1024 * 1024),
-        default_accept=settings.serve_default_accept,
+        timeout=serving.serve_timeout,
+        max_payload_bytes=int(serving.serve_max_payload_mb * 1024 * 1024),
+        default_accept=serving.serve_default_accept,
         batch_size=batch_size,
-        batch_delay=settings.serve_batch_delay_ms / 1000.0,
-        grace_period=settings.serve_grace_period,
-        preload=settings.serve_preload and gpus == 0,
-        crash_window=settings.serve_crash_window,
+        batch_delay=serving.serve_batch_delay_ms / 1000.0,
+        grace_period=serving.serve_grace_period,
+        preload=serving.serve_preload and gpus == 0,
+        crash_window=serving.serve_crash_window,
         gpus=gpus,
-        log_level=settings.log_level,
-        header_timeout=settings.serve_header_timeout,
-        body_min_rate=settings.serve_body_min_rate,
-        keepalive=settings.serve_keepalive,
+        log_level=settings.general.log_level,
+        header_timeout=serving.serve_header_timeout,
+        body_min_rate=serving.serve_body_min_rate,
+        keepalive=serving.serve_keepalive,
         max_decoded_bytes=int(
-            (settings.serve_max_decoded_mb or 4 * settings.serve_max_payload_mb) * 1024 * 1024
+            (serving.serve_max_decoded_mb or 4 * serving.serve_max_payload_mb) * 1024 * 1024
         ),
-        max_image_pixels=settings.serve_max_image_pixels,
-        max_json_depth=settings.serve_max_json_depth,
-        stuck_timeout=settings.serve_stuck_timeout or settings.serve_timeout + 30.0,
-        model_file=settings.serve_model_file,
-        compile_program=settings.serve_compile,
+        max_image_pixels=serving.serve_max_image_pixels,
+        max_json_depth=serving.serve_max_json_depth,
+        stuck_timeout=serving.serve_stuck_timeout or serving.serve_timeout + 30.0,
+        model_file=serving.serve_model_file,
+        compile_program=serving.serve_compile,
     )
 
 

@@ -592,15 +592,15 @@ def serve_multi_model(
         config,
         workers=1,
         preload=False,
-        torch_threads=settings.serve_torch_threads or config.torch_threads * config.workers,
+        torch_threads=settings.serving.serve_torch_threads or config.torch_threads * config.workers,
         http_threads=config.http_threads if explicit_threads else max(16, config.http_threads),
     )
     mms = MultiModelServing(
         config,
-        budget=memory_budget(settings.mme_memory_mb),
-        model_prefix=settings.mme_model_prefix,
+        budget=memory_budget(settings.serving.mme_memory_mb),
+        model_prefix=settings.serving.mme_model_prefix,
         env=env,
-        endpoint_url=settings.endpoint_url,
+        endpoint_url=settings.general.endpoint_url,
         log=log,
     )
     mms.models_dir.mkdir(parents=True, exist_ok=True)

@@ -60,9 +60,9 @@ class LiveSync:
         self._job = job
         self._log = log
         settings = job.settings
-        self._workers = int(settings.sync_workers)
-        self._stable = float(settings.sync_stable)
-        self._endpoint_url = settings.endpoint_url
+        self._workers = int(settings.sync.sync_workers)
+        self._stable = float(settings.sync.sync_stable)
+        self._endpoint_url = settings.general.endpoint_url
         self._storage_override = storage
         self._storages: dict[str, Storage] = {}
         self._storage_lock = threading.Lock()

@@ -87,12 +87,14 @@ class UploadScheduler:
         self._log = log
         self._storage_for = storage_for
         self._on_uploaded = on_uploaded
-        self._delete_remote = bool(settings.sync_delete)
-        self._settle = float(settings.sync_settle)
-        self._stable = float(settings.sync_stable)
-        self._part_size = int(settings.sync_part_size)
-        self._retry_max = float(settings.sync_retry_max)
-        self._ignore = tuple(p.strip() for p in str(settings.sync_ignore).split(",") if p.strip())
+        self._delete_remote = bool(settings.sync.sync_delete)
+        self._settle = float(settings.sync.sync_settle)
+        self._stable = float(settings.sync.sync_stable)
+        self._part_size = int(settings.sync.sync_part_size)
+        self._retry_max = float(settings.sync.sync_retry_max)
+        self._ignore = tuple(
+            p.strip() for p in str(settings.sync.sync_ignore).split(",") if p.strip()
+        )
 
         self._cond = threading.Condition()
         self._pending: dict[Path, _Entry] = {}

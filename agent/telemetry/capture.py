@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.job import MetricDefinition
+from agent.job.shapes import MetricDefinition
 from agent.settings import Settings
 from agent.telemetry.lines import LineSplitter
-from agent.telemetry.metrics import MetricMatcher, MetricPoint, parse_definitions
+from agent.telemetry.metrics import MetricMatcher, MetricPoint
 from agent.telemetry.sinks import MetricsFile, TensorBoardSink
 
 __all__ = ["LogCapture"]
@@ -86,14 +86,14 @@ class LogCapture:
         log_dir: where :meth:`files_for` creates ``<rank>/stdout.log`` and ``<rank>/stderr.log``.
         out: a binary stream, normally ``sys.stdout.buffer``.
         job_log: the job log file (appended to), or None.
-        settings: the telemetry settings (``log_tag``, ``log_json``, ``log_max_line``,
-        ``log_poll_interval``).
-        metric_definitions: SageMaker-style regex metrics applied to every line (the job spec's);
-        those of
-            the ``TORCHBAY_METRIC_DEFINITIONS`` setting are added unless a name is already defined.
+        settings: the job's settings; ``settings.telemetry`` gives ``log_tag``, ``log_json``,
+            ``log_max_line`` and ``log_poll_interval``.
+        metric_definitions: SageMaker-style regex metrics applied to every line: the job's
+            (``job.metric_definitions``: the spec's and the ``TORCHBAY_METRIC_DEFINITIONS``
+            setting's, compiled by load_job).
         metrics_file: JSON-lines file for metric points, or None.
         tensorboard_dir: where metric points also go as TensorBoard scalars (when tensorboard is
-        installed).
+            installed).
         log: the agent's logger for warnings about definitions and output errors.
     """
 
@@ -118,10 +118,10 @@ class LogCapture:
         self._log_dir = Path(log_dir)
         self._out: BinaryIO | None = out
         self._log = log or logging.getLogger("torchbay.telemetry")
-        self._tag_format: str = settings.log_tag
-        self._json: bool = settings.log_json
-        self._max_line: int = settings.log_max_line
-        self._poll: float = settings.log_poll_interval
+        self._tag_format: str = settings.telemetry.log_tag
+        self._json: bool = settings.telemetry.log_json
+        self._max_line: int = settings.telemetry.log_max_line
+        self._poll: float = settings.telemetry.log_poll_interval
         self._sources: list[_Source] = []
         self._known: set[Path] = set()
         self._torchrun: list[tuple[Path, int]] = []
@@ -131,12 +131,7 @@ class LogCapture:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        definitions = list(metric_definitions)
-        names = {d.name for d in definitions}
-        definitions += [
-            d for d in parse_definitions(settings.metric_definitions) if d.name not in names
-        ]
-        self._matcher = MetricMatcher(definitions, log=self._log)
+        self._matcher = MetricMatcher(metric_definitions, log=self._log)
         self._metrics = MetricsFile(metrics_file) if metrics_file is not None else None
         self._tensorboard: TensorBoardSink | None = None
         if tensorboard_dir is not None and self._matcher:

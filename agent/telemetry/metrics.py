@@ -5,20 +5,22 @@ returns numeric points. Values are parsed leniently (``1``, ``-2.5``, ``1e-3``,
 ``.5``, ``nan``, ``inf``, ``-Infinity``, and a number followed by junk such as
 ``0.25,``); a capture that holds no number is reported once per definition, as is
 a regex with no capture group (at construction) and one that never matched (by
-:meth:`MetricMatcher.never_matched`, at close).
+:meth:`MetricMatcher.never_matched`, at close). The regexes were compiled when the job was
+read (a :class:`~agent.job.MetricDefinition` holds its compiled ``pattern``); the JSON form
+(``parse_definitions``) is read by agent.job.spec.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from agent.errors import ConfigError
-from agent.job import MetricDefinition
+from agent.job.shapes import MetricDefinition
+from agent.job.spec import parse_definitions
 
 __all__ = ["MetricMatcher", "MetricPoint", "parse_definitions", "parse_number"]
 
@@ -44,38 +46,6 @@ def parse_number(text: str) -> float | None:
         return None
 
 
-def parse_definitions(
-    text: str | None, source: str = "TORCHBAY_METRIC_DEFINITIONS"
-) -> tuple[MetricDefinition, ...]:
-    """Parse SageMaker's ``[{"Name": ..., "Regex": ...}]`` JSON; raises ConfigError naming
-    ``source``."""
-    if not text:
-        return ()
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise ConfigError(
-            f"{source}: not JSON ({err}); give a list like "
-            '[{"Name": "train:loss", "Regex": "loss=(\\\\S+)"}]'
-        ) from err
-    if not isinstance(data, list):
-        raise ConfigError(
-            f"{source}: expected a JSON list of {{Name, Regex}} objects, got {type(data).__name__}"
-        )
-    out = []
-    for index, item in enumerate(data):
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("Name"), str)
-            or not isinstance(item.get("Regex"), str)
-        ):
-            raise ConfigError(
-                f"{source}[{index}]: expected an object with string Name and Regex, got {item!r}"
-            )
-        out.append(MetricDefinition(item["Name"], item["Regex"]))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class MetricPoint:
     """One value of a metric, stamped with wall time (seconds since the epoch), host and global
@@ -87,7 +57,7 @@ class MetricPoint:
     host: str
     rank: int
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         """A JSON-safe dict; non-finite values are the strings ``nan``, ``inf`` and ``-inf``."""
         value: object = self.value
         if not math.isfinite(self.value):
@@ -110,13 +80,7 @@ class MetricMatcher:
         self._matched: set[str] = set()
         self._warned_value: set[str] = set()
         for definition in definitions:
-            try:
-                pattern = re.compile(definition.regex, re.MULTILINE)
-            except re.error as err:
-                raise ConfigError(
-                    f"metric {definition.name!r}: regex {definition.regex!r} does not compile "
-                    f"({err}); fix the MetricDefinitions Regex"
-                ) from err
+            pattern = definition.pattern
             if pattern.groups == 0:
                 log.warning(
                     "metric %r: regex %r has no capture group, so it can never give a value; "

@@ -85,7 +85,7 @@ class Telemetry:
         self._started = True
         settings = self._settings
         self._metrics = MetricsFile(self._metrics_path)
-        if settings.sample_interval > 0:
+        if settings.telemetry.sample_interval > 0:
             layout = self._job.layout
             paths = {"data": layout.data_dir, "model": layout.model_dir}
             self._sampler = SystemSampler(
@@ -94,17 +94,17 @@ class Telemetry:
                 nvml=self._nvml,
                 log=self._log,
             )
-            if settings.prometheus_port is not None:
+            if settings.telemetry.prometheus_port is not None:
                 try:
                     self._prometheus = PrometheusEndpoint(
-                        settings.prometheus_port, addr=settings.prometheus_addr
+                        settings.telemetry.prometheus_port, addr=settings.telemetry.prometheus_addr
                     )
                 except OSError as err:  # optional: the job runs on without the endpoint
                     self._log.warning(
                         "Prometheus endpoint off: cannot listen on %s:%s (%s); set "
                         "TORCHBAY_PROMETHEUS_PORT to a free port",
-                        settings.prometheus_addr,
-                        settings.prometheus_port,
+                        settings.telemetry.prometheus_addr,
+                        settings.telemetry.prometheus_port,
                         err,
                     )
                 else:
@@ -121,7 +121,7 @@ class Telemetry:
                     return given
                 from agent.storage import open_storage
 
-                return open_storage(uri, endpoint_url=settings.endpoint_url)
+                return open_storage(uri, endpoint_url=settings.general.endpoint_url)
 
             base = uri.rstrip("/")
             files = [
@@ -129,12 +129,12 @@ class Telemetry:
                 (self._metrics_path, f"{base}/metrics-{self._host}.jsonl"),
             ]
             self._shipper = Shipper(
-                storage, files, interval=settings.upload_interval, log=self._log
+                storage, files, interval=settings.telemetry.upload_interval, log=self._log
             )
             self._shipper.start()
 
     def _run(self) -> None:
-        interval = self._settings.sample_interval
+        interval = self._settings.telemetry.sample_interval
         while not self._stop.wait(interval):
             try:
                 self._take_sample()

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if args.root:
             settings = settings.replace(root=args.root)
         logging.basicConfig(
-            level=settings.log_level.upper(),
+            level=settings.general.log_level.upper(),
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s [transform] %(message)s",
         )
@@ -107,20 +107,24 @@ def _run(
     from agent.transform.spec import read_transform_spec
 
     spec = read_transform_spec(args.job)
-    url = args.endpoint or settings.transform_endpoint
+    url = args.endpoint or settings.transform.transform_endpoint
     server = _StartedServer(settings, env, spec.environment, log) if url is None else None
 
     def connect() -> Endpoint:  # called only when some object is left to transform
-        address = url if server is None else server.start(settings.transform_startup_timeout, stop)
+        address = (
+            url
+            if server is None
+            else server.start(settings.transform.transform_startup_timeout, stop)
+        )
         return Endpoint(address, timeout=spec.timeout, max_retries=spec.max_retries)
 
     try:
         summary = run_job(
             spec,
             connect,
-            endpoint_url=settings.endpoint_url,
+            endpoint_url=settings.general.endpoint_url,
             stop=stop,
-            progress_interval=settings.transform_progress_interval,
+            progress_interval=settings.transform.transform_progress_interval,
             log=log,
         )
     finally:
@@ -137,8 +141,8 @@ class _StartedServer:
     ) -> None:
         self._env = dict(env)
         self._env.update(extra)
-        self._env.update({"PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(settings.root)})
-        self._grace = settings.serve_grace_period + 5
+        self._env.update({"PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(settings.general.root)})
+        self._grace = settings.serving.serve_grace_period + 5
         self._log = log
         self._proc: subprocess.Popen | None = None
 

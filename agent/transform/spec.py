@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import JobSpecError
-from agent.job_spec import check_schema
+from agent.job.spec import check_schema
 
 __all__ = ["SPLIT_TYPES", "TransformSpec", "read_transform_spec", "transform_spec_from_dict"]
 

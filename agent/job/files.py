@@ -1,5 +1,5 @@
 """SageMaker's config files: hyperparameters.json, inputdataconfig.json and resourceconfig.json,
-read and written.
+read into the job's shapes (agent.job.shapes) and written from them.
 
 Hyperparameter values are JSON-encoded strings in those files; ``decode_hyperparameters`` and
 ``encode_hyperparameter`` convert them, for the spec reader too.
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.job import Channel, Job, Layout, Resource, frozen_map, resource_config
+from agent.job.shapes import Channel, Job, Layout, Resource, frozen_map, resource_config
 from agent.settings import Settings
 from agent.storage import write_text_atomically
 
@@ -50,15 +50,15 @@ def encode_hyperparameter(value: Any) -> str:
 
 def hosts_from_settings(settings: Settings, instance_count: int) -> tuple[str, tuple[str, ...]]:
     """(current host, hosts) from TORCHBAY_HOSTS / TORCHBAY_CURRENT_HOST, else algo-1..N."""
-    if settings.hosts:
-        hosts = tuple(h.strip() for h in settings.hosts.split(",") if h.strip())
+    if settings.train.hosts:
+        hosts = tuple(h.strip() for h in settings.train.hosts.split(",") if h.strip())
     else:
         hosts = tuple(f"algo-{i}" for i in range(1, instance_count + 1))
     if not hosts:
         raise ConfigError(
-            f"TORCHBAY_HOSTS={settings.hosts!r} names no host; give a comma-separated list"
+            f"TORCHBAY_HOSTS={settings.train.hosts!r} names no host; give a comma-separated list"
         )
-    current = settings.current_host or hosts[0]
+    current = settings.train.current_host or hosts[0]
     if current not in hosts:
         raise ConfigError(
             f"TORCHBAY_CURRENT_HOST={current!r} is not among the hosts {list(hosts)}; fix "
@@ -132,7 +132,9 @@ def job_from_config_files(layout: Layout, settings: Settings, env: Mapping[str, 
     if resource_raw is None:
         current, hosts = hosts_from_settings(settings, 1)
         resource = Resource(
-            current_host=current, hosts=hosts, network_interface_name=settings.network_interface
+            current_host=current,
+            hosts=hosts,
+            network_interface_name=settings.train.network_interface,
         )
     else:
         try:

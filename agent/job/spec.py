@@ -1,4 +1,8 @@
-"""The job spec: a CreateTrainingJob-shaped JSON (a file or inline), validated and read into a Job."""
+"""The job spec: a CreateTrainingJob-shaped JSON (a file or inline), validated and read into a Job.
+
+Also the reader of SageMaker's MetricDefinitions JSON (``parse_definitions``), for the
+TORCHBAY_METRIC_DEFINITIONS setting.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import JobSpecError
-from agent.job import Channel, Job, Layout, MetricDefinition, Resource, frozen_map
-from agent.job_files import decode_hyperparameters, encode_hyperparameter, hosts_from_settings
+from agent.errors import ConfigError, JobSpecError
+from agent.job.files import decode_hyperparameters, encode_hyperparameter, hosts_from_settings
+from agent.job.shapes import Channel, Job, Layout, MetricDefinition, Resource, frozen_map
+from agent.redact import looks_secret
 from agent.settings import Settings
 
-__all__ = ["check_schema", "job_from_spec"]
+__all__ = ["check_schema", "job_from_spec", "parse_definitions"]
 
 # Keys of CreateTrainingJob that TorchBay reads. A schema node is a type, a tuple of types, a dict
 # (an object: key -> node, "*required" -> required keys) or a one-element list (an array of node).
@@ -166,8 +171,6 @@ def _shown(path: str, value: Any) -> str:
     names look
     secret, and every Environment and HyperParameters value (the message names the field and the
     type)."""
-    from agent.redact import looks_secret
-
     name = path.rsplit(".", 1)[-1].split("[", 1)[0]
     if looks_secret(name) or path.split(".", 1)[0] in ("Environment", "HyperParameters"):
         return ""
@@ -189,7 +192,7 @@ def _choice(value: str, allowed: tuple[str, ...], path: str, source: str) -> str
 
 def _read_spec(text: str, source: str) -> dict[str, Any]:
     try:
-        spec = json.loads(text)
+        spec: dict[str, Any] = json.loads(text)
     except json.JSONDecodeError as err:
         raise JobSpecError(f"job spec {source} is not valid JSON: {err}; fix the JSON") from err
     check_schema(spec, _SPEC_SCHEMA, source)
@@ -292,7 +295,7 @@ def _job_from_spec(
     resource = Resource(
         current_host=current,
         hosts=hosts,
-        network_interface_name=settings.network_interface,
+        network_interface_name=settings.train.network_interface,
         current_instance_type=instance_type,
         current_group_name=group,
         instance_groups=(
@@ -356,9 +359,55 @@ def _job_from_spec(
         instance_count=instance_count,
         max_runtime=float(max_runtime) if max_runtime is not None else None,
         environment=frozen_map(spec.get("Environment", {})),
-        metric_definitions=tuple(
-            MetricDefinition(m["Name"], m["Regex"]) for m in algo.get("MetricDefinitions", [])
-        ),
+        metric_definitions=_spec_definitions(algo.get("MetricDefinitions", []), source),
         on_sagemaker=False,
         base_env=frozen_map(env),
     )
+
+
+def _spec_definitions(items: list[dict[str, str]], source: str) -> tuple[MetricDefinition, ...]:
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(MetricDefinition(item["Name"], item["Regex"]))
+        except ConfigError as err:
+            raise ConfigError(
+                f"job spec {source}: AlgorithmSpecification.MetricDefinitions[{index}]: "
+                f"{err.message}"
+            ) from err
+    return tuple(out)
+
+
+def parse_definitions(
+    text: str | None, source: str = "TORCHBAY_METRIC_DEFINITIONS"
+) -> tuple[MetricDefinition, ...]:
+    """Parse SageMaker's ``[{"Name": ..., "Regex": ...}]`` JSON, each regex compiled; raises
+    ConfigError naming ``source`` (and the definition and regex of one that does not compile)."""
+    if not text:
+        return ()
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"{source}: not JSON ({err}); give a list like "
+            '[{"Name": "train:loss", "Regex": "loss=(\\\\S+)"}]'
+        ) from err
+    if not isinstance(data, list):
+        raise ConfigError(
+            f"{source}: expected a JSON list of {{Name, Regex}} objects, got {type(data).__name__}"
+        )
+    out = []
+    for index, item in enumerate(data):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("Name"), str)
+            or not isinstance(item.get("Regex"), str)
+        ):
+            raise ConfigError(
+                f"{source}[{index}]: expected an object with string Name and Regex, got {item!r}"
+            )
+        try:
+            out.append(MetricDefinition(item["Name"], item["Regex"]))
+        except ConfigError as err:
+            raise ConfigError(f"{source}[{index}]: {err.message}") from err
+    return tuple(out)

@@ -1,20 +1,24 @@
-"""The job contract, parsed once into frozen, typed objects.
+"""The job's frozen shapes: the layout, channels, resource, metric definitions and the Job.
 
-The shapes here are shared by every part of the agent (data, telemetry, distributed,
-checkpoints, training). ``load_job`` is the only reader of the config files, the
-job spec and the environment: it reads a spec with agent.job_spec, SageMaker's config
-files with agent.job_files (which also writes them: ``write_config_files``).
+The bottom of agent.job: every part of the agent (data, telemetry, distributed, checkpoints,
+training) reads these, and the readers above (agent.job.spec, agent.job.files, agent.job.load)
+build them. Nothing here reads a file or the environment.
 """
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.settings import Settings, read_settings
+from agent.errors import ConfigError
+from agent.settings import Settings
+
+if TYPE_CHECKING:  # an annotation only: agent.distributed builds the cluster from the job
+    from agent.distributed.cluster import Cluster
 
 __all__ = [
     "Channel",
@@ -23,9 +27,7 @@ __all__ = [
     "MetricDefinition",
     "Resource",
     "frozen_map",
-    "load_job",
     "resource_config",
-    "write_config_files",
 ]
 
 
@@ -177,10 +179,27 @@ class Resource:
 
 @dataclass(frozen=True)
 class MetricDefinition:
-    """A SageMaker-style metric definition: the first capture group of ``regex`` is the value."""
+    """A SageMaker-style metric definition: the first capture group of ``regex`` is the value.
+
+    Made only by the job's readers (load_job), so a bad regex fails the job before its code,
+    packages or data are fetched; ConfigError names the definition and the regex.
+    """
 
     name: str
     regex: str
+
+    # ``regex`` compiled (multi-line) when the definition is made: every definition compiles.
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            pattern = re.compile(self.regex, re.MULTILINE)
+        except re.error as err:
+            raise ConfigError(
+                f"metric {self.name!r}: regex {self.regex!r} does not compile ({err}); fix the "
+                "MetricDefinitions Regex"
+            ) from err
+        object.__setattr__(self, "pattern", pattern)
 
 
 @dataclass(frozen=True)
@@ -191,9 +210,8 @@ class Job:
     layout: Layout
     settings: Settings
     resource: Resource
-    hyperparameters: Mapping[str, Any] = field(
-        default_factory=frozen_map
-    )  # JSON-decoded, sagemaker_* included
+    # JSON-decoded, sagemaker_* included
+    hyperparameters: Mapping[str, Any] = field(default_factory=frozen_map)
     channels: tuple[Channel, ...] = ()
     input_mode: str = "File"
     output_path: str | None = None  # OutputDataConfig.S3OutputPath
@@ -206,13 +224,11 @@ class Job:
     environment: Mapping[str, str] = field(default_factory=frozen_map)  # the spec's Environment
     metric_definitions: tuple[MetricDefinition, ...] = ()
     on_sagemaker: bool = False  # the platform already wrote the config and staged the data
-    base_env: Mapping[str, str] = field(
-        default_factory=frozen_map
-    )  # the agent's own environment, read once
-    # The cluster identity (agent.distributed.cluster.Cluster), found once by load_job; ``resource``
-    # agrees
-    # with it. None only for Job objects built by hand (tests), which then discover on use.
-    cluster: Any | None = None
+    # the agent's own environment, read once
+    base_env: Mapping[str, str] = field(default_factory=frozen_map)
+    # The cluster identity, found once by load_job; ``resource`` agrees with it. None only for Job
+    # objects built by hand (tests), which then discover on use.
+    cluster: Cluster | None = None
 
     def channel(self, name: str) -> Channel:
         for channel in self.channels:
@@ -228,39 +244,6 @@ class Job:
         return f"{self.output_path.rstrip('/')}/{self.name}/output"
 
 
-# --- reading and writing the job (agent/job_spec.py, agent/job_files.py)
-# ---------------------------
-
-
-def load_job(env: Mapping[str, str], job_arg: str | None = None) -> Job:
-    """Read the job once: from ``job_arg`` (a path or inline JSON), else TORCHBAY_JOB, else the
-    config files.
-
-    Host discovery runs here, once (agent.distributed.identity): ``job.cluster`` is the job's only
-    notion of the cluster and ``job.resource`` (current host, hosts, interface) agrees with it.
-
-    Raises JobSpecError (a bad spec field, naming the key and the file) or ConfigError (a bad config
-    file
-    or setting).
-    """
-    from agent.job_files import (
-        job_from_config_files,
-    )  # the readers build the shapes above: imported on use
-    from agent.job_spec import job_from_spec
-
-    settings = read_settings(env)
-    layout = Layout(Path(settings.root))
-    origin = "--job" if job_arg else "TORCHBAY_JOB"
-    job_arg = job_arg or settings.job
-    if job_arg:
-        job = job_from_spec(job_arg, origin, layout, settings, env)
-    else:
-        job = job_from_config_files(layout, settings, env)
-    from agent.distributed.identity import identify  # host discovery: once, here
-
-    return identify(job)
-
-
 def resource_config(resource: Resource) -> dict[str, Any]:
     """resourceconfig.json's content, as SageMaker writes it."""
     return {
@@ -271,11 +254,3 @@ def resource_config(resource: Resource) -> dict[str, Any]:
         "instance_groups": [dict(g) for g in resource.instance_groups],
         "network_interface_name": resource.network_interface_name,
     }
-
-
-def write_config_files(job: Job) -> None:
-    """Write hyperparameters.json, inputdataconfig.json and resourceconfig.json as the platform
-    would."""
-    from agent.job_files import write_config_files as write
-
-    write(job)
