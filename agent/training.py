@@ -39,7 +39,7 @@ from agent.errors import (
 from agent.job import Job, load_job, write_config_files
 from agent.redact import RedactingFilter, Redactor
 from agent.settings import read_settings
-from agent.storage import Storage, open_storage, parse_uri, redact, write_text_atomically
+from agent.storage import JobStorage, Storage, redact, write_text_atomically
 
 __all__ = ["FAILURE_REASON_MAX", "failure_reason", "main", "parse_args"]
 
@@ -220,8 +220,7 @@ class _Lifecycle:
         self.out = out
         self.exit_code: int | None = None
         self.reason: str | None = None
-        self._storages: dict[str, Storage] = {}
-        self._s3_client: Any = None
+        self._storages = JobStorage.from_settings(job.settings)  # the job's one S3 client
         self._capture: Any = None
         self._data: Any = None
         self._sync: Any = None
@@ -236,32 +235,12 @@ class _Lifecycle:
 
     # --- storage, shared by the fetch and the uploads --------------------------------------------
     def storage_for(self, uri: str) -> Storage:
-        scheme = parse_uri(uri).scheme
-        if scheme not in self._storages:
-            if scheme == "s3":
-                from agent.storage import make_s3_client
-
-                self._s3_client = make_s3_client(self.job.settings.endpoint_url)
-                self._storages[scheme] = open_storage(uri, s3_client=self._s3_client)
-            else:
-                self._storages[scheme] = open_storage(uri)
-        return self._storages[scheme]
+        return self._storages.for_uri(uri)
 
     def upload_storage_for(self, uri: str) -> Storage:
-        """The storage for end-of-job uploads: an S3 client with few built-in retries (agent.uploads
-        retries
-        with its own backoff, up to the upload deadline)."""
-        if parse_uri(uri).scheme != "s3":
-            return self.storage_for(uri)
-        if "s3-uploads" not in self._storages:
-            from agent.storage import S3Storage, make_s3_client
-
-            self._storages["s3-uploads"] = S3Storage(
-                make_s3_client(
-                    self.job.settings.endpoint_url, 16, max_attempts=2, connect_timeout=5
-                )
-            )
-        return self._storages["s3-uploads"]
+        """The storage for end-of-job uploads: the same client, no retries of its own
+        (agent.uploads retries with its own backoff, up to the upload deadline)."""
+        return self._storages.for_uploads(uri)
 
     def _check_stop(self, step: str) -> None:
         if self.stop.requested:
@@ -354,12 +333,12 @@ class _Lifecycle:
         ):  # on SageMaker the data is in place
             from agent.data import prepare_channels
 
-            self._data = prepare_channels(job, log=log)
+            self._data = prepare_channels(job, log=log, storages=self._storages)
             self._check_stop("data staging")
         if job.checkpoint_uri:
             from agent.sync import LiveSync
 
-            self._sync = LiveSync(job, log=log)
+            self._sync = LiveSync(job, log=log, storages=self._storages)
             restored = self._sync.restore()
             if restored:
                 log.info(
@@ -423,7 +402,7 @@ class _Lifecycle:
         if self._sync is None:
             from agent.sync import LiveSync
 
-            self._sync = LiveSync(job, log=log)
+            self._sync = LiveSync(job, log=log, storages=self._storages)
         self._sync.start()
         self._start_telemetry(group)
         result = supervise(

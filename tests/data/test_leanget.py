@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.data.leanget import LeanGetter, sign_get
 from agent.data.listing import Entry
 from agent.data.staging import StageOptions, stage
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage import make_s3_client
+from agent.storage.lean import LeanGetter, sign_get
 from tests.data.helpers import random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")

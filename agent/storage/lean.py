@@ -16,7 +16,7 @@ error status, a redirect, a chunked body) is reported as ``None`` after draining
 uses its
 boto3 path for that object, which retries and translates errors as usual. Connection-level failures
 raise
-:class:`LeanNetError` (retryable). The caller checks byte counts and digests: see
+:class:`ConnectionLost` (retryable). The caller checks byte counts and digests: see
 :class:`LeanResponse`.
 """
 
@@ -26,15 +26,17 @@ import base64
 import hashlib
 import hmac
 import http.client
+import ssl
 import threading
 import time
 import urllib.parse
-import zlib
 from typing import Any
 
-from agent.errors import StorageError
+from agent.storage.botocore_private import signing_credentials, tls_verify
+from agent.storage.checked import plain_md5_etag
+from agent.storage.retry import ConnectionLost
 
-__all__ = ["BodyCheck", "LeanGetter", "LeanNetError", "LeanResponse", "sign_get"]
+__all__ = ["LeanGetter", "LeanResponse", "sign_get"]
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
@@ -45,39 +47,6 @@ _CHECKSUMS = {
     "sha256": "x-amz-checksum-sha256",
 }
 _UNHANDLED_CHECKSUMS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme")
-
-
-class LeanNetError(StorageError):
-    """The connection failed (refused, reset, timed out, closed early): retryable."""
-
-
-class BodyCheck:
-    """The full-object CRC32/SHA-1/SHA-256 S3 returned (``LeanResponse.checksum``), recomputed over
-    the body as
-    it is read; with no checksum it matches anything."""
-
-    def __init__(self, checksum: tuple[str, bytes] | None) -> None:
-        self._name, self._want = checksum if checksum else ("", b"")
-        self._crc = 0
-        self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
-
-    def update(self, data: Any) -> None:
-        if self._name == "crc32":
-            self._crc = zlib.crc32(data, self._crc)
-        elif self._hash is not None:
-            self._hash.update(data)
-
-    def _got(self) -> bytes:
-        if self._hash is not None:
-            return self._hash.digest()
-        return self._crc.to_bytes(4, "big") if self._name == "crc32" else b""
-
-    def matches(self) -> bool:
-        return not self._name or self._got() == self._want
-
-    def mismatch(self) -> str:
-        """What differs, for an error message."""
-        return f"has {self._name.upper()} {self._got().hex()}, S3 says {self._want.hex()}"
 
 
 class _Target:
@@ -112,13 +81,14 @@ class LeanResponse:
         self._resp, self._conn = resp, conn
         self.length, self.etag, self.md5, self.checksum = length, etag, md5, checksum
 
-    def read(self) -> bytes:
-        """The whole body (raises LeanNetError when the connection ends early)."""
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of the body (all of it when negative); raises ConnectionLost when
+        the connection ends early."""
         try:
-            return self._resp.read()
+            return self._resp.read() if size < 0 else self._resp.read(size)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise LeanNetError(
+            raise ConnectionLost(
                 f"connection ended before all {self.length} bytes came: {type(err).__name__}"
             ) from err
 
@@ -128,7 +98,7 @@ class LeanResponse:
             return self._resp.readinto(buffer)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise LeanNetError(f"connection ended early: {type(err).__name__}") from err
+            raise ConnectionLost(f"connection ended early: {type(err).__name__}") from err
 
     def close(self) -> None:
         if not self._resp.isclosed():  # not read to its end: the connection cannot be reused
@@ -156,7 +126,7 @@ class LeanGetter:
         """A getter that goes where ``client`` goes, or None when that client's setup is not one it
         handles
         (no credentials, a proxy, an unsigned or non-SigV4 client)."""
-        credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+        credentials = signing_credentials(client)
         if credentials is None or getattr(client.meta.config, "proxies", None):
             return None
         endpoint = urllib.parse.urlsplit(str(client.meta.endpoint_url))
@@ -189,14 +159,14 @@ class LeanGetter:
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
             conn.close()
             if not reused:
-                raise LeanNetError(
+                raise ConnectionLost(
                     f"connection to {target.host}:{target.port} dropped: {type(err).__name__}"
                 ) from err
             conn._torchbay_used = False  # type: ignore[attr-defined]  # a stale keep-alive: once more, fresh
             return self.open(bucket, key)
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            raise LeanNetError(
+            raise ConnectionLost(
                 f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
             ) from err
         conn._torchbay_used = True  # type: ignore[attr-defined]
@@ -211,13 +181,10 @@ class LeanGetter:
                 conn.close()
             return None
         etag = (resp.getheader("ETag") or "").strip('"') or None
-        sse = resp.getheader("x-amz-server-side-encryption")
-        md5 = (
-            bool(etag)
-            and len(etag) == 32
-            and "-" not in etag
-            and sse in (None, "AES256")
-            and resp.getheader("x-amz-server-side-encryption-customer-algorithm") is None
+        md5 = plain_md5_etag(
+            etag,
+            resp.getheader("x-amz-server-side-encryption"),
+            resp.getheader("x-amz-server-side-encryption-customer-algorithm"),
         )
         return LeanResponse(resp, conn, int(length), etag, md5, _checksum(resp))
 
@@ -270,7 +237,7 @@ def sign_get(
     secret_key: str,
     token: str | None,
     amz_date: str,
-    key_cache: dict | None = None,
+    key_cache: dict[tuple[str, str, str], bytes] | None = None,
 ) -> dict[str, str]:
     """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty
     payload."""
@@ -393,14 +360,14 @@ def _proxied(endpoint: urllib.parse.SplitResult) -> bool:
     )
 
 
-def _ssl_context(client: Any) -> Any:
+def _ssl_context(client: Any) -> ssl.SSLContext | None:
+    """A TLS context that verifies as ``client`` does, or None (use boto3)."""
+    from botocore.httpsession import get_cert_path
+
+    verify = tls_verify(client)
+    if verify is None:
+        return None
     try:
-        import ssl
-
-        from botocore.httpsession import get_cert_path
-
-        verify = getattr(getattr(client, "_endpoint", None), "http_session", None)
-        verify = getattr(verify, "_verify", True)
         if verify is False:
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -408,5 +375,5 @@ def _ssl_context(client: Any) -> Any:
             return context
         cafile = verify if isinstance(verify, str) else get_cert_path(True)
         return ssl.create_default_context(cafile=cafile if isinstance(cafile, str) else None)
-    except Exception:
+    except (OSError, ValueError, ssl.SSLError):
         return None

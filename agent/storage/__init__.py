@@ -1,0 +1,114 @@
+"""The one storage path of the agent: ``s3://`` and ``file://`` behind one interface.
+
+Listing, whole and ranged verified reads (agent.storage.checked; the lean signed GET,
+agent.storage.lean, with boto3 as its fallback), checked writes (single PUT or multipart,
+agent.storage.multipart), one retry policy and one exception per failure kind
+(agent.storage.retry). botocore's private attributes are read only in
+agent.storage.botocore_private.
+
+:class:`JobStorage` is made once per job by the lifecycle and passed down: it makes the job's one
+S3 client on first ``s3://`` use, shared by the code fetch, staging, Pipe feeders, live sync,
+outputs and log shipping. boto3 is imported only then.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from agent.storage.base import (
+    FileStorage,
+    Location,
+    ObjectInfo,
+    Storage,
+    parse_uri,
+    redact,
+    write_text_atomically,
+)
+from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions
+from agent.storage.retry import (
+    ONE_TRY,
+    ConnectionLost,
+    RetryPolicy,
+    ShortRead,
+    TransientError,
+    retryable,
+    with_retries,
+)
+from agent.storage.s3 import S3Storage, make_s3_client, translate_s3_error
+
+__all__ = [
+    "DEFAULT_READ",
+    "ONE_TRY",
+    "CheckedRead",
+    "ConnectionLost",
+    "FileStorage",
+    "JobStorage",
+    "Location",
+    "ObjectInfo",
+    "ReadOptions",
+    "RetryPolicy",
+    "S3Storage",
+    "ShortRead",
+    "Storage",
+    "TransientError",
+    "make_s3_client",
+    "open_storage",
+    "parse_uri",
+    "redact",
+    "retryable",
+    "translate_s3_error",
+    "with_retries",
+    "write_text_atomically",
+]
+
+
+class JobStorage:
+    """The storages of one job (or one process of it): one S3 client, made on first use.
+
+    ``for_uri`` gives the storage for a URI's scheme under the default retry policy;
+    ``for_uploads`` the same client without retries of its own, for callers that retry to a
+    deadline (end-of-job uploads, live sync, log shipping).
+    """
+
+    def __init__(self, endpoint_url: str | None = None, *, pool: int = 32) -> None:
+        self.endpoint_url = endpoint_url
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._s3: S3Storage | None = None
+        self._file = FileStorage()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> JobStorage:
+        """Sized for the job's busiest user: staging threads, sync part uploads, Pipe prefetch."""
+        pool = max(
+            32,
+            int(getattr(settings, "data_threads", 16)) + 4,
+            int(getattr(settings, "sync_workers", 4)) * 4 + 4,
+            int(getattr(settings, "pipe_prefetch", 8)) + 4,
+        )
+        return cls(getattr(settings, "endpoint_url", None), pool=pool)
+
+    def s3(self) -> S3Storage:
+        """The job's S3 storage (its client is made on the first call)."""
+        with self._lock:
+            if self._s3 is None:
+                self._s3 = S3Storage(make_s3_client(self.endpoint_url, self.pool))
+            return self._s3
+
+    def for_uri(self, uri: str) -> Storage:
+        """The storage for ``uri``'s scheme."""
+        return self.s3() if parse_uri(uri).scheme == "s3" else self._file
+
+    def for_uploads(self, uri: str) -> Storage:
+        """The storage for ``uri`` with no retries of its own (the caller retries)."""
+        storage = self.for_uri(uri)
+        return storage.with_policy(ONE_TRY) if isinstance(storage, S3Storage) else storage
+
+
+def open_storage(uri: str, *, s3_client: Any = None, endpoint_url: str | None = None) -> Storage:
+    """A storage for ``uri``'s scheme, on its own (a job passes its :class:`JobStorage` down
+    instead). Pass ``s3_client`` to share a client."""
+    if parse_uri(uri).scheme == "s3":
+        return S3Storage(s3_client, endpoint_url=endpoint_url)
+    return FileStorage()

@@ -1,0 +1,396 @@
+"""The ``s3://`` backend: one boto3 client, every request through the one retry policy
+(agent.storage.retry), verified reads (agent.storage.checked) with the lean GET
+(agent.storage.lean) for whole objects, checked writes (single PUT, or a multipart upload that is
+completed only when every part arrived: agent.storage.multipart).
+
+boto3 is imported only when a client is made. botocore itself makes at most two attempts per
+request (one quick retry of a stale keep-alive); the backoff is ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from agent.errors import BucketMissing, ObjectMissing, StorageError
+from agent.storage.base import Location, ObjectInfo, Storage, parse_uri, redact
+from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, plain_md5_etag
+from agent.storage.lean import LeanGetter
+from agent.storage.multipart import MultipartUpload
+from agent.storage.retry import (
+    DEFAULT_POLICY,
+    ONE_TRY,
+    ConnectionLost,
+    RetryPolicy,
+    TransientError,
+    error_code,
+    retryable,
+    with_retries,
+)
+
+__all__ = ["MULTIPART_THRESHOLD", "S3Storage", "make_s3_client", "translate_s3_error"]
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+T = TypeVar("T")
+_CONNECTION_ERRORS = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ProtocolError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "RemoteDisconnected",
+        "ConnectionResetError",
+    }
+)
+_NEVER_RETRIED = frozenset(
+    {"NoCredentialsError", "ParamValidationError", "PartialCredentialsError"}
+)
+
+
+def translate_s3_error(
+    err: BaseException, uri: str, where: str = "the S3 endpoint"
+) -> StorageError:
+    """Turn a botocore exception into the StorageError of its kind (agent.storage.retry), naming
+    the URI, the endpoint and the fix."""
+    if isinstance(err, StorageError):
+        return err
+    name = type(err).__name__
+    code = error_code(err)
+    if name in _CONNECTION_ERRORS or "Could not connect" in str(err):
+        return ConnectionLost(
+            f"cannot reach {where} for {uri} ({name}); check AWS_ENDPOINT_URL and that the "
+            "server is up"
+        )
+    if code == "NoSuchBucket":
+        bucket = parse_uri(uri).bucket if uri.startswith("s3://") else uri
+        return BucketMissing(
+            f"bucket {bucket!r} does not exist at {where} (for {uri}); create it or fix the URI"
+        )
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return ObjectMissing(f"{uri} does not exist at {where}; check the key")
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return StorageError(
+            f"access denied to {uri} at {where} ({code}); check the credentials and the bucket "
+            "policy"
+        )
+    if name == "NoCredentialsError":
+        return StorageError(
+            f"no AWS credentials found for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a "
+            "profile or a role"
+        )
+    text = (
+        f"S3 request for {uri} at {where} failed: {redact(code or name)}: {redact(str(err))[:300]}"
+    )
+    if name in _NEVER_RETRIED or not retryable(err):
+        return StorageError(text)
+    return TransientError(text)
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    max_pool_connections: int = 32,
+    *,
+    max_attempts: int = 2,
+    connect_timeout: float = 5,
+) -> Any:
+    """A boto3 S3 client with a connection pool sized for threads and few built-in retries (the
+    backoff is agent.storage.retry's).
+
+    The endpoint comes from ``endpoint_url``, else the standard AWS settings (``AWS_ENDPOINT_URL``,
+    ``AWS_ENDPOINT_URL_S3``) that boto3 reads itself.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=connect_timeout,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if endpoint_url else {},
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+class _Translated:
+    """A boto3 streaming body whose read errors come out as StorageErrors naming the URI."""
+
+    __slots__ = ("_body", "_storage", "_uri")
+
+    def __init__(self, body: Any, storage: S3Storage, uri: str) -> None:
+        self._body, self._storage, self._uri = body, storage, uri
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._body.read(None if size < 0 else size)
+        except Exception as err:  # botocore's and urllib3's exception classes
+            raise self._storage.translate(err, self._uri) from err
+        return data
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class _LeanBody:
+    """A lean GET's body whose connection errors name the URI and the endpoint."""
+
+    __slots__ = ("_resp", "_storage", "_uri")
+
+    def __init__(self, resp: Any, storage: S3Storage, uri: str) -> None:
+        self._resp, self._storage, self._uri = resp, storage, uri
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            data: bytes = self._resp.read(size)
+        except ConnectionLost as err:
+            raise self._storage.lost(err, self._uri) from err
+        return data
+
+    def readinto(self, buffer: bytearray) -> int:
+        try:
+            count: int = self._resp.readinto(buffer)
+        except ConnectionLost as err:
+            raise self._storage.lost(err, self._uri) from err
+        return count
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class S3Storage(Storage):
+    """``s3://`` URIs on AWS or any S3-compatible endpoint.
+
+    ``client`` is a boto3 S3 client (None: one is made with :func:`make_s3_client`). Every
+    request goes through ``policy``; :meth:`with_policy` gives a view with another policy that
+    shares the client and the lean getter (callers that retry on their own terms use ``ONE_TRY``).
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        endpoint_url: str | None = None,
+        max_pool_connections: int = 32,
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self._client = (
+            client if client is not None else make_s3_client(endpoint_url, max_pool_connections)
+        )
+        self.policy = policy
+        self._shared = _Shared()
+
+    def with_policy(self, policy: RetryPolicy) -> S3Storage:
+        """The same client and lean getter under another retry policy."""
+        view = S3Storage.__new__(S3Storage)
+        view._client, view.policy, view._shared = self._client, policy, self._shared
+        return view
+
+    @property
+    def client(self) -> Any:
+        """The shared boto3 client."""
+        return self._client
+
+    @property
+    def where(self) -> str:
+        """The endpoint, for error messages."""
+        return redact(str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint")))
+
+    def translate(self, err: BaseException, uri: str) -> StorageError:
+        return translate_s3_error(err, uri, self.where)
+
+    def lost(self, err: ConnectionLost, uri: str) -> ConnectionLost:
+        """A lean GET's connection error, naming the URI and the endpoint."""
+        return ConnectionLost(
+            f"cannot reach {self.where} for {uri} ({err}); check AWS_ENDPOINT_URL and that the "
+            "server is up"
+        )
+
+    def lean(self) -> LeanGetter | None:
+        """The lean getter for this client, made once (None when the client's setup is not one it
+        handles)."""
+        return self._shared.lean(self._client)
+
+    def call(self, uri: str, fn: Callable[[], T], *, cancel: threading.Event | None = None) -> T:
+        """``fn()`` (one S3 request) under this storage's policy; errors translated."""
+
+        def once() -> T:
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as err:  # botocore's exception classes are made at run time
+                raise self.translate(err, uri) from err
+
+        return with_retries(once, self.policy, what=uri, cancel=cancel)[0]
+
+    def list(self, uri: str) -> Iterator[ObjectInfo]:
+        loc = parse_uri(uri)
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": loc.key}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self.call(uri, functools.partial(self._client.list_objects_v2, **kwargs))
+            for item in page.get("Contents", ()):
+                if item["Key"].endswith("/") and item["Size"] == 0:
+                    continue  # a console-made "folder" marker
+                yield ObjectInfo(
+                    Location("s3", loc.bucket, item["Key"]),
+                    int(item["Size"]),
+                    item.get("ETag", "").strip('"') or None,
+                    item["LastModified"].timestamp() if "LastModified" in item else None,
+                )
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        loc = parse_uri(uri)
+        try:
+            resp = self.call(uri, lambda: self._client.head_object(Bucket=loc.bucket, Key=loc.key))
+        except ObjectMissing:
+            return None
+        return ObjectInfo(
+            loc,
+            int(resp["ContentLength"]),
+            resp.get("ETag", "").strip('"') or None,
+            resp["LastModified"].timestamp() if "LastModified" in resp else None,
+        )
+
+    def _get_object(self, uri: str, byte_range: tuple[int, int] | None) -> dict[str, Any]:
+        loc = parse_uri(uri)
+        kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+        if byte_range is not None:
+            kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+        try:
+            resp: dict[str, Any] = self._client.get_object(**kwargs)
+        except Exception as err:  # botocore's exception classes are made at run time
+            raise self.translate(err, uri) from err
+        return resp
+
+    def open(self, uri: str, start: int = 0, end: int | None = None) -> IO[bytes]:
+        loc = parse_uri(uri)
+        kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        resp = self.call(uri, lambda: self._client.get_object(**kwargs))
+        body: IO[bytes] = resp["Body"]
+        return body
+
+    def get_checked(
+        self,
+        uri: str,
+        *,
+        size: int | None = None,
+        byte_range: tuple[int, int] | None = None,
+        options: ReadOptions = DEFAULT_READ,
+    ) -> CheckedRead:
+        """One GET (no retry here: callers retry the whole read, see :meth:`read_checked`)."""
+        if byte_range is None and options.lean:
+            lean = self.lean()
+            if lean is not None:
+                loc = parse_uri(uri)
+                try:
+                    resp = lean.open(loc.bucket, loc.key)
+                except ConnectionLost as err:
+                    raise self.lost(err, uri) from err
+                if resp is not None:
+                    return CheckedRead(
+                        uri,
+                        _LeanBody(resp, self, uri),
+                        resp.length,
+                        resp.etag,
+                        md5=resp.md5,
+                        checksum=resp.checksum,
+                        expected_size=size,
+                        options=options,
+                    )
+        got = self._get_object(uri, byte_range)
+        etag = (got.get("ETag") or "").strip('"') or None
+        plain = byte_range is None and plain_md5_etag(
+            etag, got.get("ServerSideEncryption"), got.get("SSECustomerAlgorithm")
+        )
+        want = size if byte_range is None else byte_range[1] - byte_range[0]
+        return CheckedRead(
+            uri,
+            _Translated(got["Body"], self, uri),
+            int(got["ContentLength"]),
+            etag,
+            md5=plain,
+            expected_size=want,
+            options=options,
+        )
+
+    def read_checked(
+        self,
+        uri: str,
+        *,
+        size: int | None = None,
+        options: ReadOptions = DEFAULT_READ,
+        cancel: threading.Event | None = None,
+    ) -> bytes:
+        """The whole object, verified, retried under this storage's policy."""
+
+        def once() -> bytes:
+            return self.get_checked(uri, size=size, options=options).read_all()
+
+        return with_retries(once, self.policy, what=uri, cancel=cancel)[0]
+
+    def put_file(self, path: Path, uri: str) -> None:
+        loc = parse_uri(uri)
+        if os.path.getsize(path) < MULTIPART_THRESHOLD:
+
+            def put() -> None:
+                with open(path, "rb") as body:
+                    self._client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
+
+            self.call(uri, put)
+            return
+        upload = MultipartUpload(self, Path(path), uri, MULTIPART_CHUNKSIZE)
+        try:
+            with_retries(upload.attempt, self.policy, what=uri)
+        finally:
+            upload.abort()  # only does anything when the upload did not complete
+
+    def put_bytes(self, data: bytes, uri: str) -> None:
+        loc = parse_uri(uri)
+        self.call(uri, lambda: self._client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
+
+    def delete(self, uri: str) -> None:
+        loc = parse_uri(uri)
+        try:
+            self.call(uri, lambda: self._client.delete_object(Bucket=loc.bucket, Key=loc.key))
+        except ObjectMissing:
+            pass
+
+
+class _Shared:
+    """What the views of one S3Storage share: the lean getter, made on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made = False
+        self._lean: LeanGetter | None = None
+
+    def lean(self, client: Any) -> LeanGetter | None:
+        if self._made:
+            return self._lean
+        with self._lock:
+            if not self._made:
+                self._lean = LeanGetter.from_client(client)
+                self._made = True
+        return self._lean
+
+
+def one_try(storage: Storage) -> Storage:
+    """``storage`` without retries of its own (for callers with their own deadline loop)."""
+    return storage.with_policy(ONE_TRY) if isinstance(storage, S3Storage) else storage
