@@ -102,13 +102,14 @@ def stage(
     progress = Progress(
         channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log
     )
+    fetched_bytes = 0  # counted by the fetchers (each checked against its Content-Length)
     if todo:
         if processes > 1:
-            run_processes(todo, options, processes, progress)
+            fetched_bytes = run_processes(todo, options, processes, progress)
         else:
             counters = Counters()
             run_in_process(todo, options, counters, progress.tick, storage=storage)
-    fetched_bytes = sum(os.path.getsize(job.target) for job in todo)
+            fetched_bytes = counters.bytes
     seconds = time.monotonic() - start
     result = StageResult(
         len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes

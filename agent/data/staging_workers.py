@@ -31,8 +31,9 @@ __all__ = ["run_processes", "worker_main"]
 
 def run_processes(
     jobs: Sequence[FetchJob], options: StageOptions, processes: int, progress: Progress
-) -> None:
-    """Fetch ``jobs`` in ``processes`` worker processes; raises the first error a worker reports."""
+) -> int:
+    """Fetch ``jobs`` in ``processes`` worker processes; returns the bytes fetched. Raises the first
+    error a worker reports."""
     # Largest first, dealt round-robin, so every worker gets a similar share of bytes.
     ordered = sorted(jobs, key=lambda job: -(job.size or 0))
     threads = max(4, options.threads // processes)
@@ -100,6 +101,7 @@ def run_processes(
                     "see its output above"
                 )
             progress.tick(sum(files), sum(nbytes))
+        return sum(nbytes)
     finally:
         for child in children:
             if child.poll() is None:

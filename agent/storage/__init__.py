@@ -7,8 +7,9 @@ agent.storage.multipart), one retry policy and one exception per failure kind
 agent.storage.botocore_private.
 
 :class:`JobStorage` is made once per job by the lifecycle and passed down: it makes the job's one
-S3 client on first ``s3://`` use, shared by the code fetch, staging, Pipe feeders, live sync,
-outputs and log shipping. boto3 is imported only then.
+S3 client on first need, shared by the code fetch, staging, Pipe feeders, live sync, outputs and
+log shipping. boto3 is imported only then: with an explicit endpoint and credentials in the
+environment, listing, HEAD, GET and small PUTs take the lean path and need no client at all.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class JobStorage:
         """The job's S3 storage (its client is made on the first call)."""
         with self._lock:
             if self._s3 is None:
-                self._s3 = S3Storage(make_s3_client(self.endpoint_url, self.pool))
+                self._s3 = S3Storage(endpoint_url=self.endpoint_url, max_pool_connections=self.pool)
             return self._s3
 
     def for_uri(self, uri: str) -> Storage:

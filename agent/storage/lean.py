@@ -23,20 +23,24 @@ raise
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import hashlib
 import hmac
 import http.client
+import os
 import ssl
 import threading
 import time
 import urllib.parse
 from typing import Any
+from xml.etree import ElementTree
 
 from agent.storage.botocore_private import signing_credentials, tls_verify
 from agent.storage.checked import plain_md5_etag
 from agent.storage.retry import ConnectionLost
 
-__all__ = ["LeanGetter", "LeanResponse", "sign_get"]
+__all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
@@ -143,42 +147,93 @@ class LeanGetter:
 
         return cls(credentials, resolve, timeout, context)
 
-    def open(self, bucket: str, key: str) -> LeanResponse | None:
-        """GET ``key``: an open 200 response, or None when the answer was anything else (use the
-        boto3 path)."""
+    @classmethod
+    def from_endpoint(cls, endpoint_url: str | None, timeout: float = 60.0) -> LeanGetter | None:
+        """A getter for an explicit path-style ``endpoint_url`` with credentials in the environment
+        (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``), made without
+        boto3; None for any other setup (a profile, a role, a proxy, TLS, no endpoint): there the
+        getter comes from a boto3 client (:meth:`from_client`)."""
+        env = os.environ
+        key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        if not endpoint_url or not key or not secret or env.get("AWS_PROFILE"):
+            return None
+        endpoint = urllib.parse.urlsplit(endpoint_url)
+        if endpoint.scheme != "http" or not endpoint.hostname or _proxied(endpoint):
+            return None
+        if endpoint.path.strip("/") or endpoint.query or endpoint.username:
+            return None
+        region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
+        credentials = _EnvCredentials(key, secret, env.get("AWS_SESSION_TOKEN") or None)
+        host, port, netloc = endpoint.hostname, endpoint.port or 80, endpoint.netloc
+
+        def resolve(bucket: str) -> _Target | None:
+            return _Target("http", host, port, netloc, f"/{bucket}/", region)
+
+        return cls(credentials, resolve, timeout, None)
+
+    def _send(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        query: dict[str, str] | None = None,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection] | None:
+        """One signed request; the response (headers read) and its connection, or None when this
+        bucket is not one the lean path can reach."""
         target = self._target(bucket)
         if target is None:
             return None
         path = urllib.parse.quote(target.base + key, safe="/~")
-        conn = self._connection(target)
-        reused = getattr(conn, "_torchbay_used", False)
-        headers = self._sign(target, path)
-        try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
-            conn.close()
-            if not reused:
+        canonical_query = "&".join(
+            f"{_quote(name)}={_quote(value)}" for name, value in sorted((query or {}).items())
+        )
+        payload = hashlib.sha256(body).hexdigest() if body else _EMPTY_SHA256
+        signed = self._sign(target, method, path, canonical_query, payload, headers or {})
+        url = path + ("?" + canonical_query if canonical_query else "")
+        for fresh in (False, True):
+            conn = self._connection(target, fresh)
+            reused = getattr(conn, "_torchbay_used", False)
+            try:
+                conn.request(method, url, body=body or None, headers=signed)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                conn.close()
+                if reused and not fresh:
+                    continue  # a stale keep-alive: once more on a new connection
                 raise ConnectionLost(
                     f"connection to {target.host}:{target.port} dropped: {type(err).__name__}"
                 ) from err
-            conn._torchbay_used = False  # type: ignore[attr-defined]  # a stale keep-alive: once more, fresh
-            return self.open(bucket, key)
-        except (OSError, http.client.HTTPException) as err:
-            conn.close()
-            raise ConnectionLost(
-                f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
-            ) from err
-        conn._torchbay_used = True  # type: ignore[attr-defined]
-        length = resp.getheader("Content-Length")
-        if resp.status != 200 or resp.chunked or length is None:
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                raise ConnectionLost(
+                    f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
+                ) from err
+            conn._torchbay_used = True  # type: ignore[attr-defined]  # a marker on our own object
             if resp.status in (301, 302, 307, 308, 400):
                 with self._lock:  # wrong region or addressing: boto3 for this bucket from now on
                     self._targets[bucket] = None
-            try:
-                resp.read()
-            except (OSError, http.client.HTTPException):
-                conn.close()
+            return resp, conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        try:
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+
+    def open(self, bucket: str, key: str) -> LeanResponse | None:
+        """GET ``key``: an open 200 response, or None when the answer was anything else (use the
+        boto3 path)."""
+        sent = self._send("GET", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
+        if sent is None:
+            return None
+        resp, conn = sent
+        length = resp.getheader("Content-Length")
+        if resp.status != 200 or resp.chunked or length is None:
+            self._drain(resp, conn)
             return None
         etag = (resp.getheader("ETag") or "").strip('"') or None
         md5 = plain_md5_etag(
@@ -187,6 +242,51 @@ class LeanGetter:
             resp.getheader("x-amz-server-side-encryption-customer-algorithm"),
         )
         return LeanResponse(resp, conn, int(length), etag, md5, _checksum(resp))
+
+    def head(self, bucket: str, key: str) -> tuple[int, str | None, float | None] | bool | None:
+        """HEAD ``key``: (size, etag, mtime), False when it does not exist, None for any other
+        answer (use boto3)."""
+        sent = self._send("HEAD", bucket, key)
+        if sent is None:
+            return None
+        resp, conn = sent
+        self._drain(resp, conn)
+        length = resp.getheader("Content-Length")
+        if resp.status == 404:
+            return False
+        if resp.status != 200 or length is None:
+            return None
+        etag = (resp.getheader("ETag") or "").strip('"') or None
+        return int(length), etag, _http_date(resp.getheader("Last-Modified"))
+
+    def put(self, bucket: str, key: str, data: bytes) -> bool:
+        """PUT ``data`` as ``key``, sent with its MD5 for the server to check; False for any answer
+        but 200 (use boto3)."""
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        sent = self._send("PUT", bucket, key, body=data, headers={"content-md5": md5})
+        if sent is None:
+            return False
+        resp, conn = sent
+        self._drain(resp, conn)
+        return resp.status == 200
+
+    def list_page(self, bucket: str, prefix: str, token: str | None) -> ListPage | None:
+        """One ListObjectsV2 page, or None for any answer but a well-formed 200 (use boto3)."""
+        query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+        if token:
+            query["continuation-token"] = token
+        sent = self._send("GET", bucket, "", query=query)
+        if sent is None:
+            return None
+        resp, conn = sent
+        try:
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as err:
+            conn.close()
+            raise ConnectionLost(f"connection ended early: {type(err).__name__}") from err
+        if resp.status != 200:
+            return None
+        return _parse_list(raw)
 
     def _target(self, bucket: str) -> _Target | None:
         try:
@@ -197,11 +297,11 @@ class LeanGetter:
         with self._lock:
             return self._targets.setdefault(bucket, target)
 
-    def _connection(self, target: _Target) -> http.client.HTTPConnection:
+    def _connection(self, target: _Target, fresh: bool = False) -> http.client.HTTPConnection:
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
-        conn = conns.get((target.host, target.port))
+        conn = None if fresh else conns.get((target.host, target.port))
         if conn is None:
             if target.scheme == "https":
                 conn = http.client.HTTPSConnection(
@@ -212,19 +312,29 @@ class LeanGetter:
             conns[(target.host, target.port)] = conn
         return conn
 
-    def _sign(self, target: _Target, path: str) -> dict[str, str]:
+    def _sign(
+        self,
+        target: _Target,
+        method: str,
+        path: str,
+        query: str,
+        payload: str,
+        extra: dict[str, str],
+    ) -> dict[str, str]:
         frozen = self._credentials.get_frozen_credentials()
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
-        return sign_get(
+        return sign_request(
+            method,
             target.host_header,
             path,
+            query,
             target.region,
-            frozen.access_key,
-            frozen.secret_key,
-            frozen.token,
+            (frozen.access_key, frozen.secret_key, frozen.token),
             self._date[1],
+            payload,
+            extra,
             self._keys,
         )
 
@@ -240,7 +350,36 @@ def sign_get(
     key_cache: dict[tuple[str, str, str], bytes] | None = None,
 ) -> dict[str, str]:
     """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty
-    payload."""
+    payload, asking for the object's checksum."""
+    return sign_request(
+        "GET",
+        host,
+        path,
+        "",
+        region,
+        (access_key, secret_key, token),
+        amz_date,
+        _EMPTY_SHA256,
+        {"x-amz-checksum-mode": "ENABLED"},
+        key_cache,
+    )
+
+
+def sign_request(
+    method: str,
+    host: str,
+    path: str,
+    query: str,
+    region: str,
+    credentials: tuple[str, str, str | None],
+    amz_date: str,
+    payload: str,
+    extra: dict[str, str],
+    key_cache: dict[tuple[str, str, str], bytes] | None = None,
+) -> dict[str, str]:
+    """SigV4 headers for ``method path?query`` (both already URI-encoded, the query in canonical
+    order) with a payload whose SHA-256 is ``payload``; ``extra`` headers are signed too."""
+    access_key, secret_key, token = credentials
     datestamp = amz_date[:8]
     signing_key = key_cache.get((secret_key, datestamp, region)) if key_cache is not None else None
     if signing_key is None:
@@ -253,23 +392,21 @@ def sign_get(
             key_cache[(secret_key, datestamp, region)] = signing_key
     headers = {
         "host": host,
-        "x-amz-checksum-mode": "ENABLED",
-        "x-amz-content-sha256": _EMPTY_SHA256,
+        "x-amz-content-sha256": payload,
         "x-amz-date": amz_date,
+        **{name.lower(): value for name, value in extra.items()},
     }
     if token:
         headers["x-amz-security-token"] = token
     names = sorted(headers)
     signed = ";".join(names)
     canonical = (
-        "GET\n"
-        + path
-        + "\n\n"
-        + "".join(f"{n}:{headers[n]}\n" for n in names)
+        f"{method}\n{path}\n{query}\n"
+        + "".join(f"{n}:{headers[n].strip()}\n" for n in names)
         + "\n"
         + signed
         + "\n"
-        + _EMPTY_SHA256
+        + payload
     )
     scope = f"{datestamp}/{region}/s3/aws4_request"
     to_sign = (
@@ -281,6 +418,85 @@ def sign_get(
         f"Signature={signature}"
     )
     return headers
+
+
+def _quote(text: str) -> str:
+    return urllib.parse.quote(text, safe="-_.~")
+
+
+class _EnvCredentials:
+    """Credentials from the environment, shaped like botocore's frozen ones."""
+
+    __slots__ = ("access_key", "secret_key", "token")
+
+    def __init__(self, access_key: str, secret_key: str, token: str | None) -> None:
+        self.access_key, self.secret_key, self.token = access_key, secret_key, token
+
+    def get_frozen_credentials(self) -> _EnvCredentials:
+        return self
+
+
+class ListPage:
+    """One ListObjectsV2 page: ``items`` are (key, size, etag, mtime); ``token`` continues it."""
+
+    __slots__ = ("items", "token")
+
+    def __init__(
+        self, items: list[tuple[str, int, str | None, float | None]], token: str | None
+    ) -> None:
+        self.items, self.token = items, token
+
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _parse_list(raw: bytes) -> ListPage | None:
+    try:
+        root = ElementTree.fromstring(raw)
+    except ElementTree.ParseError:
+        return None
+    ns = _NS if root.tag.startswith(_NS) else ""
+    if root.tag != ns + "ListBucketResult":
+        return None
+    encoded = (root.findtext(ns + "EncodingType") or "") == "url"
+    items = []
+    for item in root.iterfind(ns + "Contents"):
+        key = item.findtext(ns + "Key")
+        size = item.findtext(ns + "Size")
+        if key is None or size is None:
+            return None
+        etag = (item.findtext(ns + "ETag") or "").strip('"') or None
+        items.append(
+            (
+                urllib.parse.unquote_plus(key) if encoded else key,
+                int(size),
+                etag,
+                _iso_date(item.findtext(ns + "LastModified")),
+            )
+        )
+    truncated = (root.findtext(ns + "IsTruncated") or "false").lower() == "true"
+    token = root.findtext(ns + "NextContinuationToken") if truncated else None
+    if truncated and not token:
+        return None
+    return ListPage(items, token)
+
+
+def _iso_date(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _http_date(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _checksum(resp: http.client.HTTPResponse) -> tuple[str, bytes] | None:

@@ -36,6 +36,7 @@ __all__ = ["MULTIPART_THRESHOLD", "S3Storage", "make_s3_client", "translate_s3_e
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+_LEAN_PUT_MAX = 8 * 1024 * 1024  # bodies up to this size are PUT by the lean path, in memory
 T = TypeVar("T")
 _CONNECTION_ERRORS = frozenset(
     {
@@ -182,27 +183,24 @@ class S3Storage(Storage):
         max_pool_connections: int = 32,
         policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
-        self._client = (
-            client if client is not None else make_s3_client(endpoint_url, max_pool_connections)
-        )
         self.policy = policy
-        self._shared = _Shared()
+        self._shared = _Shared(client, endpoint_url, max_pool_connections)
 
     def with_policy(self, policy: RetryPolicy) -> S3Storage:
         """The same client and lean getter under another retry policy."""
         view = S3Storage.__new__(S3Storage)
-        view._client, view.policy, view._shared = self._client, policy, self._shared
+        view.policy, view._shared = policy, self._shared
         return view
 
     @property
     def client(self) -> Any:
-        """The shared boto3 client."""
-        return self._client
+        """The shared boto3 client (made, and boto3 imported, on first use)."""
+        return self._shared.client()
 
     @property
     def where(self) -> str:
         """The endpoint, for error messages."""
-        return redact(str(getattr(self._client.meta, "endpoint_url", "the S3 endpoint")))
+        return self._shared.where()
 
     def translate(self, err: BaseException, uri: str) -> StorageError:
         return translate_s3_error(err, uri, self.where)
@@ -217,7 +215,7 @@ class S3Storage(Storage):
     def lean(self) -> LeanGetter | None:
         """The lean getter for this client, made once (None when the client's setup is not one it
         handles)."""
-        return self._shared.lean(self._client)
+        return self._shared.lean()
 
     def call(self, uri: str, fn: Callable[[], T], *, cancel: threading.Event | None = None) -> T:
         """``fn()`` (one S3 request) under this storage's policy; errors translated."""
@@ -239,7 +237,18 @@ class S3Storage(Storage):
             kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": loc.key}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self.call(uri, functools.partial(self._client.list_objects_v2, **kwargs))
+            lean = self.lean()
+            if lean is not None:
+                fast = self.call(uri, functools.partial(self._lean, lean.list_page, uri, token))
+                if fast is not None:
+                    for key, size, etag, mtime in fast.items:
+                        if not (key.endswith("/") and size == 0):
+                            yield ObjectInfo(Location("s3", loc.bucket, key), size, etag, mtime)
+                    token = fast.token
+                    if not token:
+                        return
+                    continue
+            page = self.call(uri, functools.partial(self.client.list_objects_v2, **kwargs))
             for item in page.get("Contents", ()):
                 if item["Key"].endswith("/") and item["Size"] == 0:
                     continue  # a console-made "folder" marker
@@ -253,10 +262,26 @@ class S3Storage(Storage):
             if not token:
                 return
 
-    def head(self, uri: str) -> ObjectInfo | None:
+    def _lean(self, method: Callable[..., T], uri: str, *args: Any) -> T:
+        """``method(bucket, key-or-prefix, *args)`` of the lean getter; its connection errors name
+        ``uri`` and the endpoint."""
         loc = parse_uri(uri)
         try:
-            resp = self.call(uri, lambda: self._client.head_object(Bucket=loc.bucket, Key=loc.key))
+            return method(loc.bucket, loc.key, *args)
+        except ConnectionLost as err:
+            raise self.lost(err, uri) from err
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        loc = parse_uri(uri)
+        lean = self.lean()
+        if lean is not None:
+            found = self.call(uri, functools.partial(self._lean, lean.head, uri))
+            if found is False:
+                return None
+            if isinstance(found, tuple):
+                return ObjectInfo(loc, found[0], found[1], found[2])
+        try:
+            resp = self.call(uri, lambda: self.client.head_object(Bucket=loc.bucket, Key=loc.key))
         except ObjectMissing:
             return None
         return ObjectInfo(
@@ -272,7 +297,7 @@ class S3Storage(Storage):
         if byte_range is not None:
             kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
         try:
-            resp: dict[str, Any] = self._client.get_object(**kwargs)
+            resp: dict[str, Any] = self.client.get_object(**kwargs)
         except Exception as err:  # botocore's exception classes are made at run time
             raise self.translate(err, uri) from err
         return resp
@@ -282,7 +307,7 @@ class S3Storage(Storage):
         kwargs: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        resp = self.call(uri, lambda: self._client.get_object(**kwargs))
+        resp = self.call(uri, lambda: self.client.get_object(**kwargs))
         body: IO[bytes] = resp["Body"]
         return body
 
@@ -347,11 +372,16 @@ class S3Storage(Storage):
 
     def put_file(self, path: Path, uri: str) -> None:
         loc = parse_uri(uri)
-        if os.path.getsize(path) < MULTIPART_THRESHOLD:
+        size = os.path.getsize(path)
+        if size <= _LEAN_PUT_MAX and self.lean() is not None:
+            with open(path, "rb") as handle:
+                self.put_bytes(handle.read(), uri)
+            return
+        if size < MULTIPART_THRESHOLD:
 
             def put() -> None:
                 with open(path, "rb") as body:
-                    self._client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
+                    self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
 
             self.call(uri, put)
             return
@@ -363,31 +393,58 @@ class S3Storage(Storage):
 
     def put_bytes(self, data: bytes, uri: str) -> None:
         loc = parse_uri(uri)
-        self.call(uri, lambda: self._client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
+        lean = self.lean() if len(data) <= _LEAN_PUT_MAX else None
+
+        def put() -> None:
+            if lean is None or not self._lean(lean.put, uri, data):
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+
+        self.call(uri, put)
 
     def delete(self, uri: str) -> None:
         loc = parse_uri(uri)
         try:
-            self.call(uri, lambda: self._client.delete_object(Bucket=loc.bucket, Key=loc.key))
+            self.call(uri, lambda: self.client.delete_object(Bucket=loc.bucket, Key=loc.key))
         except ObjectMissing:
             pass
 
 
 class _Shared:
-    """What the views of one S3Storage share: the lean getter, made on first use."""
+    """What the views of one S3Storage share: the boto3 client and the lean getter, each made on
+    first use. With an explicit endpoint and credentials in the environment the lean getter needs
+    no client, so a job that only lists, reads and writes small objects never imports boto3."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Any, endpoint_url: str | None, pool: int) -> None:
         self._lock = threading.Lock()
-        self._made = False
+        self._client = client
+        self._endpoint_url = endpoint_url
+        self._pool = pool
+        self._made_lean = False
         self._lean: LeanGetter | None = None
 
-    def lean(self, client: Any) -> LeanGetter | None:
-        if self._made:
+    def client(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = make_s3_client(self._endpoint_url, self._pool)
+                client = self._client
+        return client
+
+    def where(self) -> str:
+        if self._client is None and self._endpoint_url:
+            return redact(self._endpoint_url)
+        return redact(str(getattr(self.client().meta, "endpoint_url", "the S3 endpoint")))
+
+    def lean(self) -> LeanGetter | None:
+        if self._made_lean:
             return self._lean
+        lean = LeanGetter.from_endpoint(self._endpoint_url) if self._client is None else None
+        if lean is None:
+            lean = LeanGetter.from_client(self.client())
         with self._lock:
-            if not self._made:
-                self._lean = LeanGetter.from_client(client)
-                self._made = True
+            if not self._made_lean:
+                self._lean, self._made_lean = lean, True
         return self._lean
 
 
