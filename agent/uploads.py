@@ -26,8 +26,8 @@ from typing import IO
 
 from agent.errors import UploadIncomplete
 from agent.storage import (
-    ONE_TRY,
     DEFAULT_READ,
+    ONE_TRY,
     CheckedRead,
     ObjectInfo,
     ReadOptions,

@@ -31,7 +31,8 @@ __all__ = [
 
 
 def channel_uri_variable(name: str) -> str:
-    """The variable that gives the script a channel's source URI: ``TORCHBAY_CHANNEL_<NAME>_URI``."""
+    """The variable that gives the script a channel's source URI:
+    ``TORCHBAY_CHANNEL_<NAME>_URI``."""
     return f"TORCHBAY_CHANNEL_{name.upper().replace('-', '_')}_URI"
 
 
@@ -102,11 +103,8 @@ def prepare_channels(
                 )
             if channel.compression not in ("None", "", None):
                 log.warning(
-                    "channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
-                    ""
-                    ""
-                    ""
-                    "objects as they are",
+                    "channel %r: CompressionType %s applies to Pipe mode only; File mode stages "
+                    "the objects as they are",
                     channel.name,
                     channel.compression,
                 )

@@ -53,7 +53,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank or 0, world_size or 1
 
 
-class S3IterableDataset(torch.utils.data.IterableDataset):
+class S3IterableDataset(torch.utils.data.IterableDataset[Any]):  # items: the transform's
     """Every object under ``uri`` once per epoch, split across ranks and DataLoader workers.
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialized, else 0 and 1.
@@ -131,7 +131,7 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
         return self._transform(key, data) if self._transform is not None else (key, data)
 
 
-class S3MapDataset(torch.utils.data.Dataset):
+class S3MapDataset(torch.utils.data.Dataset[Any]):  # items: the transform's
     """``dataset[i]`` is the i-th object (in key order) under ``uri``: ``(key, bytes)`` or
     ``transform(key, bytes)``.
 

@@ -37,6 +37,8 @@ from agent.storage import Storage
 
 __all__ = ["StageOptions", "StageResult", "stage"]  # StageOptions lives in agent.data.options
 
+DEFAULT_OPTIONS = StageOptions()
+
 
 @dataclass(frozen=True)
 class StageResult:
@@ -54,7 +56,7 @@ def stage(
     entries: Sequence[Entry],
     dest: Path,
     *,
-    options: StageOptions = StageOptions(),
+    options: StageOptions = DEFAULT_OPTIONS,
     log: logging.Logger,
     channel: str = "?",
     storage: Storage | None = None,
@@ -193,7 +195,7 @@ def _pick_processes(jobs: Sequence[FetchJob], options: StageOptions) -> int:
         return max(1, min(options.processes, len(jobs)))
     per_process = max(1, options.objects_per_process)
     if len(jobs) < 2 * per_process:
-        return 1  # a worker's start-up (~0.35 s of CPU: Python, botocore) would cost more than it saves
+        return 1  # a worker's start-up (~0.35 s of CPU) would cost more than it saves
     sizes = [job.size for job in jobs if job.size is not None]
     if sizes and sum(sizes) / len(sizes) > 4 * 1024**2:
         return 1  # large objects are bound by the network and the disk, not by Python

@@ -78,7 +78,9 @@ def _put_local(path: Path, uri: str, expected: Sig) -> bool:
     except FileNotFoundError:
         if not os.path.exists(path):
             raise
-        raise StorageError(f"cannot write {uri}: its folder vanished; check the destination")
+        raise StorageError(
+            f"cannot write {uri}: its folder vanished; check the destination"
+        ) from None
     except OSError as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
