@@ -72,9 +72,12 @@ class JobStorage:
     deadline (end-of-job uploads, live sync, log shipping).
     """
 
-    def __init__(self, endpoint_url: str | None = None, *, pool: int = 32) -> None:
+    def __init__(
+        self, endpoint_url: str | None = None, *, pool: int = 32, lean: bool = True
+    ) -> None:
         self.endpoint_url = endpoint_url
         self.pool = pool
+        self.lean = lean
         self._lock = threading.Lock()
         self._s3: S3Storage | None = None
         self._file = FileStorage()
@@ -88,13 +91,16 @@ class JobStorage:
             int(getattr(settings, "sync_workers", 4)) * 4 + 4,
             int(getattr(settings, "pipe_prefetch", 8)) + 4,
         )
-        return cls(getattr(settings, "endpoint_url", None), pool=pool)
+        lean = bool(getattr(settings, "data_lean_get", True))
+        return cls(getattr(settings, "endpoint_url", None), pool=pool, lean=lean)
 
     def s3(self) -> S3Storage:
         """The job's S3 storage (its client is made on the first call)."""
         with self._lock:
             if self._s3 is None:
-                self._s3 = S3Storage(endpoint_url=self.endpoint_url, max_pool_connections=self.pool)
+                self._s3 = S3Storage(
+                    endpoint_url=self.endpoint_url, max_pool_connections=self.pool, lean=self.lean
+                )
             return self._s3
 
     def for_uri(self, uri: str) -> Storage:

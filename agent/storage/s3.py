@@ -173,6 +173,7 @@ class S3Storage(Storage):
     ``client`` is a boto3 S3 client (None: one is made with :func:`make_s3_client`). Every
     request goes through ``policy``; :meth:`with_policy` gives a view with another policy that
     shares the client and the lean getter (callers that retry on their own terms use ``ONE_TRY``).
+    ``lean=False`` sends every request through boto3.
     """
 
     def __init__(
@@ -182,9 +183,10 @@ class S3Storage(Storage):
         endpoint_url: str | None = None,
         max_pool_connections: int = 32,
         policy: RetryPolicy = DEFAULT_POLICY,
+        lean: bool = True,
     ) -> None:
         self.policy = policy
-        self._shared = _Shared(client, endpoint_url, max_pool_connections)
+        self._shared = _Shared(client, endpoint_url, max_pool_connections, lean)
 
     def with_policy(self, policy: RetryPolicy) -> S3Storage:
         """The same client and lean getter under another retry policy."""
@@ -414,12 +416,12 @@ class _Shared:
     first use. With an explicit endpoint and credentials in the environment the lean getter needs
     no client, so a job that only lists, reads and writes small objects never imports boto3."""
 
-    def __init__(self, client: Any, endpoint_url: str | None, pool: int) -> None:
+    def __init__(self, client: Any, endpoint_url: str | None, pool: int, lean: bool) -> None:
         self._lock = threading.Lock()
         self._client = client
         self._endpoint_url = endpoint_url
         self._pool = pool
-        self._made_lean = False
+        self._made_lean = not lean  # lean=False: every request through boto3
         self._lean: LeanGetter | None = None
 
     def client(self) -> Any:
