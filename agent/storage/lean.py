@@ -224,17 +224,27 @@ class LeanGetter:
         except (OSError, http.client.HTTPException):
             conn.close()
 
-    def open(self, bucket: str, key: str) -> LeanResponse | None:
-        """GET ``key``: an open 200 response, or None when the answer was anything else (use the
-        boto3 path)."""
-        sent = self._send("GET", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
+    def open(
+        self, bucket: str, key: str, byte_range: tuple[int, int] | None = None
+    ) -> LeanResponse | None:
+        """GET ``key`` (or bytes ``byte_range[0]`` to ``byte_range[1]``, exclusive): an open 200
+        (206 for a range) response, or None when the answer was anything else (use the boto3
+        path). A range carries no checksum: the caller checks its byte count."""
+        if byte_range is None:
+            headers = {"x-amz-checksum-mode": "ENABLED"}
+        else:
+            headers = {"range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"}
+        sent = self._send("GET", bucket, key, headers=headers)
         if sent is None:
             return None
         resp, conn = sent
         length = resp.getheader("Content-Length")
-        if resp.status != 200 or resp.chunked or length is None:
+        if resp.status != (200 if byte_range is None else 206) or resp.chunked or length is None:
             self._drain(resp, conn)
             return None
+        if byte_range is not None:
+            etag = (resp.getheader("ETag") or "").strip('"') or None
+            return LeanResponse(resp, conn, int(length), etag, False, None)
         etag = (resp.getheader("ETag") or "").strip('"') or None
         md5 = plain_md5_etag(
             etag,

@@ -170,9 +170,11 @@ class _LeanBody:
 class S3Storage(Storage):
     """``s3://`` URIs on AWS or any S3-compatible endpoint.
 
-    ``client`` is a boto3 S3 client (None: one is made with :func:`make_s3_client`). Every
-    request goes through ``policy``; :meth:`with_policy` gives a view with another policy that
-    shares the client and the lean getter (callers that retry on their own terms use ``ONE_TRY``).
+    ``client`` is a boto3 S3 client (None: one is made with :func:`make_s3_client` on first use).
+    Every request goes through ``policy`` (default: ``RetryPolicy()``, or ``ONE_TRY`` when a
+    client was passed in, whose own botocore retries are then the policy); :meth:`with_policy`
+    gives a view with another policy that shares the client and the lean getter (callers that
+    retry on their own terms use ``ONE_TRY``).
     ``lean=False`` sends every request through boto3.
     """
 
@@ -182,9 +184,11 @@ class S3Storage(Storage):
         *,
         endpoint_url: str | None = None,
         max_pool_connections: int = 32,
-        policy: RetryPolicy = DEFAULT_POLICY,
+        policy: RetryPolicy | None = None,
         lean: bool = True,
     ) -> None:
+        if policy is None:  # a client passed in brings its own (botocore) retries
+            policy = DEFAULT_POLICY if client is None else ONE_TRY
         self.policy = policy
         self._shared = _Shared(client, endpoint_url, max_pool_connections, lean)
 
@@ -322,12 +326,13 @@ class S3Storage(Storage):
         options: ReadOptions = DEFAULT_READ,
     ) -> CheckedRead:
         """One GET (no retry here: callers retry the whole read, see :meth:`read_checked`)."""
-        if byte_range is None and options.lean:
+        want = size if byte_range is None else byte_range[1] - byte_range[0]
+        if options.lean:
             lean = self.lean()
             if lean is not None:
                 loc = parse_uri(uri)
                 try:
-                    resp = lean.open(loc.bucket, loc.key)
+                    resp = lean.open(loc.bucket, loc.key, byte_range)
                 except ConnectionLost as err:
                     raise self.lost(err, uri) from err
                 if resp is not None:
@@ -338,7 +343,7 @@ class S3Storage(Storage):
                         resp.etag,
                         md5=resp.md5,
                         checksum=resp.checksum,
-                        expected_size=size,
+                        expected_size=want,
                         options=options,
                     )
         got = self._get_object(uri, byte_range)
@@ -346,7 +351,6 @@ class S3Storage(Storage):
         plain = byte_range is None and plain_md5_etag(
             etag, got.get("ServerSideEncryption"), got.get("SSECustomerAlgorithm")
         )
-        want = size if byte_range is None else byte_range[1] - byte_range[0]
         return CheckedRead(
             uri,
             _Translated(got["Body"], self, uri),
