@@ -144,7 +144,7 @@ def test_botocore_private_attributes_are_where_the_lean_get_reads_them(s3_env, s
 
 def test_retry_policy_retries_only_what_may_heal():
     from agent.storage import RetryPolicy, ShortRead, retryable, with_retries
-    from agent.storage.retry import ConnectionLost, TransientError
+    from agent.storage.retry import TransientError
 
     calls = []
 
@@ -171,9 +171,9 @@ def test_retry_policy_retries_only_what_may_heal():
 
     def down() -> None:
         calls.append(1)
-        raise ConnectionLost("cannot reach the endpoint")
+        raise EndpointUnreachable("cannot reach the endpoint")
 
-    with pytest.raises(ConnectionLost):
+    with pytest.raises(EndpointUnreachable):
         with_retries(down, RetryPolicy(attempts=3, backoff=0.001), what="s3://b/k")
     assert len(calls) == 3
 
@@ -198,7 +198,7 @@ class UploadIncompleteLike(Exception):
 
 
 def test_failure_kinds_from_a_real_server(s3_env, bucket, s3):
-    from agent.storage import CheckedRead, ConnectionLost, ReadOptions, ShortRead, retryable
+    from agent.storage import CheckedRead, ReadOptions, ShortRead, retryable
     from tests.conftest import free_port
 
     store = open_storage(f"s3://{bucket}/")
@@ -223,6 +223,6 @@ def test_failure_kinds_from_a_real_server(s3_env, bucket, s3):
         CheckedRead("s3://b/k", io.BytesIO(b"1234"), 5, None).read_all()
     dead = S3Storage(make_s3_client(f"http://127.0.0.1:{free_port()}", max_attempts=1))
     for lean in (True, False):
-        with pytest.raises(ConnectionLost, match="AWS_ENDPOINT_URL") as lost:
+        with pytest.raises(EndpointUnreachable, match="AWS_ENDPOINT_URL") as lost:
             dead.get_checked(f"s3://{bucket}/kinds/k", options=ReadOptions(lean=lean))
-        assert isinstance(lost.value, EndpointUnreachable) and retryable(lost.value)
+        assert retryable(lost.value)

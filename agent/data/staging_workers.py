@@ -24,7 +24,7 @@ from agent.data.fetch import Counters, FetchJob, run_in_process
 from agent.data.options import StageOptions
 from agent.data.staging_progress import Progress
 from agent.errors import StorageError, TorchBayError
-from agent.storage import ConnectionLost, ShortRead, TransientError
+from agent.storage import ShortRead, TransientError
 
 __all__ = ["run_processes", "worker_main"]
 
@@ -142,12 +142,9 @@ def worker_main() -> int:
         run_in_process(jobs, options, counters, tick)
     except TorchBayError as err:
         # the kinds agent.storage adds travel as their agent.errors base
-        if isinstance(err, ConnectionLost):
-            name = "EndpointUnreachable"
-        elif isinstance(err, (ShortRead, TransientError)):
-            name = "StorageError"
-        else:
-            name = type(err).__name__
+        name = (
+            "StorageError" if isinstance(err, (ShortRead, TransientError)) else type(err).__name__
+        )
         emit({"kind": "error", "error": name, "message": str(err)})
         return 1
     except Exception as err:  # top level of a worker process: report it; the parent raises

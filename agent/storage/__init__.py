@@ -1,10 +1,11 @@
 """The one storage path of the agent: ``s3://`` and ``file://`` behind one interface.
 
-Listing, whole and ranged verified reads (agent.storage.checked; the lean signed GET,
-agent.storage.lean, with boto3 as its fallback), checked writes (single PUT or multipart,
-agent.storage.multipart), one retry policy and one exception per failure kind
-(agent.storage.retry). botocore's private attributes are read only in
-agent.storage.botocore_private.
+Listing, whole and ranged verified reads (agent.storage.checked; the lean signed requests,
+agent.storage.lean and agent.storage.wire, with boto3 as their fallback), checked writes (single
+PUT or multipart, agent.storage.multipart), one retry policy and one exception per failure kind
+(agent.storage.retry; botocore's exceptions translated in agent.storage.client). botocore's
+private attributes are read only in agent.storage.botocore_private. The interface and the
+``file://`` backend are agent.storage.base, the ``s3://`` one agent.storage.s3.
 
 :class:`JobStorage` is made once per job by the lifecycle and passed down: it makes the job's one
 S3 client on first need, shared by the code fetch, staging, Pipe feeders, live sync, outputs and
@@ -29,7 +30,6 @@ from agent.storage.base import (
 from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions
 from agent.storage.retry import (
     ONE_TRY,
-    ConnectionLost,
     RetryPolicy,
     ShortRead,
     TransientError,
@@ -42,7 +42,6 @@ __all__ = [
     "DEFAULT_READ",
     "ONE_TRY",
     "CheckedRead",
-    "ConnectionLost",
     "FileStorage",
     "JobStorage",
     "Location",

@@ -16,17 +16,14 @@ error status, a redirect, a chunked body) is reported as ``None`` after draining
 uses its
 boto3 path for that object, which retries and translates errors as usual. Connection-level failures
 raise
-:class:`ConnectionLost` (retryable). The caller checks byte counts and digests: see
+:class:`EndpointUnreachable` (retryable). The caller checks byte counts and digests: see
 :class:`LeanResponse`.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
-import email.utils
 import hashlib
-import hmac
 import http.client
 import os
 import ssl
@@ -34,15 +31,23 @@ import threading
 import time
 import urllib.parse
 from typing import Any
-from xml.etree import ElementTree
 
+from agent.errors import EndpointUnreachable
 from agent.storage.botocore_private import signing_credentials, tls_verify
 from agent.storage.checked import plain_md5_etag
-from agent.storage.retry import ConnectionLost
+from agent.storage.wire import (
+    EMPTY_SHA256,
+    EnvCredentials,
+    ListPage,
+    http_date,
+    parse_list,
+    quote,
+    sign_get,
+    sign_request,
+)
 
-__all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]
+__all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]  # re-exported
 
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
 # Checksums S3 may return that the standard library can recompute: name -> (header, factory).
 _CHECKSUMS = {
@@ -86,13 +91,13 @@ class LeanResponse:
         self.length, self.etag, self.md5, self.checksum = length, etag, md5, checksum
 
     def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes of the body (all of it when negative); raises ConnectionLost when
-        the connection ends early."""
+        """Up to ``size`` bytes of the body (all of it when negative); raises EndpointUnreachable
+        when the connection ends early."""
         try:
             return self._resp.read() if size < 0 else self._resp.read(size)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise ConnectionLost(
+            raise EndpointUnreachable(
                 f"connection ended before all {self.length} bytes came: {type(err).__name__}"
             ) from err
 
@@ -102,7 +107,7 @@ class LeanResponse:
             return self._resp.readinto(buffer)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise ConnectionLost(f"connection ended early: {type(err).__name__}") from err
+            raise EndpointUnreachable(f"connection ended early: {type(err).__name__}") from err
 
     def close(self) -> None:
         if not self._resp.isclosed():  # not read to its end: the connection cannot be reused
@@ -163,7 +168,7 @@ class LeanGetter:
         if endpoint.path.strip("/") or endpoint.query or endpoint.username:
             return None
         region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
-        credentials = _EnvCredentials(key, secret, env.get("AWS_SESSION_TOKEN") or None)
+        credentials = EnvCredentials(key, secret, env.get("AWS_SESSION_TOKEN") or None)
         host, port, netloc = endpoint.hostname, endpoint.port or 80, endpoint.netloc
 
         def resolve(bucket: str) -> _Target | None:
@@ -187,9 +192,9 @@ class LeanGetter:
             return None
         path = urllib.parse.quote(target.base + key, safe="/~")
         canonical_query = "&".join(
-            f"{_quote(name)}={_quote(value)}" for name, value in sorted((query or {}).items())
+            f"{quote(name)}={quote(value)}" for name, value in sorted((query or {}).items())
         )
-        payload = hashlib.sha256(body).hexdigest() if body else _EMPTY_SHA256
+        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         signed = self._sign(target, method, path, canonical_query, payload, headers or {})
         url = path + ("?" + canonical_query if canonical_query else "")
         for fresh in (False, True):
@@ -202,12 +207,12 @@ class LeanGetter:
                 conn.close()
                 if reused and not fresh:
                     continue  # a stale keep-alive: once more on a new connection
-                raise ConnectionLost(
+                raise EndpointUnreachable(
                     f"connection to {target.host}:{target.port} dropped: {type(err).__name__}"
                 ) from err
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
-                raise ConnectionLost(
+                raise EndpointUnreachable(
                     f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
                 ) from err
             conn._torchbay_used = True  # type: ignore[attr-defined]  # a marker on our own object
@@ -267,7 +272,7 @@ class LeanGetter:
         if resp.status != 200 or length is None:
             return None
         etag = (resp.getheader("ETag") or "").strip('"') or None
-        return int(length), etag, _http_date(resp.getheader("Last-Modified"))
+        return int(length), etag, http_date(resp.getheader("Last-Modified"))
 
     def put(self, bucket: str, key: str, data: bytes) -> bool:
         """PUT ``data`` as ``key``, sent with its MD5 for the server to check; False for any answer
@@ -293,10 +298,10 @@ class LeanGetter:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            raise ConnectionLost(f"connection ended early: {type(err).__name__}") from err
+            raise EndpointUnreachable(f"connection ended early: {type(err).__name__}") from err
         if resp.status != 200:
             return None
-        return _parse_list(raw)
+        return parse_list(raw)
 
     def _target(self, bucket: str) -> _Target | None:
         try:
@@ -347,166 +352,6 @@ class LeanGetter:
             extra,
             self._keys,
         )
-
-
-def sign_get(
-    host: str,
-    path: str,
-    region: str,
-    access_key: str,
-    secret_key: str,
-    token: str | None,
-    amz_date: str,
-    key_cache: dict[tuple[str, str, str], bytes] | None = None,
-) -> dict[str, str]:
-    """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty
-    payload, asking for the object's checksum."""
-    return sign_request(
-        "GET",
-        host,
-        path,
-        "",
-        region,
-        (access_key, secret_key, token),
-        amz_date,
-        _EMPTY_SHA256,
-        {"x-amz-checksum-mode": "ENABLED"},
-        key_cache,
-    )
-
-
-def sign_request(
-    method: str,
-    host: str,
-    path: str,
-    query: str,
-    region: str,
-    credentials: tuple[str, str, str | None],
-    amz_date: str,
-    payload: str,
-    extra: dict[str, str],
-    key_cache: dict[tuple[str, str, str], bytes] | None = None,
-) -> dict[str, str]:
-    """SigV4 headers for ``method path?query`` (both already URI-encoded, the query in canonical
-    order) with a payload whose SHA-256 is ``payload``; ``extra`` headers are signed too."""
-    access_key, secret_key, token = credentials
-    datestamp = amz_date[:8]
-    signing_key = key_cache.get((secret_key, datestamp, region)) if key_cache is not None else None
-    if signing_key is None:
-        signing_key = ("AWS4" + secret_key).encode()
-        for part in (datestamp, region, "s3", "aws4_request"):
-            signing_key = hmac.new(signing_key, part.encode(), hashlib.sha256).digest()
-        if key_cache is not None:
-            if len(key_cache) > 16:
-                key_cache.clear()
-            key_cache[(secret_key, datestamp, region)] = signing_key
-    headers = {
-        "host": host,
-        "x-amz-content-sha256": payload,
-        "x-amz-date": amz_date,
-        **{name.lower(): value for name, value in extra.items()},
-    }
-    if token:
-        headers["x-amz-security-token"] = token
-    names = sorted(headers)
-    signed = ";".join(names)
-    canonical = (
-        f"{method}\n{path}\n{query}\n"
-        + "".join(f"{n}:{headers[n].strip()}\n" for n in names)
-        + "\n"
-        + signed
-        + "\n"
-        + payload
-    )
-    scope = f"{datestamp}/{region}/s3/aws4_request"
-    to_sign = (
-        f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    )
-    signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
-        f"Signature={signature}"
-    )
-    return headers
-
-
-def _quote(text: str) -> str:
-    return urllib.parse.quote(text, safe="-_.~")
-
-
-class _EnvCredentials:
-    """Credentials from the environment, shaped like botocore's frozen ones."""
-
-    __slots__ = ("access_key", "secret_key", "token")
-
-    def __init__(self, access_key: str, secret_key: str, token: str | None) -> None:
-        self.access_key, self.secret_key, self.token = access_key, secret_key, token
-
-    def get_frozen_credentials(self) -> _EnvCredentials:
-        return self
-
-
-class ListPage:
-    """One ListObjectsV2 page: ``items`` are (key, size, etag, mtime); ``token`` continues it."""
-
-    __slots__ = ("items", "token")
-
-    def __init__(
-        self, items: list[tuple[str, int, str | None, float | None]], token: str | None
-    ) -> None:
-        self.items, self.token = items, token
-
-
-_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-
-
-def _parse_list(raw: bytes) -> ListPage | None:
-    try:
-        root = ElementTree.fromstring(raw)
-    except ElementTree.ParseError:
-        return None
-    ns = _NS if root.tag.startswith(_NS) else ""
-    if root.tag != ns + "ListBucketResult":
-        return None
-    encoded = (root.findtext(ns + "EncodingType") or "") == "url"
-    items = []
-    for item in root.iterfind(ns + "Contents"):
-        key = item.findtext(ns + "Key")
-        size = item.findtext(ns + "Size")
-        if key is None or size is None:
-            return None
-        etag = (item.findtext(ns + "ETag") or "").strip('"') or None
-        items.append(
-            (
-                urllib.parse.unquote_plus(key) if encoded else key,
-                int(size),
-                etag,
-                _iso_date(item.findtext(ns + "LastModified")),
-            )
-        )
-    truncated = (root.findtext(ns + "IsTruncated") or "false").lower() == "true"
-    token = root.findtext(ns + "NextContinuationToken") if truncated else None
-    if truncated and not token:
-        return None
-    return ListPage(items, token)
-
-
-def _iso_date(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _http_date(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 def _checksum(resp: http.client.HTTPResponse) -> tuple[str, bytes] | None:

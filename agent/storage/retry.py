@@ -5,14 +5,15 @@ Failure kinds (each one exception class, all StorageErrors):
 
 - :class:`ShortRead`: fewer or other bytes than promised (a byte count or a digest that does not
   match); retried, never accepted.
-- :class:`ConnectionLost` (an :class:`~agent.errors.EndpointUnreachable`): refused, reset, timed
-  out, closed early; retried.
+- :class:`~agent.errors.EndpointUnreachable`: refused, reset, timed out, closed early; retried.
 - :class:`TransientError`: an S3 answer that may heal by waiting (5xx, throttling, an unknown
   code, a multipart upload the server lost); retried.
 - anything else (:class:`~agent.errors.ObjectMissing`, :class:`~agent.errors.BucketMissing`, access
   denied, a full disk, a local file error): not retried.
 
-:func:`with_retries` is the loop: attempts or a deadline, exponential backoff, a cancel event.
+:func:`with_retries` is the loop: attempts or a deadline, exponential backoff, a cancel event. A
+ShortRead or TransientError that outlives its retries is reported as a plain StorageError (the
+agent.errors class a job's failure report names).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ __all__ = [
     "DEFAULT_POLICY",
     "NO_RETRY_CODES",
     "ONE_TRY",
-    "ConnectionLost",
     "RetryPolicy",
     "ShortRead",
     "TransientError",
@@ -69,10 +69,6 @@ class TransientError(StorageError):
 
 class ShortRead(TransientError):
     """A read that gave fewer (or other) bytes than promised: always retried, never accepted."""
-
-
-class ConnectionLost(EndpointUnreachable):
-    """The connection failed (refused, reset, timed out, closed early): retried."""
 
 
 def error_code(err: BaseException) -> str:
@@ -162,6 +158,8 @@ def with_retries(
                     continue
                 if not cancel.wait(pause):
                     continue
-            if give_up is None:
-                raise
-            raise give_up(err, attempt) from err
+            if give_up is not None:
+                raise give_up(err, attempt) from err
+            if isinstance(err, TransientError):
+                raise StorageError(str(err)) from err
+            raise

@@ -16,19 +16,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from agent.errors import BucketMissing, ObjectMissing, StorageError
+from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage.base import Location, ObjectInfo, Storage, parse_uri, redact
 from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, plain_md5_etag
+from agent.storage.client import make_s3_client, translate_s3_error
 from agent.storage.lean import LeanGetter
 from agent.storage.multipart import MultipartUpload
 from agent.storage.retry import (
     DEFAULT_POLICY,
     ONE_TRY,
-    ConnectionLost,
     RetryPolicy,
-    TransientError,
-    error_code,
-    retryable,
     with_retries,
 )
 
@@ -38,88 +35,6 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 _LEAN_PUT_MAX = 8 * 1024 * 1024  # bodies up to this size are PUT by the lean path, in memory
 T = TypeVar("T")
-_CONNECTION_ERRORS = frozenset(
-    {
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ConnectionClosedError",
-        "ReadTimeoutError",
-        "ProtocolError",
-        "IncompleteReadError",
-        "ResponseStreamingError",
-        "RemoteDisconnected",
-        "ConnectionResetError",
-    }
-)
-_NEVER_RETRIED = frozenset(
-    {"NoCredentialsError", "ParamValidationError", "PartialCredentialsError"}
-)
-
-
-def translate_s3_error(
-    err: BaseException, uri: str, where: str = "the S3 endpoint"
-) -> StorageError:
-    """Turn a botocore exception into the StorageError of its kind (agent.storage.retry), naming
-    the URI, the endpoint and the fix."""
-    if isinstance(err, StorageError):
-        return err
-    name = type(err).__name__
-    code = error_code(err)
-    if name in _CONNECTION_ERRORS or "Could not connect" in str(err):
-        return ConnectionLost(
-            f"cannot reach {where} for {uri} ({name}); check AWS_ENDPOINT_URL and that the "
-            "server is up"
-        )
-    if code == "NoSuchBucket":
-        bucket = parse_uri(uri).bucket if uri.startswith("s3://") else uri
-        return BucketMissing(
-            f"bucket {bucket!r} does not exist at {where} (for {uri}); create it or fix the URI"
-        )
-    if code in ("NoSuchKey", "404", "NotFound"):
-        return ObjectMissing(f"{uri} does not exist at {where}; check the key")
-    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return StorageError(
-            f"access denied to {uri} at {where} ({code}); check the credentials and the bucket "
-            "policy"
-        )
-    if name == "NoCredentialsError":
-        return StorageError(
-            f"no AWS credentials found for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a "
-            "profile or a role"
-        )
-    text = (
-        f"S3 request for {uri} at {where} failed: {redact(code or name)}: {redact(str(err))[:300]}"
-    )
-    if name in _NEVER_RETRIED or not retryable(err):
-        return StorageError(text)
-    return TransientError(text)
-
-
-def make_s3_client(
-    endpoint_url: str | None = None,
-    max_pool_connections: int = 32,
-    *,
-    max_attempts: int = 2,
-    connect_timeout: float = 5,
-) -> Any:
-    """A boto3 S3 client with a connection pool sized for threads and few built-in retries (the
-    backoff is agent.storage.retry's).
-
-    The endpoint comes from ``endpoint_url``, else the standard AWS settings (``AWS_ENDPOINT_URL``,
-    ``AWS_ENDPOINT_URL_S3``) that boto3 reads itself.
-    """
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=connect_timeout,
-        read_timeout=60,
-        s3={"addressing_style": "path"} if endpoint_url else {},
-    )
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 class _Translated:
@@ -152,14 +67,14 @@ class _LeanBody:
     def read(self, size: int = -1, /) -> bytes:
         try:
             data: bytes = self._resp.read(size)
-        except ConnectionLost as err:
+        except EndpointUnreachable as err:
             raise self._storage.lost(err, self._uri) from err
         return data
 
     def readinto(self, buffer: bytearray) -> int:
         try:
             count: int = self._resp.readinto(buffer)
-        except ConnectionLost as err:
+        except EndpointUnreachable as err:
             raise self._storage.lost(err, self._uri) from err
         return count
 
@@ -211,9 +126,9 @@ class S3Storage(Storage):
     def translate(self, err: BaseException, uri: str) -> StorageError:
         return translate_s3_error(err, uri, self.where)
 
-    def lost(self, err: ConnectionLost, uri: str) -> ConnectionLost:
+    def lost(self, err: EndpointUnreachable, uri: str) -> EndpointUnreachable:
         """A lean GET's connection error, naming the URI and the endpoint."""
-        return ConnectionLost(
+        return EndpointUnreachable(
             f"cannot reach {self.where} for {uri} ({err}); check AWS_ENDPOINT_URL and that the "
             "server is up"
         )
@@ -274,7 +189,7 @@ class S3Storage(Storage):
         loc = parse_uri(uri)
         try:
             return method(loc.bucket, loc.key, *args)
-        except ConnectionLost as err:
+        except EndpointUnreachable as err:
             raise self.lost(err, uri) from err
 
     def head(self, uri: str) -> ObjectInfo | None:
@@ -333,7 +248,7 @@ class S3Storage(Storage):
                 loc = parse_uri(uri)
                 try:
                     resp = lean.open(loc.bucket, loc.key, byte_range)
-                except ConnectionLost as err:
+                except EndpointUnreachable as err:
                     raise self.lost(err, uri) from err
                 if resp is not None:
                     return CheckedRead(
@@ -360,6 +275,12 @@ class S3Storage(Storage):
             expected_size=want,
             options=options,
         )
+
+    def get_file(self, uri: str, dest: Path, expected_size: int | None = None) -> int:
+        """As :meth:`Storage.get_file`, the whole download retried under this storage's policy."""
+        return with_retries(
+            lambda: Storage.get_file(self, uri, dest, expected_size), self.policy, what=uri
+        )[0]
 
     def read_checked(
         self,
