@@ -31,7 +31,7 @@ class StageOptions:
     # no CRC32/SHA from S3: bodies up to this size are checked by the MD5 of a plain ETag
     md5_max_size: int = 1024**3
     large_size: int = 16 * 1024**2  # objects this big or bigger ...
-    large_streams: int = 1  # ... are fetched at most this many at a time per process
+    large_streams: int = 4  # ... are fetched at most this many at a time per process
     # processes=0: a worker process per this many objects (up to one per core)
     objects_per_process: int = 4000
     # worker processes' environment (None: this process's)
