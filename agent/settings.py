@@ -390,10 +390,9 @@ class DataSettings(_Part):
     )
     data_large_streams: int = setting(
         "TORCHBAY_DATA_LARGE_STREAMS",
-        1,
-        "File mode: large objects fetched at the same time per process (one whole stream at a "
-        "time measured fastest on 2 cores: the server needs a core per stream; raise it on "
-        "bigger machines).",
+        4,
+        "File mode: large objects fetched at the same time per process (4 beat 1 and 2 on a busy "
+        "2-core box, 8 x 64 MiB on seaweedfs: 517-684 MiB/s against s5cmd's 439-456).",
         int,
         positive,
     )

@@ -58,11 +58,7 @@ from agent.process import ProcessGroup, StopRequest, check_command_size, supervi
 from agent.redact import RedactingFilter, Redactor
 from agent.settings import Settings, read_settings
 from agent.storage import (
-    FileStorage,
-    S3Storage,
-    Storage,
-    make_s3_client,
-    parse_uri,
+    JobStorage,
     redact,
     write_text_atomically,
 )
@@ -84,7 +80,6 @@ _EXCEPTION_LINE = re.compile(
     r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)\b[\w.]*)"
     r"(?::\s?(.*))?$"
 )
-_UPLOAD_POOL = 16  # connections of the uploads' S3 client
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -233,40 +228,6 @@ def _line_buffered(argv: Sequence[str], enabled: bool, log: logging.Logger) -> l
     return [stdbuf, "-oL", "-eL", *argv]
 
 
-class _JobStorage:
-    """The job's storage backends, one per URI scheme, made on first use here and nowhere else in
-    the lifecycle (boto3 is imported only when an s3:// URI is used).
-
-    ``reads`` serves the code fetch (the S3 client's standard retries); ``writes`` the end-of-job
-    uploads, the job log and metrics uploads and the host report, which retry with their own
-    backoff up to the upload deadline, so their S3 client retries little and gives up connecting
-    early. The staging and live sync still make their own clients (they take no storage yet).
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._endpoint_url: str | None = settings.general.endpoint_url
-        self._reads: dict[str, Storage] = {}
-        self._writes: dict[str, Storage] = {}
-
-    def reads(self, uri: str) -> Storage:
-        scheme = parse_uri(uri).scheme
-        if scheme not in self._reads:
-            self._reads[scheme] = (
-                S3Storage(make_s3_client(self._endpoint_url)) if scheme == "s3" else FileStorage()
-            )
-        return self._reads[scheme]
-
-    def writes(self, uri: str) -> Storage:
-        scheme = parse_uri(uri).scheme
-        if scheme != "s3":
-            return self.reads(uri)
-        if scheme not in self._writes:
-            self._writes[scheme] = S3Storage(
-                make_s3_client(self._endpoint_url, _UPLOAD_POOL, max_attempts=2, connect_timeout=5)
-            )
-        return self._writes[scheme]
-
-
 class _Lifecycle:
     """One train run: ``run`` calls the steps in order and returns the exit code; every step after
     load_job ends in ``_finish``."""
@@ -285,7 +246,8 @@ class _Lifecycle:
         self.stop = stop
         self.out = out
         self.redactor = redactor or Redactor(job.settings.train.secret_names)
-        self.storage = _JobStorage(job.settings)  # the job's one storage, for every step
+        # The job's one storage, for every step (its S3 client is made on first use).
+        self.storage = JobStorage.from_settings(job.settings)
         self.exit_code: int | None = None
         self.reason: str | None = None
         # What the steps started, for the steps after them and for the end of the job.
@@ -418,7 +380,7 @@ class _Lifecycle:
             write_config_files(self.job)
 
     def _fetch_code(self) -> None:
-        fetch_code(self.job, log=self.log, storage_for=self.storage.reads)
+        fetch_code(self.job, log=self.log, storage_for=self.storage.for_uri)
 
     def _install_requirements(self) -> None:
         install_requirements(self.job, log=self.log, stop=self.stop)
@@ -429,8 +391,7 @@ class _Lifecycle:
             return
         from agent.data import prepare_channels  # the staging machinery: only for a job with data
 
-        # The staging makes its own clients until it takes a storage (see _JobStorage).
-        self._data = prepare_channels(self.job, log=self.log)
+        self._data = prepare_channels(self.job, log=self.log, storages=self.storage)
         self._check_stop("data staging")
 
     def _restore_checkpoints(self) -> None:
@@ -511,10 +472,9 @@ class _Lifecycle:
         if self._sync is None:
             from agent.sync import LiveSync  # watchdog: after the script started, unless restoring
 
-            # Not given the job's storage yet: LiveSync takes one ready storage for all three
-            # prefixes (which may differ in scheme), and making an S3 client here would import
-            # boto3 while the script starts; it makes its clients on first use instead.
-            self._sync = LiveSync(self.job, log=self.log)
+            # The job's storage makes its S3 client on first use, so boto3 is not imported
+            # while the script starts.
+            self._sync = LiveSync(self.job, log=self.log, storages=self.storage)
         return self._sync
 
     def _start_watching(self, group: ProcessGroup) -> None:
@@ -539,7 +499,7 @@ class _Lifecycle:
         uri = self.job.job_output_uri
         if uri:
             self._log_storage = DeadlineStorage(
-                lambda: self.storage.writes(uri),
+                lambda: self.storage.for_uploads(uri),
                 log=self.log,
                 part_size=self.job.settings.train.upload_part_size,
             )
@@ -712,7 +672,7 @@ class _Lifecycle:
 
     def _upload_one(self, folder: Path, archive: Path, uri: str, deadline: float) -> None:
         put_until(
-            self.storage.writes(uri),
+            self.storage.for_uploads(uri),
             archive,
             uri,
             deadline,
@@ -769,7 +729,7 @@ class _Lifecycle:
 
                 layout = self.job.layout
                 # the deadline-bound storage of the final uploads when the script ran, else one try
-                storage = self._log_storage or self.storage.writes(base)
+                storage = self._log_storage or self.storage.for_uploads(base)
                 ship_host_report(
                     storage,
                     base,

@@ -1,7 +1,8 @@
-"""agent/storage.py against a real S3 server and a local folder."""
+"""agent/storage against a real S3 server and a local folder."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -94,3 +95,134 @@ def test_file_storage(tmp_path):
     assert (tmp_path / "dest" / "n.txt").read_bytes() == b"new"
     with pytest.raises(ObjectMissing):
         store.get_bytes(f"file://{root}/nope")
+
+
+# --- the seams: one client per job, the retry policy, the failure kinds, botocore's privates -----
+
+
+def test_job_storage_makes_one_client_and_shares_it(s3_env, bucket):
+    from agent.storage import ONE_TRY, JobStorage
+
+    storages = JobStorage()
+    first = storages.for_uri(f"s3://{bucket}/a")
+    assert storages.for_uri(f"s3://{bucket}/b") is first
+    uploads = storages.for_uploads(f"s3://{bucket}/c")
+    assert isinstance(uploads, S3Storage) and uploads.client is first.client
+    assert uploads.policy == ONE_TRY and first.policy.attempts > 1
+    assert isinstance(storages.for_uri("/tmp/x"), FileStorage)
+    uploads.put_bytes(b"x", f"s3://{bucket}/c")
+    assert first.get_bytes(f"s3://{bucket}/c") == b"x"
+
+
+def test_botocore_private_attributes_are_where_the_lean_get_reads_them(s3_env, s3_server):
+    from agent.storage import botocore_private
+    from agent.storage.lean import LeanGetter
+
+    client = make_s3_client(s3_server.endpoint)
+    missing = botocore_private.check_client(client)
+    assert not missing, (
+        f"botocore no longer has {missing}: agent/storage/botocore_private.py reads them for the "
+        "lean GET; find where this botocore keeps the signing credentials and TLS verify setting, "
+        "and update that module"
+    )
+    credentials = botocore_private.signing_credentials(client)
+    assert credentials.get_frozen_credentials().access_key == s3_env["AWS_ACCESS_KEY_ID"]
+    assert botocore_private.tls_verify(client) in (True, False) or isinstance(
+        botocore_private.tls_verify(client), str
+    )
+    assert LeanGetter.from_client(client) is not None
+
+    class Renamed:  # what a botocore that moved the attributes would look like
+        meta = client.meta
+
+    assert botocore_private.check_client(Renamed()) == [
+        "client._request_signer._credentials",
+        "client._endpoint.http_session._verify",
+    ]
+    assert LeanGetter.from_client(Renamed()) is None  # the lean path is off, boto3 does the GETs
+
+
+def test_retry_policy_retries_only_what_may_heal():
+    from agent.storage import RetryPolicy, ShortRead, retryable, with_retries
+    from agent.storage.retry import TransientError
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ShortRead("short read: s3://b/k gave 1 of 2 bytes")
+        return "ok"
+
+    fast = RetryPolicy(attempts=5, backoff=0.001)
+    assert with_retries(flaky, fast, what="s3://b/k") == ("ok", 3)
+
+    calls.clear()
+
+    def missing() -> None:
+        calls.append(1)
+        raise ObjectMissing("s3://b/k does not exist")
+
+    with pytest.raises(ObjectMissing):
+        with_retries(missing, fast, what="s3://b/k")
+    assert len(calls) == 1  # not retried
+
+    calls.clear()
+
+    def down() -> None:
+        calls.append(1)
+        raise EndpointUnreachable("cannot reach the endpoint")
+
+    with pytest.raises(EndpointUnreachable):
+        with_retries(down, RetryPolicy(attempts=3, backoff=0.001), what="s3://b/k")
+    assert len(calls) == 3
+
+    import time
+
+    with pytest.raises(UploadIncompleteLike, match="deadline after 1"):
+        with_retries(
+            down,
+            RetryPolicy(attempts=0, backoff=5.0, jitter=False),
+            what="s3://b/k",
+            deadline=time.monotonic() + 1.0,
+            give_up=lambda err, n: UploadIncompleteLike(f"deadline after {n}"),
+        )
+
+    assert retryable(TransientError("503 SlowDown")) and retryable(ConnectionResetError())
+    assert not retryable(StorageError("access denied")) and not retryable(PermissionError())
+    assert not retryable(BucketMissing("no bucket"))
+
+
+class UploadIncompleteLike(Exception):
+    pass
+
+
+def test_failure_kinds_from_a_real_server(s3_env, bucket, s3):
+    from agent.storage import CheckedRead, ReadOptions, ShortRead, retryable
+    from tests.conftest import free_port
+
+    store = open_storage(f"s3://{bucket}/")
+    s3.put_object(Bucket=bucket, Key="kinds/k", Body=b"12345")
+    with pytest.raises(ObjectMissing) as missing:
+        store.get_checked(f"s3://{bucket}/kinds/absent")
+    assert not retryable(missing.value)
+    with pytest.raises(ShortRead, match="listing said 6") as short:
+        store.get_checked(f"s3://{bucket}/kinds/k", size=6)
+    assert retryable(short.value)
+    for lean in (True, False):
+        body = store.get_checked(f"s3://{bucket}/kinds/k", options=ReadOptions(lean=lean))
+        assert body.read_all() == b"12345"
+    body = store.get_checked(f"s3://{bucket}/kinds/k", options=ReadOptions(lean=False))
+    body.etag = "0" * 32  # as if the body did not match its plain-MD5 ETag
+    with pytest.raises(ShortRead, match="checksum mismatch"):
+        body.read_all()
+    spoiled = CheckedRead("s3://b/k", io.BytesIO(b"12345"), 5, None, checksum=("crc32", b"\0" * 4))
+    with pytest.raises(ShortRead, match="checksum mismatch: s3://b/k has CRC32"):
+        spoiled.read_all()
+    with pytest.raises(ShortRead, match="short read: s3://b/k gave 4 of 5"):
+        CheckedRead("s3://b/k", io.BytesIO(b"1234"), 5, None).read_all()
+    dead = S3Storage(make_s3_client(f"http://127.0.0.1:{free_port()}", max_attempts=1))
+    for lean in (True, False):
+        with pytest.raises(EndpointUnreachable, match="AWS_ENDPOINT_URL") as lost:
+            dead.get_checked(f"s3://{bucket}/kinds/k", options=ReadOptions(lean=lean))
+        assert retryable(lost.value)

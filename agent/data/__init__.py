@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agent.data.listing import Entry, list_channel, select_shard
 from agent.data.staging import StageOptions, StageResult, stage
 from agent.job import Channel, Job
-from agent.storage import parse_uri
+from agent.storage import JobStorage
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.data.pipes import PipeFeeder
@@ -31,7 +31,8 @@ __all__ = [
 
 
 def channel_uri_variable(name: str) -> str:
-    """The variable that gives the script a channel's source URI: ``TORCHBAY_CHANNEL_<NAME>_URI``."""
+    """The variable that gives the script a channel's source URI:
+    ``TORCHBAY_CHANNEL_<NAME>_URI``."""
     return f"TORCHBAY_CHANNEL_{name.upper().replace('-', '_')}_URI"
 
 
@@ -62,8 +63,13 @@ class DataHandle:
         self._stopped = True
 
 
-def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
+def prepare_channels(
+    job: Job, *, log: logging.Logger, storages: JobStorage | None = None
+) -> DataHandle:
     """Stage File/FastFile channels now and start feeders for Pipe channels.
+
+    ``storages`` is the job's (one S3 client for listing, staging and the Pipe feeders); None
+    makes one from the job's settings.
 
     Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or
     UnsafePathError;
@@ -71,9 +77,7 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
     """
     handle = DataHandle()
     planned = []
-    storages: dict[
-        str, Any
-    ] = {}  # one storage (one S3 client) per scheme, for listing and staging alike
+    storages = storages or JobStorage.from_settings(job.settings)
     for channel in job.channels:
         if channel.uri is None:
             log.debug("channel %r: already in place (no URI); nothing to stage", channel.name)
@@ -99,26 +103,22 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
                 )
             if channel.compression not in ("None", "", None):
                 log.warning(
-                    "channel %r: CompressionType %s applies to Pipe mode only; File mode stages the "
-                    ""
-                    ""
-                    ""
-                    "objects as they are",
+                    "channel %r: CompressionType %s applies to Pipe mode only; File mode stages "
+                    "the objects as they are",
                     channel.name,
                     channel.compression,
                 )
-            client = getattr(storages.get(parse_uri(channel.uri or "/").scheme), "client", None)
             handle.staged[channel.name] = stage(
                 entries,
                 job.layout.channel_dir(channel.name),
                 options=StageOptions.from_settings(job.settings, job.base_env),
                 log=log,
                 channel=channel.name,
-                client=client,
+                storage=storages.for_uri(channel.uri or "/"),
             )
         for channel, entries in planned:
             if (channel.input_mode or job.input_mode) == "Pipe":
-                handle._add_feeder(_start_pipe(job, channel, entries, log))
+                handle._add_feeder(_start_pipe(job, channel, entries, log, storages))
     except BaseException:
         handle.stop(5.0)
         raise
@@ -126,15 +126,10 @@ def prepare_channels(job: Job, *, log: logging.Logger) -> DataHandle:
 
 
 def _entries_for(
-    job: Job, channel: Channel, log: logging.Logger, storages: dict[str, Any]
+    job: Job, channel: Channel, log: logging.Logger, storages: JobStorage
 ) -> list[Entry]:
-    from agent.storage import open_storage
-
     assert channel.uri is not None
-    scheme = parse_uri(channel.uri).scheme
-    if scheme not in storages:
-        storages[scheme] = open_storage(channel.uri, endpoint_url=job.settings.general.endpoint_url)
-    storage = storages[scheme]
+    storage = storages.for_uri(channel.uri)
     entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
     mine = select_shard(
         entries,
@@ -162,7 +157,7 @@ def _entries_for(
 
 
 def _start_pipe(
-    job: Job, channel: Channel, entries: list[Entry], log: logging.Logger
+    job: Job, channel: Channel, entries: list[Entry], log: logging.Logger, storages: JobStorage
 ) -> PipeFeeder:
     from agent.data.pipes import PipeFeeder
     from agent.data.reading import ObjectReader
@@ -173,6 +168,7 @@ def _start_pipe(
         attempts=settings.data.data_attempts,
         verify_md5=settings.data.data_verify_md5,
         max_pool_connections=settings.data.pipe_prefetch + 4,
+        storage=storages,
     )
     feeder = PipeFeeder(
         channel.name,

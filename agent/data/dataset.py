@@ -34,12 +34,8 @@ __all__ = ["S3IterableDataset", "S3MapDataset"]
 Transform = Callable[[str, bytes], Any]
 
 
-def _list(uri: str, endpoint_url: str | None) -> list[Entry]:
-    from agent.storage import open_storage
-
-    entries = sorted(
-        list_prefix(open_storage(uri, endpoint_url=endpoint_url), uri), key=lambda e: e.uri
-    )
+def _list(uri: str, reader: ObjectReader) -> list[Entry]:
+    entries = sorted(list_prefix(reader.storage_for(uri), uri), key=lambda e: e.uri)
     if not entries:
         raise ChannelError(f"{uri} matched no objects; check the prefix and the endpoint")
     return entries
@@ -57,7 +53,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank or 0, world_size or 1
 
 
-class S3IterableDataset(torch.utils.data.IterableDataset):
+class S3IterableDataset(torch.utils.data.IterableDataset[Any]):  # items: the transform's
     """Every object under ``uri`` once per epoch, split across ranks and DataLoader workers.
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialized, else 0 and 1.
@@ -100,7 +96,7 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
 
     def _shard(self) -> list[Entry]:
         if self._entries is None:
-            self._entries = _list(self.uri, self._endpoint_url)
+            self._entries = _list(self.uri, self._reader)
         rank, world = _rank_and_world(self._rank, self._world_size)
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
@@ -113,7 +109,7 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         with ThreadPoolExecutor(self._prefetch, thread_name_prefix="s3dataset") as pool:
-            ahead: deque[tuple[Entry, Future]] = deque()
+            ahead: deque[tuple[Entry, Future[bytes]]] = deque()
             upcoming = iter(self._shard())
             try:
                 for entry in upcoming:
@@ -135,7 +131,7 @@ class S3IterableDataset(torch.utils.data.IterableDataset):
         return self._transform(key, data) if self._transform is not None else (key, data)
 
 
-class S3MapDataset(torch.utils.data.Dataset):
+class S3MapDataset(torch.utils.data.Dataset[Any]):  # items: the transform's
     """``dataset[i]`` is the i-th object (in key order) under ``uri``: ``(key, bytes)`` or
     ``transform(key, bytes)``.
 
@@ -161,7 +157,7 @@ class S3MapDataset(torch.utils.data.Dataset):
 
     def _listing(self) -> list[Entry]:
         if self._entries is None:
-            self._entries = _list(self.uri, self._endpoint_url)
+            self._entries = _list(self.uri, self._reader)
         return self._entries
 
     def __len__(self) -> int:

@@ -141,7 +141,7 @@ class PipeFeeder:
 
     def _fetch_in_order(self, order: Sequence[Entry]) -> Iterator[bytes]:
         with ThreadPoolExecutor(self._prefetch, thread_name_prefix=f"pipe-{self.name}-get") as pool:
-            ahead: deque[Future] = deque()
+            ahead: deque[Future[bytes]] = deque()
             upcoming = iter(order)
             try:
                 for entry in upcoming:

@@ -1,29 +1,20 @@
 """File mode: download a channel's objects into its folder, in parallel, verified and resumable.
 
-Every object goes to ``<name>.part`` and is renamed into place only once its byte count and a digest
-are
-right, so a crash never leaves a truncated file under its real name. A rerun skips files that are
-already
-complete (same size, and the same ETag recorded in the ``user.torchbay.etag`` extended attribute
-when the
-filesystem has them). Short reads, spoiled bodies and transient errors are retried with backoff; a
-full disk
-raises DiskFullError naming the folder; a key that would escape the folder raises UnsafePathError
-before
-anything is written.
+Every object goes to ``<name>.part`` and is renamed into place only once its byte count and a
+digest are right, so a crash never leaves a truncated file under its real name. A rerun skips files
+that are already complete (same size, and the same ETag recorded in the ``user.torchbay.etag``
+extended attribute when the filesystem has them). Short reads, spoiled bodies and transient errors
+are retried under the one retry policy (agent.storage.retry); a full disk raises DiskFullError
+naming the folder; a key that would escape the folder raises UnsafePathError before anything is
+written.
 
-Whole-object GETs take the lean path (agent.data.leanget: signed here, read over http.client, ~0.2
-ms of CPU
-per GET against botocore's ~1-2 ms), boto3 for anything unusual. The digest is the full-object
-CRC32/SHA S3
-returns when it returns one (CRC32 costs a tenth of MD5), else the MD5 a plain ETag is; the boto3
-path checks
-the MD5 and botocore the CRC. Large objects (``large_size``) are fetched at most ``large_streams``
-at a time,
-read 1 MiB at a time into a reused buffer; objects at or above ``range_threshold`` in parallel
-ranges. Worker
-processes (each with its own client) are used for lists of more than ``2 * objects_per_process``
-objects.
+Every GET is agent.storage's verified read: whole objects take the lean path
+(agent.storage.lean: signed here, read over http.client, ~0.2 ms of CPU per GET against
+botocore's ~1-2 ms), boto3 for anything unusual; the digest is the full-object CRC32/SHA S3 returns
+when it returns one, else the MD5 a plain ETag is (agent.storage.checked). Large objects
+(``large_size``) are fetched at most ``large_streams`` at a time, read 1 MiB at a time into a
+reused buffer; objects at or above ``range_threshold`` in parallel ranges. Worker processes (each
+with its own client) are used for lists of more than ``2 * objects_per_process`` objects.
 """
 
 from __future__ import annotations
@@ -31,76 +22,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.data.fetch import DISK_FULL, ETAG_XATTR, Counters, FetchJob, run_in_process
 from agent.data.listing import Entry
+from agent.data.options import StageOptions
 from agent.data.staging_progress import Progress, mib
 from agent.data.staging_workers import run_processes
 from agent.errors import ChannelError, DiskFullError
 from agent.safety import safe_join
+from agent.storage import Storage
 
-__all__ = ["StageOptions", "StageResult", "stage"]
+__all__ = ["StageOptions", "StageResult", "stage"]  # StageOptions lives in agent.data.options
 
-
-@dataclass(frozen=True)
-class StageOptions:
-    """How to stage: threads per process, worker processes (0 = pick from the list), ranged GETs for
-    objects
-    of ``range_threshold`` bytes or more in ``range_size`` parts, attempts per object, progress
-    interval."""
-
-    threads: int = 16
-    processes: int = 0
-    range_threshold: int = 1024**3
-    range_size: int = 64 * 1024**2
-    attempts: int = 5
-    progress_interval: float = 5.0
-    verify_md5: bool = True
-    endpoint_url: str | None = None
-    backoff: float = 0.5
-    lean: bool = (
-        True  # signed GETs over http.client (agent.data.leanget), boto3 for anything unusual
-    )
-    read_size: int = (
-        1024**2
-    )  # bytes per read of a large body into a reused buffer (1 MiB beat 4 and 16 MiB)
-    md5_max_size: int = (
-        1024**3
-    )  # lean path, no CRC32/SHA from S3: bodies up to this size are checked by MD5
-    large_size: int = 16 * 1024**2  # objects this big or bigger ...
-    large_streams: int = 1  # ... are fetched at most this many at a time per process
-    objects_per_process: int = (
-        4000  # processes=0: a worker process per this many objects (up to one per core)
-    )
-    child_env: Mapping[str, str] | None = (
-        None  # worker processes' environment (None: this process's)
-    )
-
-    @classmethod
-    def from_settings(
-        cls, settings: Any, child_env: Mapping[str, str] | None = None
-    ) -> StageOptions:
-        return cls(
-            child_env=dict(child_env) if child_env else None,
-            threads=settings.data.data_threads,
-            processes=settings.data.data_processes,
-            range_threshold=settings.data.data_range_threshold,
-            range_size=settings.data.data_range_size,
-            attempts=settings.data.data_attempts,
-            progress_interval=settings.data.data_progress_interval,
-            verify_md5=settings.data.data_verify_md5,
-            endpoint_url=settings.general.endpoint_url,
-            lean=settings.data.data_lean_get,
-            read_size=settings.data.data_read_size,
-            md5_max_size=settings.data.data_md5_max_size,
-            large_size=settings.data.data_large_size,
-            large_streams=settings.data.data_large_streams,
-            objects_per_process=settings.data.data_objects_per_process,
-        )
+DEFAULT_OPTIONS = StageOptions()
 
 
 @dataclass(frozen=True)
@@ -119,16 +56,16 @@ def stage(
     entries: Sequence[Entry],
     dest: Path,
     *,
-    options: StageOptions = StageOptions(),
+    options: StageOptions = DEFAULT_OPTIONS,
     log: logging.Logger,
     channel: str = "?",
-    client: Any = None,
+    storage: Storage | None = None,
 ) -> StageResult:
     """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all
     are in place.
 
-    ``client``: the S3 client that listed the channel, shared by this process's threads (None: one
-    is made).
+    ``storage``: the job's storage for the entries' scheme (the one that listed the channel),
+    shared by this process's threads (None: one is made from ``options.endpoint_url``).
 
     Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for
     one path),
@@ -167,13 +104,14 @@ def stage(
     progress = Progress(
         channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log
     )
+    fetched_bytes = 0  # counted by the fetchers (each checked against its Content-Length)
     if todo:
         if processes > 1:
-            run_processes(todo, options, processes, progress)
+            fetched_bytes = run_processes(todo, options, processes, progress)
         else:
             counters = Counters()
-            run_in_process(todo, options, counters, progress.tick, client=client)
-    fetched_bytes = sum(os.path.getsize(job.target) for job in todo)
+            run_in_process(todo, options, counters, progress.tick, storage=storage)
+            fetched_bytes = counters.bytes
     seconds = time.monotonic() - start
     result = StageResult(
         len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes
@@ -257,7 +195,7 @@ def _pick_processes(jobs: Sequence[FetchJob], options: StageOptions) -> int:
         return max(1, min(options.processes, len(jobs)))
     per_process = max(1, options.objects_per_process)
     if len(jobs) < 2 * per_process:
-        return 1  # a worker's start-up (~0.35 s of CPU: Python, botocore) would cost more than it saves
+        return 1  # a worker's start-up (~0.35 s of CPU) would cost more than it saves
     sizes = [job.size for job in jobs if job.size is not None]
     if sizes and sum(sizes) / len(sizes) > 4 * 1024**2:
         return 1  # large objects are bound by the network and the disk, not by Python

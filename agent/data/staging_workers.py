@@ -7,34 +7,33 @@ lines.
 
 from __future__ import annotations
 
+import json
 import os
 import queue as queue_mod
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import agent.errors as errors_mod
-from agent.data.fetch import Counters, FetchJob, ShortRead, run_in_process
+from agent.data.fetch import Counters, FetchJob, run_in_process
+from agent.data.options import StageOptions
 from agent.data.staging_progress import Progress
 from agent.errors import StorageError, TorchBayError
-
-if TYPE_CHECKING:
-    from agent.data.staging import StageOptions
+from agent.storage import ShortRead, TransientError
 
 __all__ = ["run_processes", "worker_main"]
 
 
 def run_processes(
     jobs: Sequence[FetchJob], options: StageOptions, processes: int, progress: Progress
-) -> None:
-    """Fetch ``jobs`` in ``processes`` worker processes; raises the first error a worker reports."""
-    import json
-    import signal
-    import subprocess
-    import sys
-
+) -> int:
+    """Fetch ``jobs`` in ``processes`` worker processes; returns the bytes fetched. Raises the first
+    error a worker reports."""
     # Largest first, dealt round-robin, so every worker gets a similar share of bytes.
     ordered = sorted(jobs, key=lambda job: -(job.size or 0))
     threads = max(4, options.threads // processes)
@@ -49,10 +48,10 @@ def run_processes(
         f"import sys; sys.path.insert(0, {package_root!r}); "
         "from agent.data.staging_workers import worker_main; sys.exit(worker_main())",
     ]
-    messages: queue_mod.Queue[tuple] = queue_mod.Queue()
-    children: list[subprocess.Popen] = []
+    messages: queue_mod.Queue[tuple[int, dict[str, Any]]] = queue_mod.Queue()
+    children: list[subprocess.Popen[bytes]] = []
 
-    def pump(index: int, child: subprocess.Popen) -> None:
+    def pump(index: int, child: subprocess.Popen[bytes]) -> None:
         assert child.stdout is not None
         for line in child.stdout:
             try:
@@ -102,6 +101,7 @@ def run_processes(
                     "see its output above"
                 )
             progress.tick(sum(files), sum(nbytes))
+        return sum(nbytes)
     finally:
         for child in children:
             if child.poll() is None:
@@ -118,18 +118,13 @@ def run_processes(
 
 def worker_main() -> int:
     """A staging worker process: reads its jobs from stdin, writes JSON lines to stdout."""
-    import json
-    import sys
-
-    from agent.data.staging import StageOptions
-
     spec = json.loads(sys.stdin.buffer.read())
     index = spec["index"]
     options = StageOptions(**spec["options"])
     jobs = [FetchJob(**job) for job in spec["jobs"]]
     lock = threading.Lock()
 
-    def emit(message: dict) -> None:
+    def emit(message: dict[str, Any]) -> None:
         with lock:
             sys.stdout.write(json.dumps(message) + "\n")
             sys.stdout.flush()
@@ -146,7 +141,10 @@ def worker_main() -> int:
     try:
         run_in_process(jobs, options, counters, tick)
     except TorchBayError as err:
-        name = "StorageError" if isinstance(err, ShortRead) else type(err).__name__
+        # the kinds agent.storage adds travel as their agent.errors base
+        name = (
+            "StorageError" if isinstance(err, (ShortRead, TransientError)) else type(err).__name__
+        )
         emit({"kind": "error", "error": name, "message": str(err)})
         return 1
     except Exception as err:  # top level of a worker process: report it; the parent raises

@@ -24,19 +24,17 @@ Parts: ``folders`` (what mirrors where), ``restore``, ``watch`` (watchdog events
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from agent.errors import TorchBayError
 from agent.job import Job
-from agent.storage import Location, S3Storage, Storage, make_s3_client, open_storage
+from agent.storage import JobStorage, Location, Storage
 from agent.sync.folders import folder_prefix, plan_folders, remote_rel, walk_files
 from agent.sync.restore import restore_folder
 from agent.sync.scheduler import UploadScheduler
-from agent.sync.upload import PART_THREADS
 from agent.sync.watch import event_notes, start_observer
 
 __all__ = ["LiveSync"]
@@ -45,7 +43,8 @@ __all__ = ["LiveSync"]
 class LiveSync:
     """Keep the checkpoint, intermediate and TensorBoard folders in step with their S3 prefixes.
 
-    ``storage`` overrides the backend (one shared by the three prefixes); ``on_uploaded(path, uri)``
+    ``storages`` is the job's (its one S3 client); ``storage`` overrides the backend (one shared by
+    the three prefixes); ``on_uploaded(path, uri)``
     is called after each object is complete remotely (for benchmarks and tests).
     """
 
@@ -55,6 +54,7 @@ class LiveSync:
         *,
         log: logging.Logger,
         storage: Storage | None = None,
+        storages: JobStorage | None = None,
         on_uploaded: Callable[[Path, str], None] | None = None,
     ) -> None:
         self._job = job
@@ -64,8 +64,7 @@ class LiveSync:
         self._stable = float(settings.sync.sync_stable)
         self._endpoint_url = settings.general.endpoint_url
         self._storage_override = storage
-        self._storages: dict[str, Storage] = {}
-        self._storage_lock = threading.Lock()
+        self._storages = storages or JobStorage.from_settings(settings)
         self._folders = plan_folders(job, log)
         self._scheduler = UploadScheduler(
             self._folders, settings, storage_for=self._storage_for, log=log, on_uploaded=on_uploaded
@@ -162,24 +161,11 @@ class LiveSync:
         return list(self._left)
 
     def _storage_for(self, loc: Location) -> Storage:
+        """The job's storage for ``loc`` with no retries of its own: the sync retries with its own
+        backoff."""
         if self._storage_override is not None:
             return self._storage_override
-        with self._storage_lock:
-            storage = self._storages.get(loc.scheme)
-            if storage is None:
-                if loc.scheme == "s3":
-                    storage = S3Storage(
-                        make_s3_client(  # few built-in retries: the sync retries with its own backoff
-                            self._endpoint_url,
-                            self._workers * PART_THREADS + 4,
-                            max_attempts=2,
-                            connect_timeout=5,
-                        )
-                    )
-                else:
-                    storage = open_storage(loc.uri)
-                self._storages[loc.scheme] = storage
-            return storage
+        return self._storages.for_uploads(loc.uri)
 
     def _on_event(self, event: Any) -> None:
         self._scheduler.note(lambda sent: event_notes(event, sent))

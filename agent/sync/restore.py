@@ -56,11 +56,8 @@ def restore_folder(
             storage.get_file(uri, dest, expected_size=size)
         except PermissionError as err:
             raise StorageError(
-                f"cannot write {dest} while restoring {uri}: permission denied; make {folder.local} "
-                ""
-                ""
-                ""
-                f"writable by uid {os.getuid()}"
+                f"cannot write {dest} while restoring {uri}: permission denied; make "
+                f"{folder.local} writable by uid {os.getuid()}"
             ) from err
         except OSError as err:
             if err.errno == errno.ENOSPC:

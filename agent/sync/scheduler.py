@@ -180,9 +180,9 @@ class UploadScheduler:
     def _folder_of(self, path: Path) -> Folder | None:
         best: Folder | None = None
         for folder in self._folders:
-            if folder.local == path.parent or folder.local in path.parents:
-                if best is None or len(str(folder.local)) > len(str(best.local)):
-                    best = folder
+            inside = folder.local == path.parent or folder.local in path.parents
+            if inside and (best is None or len(str(folder.local)) > len(str(best.local))):
+                best = folder
         return best
 
     def _ignored(self, path: Path) -> bool:

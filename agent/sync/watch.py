@@ -21,7 +21,8 @@ __all__ = ["event_notes", "start_observer"]
 def start_observer(
     locals_: Sequence[Path], on_event: Callable[[Any], None], *, stable: float, log: logging.Logger
 ) -> tuple[Any, bool]:
-    """Watch the folders recursively; returns (started observer, whether it reports close events)."""
+    """Watch the folders recursively; returns (the started observer, whether it reports close
+    events)."""
     from watchdog.events import FileSystemEventHandler
     from watchdog.observers import Observer
     from watchdog.observers.polling import PollingObserver
@@ -86,7 +87,7 @@ def event_notes(event: Any, sent: Iterable[Path]) -> list[tuple[Path, str]]:
     return notes
 
 
-def _event_filter() -> list:
+def _event_filter() -> list[type]:
     """The events the sync acts on: no opens or read-only closes (the uploader's own reads make
     those)."""
     from watchdog import events as ev

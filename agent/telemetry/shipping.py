@@ -17,10 +17,10 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 from agent.errors import StorageError
-from agent.storage import redact
+from agent.storage import Storage, redact
 
 __all__ = ["Shipper", "host_report_uris", "ship_host_report"]
 
@@ -31,17 +31,17 @@ class Shipper:
 
     def __init__(
         self,
-        storage: Callable[[], Any],
+        storage: Callable[[], Storage],
         files: Sequence[tuple[Path, str]],
         *,
         interval: float,
         log: logging.Logger | None = None,
     ) -> None:
-        """``storage`` makes the Storage on the first upload: an S3 client (boto3's import and
-        set-up, ~0.3 s of
-        CPU) is then made in the shipping thread, not while the user's processes start."""
+        """``storage`` gives the Storage on the first upload (the job's: agent.storage.JobStorage),
+        so whatever it still has to set up happens in the shipping thread, not while the user's
+        processes start."""
         self._make_storage = storage
-        self._storage: Any = None
+        self._storage: Storage | None = None
         self._files = list(files)
         self._interval = interval
         self._log = log or logging.getLogger("torchbay.telemetry")
@@ -117,7 +117,7 @@ class Shipper:
         return self.ship()
 
 
-def _copy_prefix(src: Any, dst: Any, size: int) -> None:
+def _copy_prefix(src: IO[bytes], dst: IO[bytes], size: int) -> None:
     remaining = size
     while remaining > 0:
         chunk = src.read(min(remaining, 1 << 20))
@@ -128,7 +128,7 @@ def _copy_prefix(src: Any, dst: Any, size: int) -> None:
 
 
 def host_report_uris(base: str, host: str) -> dict[str, str]:
-    """Where one host's report goes under the job's output prefix: its job log and its status file."""
+    """Where one host's report goes under the job's output prefix: its job log and status file."""
     base = base.rstrip("/")
     return {
         "log": f"{base}/job-{host}.log",
@@ -138,7 +138,7 @@ def host_report_uris(base: str, host: str) -> dict[str, str]:
 
 
 def ship_host_report(
-    storage: Any,
+    storage: Storage,
     base: str,
     host: str,
     *,

@@ -25,7 +25,7 @@ from typing import Any
 
 from agent.data.listing import Entry, list_channel
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError, TransformError
-from agent.storage import Storage, open_storage, parse_uri, redact
+from agent.storage import JobStorage, S3Storage, Storage, parse_uri, redact
 from agent.transform.assemble import Assembler
 from agent.transform.client import Endpoint, Reply
 from agent.transform.spec import TransformSpec
@@ -128,13 +128,9 @@ def run_job(
         join_source=spec.join_source,
         assemble_with=spec.assemble_with,
     )
-    source = open_storage(spec.input_uri, endpoint_url=endpoint_url)
-    client = (
-        getattr(source, "client", None)
-        if parse_uri(spec.input_uri).scheme == parse_uri(spec.output_uri).scheme
-        else None
-    )
-    target = open_storage(spec.output_uri, s3_client=client, endpoint_url=endpoint_url)
+    storages = JobStorage(endpoint_url)  # one S3 client for the input and the output
+    source = storages.for_uri(spec.input_uri)
+    target = storages.for_uri(spec.output_uri)
     entries = list_channel(source, spec.input_uri, spec.input_type, channel="TransformInput")
     summary = Summary(objects=len(entries))
     todo = []
@@ -379,16 +375,12 @@ def _sidecar(uri: str) -> str:
 
 def _read_mark(storage: Storage, uri: str) -> dict[str, str] | None:
     loc = parse_uri(uri)
-    if loc.scheme == "s3":
-        from agent.storage import translate_s3_error
-
+    if isinstance(storage, S3Storage):
+        client = storage.client
         try:
-            head = storage.client.head_object(Bucket=loc.bucket, Key=loc.key)  # type: ignore[attr-defined]
-        except Exception as err:  # botocore's classes are made at run time
-            translated = translate_s3_error(err, uri)
-            if isinstance(translated, ObjectMissing):
-                return None
-            raise translated from err
+            head = storage.call(uri, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key))
+        except ObjectMissing:
+            return None
         meta = head.get("Metadata", {})
         return {key: meta[key] for key in (_MARK_SOURCE, _MARK_SPEC) if key in meta}
     try:
@@ -406,18 +398,12 @@ def _read_mark(storage: Storage, uri: str) -> dict[str, str] | None:
 
 def _write_marked(storage: Storage, uri: str, body: bytes, mark: dict[str, str]) -> None:
     loc = parse_uri(uri)
-    if loc.scheme == "s3":
-        from agent.storage import translate_s3_error
-
-        try:
-            storage.client.put_object(
-                Bucket=loc.bucket,
-                Key=loc.key,
-                Body=body,  # type: ignore[attr-defined]
-                Metadata=mark,
-            )
-        except Exception as err:  # botocore's classes are made at run time
-            raise translate_s3_error(err, uri) from err
+    if isinstance(storage, S3Storage):
+        client = storage.client
+        storage.call(
+            uri,
+            lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body, Metadata=mark),
+        )
         return
     storage.put_bytes(body, uri)
     storage.put_bytes(json.dumps(mark).encode(), _sidecar(uri))

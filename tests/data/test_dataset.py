@@ -23,10 +23,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from agent.data import S3IterableDataset
 
-rank, world, port, uri, endpoint, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+rank, world = int(sys.argv[1]), 2
+port, uri, endpoint, out = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-dataset = S3IterableDataset(uri, endpoint_url=endpoint, prefetch=4,
-                            transform=lambda key, data: (key, hashlib.sha256(data).hexdigest(), len(data)))
+def digest(key, data):
+    return key, hashlib.sha256(data).hexdigest(), len(data)
+dataset = S3IterableDataset(uri, endpoint_url=endpoint, prefetch=4, transform=digest)
 loader = DataLoader(dataset, batch_size=None, num_workers=2)
 epochs = [[list(item) for item in loader] for _ in range(2)]
 dist.barrier()

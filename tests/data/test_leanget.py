@@ -10,6 +10,8 @@ import hashlib
 import http.client
 import http.server
 import logging
+import subprocess
+import sys
 import threading
 import urllib.parse
 import zlib
@@ -17,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.data.leanget import LeanGetter, sign_get
 from agent.data.listing import Entry
 from agent.data.staging import StageOptions, stage
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage import make_s3_client
+from agent.storage.lean import LeanGetter, sign_get
 from tests.data.helpers import random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")
@@ -295,3 +297,61 @@ def test_object_reader_retries_spoiled_bodies_on_the_lean_path(
         reader.read(Entry(f"s3://{bucket}/r/0000.bin", "0000.bin", 3000))
     plain = ObjectReader(endpoint_url=s3_server.endpoint, lean=False)
     assert plain.read(Entry(f"s3://{bucket}/r/0001.bin", "0001.bin", 3000)) == objects["r/0001.bin"]
+
+
+def test_lean_list_head_and_put_agree_with_boto3(s3_server, bucket, s3):
+    odd = ["l/sp ace+plus=é%~!*'()&$@,;:.bin", "l/x//y/./z", "l/ünï/cødé", "l/<amp&>.txt"]
+    objects = {f"l/{i:04d}": b"v" * (i % 7) for i in range(1003)} | dict.fromkeys(odd, b"odd")
+    upload(s3, bucket, objects, threads=16)
+    getter = LeanGetter.from_client(make_s3_client(s3_server.endpoint))
+    assert getter is not None
+    lean, token, pages = [], None, 0
+    while True:
+        page = getter.list_page(bucket, "l/", token)
+        assert page is not None
+        lean += page.items
+        pages += 1
+        token = page.token
+        if not token:
+            break
+    assert pages == 2  # 1,007 keys: the continuation token works
+    want = [
+        (item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"].timestamp())
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="l/")
+        for item in page["Contents"]
+    ]
+    assert lean == want
+    found = getter.head(bucket, odd[0])
+    assert isinstance(found, tuple) and found[:2] == (3, hashlib.md5(b"odd").hexdigest())
+    mtime = next(item[3] for item in want if item[0] == odd[0])
+    assert found[2] is not None and abs(found[2] - mtime) < 1.5
+    assert getter.head(bucket, "l/absent") is False
+    assert getter.put(bucket, "l/new é.bin", b"fresh")
+    assert s3.get_object(Bucket=bucket, Key="l/new é.bin")["Body"].read() == b"fresh"
+    assert getter.put(bucket, "l/empty", b"")
+    assert s3.head_object(Bucket=bucket, Key="l/empty")["ContentLength"] == 0
+
+
+def test_a_job_storage_with_an_endpoint_needs_no_boto3(s3_env, s3_server, bucket, s3):
+    s3.put_object(Bucket=bucket, Key="nb/a.bin", Body=b"a" * 1000)
+    script = f"""
+import sys
+from agent.storage import JobStorage
+store = JobStorage({s3_server.endpoint!r}).for_uri("s3://{bucket}/")
+assert [o.key for o in store.list("s3://{bucket}/nb/")] == ["nb/a.bin"]
+assert store.get_bytes("s3://{bucket}/nb/a.bin") == b"a" * 1000
+store.put_bytes(b"b", "s3://{bucket}/nb/b.bin")
+assert store.head("s3://{bucket}/nb/b.bin").size == 1
+assert store.head("s3://{bucket}/nb/absent") is None
+print("boto3" in sys.modules, "botocore" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+    assert s3.get_object(Bucket=bucket, Key="nb/b.bin")["Body"].read() == b"b"

@@ -210,7 +210,8 @@ TB_WRITER = """
 
 
 def count_records(blob: bytes) -> int:
-    """TFRecord framing: u64 length, u32 crc, data, u32 crc; a cut-off last record is not counted."""
+    """TFRecord framing: u64 length, u32 crc, data, u32 crc; a cut-off last record is not
+    counted."""
     count, at = 0, 0
     while at + 12 <= len(blob):
         (length,) = struct.unpack("<Q", blob[at : at + 8])

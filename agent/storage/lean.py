@@ -16,7 +16,7 @@ error status, a redirect, a chunked body) is reported as ``None`` after draining
 uses its
 boto3 path for that object, which retries and translates errors as usual. Connection-level failures
 raise
-:class:`LeanNetError` (retryable). The caller checks byte counts and digests: see
+:class:`EndpointUnreachable` (retryable). The caller checks byte counts and digests: see
 :class:`LeanResponse`.
 """
 
@@ -24,19 +24,30 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import http.client
+import os
+import ssl
 import threading
 import time
 import urllib.parse
-import zlib
 from typing import Any
 
-from agent.errors import StorageError
+from agent.errors import EndpointUnreachable
+from agent.storage.botocore_private import signing_credentials, tls_verify
+from agent.storage.checked import plain_md5_etag
+from agent.storage.wire import (
+    EMPTY_SHA256,
+    EnvCredentials,
+    ListPage,
+    http_date,
+    parse_list,
+    quote,
+    sign_get,
+    sign_request,
+)
 
-__all__ = ["BodyCheck", "LeanGetter", "LeanNetError", "LeanResponse", "sign_get"]
+__all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]  # re-exported
 
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
 # Checksums S3 may return that the standard library can recompute: name -> (header, factory).
 _CHECKSUMS = {
@@ -45,39 +56,6 @@ _CHECKSUMS = {
     "sha256": "x-amz-checksum-sha256",
 }
 _UNHANDLED_CHECKSUMS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme")
-
-
-class LeanNetError(StorageError):
-    """The connection failed (refused, reset, timed out, closed early): retryable."""
-
-
-class BodyCheck:
-    """The full-object CRC32/SHA-1/SHA-256 S3 returned (``LeanResponse.checksum``), recomputed over
-    the body as
-    it is read; with no checksum it matches anything."""
-
-    def __init__(self, checksum: tuple[str, bytes] | None) -> None:
-        self._name, self._want = checksum if checksum else ("", b"")
-        self._crc = 0
-        self._hash = hashlib.new(self._name) if self._name in ("sha1", "sha256") else None
-
-    def update(self, data: Any) -> None:
-        if self._name == "crc32":
-            self._crc = zlib.crc32(data, self._crc)
-        elif self._hash is not None:
-            self._hash.update(data)
-
-    def _got(self) -> bytes:
-        if self._hash is not None:
-            return self._hash.digest()
-        return self._crc.to_bytes(4, "big") if self._name == "crc32" else b""
-
-    def matches(self) -> bool:
-        return not self._name or self._got() == self._want
-
-    def mismatch(self) -> str:
-        """What differs, for an error message."""
-        return f"has {self._name.upper()} {self._got().hex()}, S3 says {self._want.hex()}"
 
 
 class _Target:
@@ -112,13 +90,14 @@ class LeanResponse:
         self._resp, self._conn = resp, conn
         self.length, self.etag, self.md5, self.checksum = length, etag, md5, checksum
 
-    def read(self) -> bytes:
-        """The whole body (raises LeanNetError when the connection ends early)."""
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of the body (all of it when negative); raises EndpointUnreachable
+        when the connection ends early."""
         try:
-            return self._resp.read()
+            return self._resp.read() if size < 0 else self._resp.read(size)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise LeanNetError(
+            raise EndpointUnreachable(
                 f"connection ended before all {self.length} bytes came: {type(err).__name__}"
             ) from err
 
@@ -128,7 +107,7 @@ class LeanResponse:
             return self._resp.readinto(buffer)
         except (OSError, http.client.HTTPException) as err:
             self._conn.close()
-            raise LeanNetError(f"connection ended early: {type(err).__name__}") from err
+            raise EndpointUnreachable(f"connection ended early: {type(err).__name__}") from err
 
     def close(self) -> None:
         if not self._resp.isclosed():  # not read to its end: the connection cannot be reused
@@ -156,7 +135,7 @@ class LeanGetter:
         """A getter that goes where ``client`` goes, or None when that client's setup is not one it
         handles
         (no credentials, a proxy, an unsigned or non-SigV4 client)."""
-        credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+        credentials = signing_credentials(client)
         if credentials is None or getattr(client.meta.config, "proxies", None):
             return None
         endpoint = urllib.parse.urlsplit(str(client.meta.endpoint_url))
@@ -173,53 +152,156 @@ class LeanGetter:
 
         return cls(credentials, resolve, timeout, context)
 
-    def open(self, bucket: str, key: str) -> LeanResponse | None:
-        """GET ``key``: an open 200 response, or None when the answer was anything else (use the
-        boto3 path)."""
+    @classmethod
+    def from_endpoint(cls, endpoint_url: str | None, timeout: float = 60.0) -> LeanGetter | None:
+        """A getter for an explicit path-style ``endpoint_url`` with credentials in the environment
+        (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``), made without
+        boto3; None for any other setup (a profile, a role, a proxy, TLS, no endpoint): there the
+        getter comes from a boto3 client (:meth:`from_client`)."""
+        env = os.environ
+        key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        if not endpoint_url or not key or not secret or env.get("AWS_PROFILE"):
+            return None
+        endpoint = urllib.parse.urlsplit(endpoint_url)
+        if endpoint.scheme != "http" or not endpoint.hostname or _proxied(endpoint):
+            return None
+        if endpoint.path.strip("/") or endpoint.query or endpoint.username:
+            return None
+        region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
+        credentials = EnvCredentials(key, secret, env.get("AWS_SESSION_TOKEN") or None)
+        host, port, netloc = endpoint.hostname, endpoint.port or 80, endpoint.netloc
+
+        def resolve(bucket: str) -> _Target | None:
+            return _Target("http", host, port, netloc, f"/{bucket}/", region)
+
+        return cls(credentials, resolve, timeout, None)
+
+    def _send(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        query: dict[str, str] | None = None,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection] | None:
+        """One signed request; the response (headers read) and its connection, or None when this
+        bucket is not one the lean path can reach."""
         target = self._target(bucket)
         if target is None:
             return None
         path = urllib.parse.quote(target.base + key, safe="/~")
-        conn = self._connection(target)
-        reused = getattr(conn, "_torchbay_used", False)
-        headers = self._sign(target, path)
-        try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
-            conn.close()
-            if not reused:
-                raise LeanNetError(
+        canonical_query = "&".join(
+            f"{quote(name)}={quote(value)}" for name, value in sorted((query or {}).items())
+        )
+        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        signed = self._sign(target, method, path, canonical_query, payload, headers or {})
+        url = path + ("?" + canonical_query if canonical_query else "")
+        for fresh in (False, True):
+            conn = self._connection(target, fresh)
+            reused = getattr(conn, "_torchbay_used", False)
+            try:
+                conn.request(method, url, body=body or None, headers=signed)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                conn.close()
+                if reused and not fresh:
+                    continue  # a stale keep-alive: once more on a new connection
+                raise EndpointUnreachable(
                     f"connection to {target.host}:{target.port} dropped: {type(err).__name__}"
                 ) from err
-            conn._torchbay_used = False  # type: ignore[attr-defined]  # a stale keep-alive: once more, fresh
-            return self.open(bucket, key)
-        except (OSError, http.client.HTTPException) as err:
-            conn.close()
-            raise LeanNetError(
-                f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
-            ) from err
-        conn._torchbay_used = True  # type: ignore[attr-defined]
-        length = resp.getheader("Content-Length")
-        if resp.status != 200 or resp.chunked or length is None:
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                raise EndpointUnreachable(
+                    f"cannot reach {target.host}:{target.port}: {type(err).__name__}: {err}"
+                ) from err
+            conn._torchbay_used = True  # type: ignore[attr-defined]  # a marker on our own object
             if resp.status in (301, 302, 307, 308, 400):
                 with self._lock:  # wrong region or addressing: boto3 for this bucket from now on
                     self._targets[bucket] = None
-            try:
-                resp.read()
-            except (OSError, http.client.HTTPException):
-                conn.close()
+            return resp, conn
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        try:
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+
+    def open(
+        self, bucket: str, key: str, byte_range: tuple[int, int] | None = None
+    ) -> LeanResponse | None:
+        """GET ``key`` (or bytes ``byte_range[0]`` to ``byte_range[1]``, exclusive): an open 200
+        (206 for a range) response, or None when the answer was anything else (use the boto3
+        path). A range carries no checksum: the caller checks its byte count."""
+        if byte_range is None:
+            headers = {"x-amz-checksum-mode": "ENABLED"}
+        else:
+            headers = {"range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"}
+        sent = self._send("GET", bucket, key, headers=headers)
+        if sent is None:
             return None
+        resp, conn = sent
+        length = resp.getheader("Content-Length")
+        if resp.status != (200 if byte_range is None else 206) or resp.chunked or length is None:
+            self._drain(resp, conn)
+            return None
+        if byte_range is not None:
+            etag = (resp.getheader("ETag") or "").strip('"') or None
+            return LeanResponse(resp, conn, int(length), etag, False, None)
         etag = (resp.getheader("ETag") or "").strip('"') or None
-        sse = resp.getheader("x-amz-server-side-encryption")
-        md5 = (
-            bool(etag)
-            and len(etag) == 32
-            and "-" not in etag
-            and sse in (None, "AES256")
-            and resp.getheader("x-amz-server-side-encryption-customer-algorithm") is None
+        md5 = plain_md5_etag(
+            etag,
+            resp.getheader("x-amz-server-side-encryption"),
+            resp.getheader("x-amz-server-side-encryption-customer-algorithm"),
         )
         return LeanResponse(resp, conn, int(length), etag, md5, _checksum(resp))
+
+    def head(self, bucket: str, key: str) -> tuple[int, str | None, float | None] | bool | None:
+        """HEAD ``key``: (size, etag, mtime), False when it does not exist, None for any other
+        answer (use boto3)."""
+        sent = self._send("HEAD", bucket, key)
+        if sent is None:
+            return None
+        resp, conn = sent
+        self._drain(resp, conn)
+        length = resp.getheader("Content-Length")
+        if resp.status == 404:
+            return False
+        if resp.status != 200 or length is None:
+            return None
+        etag = (resp.getheader("ETag") or "").strip('"') or None
+        return int(length), etag, http_date(resp.getheader("Last-Modified"))
+
+    def put(self, bucket: str, key: str, data: bytes) -> bool:
+        """PUT ``data`` as ``key``, sent with its MD5 for the server to check; False for any answer
+        but 200 (use boto3)."""
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        sent = self._send("PUT", bucket, key, body=data, headers={"content-md5": md5})
+        if sent is None:
+            return False
+        resp, conn = sent
+        self._drain(resp, conn)
+        return resp.status == 200
+
+    def list_page(self, bucket: str, prefix: str, token: str | None) -> ListPage | None:
+        """One ListObjectsV2 page, or None for any answer but a well-formed 200 (use boto3)."""
+        query = {"list-type": "2", "prefix": prefix, "encoding-type": "url"}
+        if token:
+            query["continuation-token"] = token
+        sent = self._send("GET", bucket, "", query=query)
+        if sent is None:
+            return None
+        resp, conn = sent
+        try:
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as err:
+            conn.close()
+            raise EndpointUnreachable(f"connection ended early: {type(err).__name__}") from err
+        if resp.status != 200:
+            return None
+        return parse_list(raw)
 
     def _target(self, bucket: str) -> _Target | None:
         try:
@@ -230,11 +312,11 @@ class LeanGetter:
         with self._lock:
             return self._targets.setdefault(bucket, target)
 
-    def _connection(self, target: _Target) -> http.client.HTTPConnection:
+    def _connection(self, target: _Target, fresh: bool = False) -> http.client.HTTPConnection:
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
-        conn = conns.get((target.host, target.port))
+        conn = None if fresh else conns.get((target.host, target.port))
         if conn is None:
             if target.scheme == "https":
                 conn = http.client.HTTPSConnection(
@@ -245,75 +327,31 @@ class LeanGetter:
             conns[(target.host, target.port)] = conn
         return conn
 
-    def _sign(self, target: _Target, path: str) -> dict[str, str]:
+    def _sign(
+        self,
+        target: _Target,
+        method: str,
+        path: str,
+        query: str,
+        payload: str,
+        extra: dict[str, str],
+    ) -> dict[str, str]:
         frozen = self._credentials.get_frozen_credentials()
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)))
-        return sign_get(
+        return sign_request(
+            method,
             target.host_header,
             path,
+            query,
             target.region,
-            frozen.access_key,
-            frozen.secret_key,
-            frozen.token,
+            (frozen.access_key, frozen.secret_key, frozen.token),
             self._date[1],
+            payload,
+            extra,
             self._keys,
         )
-
-
-def sign_get(
-    host: str,
-    path: str,
-    region: str,
-    access_key: str,
-    secret_key: str,
-    token: str | None,
-    amz_date: str,
-    key_cache: dict | None = None,
-) -> dict[str, str]:
-    """SigV4 headers for ``GET path`` (``path`` already URI-encoded, no query) with an empty
-    payload."""
-    datestamp = amz_date[:8]
-    signing_key = key_cache.get((secret_key, datestamp, region)) if key_cache is not None else None
-    if signing_key is None:
-        signing_key = ("AWS4" + secret_key).encode()
-        for part in (datestamp, region, "s3", "aws4_request"):
-            signing_key = hmac.new(signing_key, part.encode(), hashlib.sha256).digest()
-        if key_cache is not None:
-            if len(key_cache) > 16:
-                key_cache.clear()
-            key_cache[(secret_key, datestamp, region)] = signing_key
-    headers = {
-        "host": host,
-        "x-amz-checksum-mode": "ENABLED",
-        "x-amz-content-sha256": _EMPTY_SHA256,
-        "x-amz-date": amz_date,
-    }
-    if token:
-        headers["x-amz-security-token"] = token
-    names = sorted(headers)
-    signed = ";".join(names)
-    canonical = (
-        "GET\n"
-        + path
-        + "\n\n"
-        + "".join(f"{n}:{headers[n]}\n" for n in names)
-        + "\n"
-        + signed
-        + "\n"
-        + _EMPTY_SHA256
-    )
-    scope = f"{datestamp}/{region}/s3/aws4_request"
-    to_sign = (
-        f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    )
-    signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={signed}, "
-        f"Signature={signature}"
-    )
-    return headers
 
 
 def _checksum(resp: http.client.HTTPResponse) -> tuple[str, bytes] | None:
@@ -393,14 +431,14 @@ def _proxied(endpoint: urllib.parse.SplitResult) -> bool:
     )
 
 
-def _ssl_context(client: Any) -> Any:
+def _ssl_context(client: Any) -> ssl.SSLContext | None:
+    """A TLS context that verifies as ``client`` does, or None (use boto3)."""
+    from botocore.httpsession import get_cert_path
+
+    verify = tls_verify(client)
+    if verify is None:
+        return None
     try:
-        import ssl
-
-        from botocore.httpsession import get_cert_path
-
-        verify = getattr(getattr(client, "_endpoint", None), "http_session", None)
-        verify = getattr(verify, "_verify", True)
         if verify is False:
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -408,5 +446,5 @@ def _ssl_context(client: Any) -> Any:
             return context
         cafile = verify if isinstance(verify, str) else get_cert_path(True)
         return ssl.create_default_context(cafile=cafile if isinstance(cafile, str) else None)
-    except Exception:
+    except (OSError, ValueError, ssl.SSLError):
         return None
