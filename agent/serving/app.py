@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, request
@@ -19,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from agent.errors import RequestError
 from agent.serving import codecs
-from agent.serving.batching import Runner
+from agent.serving.batching import Runner, set_torch_threads
 from agent.serving.config import ServeConfig
 from agent.serving.limits import DecodeGate, Limits, check_decoded_size, release_memory
 from agent.serving.model import ModelHandler
@@ -70,6 +71,7 @@ class Serving:
             max_delay=self.config.batch_delay,
             on_batch=self.state.record_batch,
             log=self.log,
+            thread_init=partial(set_torch_threads, self.config.torch_threads),
         )
         self.runner.start()
 

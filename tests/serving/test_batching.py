@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import threading
@@ -255,3 +256,54 @@ def test_server_forms_large_batches_at_twice_the_batch_size_and_runs_a_lone_requ
     assert total - total0 == 64
     mean = (total - total0) / (count - count0)
     assert mean >= 2.5, f"mean batch {mean:.2f} of at most 4"  # generous: full batches give ~4
+
+
+_OPENMP_PROBE = """
+import json, os, sys
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from agent.serving.batching import Runner, set_torch_threads
+
+torch.set_num_threads(1)  # as the master and each worker's main thread do
+a = torch.rand(256, 256)
+
+
+def run_one(_):
+    for _ in range(20):
+        torch.mm(a, a)  # a parallel region, with a team when the thread allows one
+    return len(os.listdir("/proc/self/task"))
+
+
+counts = {}
+for name, init in (("fixed", lambda: set_torch_threads(1)), ("bare", None)):
+    runner = Runner(run_one, thread_init=init)
+    runner.start()
+    before = len(os.listdir("/proc/self/task"))  # this thread and the runner's
+    counts[name] = runner.call(None, None, 60) - before
+    runner.stop()
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="OpenMP's default team is 1 thread")
+def test_inference_thread_runs_the_model_on_the_workers_torch_threads() -> None:
+    """torch.set_num_threads holds for the calling thread only: a thread started later ran the
+    model with OpenMP's default team (one thread per core), and on a loaded 2-core machine that
+    cost 6x the CPU per MLP forward() and the server 5x its throughput. The runner's thread_init
+    (set_torch_threads) gives the inference thread the worker's count; the bare runner shows the
+    probe can tell (its model call starts OpenMP threads)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _OPENMP_PROBE, str(Path(__file__).resolve().parents[2])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+    )
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["fixed"] == 0, counts  # no OpenMP thread beside the inference thread
+    assert counts["bare"] > 0, counts  # without it OpenMP starts a team: the probe sees the bug
