@@ -36,9 +36,9 @@ def set_torch_threads(count: int) -> None:
     started later runs its parallel regions with OpenMP's default, one thread per core, although
     ``torch.get_num_threads()`` there still reports the master's value. On a 2-core machine the
     inference thread of each worker then ran a 784-256-10 MLP's forward() with a 2-thread OpenMP
-    team: 180-250 us of CPU per call instead of 30, and the extra thread spinning beside it (measured
-    in a worker: the OpenMP thread used as much CPU as the inference thread). Every thread that may
-    call the model calls this first.
+    team: 180-250 us of CPU per call instead of 30, and the extra thread spinning beside it
+    (measured in a worker: the OpenMP thread used as much CPU as the inference thread). Every
+    thread that may call the model calls this first.
     """
     import torch
 
@@ -49,7 +49,7 @@ def set_torch_threads(count: int) -> None:
 class _Item:
     data: Any
     key: Hashable | None
-    future: Future = field(default_factory=Future)
+    future: Future[Any] = field(default_factory=Future)
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -120,7 +120,7 @@ class Runner:
                     self._arriving -= 1
                     self._cond.notify_all()
 
-    def submit(self, data: Any, key: Hashable | None = None) -> Future:
+    def submit(self, data: Any, key: Hashable | None = None) -> Future[Any]:
         """Queue ``data``; the Future holds its own result (or the exception its call raised)."""
         item = _Item(data, key)
         me = threading.get_ident()
@@ -171,7 +171,8 @@ class Runner:
             return batch
 
     def _fill(self, batch: list[_Item]) -> None:
-        """Add matching requests to ``batch``, waiting as the module docstring says (called locked)."""
+        """Add matching requests to ``batch``, waiting as the module docstring says (called
+        locked)."""
         now = time.monotonic()
         lone = (
             batch[0].queued - self._last_end > self._max_delay

@@ -173,12 +173,12 @@ def make_worker(serving: Any) -> type:
     config, state = serving.config, serving.state
     log = logging.getLogger("torchbay.serve")
 
-    class TorchBayWorker(ThreadWorker):
+    class TorchBayWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no types
         _slot: int | None = None
         _limit = 1000
 
         # --- balancing --------------------------------------------------------------------
-        @property  # type: ignore[override]
+        @property
         def worker_connections(self) -> int:  # read by gunicorn's loop before each wait for events
             if self._slot is None:
                 self._slot = state.worker_slot(os.getpid())
