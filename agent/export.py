@@ -78,11 +78,8 @@ def export_model(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs):
         raise ExportError(
-            "the example input must be a tensor, or a tuple of tensors, with a batch dimension; got "
-            ""
-            ""
-            ""
-            f"{[type(t).__name__ for t in inputs]}"
+            "the example input must be a tensor, or a tuple of tensors, with a batch dimension; "
+            f"got {[type(t).__name__ for t in inputs]}"
         )
     module = module.to(device).eval()
     inputs = tuple(t.to(device) for t in inputs)

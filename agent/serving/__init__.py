@@ -14,7 +14,10 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
 
 from agent.cli import add_setting_flags
 
@@ -81,7 +84,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return exit_code_for(err)
 
 
-def _serve(settings, overrides: dict, env: Mapping[str, str], log: logging.Logger) -> int:
+def _serve(
+    settings: Settings, overrides: dict[str, Any], env: Mapping[str, str], log: logging.Logger
+) -> int:
     from agent.errors import ModelLoadError
     from agent.serving.config import resolve_config
     from agent.serving.fetch import fetch_model, install_requirements

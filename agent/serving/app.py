@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, request
@@ -19,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from agent.errors import RequestError
 from agent.serving import codecs
-from agent.serving.batching import Runner
+from agent.serving.batching import Runner, set_torch_threads
 from agent.serving.config import ServeConfig
 from agent.serving.limits import DecodeGate, Limits, check_decoded_size, release_memory
 from agent.serving.model import ModelHandler
@@ -70,6 +71,7 @@ class Serving:
             max_delay=self.config.batch_delay,
             on_batch=self.state.record_batch,
             log=self.log,
+            thread_init=partial(set_torch_threads, self.config.torch_threads),
         )
         self.runner.start()
 
@@ -148,7 +150,7 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
     state = serving.state
     invoke = _Invoker(serving)
 
-    def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def counted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = time.monotonic()
         if environ.get("REQUEST_METHOD") == "POST" and environ.get("PATH_INFO") == "/invocations":
             # The hot path, without flask's request/response objects (about 80 us a request saved).
@@ -169,13 +171,14 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
 def count_requests(
     wsgi: Callable[..., Iterable[bytes]], state: SharedState, endpoint_of: Callable[[str], str]
 ) -> Callable[..., Iterable[bytes]]:
-    """``wsgi`` with every response counted in the shared metrics, under ``endpoint_of(PATH_INFO)``."""
+    """``wsgi`` with every response counted in the shared metrics, under
+    ``endpoint_of(PATH_INFO)``."""
 
-    def counted(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def counted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         started = time.monotonic()
         seen: list[int] = []
 
-        def capture(status: str, headers: list, exc_info: Any = None) -> Any:
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             seen.append(int(status[:3]))
             return (
                 start_response(status, headers, exc_info)
@@ -211,7 +214,7 @@ class _Invoker:
         )
         self._gate = DecodeGate(self._limits)
 
-    def __call__(self, environ: dict) -> tuple[int, bytes, str, bool]:
+    def __call__(self, environ: dict[str, Any]) -> tuple[int, bytes, str, bool]:
         large: list[bool] = []
         answer = self._answer(environ, large)
         if answer[0] >= 400 and answer[0] < 500:
@@ -226,7 +229,7 @@ class _Invoker:
             release_memory()
         return answer
 
-    def _answer(self, environ: dict, large: list[bool]) -> tuple[int, bytes, str, bool]:
+    def _answer(self, environ: dict[str, Any], large: list[bool]) -> tuple[int, bytes, str, bool]:
         started = time.monotonic()
         serving, config = self._serving, self._config
         runner = serving.runner
@@ -367,7 +370,7 @@ def _message(body: bytes) -> str:
         return ""
 
 
-def _content_length(environ: dict) -> int | None:
+def _content_length(environ: dict[str, Any]) -> int | None:
     value = environ.get("CONTENT_LENGTH")
     if not value:
         return None

@@ -7,6 +7,7 @@ RequestError carrying the HTTP status the client gets (400, 406, 415).
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ def media_type(header: str | None) -> str:
 def image_support() -> str | None:
     """``torchvision`` or ``pillow`` when an image decoder is installed, else None."""
     try:
-        import torchvision.io  # noqa: F401
+        importlib.import_module("torchvision.io")
 
         return "torchvision"
     except ImportError:
@@ -141,7 +142,8 @@ def _dumps_array(array: np.ndarray) -> bytes:
         and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
     ):  # orjson writes NaN as null
         try:
-            return _ORJSON.dumps(array, option=_ORJSON.OPT_SERIALIZE_NUMPY)
+            encoded: bytes = _ORJSON.dumps(array, option=_ORJSON.OPT_SERIALIZE_NUMPY)
+            return encoded
         except TypeError:  # a dtype orjson does not take (float16, big-endian): the stdlib path
             pass
     return json.dumps(array.tolist()).encode()
@@ -210,17 +212,19 @@ def _decode_image(body: bytes, kind: str) -> np.ndarray:
         )
     if support == "torchvision":
         import torch
-        from torchvision.io import ImageReadMode, decode_image
 
+        vision_io = importlib.import_module("torchvision.io")  # optional: no stubs needed
         try:
-            tensor = decode_image(
-                torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=ImageReadMode.RGB
+            tensor = vision_io.decode_image(
+                torch.frombuffer(bytearray(body), dtype=torch.uint8),
+                mode=vision_io.ImageReadMode.RGB,
             )
         except RuntimeError as err:
             raise RequestError(
                 400, f"body is not a readable {kind} image ({_short(err)})"
             ) from None
-        return (tensor.unsqueeze(0).float() / 255.0).numpy()
+        decoded: np.ndarray = (tensor.unsqueeze(0).float() / 255.0).numpy()
+        return decoded
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -228,7 +232,8 @@ def _decode_image(body: bytes, kind: str) -> np.ndarray:
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise RequestError(400, f"body is not a readable {kind} image ({_short(err)})") from None
-    return (pixels.transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+    scaled: np.ndarray = (pixels.transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+    return scaled
 
 
 def negotiate(accept: str | None, default: str, supported: Sequence[str] = ENCODABLE) -> str:
@@ -307,7 +312,8 @@ def _to_numpy(prediction: Any) -> np.ndarray | None:
         return prediction
     detach = getattr(prediction, "detach", None)
     if detach is not None:  # a torch tensor, without importing torch here
-        return detach().cpu().numpy()
+        values: np.ndarray = detach().cpu().numpy()
+        return values
     if isinstance(prediction, (list, tuple, int, float)):
         try:
             array = np.asarray(prediction)

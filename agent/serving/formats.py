@@ -84,9 +84,7 @@ class Loaded:
     format: str
     path: Path | None
     batch: BatchRange | None  # None: unknown (batching is tried, and dropped at the first failure)
-    example: (
-        tuple | None
-    )  # a valid input for warm-up (batch 1 where the batch is dynamic), when known
+    example: tuple[Any, ...] | None  # a warm-up input (batch 1 where dynamic), when known
     shares_weights: bool  # whether weights loaded before the fork stay shared by the workers
 
     @property
@@ -175,11 +173,9 @@ def choose_model_file(
             named = [p for p in same if p.stem == "model" or p.name.startswith("model.")]
             if len(named) != 1:
                 raise ModelLoadError(
-                    f"{model_dir} holds several {_NAMES[fmt]}s ({', '.join(p.name for p in same)}); "
-                    ""
-                    ""
-                    "name the one to "
-                    "serve model.<ext> or set TORCHBAY_SERVE_MODEL_FILE to its file name"
+                    f"{model_dir} holds several {_NAMES[fmt]}s "
+                    f"({', '.join(p.name for p in same)}); name the one to serve model.<ext> "
+                    "or set TORCHBAY_SERVE_MODEL_FILE to its file name"
                 )
             same = named
         if same:
@@ -240,7 +236,8 @@ def _load_torchscript(path: Path, device: str) -> Loaded:
             warnings.catch_warnings()
         ):  # TorchScript is deprecated; it is still served as it is given
             warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(str(path), map_location=device)
+            # torch.jit.load carries no annotations
+            model = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     except (RuntimeError, ValueError) as err:
         raise ModelLoadError(
             f"{path} looks like TorchScript but does not load ({_short(err)}); save it again "
@@ -266,7 +263,7 @@ def _load_export(path: Path, device: str, compile_program: bool, log: logging.Lo
             "it again with torch.export.save from the same torch version"
         ) from err
     batch, example = program_inputs(program)
-    module = program.module()
+    module: Any = program.module()  # a GraphModule, or torch.compile's wrapper of it
     if device != "cpu":
         module = module.to(device)
         if example is not None:
@@ -285,7 +282,7 @@ def _load_export(path: Path, device: str, compile_program: bool, log: logging.Lo
     return Loaded(module, EXPORT, path, batch, example, shares_weights=True)
 
 
-def program_inputs(program: Any) -> tuple[BatchRange | None, tuple | None]:
+def program_inputs(program: Any) -> tuple[BatchRange | None, tuple[Any, ...] | None]:
     """Dim 0 of the first user input as the program declares it, and a warm-up input (batch 1 if
     dynamic)."""
     import torch
@@ -310,6 +307,7 @@ def program_inputs(program: Any) -> tuple[BatchRange | None, tuple | None]:
                 i == 0
                 and batch is not None
                 and not isinstance(size, int)
+                and first is not None
                 and not isinstance(first, int)
                 and size.node.expr == first.node.expr
             )
@@ -395,11 +393,13 @@ def aoti_metadata(path: Path) -> dict[str, str]:
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise ModelLoadError(
             f"{path}: cannot read the AOTInductor package's metadata ({err}); compile it again"
-        )
+        ) from err
     return {}
 
 
-def _aoti_inputs(metadata: dict[str, str], device: str) -> tuple[BatchRange | None, tuple | None]:
+def _aoti_inputs(
+    metadata: dict[str, str], device: str
+) -> tuple[BatchRange | None, tuple[Any, ...] | None]:
     """What ``torchbay export`` recorded about the inputs (unknown for packages made otherwise)."""
     import torch
 

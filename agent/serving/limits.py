@@ -229,7 +229,8 @@ class DecodeGate:
 
     @contextmanager
     def admit(self, body_bytes: int, decoded_bytes: int) -> Iterator[bool]:
-        """Hold the gate while a large request decodes; yields whether the request counted as large."""
+        """Hold the gate while a large request decodes; yields whether the request counted as
+        large."""
         large = max(body_bytes, decoded_bytes) >= self._limits.large_bytes
         if not large:
             yield False

@@ -120,7 +120,7 @@ class ModelHandler:
         )
         self.batch: BatchRange | None = None  # the batch sizes the model takes (None: unknown)
         self.shares_weights = True
-        self._example: tuple | None = None
+        self._example: tuple[Any, ...] | None = None
         self._batch_logged = False
 
     # --- loading -----------------------------------------------------------------------------
@@ -269,7 +269,8 @@ class ModelHandler:
             sys.path.insert(0, code_dir)
         from agent.shims import install as install_toolkit_shims
 
-        install_toolkit_shims()  # sagemaker_inference & co. for the module, unless the real ones are installed
+        # sagemaker_inference & co. for the module, unless the real ones are installed
+        install_toolkit_shims()
         name = path.stem
         try:
             spec = importlib.util.spec_from_file_location(name, path)
@@ -346,7 +347,8 @@ class ModelHandler:
             if not self._batch_logged:
                 self._batch_logged = True
                 self._log.info(
-                    "the model takes a %s: a batch of %d rows runs request by request (logged once)",
+                    "the model takes a %s: a batch of %d rows runs request by request "
+                    "(logged once)",
                     self.batch.describe(),
                     sum(rows),
                 )
@@ -488,7 +490,8 @@ def _hook_payload(body: bytes, content_type: str) -> Any:
 def _user_call(
     func: Callable[..., Any], *args: Any, stage: str, client_errors: bool = False
 ) -> Any:
-    """Call a hook; its failures become RequestErrors (the user's own status when it carries one)."""
+    """Call a hook; its failures become RequestErrors (the user's own status when it carries
+    one)."""
     try:
         return func(*args)
     except RequestError:

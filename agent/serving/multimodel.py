@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -43,6 +43,9 @@ from agent.serving.app import Serving, _Invoker, count_requests, json_error, sta
 from agent.serving.config import ServeConfig
 from agent.serving.registry import READY, LoadedModel, ModelRegistry
 from agent.serving.shared import SharedState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = ["TARGET_HEADER", "MultiModelServing", "create_multimodel_app", "memory_budget"]
 
@@ -141,7 +144,8 @@ class MultiModelServing:
 
     # --- loading -------------------------------------------------------------------------------
     def load(self, name: str, url: str | None, *, evict: bool) -> LoadedModel:
-        """Fetch (when remote) and load model ``name``; raises RequestError 400/403/404/409/500/507."""
+        """Fetch (when remote) and load model ``name``; raises RequestError
+        400/403/404/409/500/507."""
         from agent.serving.fetch import install_requirements
         from agent.serving.model import ModelHandler
 
@@ -291,7 +295,7 @@ class MultiModelServing:
         self.log.info("unloaded model %r (%s)", entry.name, reason)
 
     # --- requests ------------------------------------------------------------------------------
-    def invoke(self, name: str, environ: dict) -> tuple[int, bytes, str, bool]:
+    def invoke(self, name: str, environ: dict[str, Any]) -> tuple[int, bytes, str, bool]:
         """One prediction with model ``name`` (loading it first when on-first-use loading is on)."""
         started = time.monotonic()
         entry = self.registry.acquire(name, wait=self.config.timeout)
@@ -311,7 +315,7 @@ class MultiModelServing:
                 "loaded ones)",
             )
         try:
-            result = entry.invoke(environ)
+            result: tuple[int, bytes, str, bool] = entry.invoke(environ)
         finally:
             self.registry.release(entry)
         entry.serving.state.record_request("invocations", result[0], time.monotonic() - started)
@@ -498,7 +502,7 @@ class _ModelsCollector:
     def __init__(self, mms: MultiModelServing) -> None:
         self._mms = mms
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

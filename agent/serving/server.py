@@ -59,7 +59,7 @@ def gunicorn_options(serving: Serving) -> dict[str, Any]:
     }
 
 
-class _Application(BaseApplication):
+class _Application(BaseApplication):  # type: ignore[misc]  # gunicorn ships no types
     def __init__(
         self,
         wsgi: Callable[..., Any],
@@ -131,7 +131,7 @@ class _Application(BaseApplication):
         return self._wsgi
 
 
-class _Arbiter(Arbiter):
+class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn ships no types
     """gunicorn's master loop, marking the shared state as stopping on SIGTERM/SIGINT/SIGQUIT.
 
     gunicorn halts the whole server when any worker exits with 3 or 4 (its "failed to boot" and "app

@@ -11,6 +11,10 @@ import ctypes
 import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = ["BATCH_BUCKETS", "CODES", "DURATION_BUCKETS", "ENDPOINTS", "SharedState"]
 
@@ -106,7 +110,8 @@ class SharedState:
             return True
 
     def was_ready(self, pid: int) -> bool:
-        """Whether the worker ``pid`` finished booting (call before :meth:`worker_gone` forgets it)."""
+        """Whether the worker ``pid`` finished booting (call before :meth:`worker_gone` forgets
+        it)."""
         with self._lock:
             return any(self._pids[i] == pid and self._states[i] != _FREE for i in range(_SLOTS))
 
@@ -147,7 +152,8 @@ class SharedState:
         return None
 
     def set_connections(self, slot: int, count: int) -> None:
-        """Publish how many connections the worker in ``slot`` holds (no lock: one writer per slot)."""
+        """Publish how many connections the worker in ``slot`` holds (no lock: one writer per
+        slot)."""
         self._conns[slot] = count
 
     def fewest_connections(self, slot: int) -> int | None:
@@ -206,7 +212,7 @@ class SharedState:
             self._batches[b] += 1
             self._batches[len(BATCH_BUCKETS)] += size
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Copies of every counter, taken under the lock."""
         with self._lock:
             return {
@@ -243,7 +249,7 @@ class _Collector:
     def __init__(self, state: SharedState) -> None:
         self._state = state
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

@@ -31,9 +31,11 @@ import logging
 import os
 import selectors
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from agent.serving.batching import set_torch_threads
 from agent.serving.ratelog import RateLimitedLog
 
 __all__ = ["EXIT_STUCK", "make_worker", "request_complete"]
@@ -171,12 +173,12 @@ def make_worker(serving: Any) -> type:
     config, state = serving.config, serving.state
     log = logging.getLogger("torchbay.serve")
 
-    class TorchBayWorker(ThreadWorker):
+    class TorchBayWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no types
         _slot: int | None = None
         _limit = 1000
 
         # --- balancing --------------------------------------------------------------------
-        @property  # type: ignore[override]
+        @property
         def worker_connections(self) -> int:  # read by gunicorn's loop before each wait for events
             if self._slot is None:
                 self._slot = state.worker_slot(os.getpid())
@@ -189,6 +191,15 @@ def make_worker(serving: Any) -> type:
         @worker_connections.setter
         def worker_connections(self, value: int) -> None:
             self._limit = value
+
+        def get_thread_pool(self) -> Any:
+            # request threads run input_fn/output_fn (user code may call torch): each gets the
+            # worker's torch thread count, as the inference thread does (see set_torch_threads)
+            return ThreadPoolExecutor(
+                max_workers=self.cfg.threads,
+                initializer=set_torch_threads,
+                initargs=(config.torch_threads,),
+            )
 
         # --- reading requests in the loop -------------------------------------------------
         def init_process(self) -> None:

@@ -3,12 +3,9 @@
 The spec is shaped like a CreateTransformJob request. The job sends its records to a running
 endpoint (``--endpoint``, TORCHBAY_TRANSFORM_ENDPOINT) or starts ``torchbay serve`` on 127.0.0.1 for
 itself (the same serve entrypoint and settings as hosting, plus the spec's ``Environment``), and
-writes
-``<key>.out`` for each input object. Exit codes: 0 done; 65 a spec error or objects that failed
-(named);
-66 no input; 69 the endpoint or S3 unreachable; 128+N when signal N stopped it (finished objects are
-kept,
-and a rerun skips them).
+writes ``<key>.out`` for each input object. Exit codes: 0 done; 65 a spec error or objects that
+failed (named); 66 no input; 69 the endpoint or S3 unreachable; 128+N when signal N stopped it
+(finished objects are kept, and a rerun skips them).
 """
 
 from __future__ import annotations
@@ -21,8 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Optional
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
+    from agent.transform.run import Summary
+
+# what signal.signal takes and returns
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 __all__ = ["main", "parse_args"]
 
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     env = dict(os.environ if env is None else env)
     log = logging.getLogger("torchbay.transform")
     stop = threading.Event()
-    signals: dict[int, object] = {}
+    signals: dict[int, _Handler] = {}
     stopped_by: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:  # only records it; the job loop acts
@@ -91,17 +96,17 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         log.exception("torchbay transform failed")
         return exit_code_for(err)
     finally:
-        for signum, previous in signals.items():
-            signal.signal(signum, previous)  # type: ignore[arg-type]
+        for number, previous in signals.items():
+            signal.signal(number, previous)
 
 
 def _run(
     args: argparse.Namespace,
-    settings,
+    settings: Settings,
     env: Mapping[str, str],
     stop: threading.Event,
     log: logging.Logger,
-):
+) -> tuple[Summary, str]:
     from agent.transform.client import Endpoint
     from agent.transform.run import run_job
     from agent.transform.spec import read_transform_spec
@@ -137,14 +142,18 @@ class _StartedServer:
     """``torchbay serve`` on a free port of 127.0.0.1, in its own process group, for one job."""
 
     def __init__(
-        self, settings, env: Mapping[str, str], extra: Mapping[str, str], log: logging.Logger
+        self,
+        settings: Settings,
+        env: Mapping[str, str],
+        extra: Mapping[str, str],
+        log: logging.Logger,
     ) -> None:
         self._env = dict(env)
         self._env.update(extra)
         self._env.update({"PYTHONUNBUFFERED": "1", "TORCHBAY_ROOT": str(settings.general.root)})
         self._grace = settings.serving.serve_grace_period + 5
         self._log = log
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float, stop: threading.Event) -> str:
         import socket

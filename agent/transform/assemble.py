@@ -179,7 +179,7 @@ class Assembler:
             ) from None
 
     @staticmethod
-    def _dump(value: Any, fmt: str) -> bytes:
+    def _dump(value: Any, fmt: str | None) -> bytes:
         if fmt == "csv":
             row = value if isinstance(value, list) else [value]
             buf = io.StringIO()

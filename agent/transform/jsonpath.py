@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["JsonPath", "JsonPathError", "compile_path"]
 
@@ -31,7 +31,7 @@ class _Slice:
     stop: int | None
 
 
-_Selector = Union[int, str, _Slice, None]  # None: '*'
+_Selector = int | str | _Slice | None  # None: '*'
 _NAME = re.compile(r"\.([A-Za-z_][A-Za-z0-9_\-]*|\*)")
 _INT = re.compile(r"-?\d+$")
 
@@ -148,7 +148,8 @@ def _apply_step(value: Any, step: tuple[_Selector, ...], text: str) -> Any:
             )
         if None in step:
             return dict(value)
-        return {str(name): _one(value, name, text) for name in step}
+        names = [name for name in step if isinstance(name, str)]  # ints and slices refused above
+        return {name: _one(value, name, text) for name in names}
     if isinstance(value, list):
         out: list[Any] = []
         for selector in step:

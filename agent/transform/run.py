@@ -36,6 +36,7 @@ __all__ = ["Plan", "Summary", "plan_job", "run_job"]
 _READ_AHEAD = 256 * 1024 * 1024  # input bytes read ahead of the objects being sent, at least
 _MARK_SOURCE = "torchbay-source"
 _MARK_SPEC = "torchbay-spec"
+_Sent = list[tuple[tuple["Record", ...], bytes, str]]  # (records, response body, its type)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class Summary:
 
 
 def plan_job(spec: TransformSpec, endpoint: Endpoint) -> Plan:
-    """The spec's values, else the container's ``/execution-parameters``, else SageMaker's defaults."""
+    """The spec's values, else the container's ``/execution-parameters``, else SageMaker's
+    defaults."""
     params = endpoint.get_json("/execution-parameters") or {}
     concurrent = spec.max_concurrent or _positive_int(params.get("MaxConcurrentTransforms")) or 1
     strategy = spec.batch_strategy
@@ -178,10 +180,10 @@ def run_job(
         spec.name, summary, progress, len(entries), progress_interval, started, log
     )
     reporter.start()
-    pending: list[Future] = []
+    pending: list[Future[None]] = []
     fatal: list[BaseException] = []
 
-    def send(batch: Batch, what: str) -> list[tuple[tuple[Record, ...], bytes, str]]:
+    def send(batch: Batch, what: str) -> _Sent:
         with counter_lock:
             requests[0] += 1
         reply = endpoint.request("POST", "/invocations", batch.body, headers)
@@ -189,16 +191,16 @@ def run_job(
             return [(batch.records, reply.body, reply.content_type)]
         if len(batch.records) > 1:  # find the record that fails: each half on its own
             half = len(batch.records) // 2
-            out = []
+            out: _Sent = []
             for part in (batch.records[:half], batch.records[half:]):
                 out.extend(send(Batch(part, joiner.join(r.data for r in part)), what))
             return out
         raise TransformError(_failure(what, batch.records[0], reply))
 
-    def submit(batch: Batch, what: str, size_share: float) -> Future:
+    def submit(batch: Batch, what: str, size_share: float) -> Future[_Sent]:
         window.acquire()
 
-        def task() -> list:
+        def task() -> _Sent:
             try:
                 result = send(batch, what)
                 with progress.lock:
@@ -218,7 +220,7 @@ def run_job(
         entry: Entry,
         out_uri: str,
         originals: dict[int, Record],
-        futures: Sequence[Future],
+        futures: Sequence[Future[_Sent]],
         mark: dict[str, str],
         complete: bool,
         charge: int,

@@ -136,7 +136,8 @@ def _tfrecord(data: bytes, what: str) -> Iterator[Record]:
 def pack(
     records: Sequence[Record], split_type: str, multi: bool, max_bytes: int, what: str
 ) -> list[Batch]:
-    """Requests for ``records``: one record each (SingleRecord) or as many as fit in ``max_bytes``."""
+    """Requests for ``records``: one record each (SingleRecord) or as many as fit in
+    ``max_bytes``."""
     joiner = b"\n" if split_type == "Line" else b""
     batches: list[Batch] = []
     current: list[Record] = []

@@ -12,10 +12,14 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import REPO, free_port
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def mlp(inputs: int = 4, outputs: int = 3):
@@ -29,7 +33,8 @@ def mlp(inputs: int = 4, outputs: int = 3):
     ).eval()
 
 
-_MADE: dict = {}  # (inputs, outputs, fmt) -> the file's bytes: torch.export takes a second or more per call
+# (inputs, outputs, fmt) -> the file's bytes: torch.export takes a second or more per call
+_MADE: dict = {}
 
 
 def make_mlp(path: Path, inputs: int = 4, outputs: int = 3, fmt: str = "export") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import threading
@@ -73,8 +74,8 @@ def test_a_lone_request_is_not_delayed() -> None:
 
 def _closed_loop(runner: Runner, clients: int, rounds: int) -> None:
     """``clients`` threads that each send a request, wait for it, and send the next after a short
-    round trip
-    (started a few ms apart, which used to split them into groups that alternate in small batches)."""
+    round trip (started a few ms apart, which used to split them into groups that alternate in
+    small batches)."""
 
     def client(i: int) -> None:
         time.sleep(0.007 * i)
@@ -255,3 +256,59 @@ def test_server_forms_large_batches_at_twice_the_batch_size_and_runs_a_lone_requ
     assert total - total0 == 64
     mean = (total - total0) / (count - count0)
     assert mean >= 2.5, f"mean batch {mean:.2f} of at most 4"  # generous: full batches give ~4
+
+
+_OPENMP_PROBE = """
+import ctypes, json, sys
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from agent.serving.batching import Runner, set_torch_threads
+
+torch.set_num_threads(1)  # as the master and each worker's main thread do
+torch.mm(torch.rand(64, 64), torch.rand(64, 64))  # OpenMP is loaded by now
+gomp = [line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line]
+if not gomp:
+    print(json.dumps(None))  # torch built without GNU OpenMP: nothing to check
+    sys.exit(0)
+openmp = ctypes.CDLL(gomp[0])
+
+
+def run_one(_):
+    return openmp.omp_get_max_threads()  # the team the thread's next parallel region gets
+
+
+counts = {}
+for name, init in (("fixed", lambda: set_torch_threads(1)), ("bare", None)):
+    runner = Runner(run_one, thread_init=init)
+    runner.start()
+    counts[name] = runner.call(None, None, 60)
+    runner.stop()
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="OpenMP's default team is 1 thread")
+def test_inference_thread_runs_the_model_on_the_workers_torch_threads() -> None:
+    """torch.set_num_threads holds for the calling thread only: a thread started later ran the
+    model with OpenMP's default team (one thread per core), and on a loaded 2-core machine that
+    cost 6x the CPU per MLP forward() and the server 5x its throughput. The runner's thread_init
+    (set_torch_threads) gives the inference thread the worker's count; the bare runner shows the
+    probe can tell (its thread would get a team of one per core)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _OPENMP_PROBE, str(Path(__file__).resolve().parents[2])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+    )
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    if counts is None:
+        pytest.skip("torch is not built with GNU OpenMP here")
+    assert counts["fixed"] == 1, counts  # the worker's torch thread count (1 here)
+    assert counts["bare"] == len(os.sched_getaffinity(0)), counts  # the bug the fix removes

@@ -160,7 +160,8 @@ def test_idle_keepalive_connection_is_closed(server: Server) -> None:
 
 
 def _zip_bomb(members: int = 2, rows: int = 32 * 1024, columns: int = 1024) -> bytes:
-    """An NPZ of valid-shaped zero rows: ~1 MB that inflates to members x rows x columns x 4 bytes."""
+    """An NPZ of valid-shaped zero rows: ~1 MB that inflates to members x rows x columns x 4
+    bytes."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for m in range(members):

@@ -1,4 +1,5 @@
-"""agent/serving/limits.py and the worker's request framing: sizes read from headers, never decoded."""
+"""agent/serving/limits.py and the worker's request framing: sizes read from headers, never
+decoded."""
 
 from __future__ import annotations
 

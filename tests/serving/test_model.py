@@ -29,7 +29,8 @@ def predict_fn(data, model, context):
     return model(data) * 0 + context.batch_size
 
 def output_fn(prediction, accept):
-    return json.dumps({"scores": prediction.tolist(), "accept": accept}), "application/vnd.test+json"
+    body = json.dumps({"scores": prediction.tolist(), "accept": accept})
+    return body, "application/vnd.test+json"
 """
 
 TRANSFORM = """

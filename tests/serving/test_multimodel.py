@@ -32,7 +32,8 @@ SLOW_LOAD = """
 import os, time, torch
 def model_fn(model_dir):
     time.sleep(3)
-    return torch.export.load(os.path.join(model_dir, "model.pt")).module()  # make_mlp writes torch.export
+    # make_mlp writes torch.export
+    return torch.export.load(os.path.join(model_dir, "model.pt")).module()
 """
 MME = {"SAGEMAKER_MULTI_MODEL": "true", "TORCHBAY_SERVE_HTTP_THREADS": "16"}
 

@@ -92,7 +92,8 @@ def test_mixed_soak(server: Server) -> None:
                 sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
                 if kind == 0:  # a body that stalls after 10 bytes
                     sock.sendall(
-                        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"POST /invocations HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\n"
                         b"Content-Length: 1000\r\n\r\n[[0.1, 0.2"
                     )
                 elif kind == 1:  # half a header

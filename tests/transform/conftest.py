@@ -35,7 +35,8 @@ def _flaky(body):
     folder = os.path.join(os.environ["CONTROL_DIR"], "flaky")
     if not os.path.isdir(folder):
         return
-    mark = os.path.join(folder, hashlib.sha256(body if isinstance(body, bytes) else body.encode()).hexdigest())
+    data = body if isinstance(body, bytes) else body.encode()
+    mark = os.path.join(folder, hashlib.sha256(data).hexdigest())
     if not os.path.exists(mark):
         open(mark, "w").close()
         raise Unavailable("warming up; retry")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.conftest import free_port
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    script: list = []  # what to do for each request in turn: a status, or "drop"
+    script: ClassVar[list] = []  # what to do for each request in turn: a status, or "drop"
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
