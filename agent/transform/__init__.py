@@ -112,15 +112,15 @@ def _run(
     from agent.transform.spec import read_transform_spec
 
     spec = read_transform_spec(args.job)
-    url = args.endpoint or settings.transform.transform_endpoint
+    url: str | None = args.endpoint or settings.transform.transform_endpoint
     server = _StartedServer(settings, env, spec.environment, log) if url is None else None
 
     def connect() -> Endpoint:  # called only when some object is left to transform
-        address = (
-            url
-            if server is None
-            else server.start(settings.transform.transform_startup_timeout, stop)
-        )
+        if server is not None:
+            address = server.start(settings.transform.transform_startup_timeout, stop)
+        else:
+            assert url is not None  # no server is started only when an endpoint was given
+            address = url
         return Endpoint(address, timeout=spec.timeout, max_retries=spec.max_retries)
 
     try:

@@ -22,11 +22,12 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed as dist
-from model import Discriminator, Generator, weights_init
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
+
+from model import Discriminator, Generator, weights_init
 
 log = logging.getLogger("dcgan")
 HERE = os.path.dirname(os.path.abspath(__file__))
