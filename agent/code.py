@@ -264,7 +264,7 @@ def pip_install(
         return None
     if result.stopped_by == "max_runtime" or result.exit_code != 0:
         if needed and result.stopped_by != "max_runtime":
-            from agent.pipguard import conflict_from_pip  # packaging (~4 ms): only on a failure
+            from agent.pipguard import conflict_from_pip  # the pip guard (~4 ms): on a failure
 
             conflict = conflict_from_pip(_tail(pip_log, 200), needed, what=what)
             if conflict is not None:
@@ -299,7 +299,7 @@ def _guard(
     if os.path.abspath(python) != os.path.abspath(sys.executable):
         return {}  # another interpreter's environment is not the agent's
     try:
-        # the guard and packaging (~4 ms, ~15 ms with packaging): only for a job with requirements
+        # the pip guard (~4 ms): only for a job with requirements
         from agent.pipguard import agent_needs, check_requirement_files, write_constraints
 
         needed = agent_needs()
