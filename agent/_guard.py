@@ -21,6 +21,7 @@ handlers or flushes the agent's buffers.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -231,8 +232,6 @@ def _exit_like(status: int) -> NoReturn:
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         try:
-            import resource
-
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         except (ImportError, ValueError, OSError):
             pass

@@ -8,6 +8,7 @@ the same machine neither downloads an unchanged source again nor reinstalls an u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -192,8 +193,6 @@ def install_requirements(
     if plan is None:
         return NOTHING
     pip_args, what = plan
-    import hashlib  # only when there is something to install: loading OpenSSL is slow
-
     digest = hashlib.sha256(json.dumps([python, pip_args]).encode())
     if pip_args[0] == ".":
         _tree_digest(code_dir, digest)
@@ -265,7 +264,7 @@ def pip_install(
         return None
     if result.stopped_by == "max_runtime" or result.exit_code != 0:
         if needed and result.stopped_by != "max_runtime":
-            from agent.pipguard import conflict_from_pip
+            from agent.pipguard import conflict_from_pip  # the pip guard (~4 ms): on a failure
 
             conflict = conflict_from_pip(_tail(pip_log, 200), needed, what=what)
             if conflict is not None:
@@ -300,6 +299,7 @@ def _guard(
     if os.path.abspath(python) != os.path.abspath(sys.executable):
         return {}  # another interpreter's environment is not the agent's
     try:
+        # the pip guard (~4 ms): only for a job with requirements
         from agent.pipguard import agent_needs, check_requirement_files, write_constraints
 
         needed = agent_needs()

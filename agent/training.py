@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from agent.code import fetch_code, install_requirements
+from agent.data import DataHandle, prepare_channels
 from agent.distributed import (
     Exchange,
     LaunchPlan,
@@ -66,8 +67,7 @@ from agent.telemetry.agentlog import AgentLogHandler
 from agent.telemetry.capture import LogCapture
 from agent.uploads import DeadlineStorage, put_until
 
-if TYPE_CHECKING:  # imported where used: only for a job that needs them, or after the start
-    from agent.data import DataHandle
+if TYPE_CHECKING:  # imported where used: after the script started
     from agent.sync import LiveSync
     from agent.telemetry.service import Telemetry
 
@@ -389,8 +389,6 @@ class _Lifecycle:
         """Stage File channels and start the Pipe feeders; on SageMaker the data is in place."""
         if all(channel.uri is None for channel in self.job.channels):
             return
-        from agent.data import prepare_channels  # the staging machinery: only for a job with data
-
         self._data = prepare_channels(self.job, log=self.log, storages=self.storage)
         self._check_stop("data staging")
 

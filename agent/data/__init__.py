@@ -11,10 +11,13 @@ whose
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from agent.data.listing import Entry, list_channel, select_shard
+from agent.data.reading import ObjectReader
 from agent.data.staging import StageOptions, StageResult, stage
+from agent.errors import ChannelError
 from agent.job import Channel, Job
 from agent.storage import JobStorage
 
@@ -53,8 +56,6 @@ class DataHandle:
 
     def stop(self, timeout: float) -> None:
         """Stop every Pipe feeder, waiting up to ``timeout`` seconds in all; idempotent."""
-        import time
-
         deadline = time.monotonic() + timeout
         for feeder in self._feeders:
             feeder.stop(0)
@@ -95,8 +96,6 @@ def prepare_channels(
                     channel.name,
                 )
             elif mode != "File":
-                from agent.errors import ChannelError
-
                 raise ChannelError(
                     f"channel {channel.name!r}: input mode {mode!r} is unknown; "
                     "use File, FastFile or Pipe"
@@ -159,8 +158,7 @@ def _entries_for(
 def _start_pipe(
     job: Job, channel: Channel, entries: list[Entry], log: logging.Logger, storages: JobStorage
 ) -> PipeFeeder:
-    from agent.data.pipes import PipeFeeder
-    from agent.data.reading import ObjectReader
+    from agent.data.pipes import PipeFeeder  # fcntl, termios, the feeder (~4 ms): Pipe mode only
 
     settings = job.settings
     reader = ObjectReader(
@@ -194,7 +192,7 @@ def _start_pipe(
 
 def __getattr__(name: str) -> Any:
     if name in ("S3IterableDataset", "S3MapDataset"):
-        from agent.data import dataset
+        from agent.data import dataset  # torch: only for a script that asks for the datasets
 
         return getattr(dataset, name)
     raise AttributeError(f"module 'agent.data' has no attribute {name!r}")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch.distributed as dist
 import torch.utils.data
 
 from agent.data.listing import Entry, list_prefix
@@ -44,8 +45,6 @@ def _list(uri: str, reader: ObjectReader) -> list[Entry]:
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return (dist.get_rank() if rank is None else rank), (
             dist.get_world_size() if world_size is None else world_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +92,6 @@ def wait_for_hosts(
     if not cluster.multi_host:
         return
     if exchange is not None:
-        import time
-
         started = time.monotonic()
         table = exchange.wait_table(should_stop)
         if not table:

@@ -81,6 +81,7 @@ def make_s3_client(
     The endpoint comes from ``endpoint_url``, else the standard AWS settings (``AWS_ENDPOINT_URL``,
     ``AWS_ENDPOINT_URL_S3``) that boto3 reads itself.
     """
+    # boto3 and botocore (~220 ms): only once a job touches an s3:// URI
     import boto3
     from botocore.config import Config
 

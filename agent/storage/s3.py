@@ -14,13 +14,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage.base import Location, ObjectInfo, Storage, parse_uri, redact
 from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, plain_md5_etag
 from agent.storage.client import make_s3_client, translate_s3_error
-from agent.storage.lean import LeanGetter
 from agent.storage.multipart import MultipartUpload
 from agent.storage.retry import (
     DEFAULT_POLICY,
@@ -28,6 +27,9 @@ from agent.storage.retry import (
     RetryPolicy,
     with_retries,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agent.storage.lean import LeanGetter
 
 __all__ = ["MULTIPART_THRESHOLD", "S3Storage", "make_s3_client", "translate_s3_error"]
 
@@ -366,6 +368,9 @@ class _Shared:
     def lean(self) -> LeanGetter | None:
         if self._made_lean:
             return self._lean
+        # http.client, ssl and email (~25 ms): only once an s3:// URI is read, not at start-up
+        from agent.storage.lean import LeanGetter
+
         lean = LeanGetter.from_endpoint(self._endpoint_url) if self._client is None else None
         if lean is None:
             lean = LeanGetter.from_client(self.client())

@@ -7,6 +7,7 @@ and uploads the job log and metrics file; ``default_paths(job)`` names those two
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["LogCapture", "Telemetry", "default_paths"]
@@ -24,6 +25,4 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'agent.telemetry' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.job import Job
+from agent.storage import open_storage
 from agent.telemetry.sampler import SystemSampler
 from agent.telemetry.shipping import Shipper
 from agent.telemetry.sinks import MetricsFile, PrometheusEndpoint
@@ -119,8 +120,6 @@ class Telemetry:
             def storage() -> Any:
                 if given is not None:
                     return given
-                from agent.storage import open_storage
-
                 return open_storage(uri, endpoint_url=settings.general.endpoint_url)
 
             base = uri.rstrip("/")

@@ -73,6 +73,7 @@ class TensorBoardSink:
         cls, log_dir: Path, *, log: logging.Logger, suffix: str = ""
     ) -> TensorBoardSink | None:
         try:
+            # tensorboard and protobuf: only for a job that asks for TensorBoard events
             from tensorboard.compat.proto import event_pb2, summary_pb2
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError:
@@ -114,6 +115,7 @@ class PrometheusEndpoint:
     """Gauges in a private registry, served over HTTP by prometheus_client."""
 
     def __init__(self, port: int, *, addr: str = "127.0.0.1", prefix: str = "torchbay_") -> None:
+        # prometheus_client (~70 ms): only for a job that serves its metrics
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
         self._registry = CollectorRegistry(auto_describe=True)
