@@ -41,14 +41,11 @@ LAZY_IMPORTS_LEFT_TO_THEIR_BRANCHES = {
     "agent/data/": "storage",
     "agent/sync/": "storage",
     "agent/storage.py": "storage",
-    "agent/serving/": "serving",
-    "agent/transform/": "serving",
     "agent/distributed/": "types",
     "agent/telemetry/": "types",
     # not assigned to a branch in the core brief
     "agent/_guard.py": "unassigned",
     "agent/code.py": "unassigned",
-    "agent/export.py": "unassigned",
     "agent/pipguard.py": "unassigned",
     "agent/process.py": "unassigned",
 }
