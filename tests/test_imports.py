@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +62,6 @@ COSTLY_AGENT_MODULES = {
     "agent.pipguard": "the pip guard: ~4 ms",
     "agent.sync": "live sync's scheduler, folders and restore: ~10 ms",
     "agent.telemetry.shipping": "the job-log shipper: ~2 ms",
-}
-
-# TEMPORARY, for the serving files only: in-function imports that break the rules below in files
-# the serving helper of issue 17 is still rewriting. Reported (as warnings), not failed, while
-# listed: delete this when that branch is merged.
-LAZY_IMPORTS_LEFT_TO_THE_SERVING_BRANCH_FOR_NOW = {
-    "agent/serving/": "serving",
-    "agent/transform/": "serving",
-    "agent/export.py": "serving",
 }
 
 
@@ -367,31 +357,9 @@ def test_no_import_cycles_in_agent() -> None:
     assert not found, "import cycles in agent/:\n" + "\n".join(found)
 
 
-# Files under those folders that are held to the rules now.
-NOT_LEFT_TO_OTHER_BRANCHES = frozenset({"agent/serving/config.py"})
-
-
-def _left_to(problem: str) -> str | None:
-    path = problem.split(":", 1)[0]
-    if path in NOT_LEFT_TO_OTHER_BRANCHES:
-        return None
-    for prefix, branch in LAZY_IMPORTS_LEFT_TO_THE_SERVING_BRANCH_FOR_NOW.items():
-        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
-            return branch
-    return None
-
-
 def test_lazy_imports_keep_something_heavy_off_start_up_and_say_why() -> None:
     problems = lazy_import_problems(all_imports())
-    left = [p for p in problems if _left_to(p) is not None]
-    if left:
-        warnings.warn(
-            f"{len(left)} in-function imports left to the serving branch for now:\n"
-            + "\n".join(f"[{_left_to(p)}] {p}" for p in left),
-            stacklevel=1,
-        )
-    failing = [p for p in problems if _left_to(p) is None]
-    assert not failing, "in-function imports:\n" + "\n".join(failing)
+    assert not problems, "in-function imports:\n" + "\n".join(problems)
 
 
 def test_heavy_stdlib_figures_are_of_real_modules() -> None:

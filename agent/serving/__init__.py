@@ -2,8 +2,8 @@
 
 The SageMaker hosting contract on port 8080 (``SAGEMAKER_BIND_TO_PORT``): ``GET /ping``,
 ``POST /invocations``, ``GET /execution-parameters``, plus Prometheus ``GET /metrics``.
-Nothing heavy is imported until the config is resolved; torch is imported once, in the master,
-before the workers fork.
+Nothing heavy (flask, gunicorn, numpy, torch) is imported until the config is resolved; torch is
+imported once, in the master, before the workers fork.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from agent.settings import Settings
+from typing import Any
 
 from agent.cli import add_setting_flags
+from agent.errors import ModelLoadError, TorchBayError, exit_code_for
+from agent.serving.config import resolve_config
+from agent.serving.fetch import fetch_model, install_requirements
+from agent.serving.shared import SharedState
+from agent.settings import Settings, read_settings
 
 __all__ = ["EXIT_MODEL_LOAD", "EXIT_OK", "main", "parse_args"]
 
@@ -59,9 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Serve until SIGTERM; the exit code (3 when the model cannot be loaded)."""
-    from agent.errors import TorchBayError, exit_code_for
-    from agent.settings import read_settings
-
     args = parse_args(argv)
     env = dict(os.environ if env is None else env)
     log = logging.getLogger("torchbay.serve")
@@ -87,15 +86,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def _serve(
     settings: Settings, overrides: dict[str, Any], env: Mapping[str, str], log: logging.Logger
 ) -> int:
-    from agent.errors import ModelLoadError
-    from agent.serving.config import resolve_config
-    from agent.serving.fetch import fetch_model, install_requirements
-
     gpus = _gpu_count(log, env)
     config = resolve_config(settings, overrides, gpus=gpus)
     if (
         settings.serving.serve_multi_model
     ):  # SAGEMAKER_MULTI_MODEL=true: the /models contract (agent.serving.multimodel)
+        # flask, gunicorn, numpy, torch (~1.7 s): not before the config is resolved
         from agent.serving.multimodel import serve_multi_model
 
         return serve_multi_model(settings, config, env, log)
@@ -119,12 +115,13 @@ def _serve(
         )
     install_requirements(config.code_dir, env=env, log=log)
 
-    import torch  # once, in the master, after the config is resolved
+    # torch, flask, gunicorn, numpy (~1.7 s): once, in the master, after the config is resolved and
+    # the requirements installed; importing agent.serving (as torchbay export does) stays light
+    import torch
 
-    from agent.serving.app import Serving, create_app
-    from agent.serving.model import ModelHandler
-    from agent.serving.server import run_server
-    from agent.serving.shared import SharedState
+    from agent.serving.app import Serving, create_app  # flask, numpy: as torch above
+    from agent.serving.model import ModelHandler  # torch: as above
+    from agent.serving.server import run_server  # gunicorn: as above
 
     handler = ModelHandler(
         config.model_dir,
@@ -171,7 +168,7 @@ def _gpu_count(log: logging.Logger, env: Mapping[str, str]) -> int:
     safe);
     0 with one INFO line when none."""
     try:
-        import pynvml
+        import pynvml  # optional (no NVML on CPU hosts; ~30 ms): only to count the GPUs
 
         pynvml.nvmlInit()
         try:

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from agent.errors import RequestError
@@ -127,8 +128,6 @@ def create_app(serving: Serving) -> Callable[..., Iterable[bytes]]:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return Response(generate_latest(registry), status=200, content_type=CONTENT_TYPE_LATEST)
 
     @app.post("/invocations")
@@ -391,8 +390,6 @@ def _status_line(status: int) -> str:
 
 
 def _registry(state: SharedState) -> Any:
-    from prometheus_client import CollectorRegistry
-
     registry = CollectorRegistry(auto_describe=False)
     registry.register(state.collector())
     return registry

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["Runner", "set_torch_threads"]
 
 
@@ -40,8 +42,6 @@ def set_torch_threads(count: int) -> None:
     (measured in a worker: the OpenMP thread used as much CPU as the inference thread). Every
     thread that may call the model calls this first.
     """
-    import torch
-
     torch.set_num_threads(count)
 
 

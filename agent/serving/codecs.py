@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from agent.errors import RequestError
 
@@ -119,7 +120,7 @@ def _stdlib_loads(body: bytes) -> Any:
 
 def _orjson() -> Any:
     try:
-        import orjson
+        import orjson  # optional (a faster JSON parser); called once, at import
     except ImportError:
         return None
     return orjson
@@ -211,8 +212,6 @@ def _decode_image(body: bytes, kind: str) -> np.ndarray:
             415, f"{kind} needs Pillow or torchvision in the image; install one, or send NPY"
         )
     if support == "torchvision":
-        import torch
-
         vision_io = importlib.import_module("torchvision.io")  # optional: no stubs needed
         try:
             tensor = vision_io.decode_image(
@@ -225,7 +224,7 @@ def _decode_image(body: bytes, kind: str) -> np.ndarray:
             ) from None
         decoded: np.ndarray = (tensor.unsqueeze(0).float() / 255.0).numpy()
         return decoded
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # Pillow: optional, only for image bodies
 
     try:
         with Image.open(io.BytesIO(body)) as image:
@@ -311,7 +310,7 @@ def _to_numpy(prediction: Any) -> np.ndarray | None:
     if isinstance(prediction, np.ndarray):
         return prediction
     detach = getattr(prediction, "detach", None)
-    if detach is not None:  # a torch tensor, without importing torch here
+    if detach is not None:  # a torch tensor (or anything shaped like one)
         values: np.ndarray = detach().cpu().numpy()
         return values
     if isinstance(prediction, (list, tuple, int, float)):

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.code import pip_install
+from agent.errors import ObjectMissing
 from agent.safety import safe_extract_tar
 from agent.storage import open_storage, redact
 
@@ -36,8 +38,6 @@ def fetch_model(
     storage = open_storage(uri, endpoint_url=endpoint_url)
     info = storage.head(uri)
     if info is None:
-        from agent.errors import ObjectMissing
-
         raise ObjectMissing(f"model archive {redact(uri)} does not exist; check TORCHBAY_MODEL_URI")
     source = {"uri": redact(uri), "size": info.size, "etag": info.etag}
     marker = model_dir / _MARKER
@@ -72,8 +72,6 @@ def install_requirements(
     unwritable. Raises InstallError
     with pip's last lines when pip fails.
     """
-    from agent.code import pip_install
-
     log = log or logging.getLogger("torchbay.serve")
     requirements = code_dir / "requirements.txt"
     if not requirements.is_file():

@@ -229,6 +229,7 @@ def load_model_file(
 
 
 def _load_torchscript(path: Path, device: str) -> Loaded:
+    # torch (~1.5 s): agent.export imports this module before `torchbay export` parses its flags
     import torch
 
     try:
@@ -248,6 +249,7 @@ def _load_torchscript(path: Path, device: str) -> Loaded:
 
 
 def _load_export(path: Path, device: str, compile_program: bool, log: logging.Logger) -> Loaded:
+    # torch (~1.5 s): agent.export imports this module before `torchbay export` parses its flags
     import torch
 
     try:
@@ -269,7 +271,7 @@ def _load_export(path: Path, device: str, compile_program: bool, log: logging.Lo
         if example is not None:
             example = tuple(t.to(device) for t in example)
     if compile_program:
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # with torch (lazy like it); to compile
 
         inductor_config.compile_threads = (
             1  # no compile-worker pool in a process that forks workers
@@ -285,6 +287,7 @@ def _load_export(path: Path, device: str, compile_program: bool, log: logging.Lo
 def program_inputs(program: Any) -> tuple[BatchRange | None, tuple[Any, ...] | None]:
     """Dim 0 of the first user input as the program declares it, and a warm-up input (batch 1 if
     dynamic)."""
+    # torch (~1.5 s): agent.export imports this module before `torchbay export` parses its flags
     import torch
 
     names = set(program.graph_signature.user_inputs)
@@ -353,6 +356,7 @@ def _dim_example(program: Any, size: Any, batch: BatchRange | None) -> int:
 
 
 def _load_aoti(path: Path, device: str) -> Loaded:
+    # torch (~1.5 s): agent.export imports this module before `torchbay export` parses its flags
     import torch
 
     metadata = aoti_metadata(path)
@@ -401,6 +405,7 @@ def _aoti_inputs(
     metadata: dict[str, str], device: str
 ) -> tuple[BatchRange | None, tuple[Any, ...] | None]:
     """What ``torchbay export`` recorded about the inputs (unknown for packages made otherwise)."""
+    # torch (~1.5 s): agent.export imports this module before `torchbay export` parses its flags
     import torch
 
     text = metadata.get(INPUTS_METADATA_KEY)

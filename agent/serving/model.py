@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from agent.errors import ModelLoadError, RequestError
 from agent.serving import codecs
 from agent.serving.formats import (
@@ -33,6 +36,7 @@ from agent.serving.formats import (
     load_model_file,
     program_inputs,
 )
+from agent.shims import install as install_toolkit_shims
 
 __all__ = ["Context", "ModelHandler", "find_model_file"]
 
@@ -197,8 +201,6 @@ class ModelHandler:
         the model declares (a batch of one, and a full batch where batching is on), so first
         requests are not
         slow and a torch.compile'd program is compiled here (before the fork, with preload)."""
-        import torch
-
         if "model_warmup_fn" in self._user:
             self._user["model_warmup_fn"](str(self.model_dir), self.model)
             return
@@ -240,8 +242,6 @@ class ModelHandler:
         """What ``model_fn`` returned, made ready: an ExportedProgram runs through ``.module()``; an
         eager
         ``nn.Module`` goes to eval mode and this worker's device."""
-        import torch
-
         if isinstance(model, torch.export.ExportedProgram):
             self.batch, self._example = program_inputs(model)
             self.format = EXPORT
@@ -267,8 +267,6 @@ class ModelHandler:
         code_dir = str(self.code_dir)
         if code_dir not in sys.path:
             sys.path.insert(0, code_dir)
-        from agent.shims import install as install_toolkit_shims
-
         # sagemaker_inference & co. for the module, unless the real ones are installed
         install_toolkit_shims()
         name = path.stem
@@ -340,8 +338,6 @@ class ModelHandler:
     def predict_batch(self, inputs: Sequence[Any]) -> list[Any] | None:
         """Predictions for inputs joined along dim 0, split back by rows; None when the output
         cannot be split."""
-        import torch
-
         rows = [int(item.shape[0]) for item in inputs]
         if self.batch is not None and not self.batch.accepts(sum(rows)):
             if not self._batch_logged:
@@ -385,8 +381,6 @@ class ModelHandler:
         return _body_and_type(result, accept)
 
     def _default_predict(self, data: Any) -> Any:
-        import torch
-
         inputs = data if isinstance(data, tuple) else (data,)
         if self.format == AOTI and self._example is not None:
             _check_inputs(inputs, self._example, self.batch)
@@ -443,9 +437,6 @@ def _check_inputs(inputs: Sequence[Any], example: Sequence[Any], batch: BatchRan
 
 
 def _to_tensor(array: Any) -> Any:
-    import numpy as np
-    import torch
-
     if isinstance(array, tuple):
         return tuple(_to_tensor(item) for item in array)
     if not array.flags.writeable:

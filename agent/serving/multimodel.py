@@ -34,15 +34,29 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+import torch
 from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from werkzeug.exceptions import HTTPException
 
 from agent.errors import ObjectMissing, RequestError, StorageError, TorchBayError
 from agent.serving import codecs
 from agent.serving.app import Serving, _Invoker, count_requests, json_error, status_phrase
 from agent.serving.config import ServeConfig
+from agent.serving.fetch import fetch_model, install_requirements
+from agent.serving.model import ModelHandler
 from agent.serving.registry import READY, LoadedModel, ModelRegistry
-from agent.serving.shared import SharedState
+from agent.serving.server import run_server
+from agent.serving.shared import (
+    BATCH_BUCKETS,
+    CODES,
+    DURATION_BUCKETS,
+    ENDPOINTS,
+    SharedState,
+    _cumulative,
+)
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -59,8 +73,6 @@ def memory_budget(megabytes: int | None) -> int:
     RAM)."""
     if megabytes:
         return int(megabytes) * 1024 * 1024
-    import psutil
-
     total = int(psutil.virtual_memory().total)
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
@@ -73,10 +85,8 @@ def memory_budget(megabytes: int | None) -> int:
 
 def _available() -> int | None:
     try:
-        import psutil
-
         return int(psutil.virtual_memory().available)
-    except Exception:  # psutil missing or /proc unreadable: the budget alone decides
+    except Exception:  # /proc unreadable: the budget alone decides
         return None
 
 
@@ -146,9 +156,6 @@ class MultiModelServing:
     def load(self, name: str, url: str | None, *, evict: bool) -> LoadedModel:
         """Fetch (when remote) and load model ``name``; raises RequestError
         400/403/404/409/500/507."""
-        from agent.serving.fetch import install_requirements
-        from agent.serving.model import ModelHandler
-
         started = time.monotonic()
         entry = self.registry.reserve(name, url or "")
         try:
@@ -216,8 +223,6 @@ class MultiModelServing:
     def _materialize(self, name: str, url: str | None) -> tuple[Path, str]:
         """The local folder holding model ``name``, fetching an archive first when ``url`` is
         remote."""
-        from agent.serving.fetch import fetch_model
-
         if url is None:  # load on first use, from the prefix
             if self.model_prefix is None:
                 raise RequestError(
@@ -395,8 +400,6 @@ def create_multimodel_app(mms: MultiModelServing) -> Callable[..., Iterable[byte
 
     @app.get("/metrics")
     def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
         registry = CollectorRegistry(auto_describe=False)
         registry.register(mms.state.collector())
         registry.register(_ModelsCollector(mms))
@@ -503,20 +506,6 @@ class _ModelsCollector:
         self._mms = mms
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        from agent.serving.shared import (
-            BATCH_BUCKETS,
-            CODES,
-            DURATION_BUCKETS,
-            ENDPOINTS,
-            _cumulative,
-        )
-
         registry = self._mms.registry
         requests = CounterMetricFamily(
             "torchbay_serve_model_requests",
@@ -587,10 +576,6 @@ def serve_multi_model(
     settings: Any, config: ServeConfig, env: Mapping[str, str], log: logging.Logger
 ) -> int:
     """Run gunicorn with one worker holding every model; the exit code."""
-    import torch
-
-    from agent.serving.server import run_server
-
     explicit_threads = settings.source("serve_http_threads") != "default"
     config = dataclasses.replace(
         config,

@@ -250,6 +250,7 @@ class _Collector:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus_client (~90 ms): only /metrics needs it, and agent.serving imports this module
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

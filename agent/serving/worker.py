@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
 from agent.serving.batching import set_torch_threads
 from agent.serving.ratelog import RateLimitedLog
 
@@ -168,8 +170,6 @@ def _parser_error(exc: BaseException, cfg: Any) -> tuple[int, str, str]:
 
 def make_worker(serving: Any) -> type:
     """gunicorn's gthread worker class for ``serving`` (an agent.serving.app.Serving)."""
-    from gunicorn.workers.gthread import TConn, ThreadWorker
-
     config, state = serving.config, serving.state
     log = logging.getLogger("torchbay.serve")
 

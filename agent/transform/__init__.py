@@ -11,20 +11,30 @@ failed (named); 66 no input; 69 the endpoint or S3 unreachable; 128+N when signa
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from agent.settings import Settings
-    from agent.transform.run import Summary
+from agent.errors import (
+    EndpointUnreachable,
+    ModelLoadError,
+    TorchBayError,
+    TransformError,
+    exit_code_for,
+)
+from agent.settings import Settings, read_settings
+from agent.transform.client import Endpoint
+from agent.transform.run import Summary, run_job
+from agent.transform.spec import read_transform_spec
 
 # what signal.signal takes and returns
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
@@ -51,9 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run the job; its exit code."""
-    from agent.errors import TorchBayError, TransformError, exit_code_for
-    from agent.settings import read_settings
-
     args = parse_args(argv)
     env = dict(os.environ if env is None else env)
     log = logging.getLogger("torchbay.transform")
@@ -107,10 +114,6 @@ def _run(
     stop: threading.Event,
     log: logging.Logger,
 ) -> tuple[Summary, str]:
-    from agent.transform.client import Endpoint
-    from agent.transform.run import run_job
-    from agent.transform.spec import read_transform_spec
-
     spec = read_transform_spec(args.job)
     url: str | None = args.endpoint or settings.transform.transform_endpoint
     server = _StartedServer(settings, env, spec.environment, log) if url is None else None
@@ -156,10 +159,6 @@ class _StartedServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float, stop: threading.Event) -> str:
-        import socket
-
-        from agent.errors import EndpointUnreachable, ModelLoadError
-
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -171,8 +170,6 @@ class _StartedServer:
         url = f"http://127.0.0.1:{port}"
         self._log.info("started torchbay serve (pid %d) on %s for the job", self._proc.pid, url)
         deadline = time.monotonic() + timeout
-        import http.client
-
         while time.monotonic() < deadline and not stop.is_set():
             code = self._proc.poll()
             if code is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from agent.errors import JobSpecError
 from agent.job.spec import check_schema
+from agent.transform.jsonpath import JsonPathError, compile_path
 
 __all__ = ["SPLIT_TYPES", "TransformSpec", "read_transform_spec", "transform_spec_from_dict"]
 
@@ -173,8 +174,6 @@ def transform_spec_from_dict(spec: Any, source: str = "(dict)") -> TransformSpec
     if strategy is not None:
         choice(strategy, _BATCH_STRATEGIES, "BatchStrategy")
     payload = bounded(spec.get("MaxPayloadInMB"), 1, 100, "MaxPayloadInMB")
-    from agent.transform.jsonpath import JsonPathError, compile_path
-
     filters = {}
     for key in ("InputFilter", "OutputFilter"):
         expression = processing.get(key, "$") or "$"
