@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
+from agent.cli import add_setting_flags
 from agent.errors import (
     EndpointUnreachable,
     ModelLoadError,
@@ -48,14 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--job", required=True, help="the CreateTransformJob-shaped spec: a path or the JSON itself"
     )
-    parser.add_argument(
-        "--endpoint",
-        help="URL of a running endpoint (TORCHBAY_TRANSFORM_ENDPOINT); unset: start "
-        "`torchbay serve` for the job",
-    )
-    parser.add_argument(
-        "--root", help="root of the layout for a started server (TORCHBAY_ROOT, default /opt/ml)"
-    )
+    # Help, parser and check come from the settings' declarations (agent.settings).
+    add_setting_flags(parser, {"--endpoint": "transform_endpoint", "--root": "root"})
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
@@ -115,7 +110,7 @@ def _run(
     log: logging.Logger,
 ) -> tuple[Summary, str]:
     spec = read_transform_spec(args.job)
-    url: str | None = args.endpoint or settings.transform.transform_endpoint
+    url: str | None = args.transform_endpoint or settings.transform.transform_endpoint
     server = _StartedServer(settings, env, spec.environment, log) if url is None else None
 
     def connect() -> Endpoint:  # called only when some object is left to transform
