@@ -3,6 +3,7 @@ target."""
 
 from __future__ import annotations
 
+import os
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -10,7 +11,7 @@ from typing import IO, Any
 
 from agent.errors import ArchiveError, UnsafePathError
 
-__all__ = ["safe_extract_tar", "safe_join"]
+__all__ = ["safe_extract_tar", "safe_join", "safe_join_empty"]
 
 
 def safe_join(root: str | Path, relative: str, *, what: str = "key") -> Path:
@@ -19,6 +20,32 @@ def safe_join(root: str | Path, relative: str, *, what: str = "key") -> Path:
 
     Raises UnsafePathError naming the offending ``what`` (e.g. ``key 'a/../../etc'``).
     """
+    parts = _parts(root, relative, what)
+    root_path = Path(root).resolve()
+    target = (root_path / Path(*parts)).resolve() if parts else root_path
+    if target != root_path and root_path not in target.parents:
+        raise UnsafePathError(
+            f"{what} {relative!r} resolves to {target}, outside {root_path}; refusing to write it"
+        )
+    if target == root_path:
+        raise UnsafePathError(
+            f"{what} {relative!r} names the target folder itself; refusing to write it"
+        )
+    return target
+
+
+def safe_join_empty(root: str, relative: str, *, what: str = "key") -> str:
+    """:func:`safe_join` for a ``root`` that is already resolved and still empty: nothing in it
+    can be a link, so the checks are on the name alone (no system call per name)."""
+    parts = [part for part in _parts(root, relative, what) if part != "."]
+    if not parts:
+        raise UnsafePathError(
+            f"{what} {relative!r} names the target folder itself; refusing to write it"
+        )
+    return os.path.join(root, *parts)
+
+
+def _parts(root: str | Path, relative: str, what: str) -> tuple[str, ...]:
     if not relative or "\x00" in relative:
         raise UnsafePathError(
             f"{what} {relative!r} is empty or contains a NUL byte; refusing to write it"
@@ -32,17 +59,7 @@ def safe_join(root: str | Path, relative: str, *, what: str = "key") -> Path:
         raise UnsafePathError(
             f"{what} {relative!r} contains '..'; refusing to write outside {root}"
         )
-    root_path = Path(root).resolve()
-    target = (root_path / Path(*parts)).resolve() if parts else root_path
-    if target != root_path and root_path not in target.parents:
-        raise UnsafePathError(
-            f"{what} {relative!r} resolves to {target}, outside {root_path}; refusing to write it"
-        )
-    if target == root_path:
-        raise UnsafePathError(
-            f"{what} {relative!r} names the target folder itself; refusing to write it"
-        )
-    return target
+    return parts
 
 
 def safe_extract_tar(

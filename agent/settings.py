@@ -381,6 +381,16 @@ class DataSettings(_Part):
         int,
         non_negative,
     )
+    data_small_size: int = setting(
+        "TORCHBAY_DATA_SMALL_SIZE",
+        1024**2,
+        "File mode, lean GETs to a plain-HTTP endpoint: objects up to this size are fetched by one "
+        "thread over data_threads non-blocking connections, each body checked as on the threads "
+        "(a pool of threads spends its CPU handing the GIL around: 2,000 x 64 KiB went from "
+        "0.83 to 1.14 of s5cmd's rate); 0 fetches every object on the threads.",
+        int,
+        non_negative,
+    )
     data_large_size: int = setting(
         "TORCHBAY_DATA_LARGE_SIZE",
         4096 * 4096,

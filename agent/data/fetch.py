@@ -8,24 +8,32 @@ one retry policy (agent.storage.retry). See agent.data.staging for the whole pic
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.data.options import StageOptions
 from agent.errors import ChannelError, DiskFullError, TorchBayError
 from agent.storage import (
+    CheckedRead,
     JobStorage,
     ReadOptions,
     RetryPolicy,
     S3Storage,
     ShortRead,
     Storage,
+    parse_uri,
     with_retries,
 )
+from agent.storage.multiget import get_many
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agent.storage.lean import LeanGetter
 
 __all__ = ["DISK_FULL", "ETAG_XATTR", "Counters", "FetchJob", "run_in_process"]
 
@@ -67,8 +75,12 @@ def run_in_process(
     *,
     storage: Storage | None = None,
 ) -> None:
-    """Fetch ``jobs`` with ``options.threads`` threads; raises the first error after stopping the
-    others.
+    """Fetch ``jobs``; raises the first error after stopping the rest.
+
+    Objects up to ``options.small_size`` go over one thread's multiplexed connections
+    (agent.storage.multiget) where the lean path reaches the bucket over plain HTTP, the others
+    meanwhile on ``options.threads`` threads; an object the multiplexed GETs could not deliver is
+    fetched again on the threads, under the retry policy.
 
     ``storage`` is the job's storage for the jobs' scheme (the one that listed the channel); None
     makes one from ``options.endpoint_url``."""
@@ -77,11 +89,75 @@ def run_in_process(
         storage = JobStorage(options.endpoint_url, pool=pool).for_uri(jobs[0].uri)
     fetcher = _Fetcher(storage, options)
     cancel = cancel or threading.Event()
+    lean = fetcher.multiplexed(jobs[0]) if jobs else None
+    small_size = options.small_size
+    small = [job for job in jobs if job.size is not None and job.size <= small_size] if lean else []
+    if lean is None or not small:
+        _run_threads(jobs, fetcher, counters, tick, cancel)
+        return
+    others = [job for job in jobs if job.size is None or job.size > small_size]
+    failures: list[BaseException] = []
+
+    def threads(part: Sequence[FetchJob]) -> None:
+        try:
+            _run_threads(part, fetcher, counters, None, cancel)
+        except BaseException as err:  # raised below, after the multiplexed GETs stopped
+            failures.append(err)
+            cancel.set()
+
+    background = threading.Thread(target=threads, args=(others,), name="stage-large", daemon=True)
+    if others:
+        background.start()
+
+    def deliver(job: FetchJob, body: CheckedRead) -> None:
+        # read_all checks it (a ShortRead is fetched again on the threads); writing the file on
+        # this thread measured as fast as handing it to writer threads
+        counters.add(fetcher.write(job, body.read_all(), body.etag))
+
+    def progress() -> None:
+        if tick is not None:
+            tick(counters.files, counters.bytes)
+
+    try:
+        missed = get_many(
+            lean,
+            ((job.uri, job.size, job) for job in small),
+            deliver,
+            connections=options.threads,
+            options=fetcher.read_options,
+            cancel=cancel,
+            tick=progress,
+        )
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        if others:
+            background.join()
+    if failures:
+        raise failures[0]
+    if missed.other and not cancel.is_set():
+        _run_threads(missed.other, fetcher, counters, tick, cancel)
+    if missed.spent and not cancel.is_set():  # their first attempt is spent
+        _run_threads(missed.spent, fetcher, counters, tick, cancel, spent=1)
+
+
+def _run_threads(
+    jobs: Sequence[FetchJob],
+    fetcher: _Fetcher,
+    counters: Counters,
+    tick: Callable[[int, int], None] | None,
+    cancel: threading.Event,
+    *,
+    spent: int = 0,
+) -> None:
+    """Fetch ``jobs`` with ``options.threads`` threads, each object retried on its own (``spent``:
+    attempts each has had already, counted against ``options.attempts``; one more at least)."""
     failures: list[BaseException] = []
     pending = iter(jobs)
     lock = threading.Lock()
 
-    count = max(1, min(options.threads, len(jobs)))
+    count = max(1, min(fetcher.threads, len(jobs)))
     running = [count]
     done = threading.Event()  # set by the last thread to finish: the wait ends at once
 
@@ -93,7 +169,7 @@ def run_in_process(
                 if job is None:
                     return
                 try:
-                    counters.add(fetcher.fetch(job, cancel))
+                    counters.add(fetcher.fetch(job, cancel, spent))
                 except BaseException as err:  # handed to the caller below
                     with lock:
                         failures.append(err)
@@ -130,14 +206,47 @@ class _Fetcher:
         self._storage = storage
         self._ranged = isinstance(storage, S3Storage)
         self._read = ReadOptions(options.lean, options.verify_md5, options.md5_max_size)
+        self.read_options = self._read
+        self.threads = options.threads
         self._policy = RetryPolicy(attempts=max(1, options.attempts), backoff=options.backoff)
         self._large = threading.BoundedSemaphore(max(1, options.large_streams))
         self._buffers = threading.local()
 
-    def fetch(self, job: FetchJob, cancel: threading.Event) -> int:
-        return with_retries(
-            lambda: self._fetch_once(job), self._policy, what=job.uri, cancel=cancel
-        )[0]
+    def multiplexed(self, job: FetchJob) -> LeanGetter | None:
+        """The lean getter when ``job``'s bucket can take multiplexed GETs (lean, plain HTTP)."""
+        if not (self._ranged and self._options.lean and self._options.small_size > 0):
+            return None
+        lean = self._storage.lean()  # type: ignore[attr-defined]  # an S3Storage: self._ranged
+        loc = parse_uri(job.uri)
+        if lean is None or lean.request_for(loc.bucket, loc.key) is None:
+            return None
+        return lean  # type: ignore[no-any-return]
+
+    def write(self, job: FetchJob, data: bytes, etag: str | None) -> int:
+        """Put ``data`` (a whole verified body) in place of ``job``'s file; its byte count."""
+        part = job.target + ".part"
+        try:
+            fd = _open_fd(part, job)
+            try:
+                _write_all(fd, data, job)
+                if etag:
+                    _set_etag(fd, etag)
+            finally:
+                os.close(fd)
+            os.replace(part, job.target)
+        except BaseException:
+            try:
+                os.unlink(part)
+            except OSError:
+                pass
+            raise
+        return len(data)
+
+    def fetch(self, job: FetchJob, cancel: threading.Event, spent: int = 0) -> int:
+        policy = self._policy
+        if spent:
+            policy = dataclasses.replace(policy, attempts=max(1, policy.attempts - spent))
+        return with_retries(lambda: self._fetch_once(job), policy, what=job.uri, cancel=cancel)[0]
 
     def _fetch_once(self, job: FetchJob) -> int:
         if job.size is not None and job.size >= self._options.large_size:

@@ -32,7 +32,7 @@ from agent.data.options import StageOptions
 from agent.data.staging_progress import Progress, mib
 from agent.data.staging_workers import run_processes
 from agent.errors import ChannelError, DiskFullError
-from agent.safety import safe_join
+from agent.safety import safe_join, safe_join_empty
 from agent.storage import Storage
 
 __all__ = ["StageOptions", "StageResult", "stage"]  # StageOptions lives in agent.data.options
@@ -74,8 +74,9 @@ def stage(
     start = time.monotonic()
     dest = Path(dest)
     _make_dir(dest)
-    jobs = _plan(entries, dest, channel)
-    todo = [job for job in jobs if not _complete(job)]
+    empty = _empty(dest)  # a first run: nothing to resume, no link to follow
+    jobs = _plan(entries, dest, channel, empty)
+    todo = jobs if empty else [job for job in jobs if not _complete(job)]
     skipped = len(jobs) - len(todo)
     todo_set = set(todo)
     skipped_bytes = (
@@ -150,12 +151,21 @@ def _make_dir(path: Path) -> None:
         ) from err
 
 
-def _plan(entries: Sequence[Entry], dest: Path, channel: str) -> list[FetchJob]:
+def _empty(path: Path) -> bool:
+    with os.scandir(path) as found:
+        return next(found, None) is None
+
+
+def _plan(entries: Sequence[Entry], dest: Path, channel: str, empty: bool) -> list[FetchJob]:
     jobs = []
     owner: dict[str, str] = {}
+    what = f"channel {channel!r}: object key"
+    root = str(dest.resolve())
     for entry in entries:
-        target = safe_join(dest, entry.relative, what=f"channel {channel!r}: object key")
-        text = str(target)
+        if empty:  # the names alone decide: ~10 system calls an object fewer than safe_join
+            text = safe_join_empty(root, entry.relative, what=what)
+        else:
+            text = str(safe_join(dest, entry.relative, what=what))
         if text in owner:
             raise ChannelError(
                 f"channel {channel!r}: {owner[text]} and {entry.uri} both map to {text}; "
@@ -165,7 +175,7 @@ def _plan(entries: Sequence[Entry], dest: Path, channel: str) -> list[FetchJob]:
         jobs.append(FetchJob(entry.uri, text, entry.size, entry.etag))
     for text, uri in owner.items():
         parent = os.path.dirname(text)
-        while len(parent) > len(str(dest)):
+        while len(parent) > len(root):
             if parent in owner:
                 raise ChannelError(
                     f"channel {channel!r}: {owner[parent]} is a file but {uri} needs it as a "

@@ -9,14 +9,22 @@ Any difference raises :class:`~agent.storage.retry.ShortRead`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.storage.retry import ShortRead
 
-__all__ = ["DEFAULT_READ", "BodyCheck", "CheckedRead", "ReadOptions", "plain_md5_etag"]
+__all__ = [
+    "DEFAULT_READ",
+    "BodyCheck",
+    "CheckedRead",
+    "ReadOptions",
+    "checksum_of",
+    "plain_md5_etag",
+]
 
 Buffer = bytearray | memoryview
 
@@ -53,6 +61,30 @@ def plain_md5_etag(etag: str | None, sse: str | None, sse_customer: str | None) 
         and sse in (None, "AES256")
         and sse_customer is None
     )
+
+
+# Full-object checksums S3 may return that the standard library can recompute: name -> header.
+# (CRC32C and CRC64NVME are not in it: with only those, a plain-MD5 ETag is the check.)
+_CHECKSUMS = {
+    "crc32": "x-amz-checksum-crc32",
+    "sha1": "x-amz-checksum-sha1",
+    "sha256": "x-amz-checksum-sha256",
+}
+
+
+def checksum_of(headers: Any) -> tuple[str, bytes] | None:
+    """(name, digest) of the full-object checksum a GET's response headers (anything with
+    ``getheader``) carry, or None: no checksum, a composite one, or one this cannot recompute."""
+    if (headers.getheader("x-amz-checksum-type") or "FULL_OBJECT").upper() != "FULL_OBJECT":
+        return None  # a composite (per-part) checksum says nothing about the whole body
+    for name, header in _CHECKSUMS.items():
+        value = headers.getheader(header)
+        if value and "-" not in value:
+            try:
+                return name, base64.b64decode(value, validate=True)
+            except ValueError:
+                return None
+    return None
 
 
 class BodyCheck:

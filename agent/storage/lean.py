@@ -2,22 +2,18 @@
 thread.
 
 botocore spends about 2 ms of CPU per GET building, signing and parsing each request; for small
-objects that,
-not the network, bounds a Python stager. This path signs the request itself (the SigV4 signing key
-is derived
-once per day and region; each request costs one SHA-256 and one HMAC) and reads the body with no
-response
-pipeline, about a tenth of botocore's cost. Everything it needs (endpoint, addressing style, region,
-credentials) is taken from a boto3 client, so it goes where that client would.
+objects that, not the network, bounds a Python stager. This path signs the request itself (the
+SigV4 signing key is derived once per day and region; each request costs one SHA-256 and one HMAC)
+and reads the body with no response pipeline, about a tenth of botocore's cost. Everything it needs
+(endpoint, addressing style, region, credentials) is taken from a boto3 client, so it goes where
+that client would. :meth:`LeanGetter.request_for` gives the same signed GET as bytes, for the
+one-thread multiplexed GETs of agent.storage.multiget.
 
 It is deliberately narrow: a 200 with a Content-Length is the only answer it handles. Anything else
-(an
-error status, a redirect, a chunked body) is reported as ``None`` after draining, and the caller
-uses its
-boto3 path for that object, which retries and translates errors as usual. Connection-level failures
-raise
-:class:`EndpointUnreachable` (retryable). The caller checks byte counts and digests: see
-:class:`LeanResponse`.
+(an error status, a redirect, a chunked body) is reported as ``None`` after draining, and the
+caller uses its boto3 path for that object, which retries and translates errors as usual.
+Connection-level failures raise :class:`EndpointUnreachable` (retryable). The caller checks byte
+counts and digests: see :class:`LeanResponse`.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from typing import Any
 
 from agent.errors import EndpointUnreachable
 from agent.storage.botocore_private import signing_credentials, tls_verify
-from agent.storage.checked import plain_md5_etag
+from agent.storage.checked import checksum_of, plain_md5_etag
 from agent.storage.wire import (
     EMPTY_SHA256,
     EnvCredentials,
@@ -49,13 +45,6 @@ from agent.storage.wire import (
 __all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]  # re-exported
 
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
-# Checksums S3 may return that the standard library can recompute: name -> (header, factory).
-_CHECKSUMS = {
-    "crc32": "x-amz-checksum-crc32",
-    "sha1": "x-amz-checksum-sha1",
-    "sha256": "x-amz-checksum-sha256",
-}
-_UNHANDLED_CHECKSUMS = ("x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme")
 
 
 class _Target:
@@ -256,7 +245,20 @@ class LeanGetter:
             resp.getheader("x-amz-server-side-encryption"),
             resp.getheader("x-amz-server-side-encryption-customer-algorithm"),
         )
-        return LeanResponse(resp, conn, int(length), etag, md5, _checksum(resp))
+        return LeanResponse(resp, conn, int(length), etag, md5, checksum_of(resp))
+
+    def request_for(self, bucket: str, key: str) -> tuple[tuple[str, int], bytes] | None:
+        """``open``'s whole-object GET of ``key`` as (host, port) and the request's bytes, for a
+        plain-HTTP endpoint only (None: TLS, or a bucket the lean path cannot reach)."""
+        target = self._target(bucket)
+        if target is None or target.scheme != "http":
+            return None
+        path = urllib.parse.quote(target.base + key, safe="/~")
+        signed = self._sign(
+            target, "GET", path, "", EMPTY_SHA256, {"x-amz-checksum-mode": "ENABLED"}
+        )
+        lines = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
+        return (target.host, target.port), f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode()
 
     def head(self, bucket: str, key: str) -> tuple[int, str | None, float | None] | bool | None:
         """HEAD ``key``: (size, etag, mtime), False when it does not exist, None for any other
@@ -352,19 +354,6 @@ class LeanGetter:
             extra,
             self._keys,
         )
-
-
-def _checksum(resp: http.client.HTTPResponse) -> tuple[str, bytes] | None:
-    if (resp.getheader("x-amz-checksum-type") or "FULL_OBJECT").upper() != "FULL_OBJECT":
-        return None  # a composite (per-part) checksum says nothing about the whole body
-    for name, header in _CHECKSUMS.items():
-        value = resp.getheader(header)
-        if value and "-" not in value:
-            try:
-                return name, base64.b64decode(value, validate=True)
-            except ValueError:
-                return None
-    return None
 
 
 def _resolve(client: Any, bucket: str) -> _Target | None:
