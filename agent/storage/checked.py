@@ -23,6 +23,7 @@ __all__ = [
     "CheckedRead",
     "ReadOptions",
     "checksum_of",
+    "object_digests",
     "plain_md5_etag",
 ]
 
@@ -85,6 +86,18 @@ def checksum_of(headers: Any) -> tuple[str, bytes] | None:
             except ValueError:
                 return None
     return None
+
+
+def object_digests(headers: Any) -> tuple[str | None, bool, tuple[str, bytes] | None]:
+    """What a whole-object GET's response headers (anything with ``getheader``) give to check its
+    body by: the unquoted ETag, whether that ETag is a plain MD5, and the full-object checksum."""
+    etag = (headers.getheader("ETag") or "").strip('"') or None
+    md5 = plain_md5_etag(
+        etag,
+        headers.getheader("x-amz-server-side-encryption"),
+        headers.getheader("x-amz-server-side-encryption-customer-algorithm"),
+    )
+    return etag, md5, checksum_of(headers)
 
 
 class BodyCheck:

@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.errors import EndpointUnreachable
 from agent.storage.botocore_private import signing_credentials, tls_verify
-from agent.storage.checked import checksum_of, plain_md5_etag
+from agent.storage.checked import object_digests
 from agent.storage.wire import (
     EMPTY_SHA256,
     EnvCredentials,
@@ -45,6 +45,7 @@ from agent.storage.wire import (
 __all__ = ["LeanGetter", "LeanResponse", "ListPage", "sign_get", "sign_request"]  # re-exported
 
 _PROBE = "torchbay-lean-probe"  # a key only ever "fetched" locally: see _resolve
+_WHOLE_OBJECT = {"x-amz-checksum-mode": "ENABLED"}  # a whole-object GET asks for its checksum
 
 
 class _Target:
@@ -111,7 +112,7 @@ class LeanGetter:
     def __init__(self, credentials: Any, resolve: Any, timeout: float, ssl_context: Any) -> None:
         self._credentials = credentials
         self._resolve = resolve  # bucket -> _Target or None
-        self._timeout = timeout
+        self.timeout = timeout  # seconds a connection may wait for the server
         self._ssl_context = ssl_context
         self._targets: dict[str, _Target | None] = {}
         self._keys: dict[tuple[str, str, str], bytes] = {}
@@ -179,7 +180,7 @@ class LeanGetter:
         target = self._target(bucket)
         if target is None:
             return None
-        path = urllib.parse.quote(target.base + key, safe="/~")
+        path = _path(target, key)
         canonical_query = "&".join(
             f"{quote(name)}={quote(value)}" for name, value in sorted((query or {}).items())
         )
@@ -225,7 +226,7 @@ class LeanGetter:
         (206 for a range) response, or None when the answer was anything else (use the boto3
         path). A range carries no checksum: the caller checks its byte count."""
         if byte_range is None:
-            headers = {"x-amz-checksum-mode": "ENABLED"}
+            headers = _WHOLE_OBJECT
         else:
             headers = {"range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"}
         sent = self._send("GET", bucket, key, headers=headers)
@@ -239,13 +240,14 @@ class LeanGetter:
         if byte_range is not None:
             etag = (resp.getheader("ETag") or "").strip('"') or None
             return LeanResponse(resp, conn, int(length), etag, False, None)
-        etag = (resp.getheader("ETag") or "").strip('"') or None
-        md5 = plain_md5_etag(
-            etag,
-            resp.getheader("x-amz-server-side-encryption"),
-            resp.getheader("x-amz-server-side-encryption-customer-algorithm"),
-        )
-        return LeanResponse(resp, conn, int(length), etag, md5, checksum_of(resp))
+        etag, md5, checksum = object_digests(resp)
+        return LeanResponse(resp, conn, int(length), etag, md5, checksum)
+
+    def over_http(self, bucket: str) -> bool:
+        """Whether the lean path reaches ``bucket`` over plain HTTP (what :meth:`request_for`
+        needs)."""
+        target = self._target(bucket)
+        return target is not None and target.scheme == "http"
 
     def request_for(self, bucket: str, key: str) -> tuple[tuple[str, int], bytes] | None:
         """``open``'s whole-object GET of ``key`` as (host, port) and the request's bytes, for a
@@ -253,10 +255,8 @@ class LeanGetter:
         target = self._target(bucket)
         if target is None or target.scheme != "http":
             return None
-        path = urllib.parse.quote(target.base + key, safe="/~")
-        signed = self._sign(
-            target, "GET", path, "", EMPTY_SHA256, {"x-amz-checksum-mode": "ENABLED"}
-        )
+        path = _path(target, key)
+        signed = self._sign(target, "GET", path, "", EMPTY_SHA256, _WHOLE_OBJECT)
         lines = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
         return (target.host, target.port), f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode()
 
@@ -322,10 +322,10 @@ class LeanGetter:
         if conn is None:
             if target.scheme == "https":
                 conn = http.client.HTTPSConnection(
-                    target.host, target.port, timeout=self._timeout, context=self._ssl_context
+                    target.host, target.port, timeout=self.timeout, context=self._ssl_context
                 )
             else:
-                conn = http.client.HTTPConnection(target.host, target.port, timeout=self._timeout)
+                conn = http.client.HTTPConnection(target.host, target.port, timeout=self.timeout)
             conns[(target.host, target.port)] = conn
         return conn
 
@@ -354,6 +354,11 @@ class LeanGetter:
             extra,
             self._keys,
         )
+
+
+def _path(target: _Target, key: str) -> str:
+    """The URI-encoded request path of ``key`` at ``target``."""
+    return urllib.parse.quote(target.base + key, safe="/~")
 
 
 def _resolve(client: Any, bucket: str) -> _Target | None:

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, checksum_of
-from agent.storage.checked import plain_md5_etag as _plain_md5
+from agent.storage.base import parse_uri
+from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, object_digests
 from agent.storage.retry import ShortRead
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,14 +117,15 @@ def get_many(
     *,
     connections: int = 16,
     options: ReadOptions = DEFAULT_READ,
-    timeout: float = 60.0,
+    timeout: float | None = None,
     cancel: threading.Event | None = None,
     tick: Callable[[], None] | None = None,
 ) -> Missed[T]:
     """GET each ``(uri, expected size, item)``; ``deliver(item, body)`` for each 200. Returns the
     items it did not deliver (see the module docstring), in no particular order; on ``cancel`` the
-    ones not yet delivered are ``other``."""
-    loop = _Loop(lean, iter(items), deliver, options, timeout)
+    ones not yet delivered are ``other``. ``timeout``: seconds a connection may stall (None: the
+    lean getter's)."""
+    loop = _Loop(lean, iter(items), deliver, options, lean.timeout if timeout is None else timeout)
     try:
         return loop.run(max(1, connections), cancel or threading.Event(), tick)
     finally:
@@ -183,8 +184,8 @@ class _Loop(Generic[T]):
     def _next(self, conn: _Conn[T]) -> int:
         """Start the next item on ``conn``: 1, or 0 when there is none left."""
         for uri, size, item in self._items:
-            bucket, _, key = uri[len("s3://") :].partition("/")
-            request = self._lean.request_for(bucket, key)
+            loc = parse_uri(uri)
+            request = self._lean.request_for(loc.bucket, loc.key)
             if request is None:
                 self._missed.other.append(item)
                 continue
@@ -306,19 +307,14 @@ class _Loop(Generic[T]):
         conn.item, conn.used = None, True
         if conn.close_after:
             self._drop(conn)
-        etag = (headers.getheader("etag") or "").strip('"') or None
-        md5 = _plain_md5(
-            etag,
-            headers.getheader("x-amz-server-side-encryption"),
-            headers.getheader("x-amz-server-side-encryption-customer-algorithm"),
-        )
+        etag, md5, checksum = object_digests(headers)
         checked = CheckedRead(
             conn.uri,
             io.BytesIO(body),
             len(body),
             etag,
             md5=md5,
-            checksum=checksum_of(headers),
+            checksum=checksum,
             expected_size=conn.want,
             options=self._options,
         )
