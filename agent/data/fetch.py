@@ -205,27 +205,27 @@ class _Fetcher:
         self._options = options
         self._storage = storage
         self._ranged = isinstance(storage, S3Storage)
-        self._read = ReadOptions(options.lean, options.verify_md5, options.md5_max_size)
-        self.read_options = self._read
-        self.threads = options.threads
+        self.read_options = ReadOptions(options.lean, options.verify_md5, options.md5_max_size)
         self._policy = RetryPolicy(attempts=max(1, options.attempts), backoff=options.backoff)
         self._large = threading.BoundedSemaphore(max(1, options.large_streams))
         self._buffers = threading.local()
 
+    @property
+    def threads(self) -> int:
+        return self._options.threads
+
     def multiplexed(self, job: FetchJob) -> LeanGetter | None:
         """The lean getter when ``job``'s bucket can take multiplexed GETs (lean, plain HTTP)."""
-        if not (self._ranged and self._options.lean and self._options.small_size > 0):
+        storage = self._storage
+        if not (isinstance(storage, S3Storage) and self._options.lean and self._options.small_size):
             return None
-        lean = self._storage.lean()  # type: ignore[attr-defined]  # an S3Storage: self._ranged
-        loc = parse_uri(job.uri)
-        if lean is None or lean.request_for(loc.bucket, loc.key) is None:
-            return None
-        return lean  # type: ignore[no-any-return]
+        lean = storage.lean()
+        return lean if lean is not None and lean.over_http(parse_uri(job.uri).bucket) else None
 
     def write(self, job: FetchJob, data: bytes, etag: str | None) -> int:
         """Put ``data`` (a whole verified body) in place of ``job``'s file; its byte count."""
-        part = job.target + ".part"
-        try:
+
+        def fill(part: str) -> int:
             fd = _open_fd(part, job)
             try:
                 _write_all(fd, data, job)
@@ -233,14 +233,9 @@ class _Fetcher:
                     _set_etag(fd, etag)
             finally:
                 os.close(fd)
-            os.replace(part, job.target)
-        except BaseException:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
-            raise
-        return len(data)
+            return len(data)
+
+        return _into_place(job, fill)
 
     def fetch(self, job: FetchJob, cancel: threading.Event, spent: int = 0) -> int:
         policy = self._policy
@@ -255,24 +250,13 @@ class _Fetcher:
         return self._fetch_to_part(job)
 
     def _fetch_to_part(self, job: FetchJob) -> int:
-        part = job.target + ".part"
-        try:
-            if self._ranged and job.size is not None and job.size >= self._options.range_threshold:
-                nbytes = self._get_ranged(job, part)
-            else:
-                nbytes = self._get_whole(job, part)
-            os.replace(part, job.target)
-        except BaseException:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
-            raise
-        return nbytes
+        if self._ranged and job.size is not None and job.size >= self._options.range_threshold:
+            return _into_place(job, lambda part: self._get_ranged(job, part))
+        return _into_place(job, lambda part: self._get_whole(job, part))
 
     def _get_whole(self, job: FetchJob, part: str) -> int:
         """Fetch into ``part``, verified (ETag recorded as an xattr for resumption); the bytes."""
-        body = self._storage.get_checked(job.uri, size=job.size, options=self._read)
+        body = self._storage.get_checked(job.uri, size=job.size, options=self.read_options)
         try:
             fd = _open_fd(part, job)
             try:
@@ -316,7 +300,7 @@ class _Fetcher:
             def one(byte_range: tuple[int, int]) -> None:
                 offset = byte_range[0]
                 with self._storage.get_checked(
-                    job.uri, byte_range=byte_range, options=self._read
+                    job.uri, byte_range=byte_range, options=self.read_options
                 ) as body:
                     etags.add(body.etag)
                     while True:
@@ -344,6 +328,22 @@ class _Fetcher:
         finally:
             os.close(fd)
         return size
+
+
+def _into_place(job: FetchJob, fill: Callable[[str], int]) -> int:
+    """``fill(part)`` writes ``job``'s ``.part`` file (and returns its bytes); it is then renamed
+    into place, or removed when anything failed, so no file is ever under its name half-written."""
+    part = job.target + ".part"
+    try:
+        nbytes = fill(part)
+        os.replace(part, job.target)
+    except BaseException:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+        raise
+    return nbytes
 
 
 def _open_fd(part: str, job: FetchJob) -> int:
