@@ -119,7 +119,7 @@ def stage(
     )
     rate = fetched_bytes / seconds / 2**20 if seconds > 0 else 0.0
     log.info(
-        "channel %r: staged %d files (%s) into %s in %.1f s: fetched %d (%.1f MiB/s, %.0f files/s, "
+        "channel %r: staged %d files (%s) into %s in %.2f s: fetched %d (%.1f MiB/s, %.0f files/s, "
         "%d process(es)), skipped %d already complete",
         channel,
         result.files,
