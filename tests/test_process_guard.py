@@ -42,6 +42,22 @@ def test_exit_codes_pass_through_the_guard(tmp_path: Path, code: str, expected: 
     assert _group(code, tmp_path).wait(30) == expected
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_waiting_with_a_timeout_answers_none_then_the_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    """The guard is waited for on a pidfd where the kernel has one, else by polling (kernels
+    before 5.3): both time out while it runs and give its code once it ended, at once."""
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    group = _group("import time; time.sleep(0.5); raise SystemExit(5)", tmp_path)
+    started = time.monotonic()
+    assert group.wait(0.05) is None
+    assert time.monotonic() - started < 0.4  # the timeout held: it did not wait for the end
+    assert group.wait(30) == 5
+    assert group.poll() == 5 and group.wait(0) == 5  # reaped once, answered every time after
+
+
 def test_the_command_sees_its_environment_cwd_and_signals(tmp_path: Path) -> None:
     group = _group(
         """
