@@ -475,18 +475,16 @@ class _Lifecycle:
             self._sync = LiveSync(self.job, log=self.log, storages=self.storage)
         return self._sync
 
-    def _start_watching(self, group: ProcessGroup) -> None:
+    def _start_watching(self, group: ProcessGroup, *, ended: bool = False) -> None:
         """Start live sync and telemetry, once: at the wait's first tick, so that their imports and
         threads are off the script's start-up path (files written before the watch begins are
-        picked up by LiveSync.start itself), or after a script that ended before it."""
+        picked up by LiveSync.start itself), or after a script that ended before it (``ended``:
+        live sync uploads what is there without watching for more)."""
         if self._watching:
             return
         self._watching = True
-        self._start_live_sync()
+        self._live_sync().start(watch=not ended)
         self._start_telemetry(group)
-
-    def _start_live_sync(self) -> None:
-        self._live_sync().start()
 
     def _start_telemetry(self, group: ProcessGroup) -> None:
         try:
@@ -514,7 +512,7 @@ class _Lifecycle:
             on_tick=lambda: self._start_watching(group),
         )
         # A script that ended within the first tick is synced and reported all the same.
-        self._start_watching(group)
+        self._start_watching(group, ended=True)
         self.exit_code = result.exit_code
         stopped = None
         if result.stopped_by == "signal":

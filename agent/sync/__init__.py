@@ -101,9 +101,10 @@ class LiveSync:
             log=self._log,
         )
 
-    def start(self) -> None:
+    def start(self, *, watch: bool = True) -> None:
         """Start watching the folders and the upload pool; returns at once. Does nothing without
-        folders."""
+        folders. ``watch=False`` (the script already ended: nothing more will be written) uploads
+        what the folders hold without starting the watcher."""
         if self._started or not self._folders:
             if not self._folders:
                 self._log.info(
@@ -114,10 +115,11 @@ class LiveSync:
         for folder in self._folders:
             folder.local.mkdir(parents=True, exist_ok=True)
         self._scheduler.start(self._workers)
-        self._observer, close_events = start_observer(
-            [f.local for f in self._folders], self._on_event, stable=self._stable, log=self._log
-        )
-        self._scheduler.close_events = close_events
+        if watch:
+            self._observer, close_events = start_observer(
+                [f.local for f in self._folders], self._on_event, stable=self._stable, log=self._log
+            )
+            self._scheduler.close_events = close_events
         # Files written before the watch began (between restore and start) are picked up too.
         self._scheduler.note(
             lambda _sent: [

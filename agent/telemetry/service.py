@@ -12,13 +12,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.job import Job
 from agent.storage import open_storage
-from agent.telemetry.sampler import SystemSampler
 from agent.telemetry.shipping import Shipper
 from agent.telemetry.sinks import MetricsFile, PrometheusEndpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from agent.telemetry.sampler import SystemSampler  # psutil: only when sampling
 
 __all__ = ["Telemetry", "default_paths"]
 
@@ -87,6 +89,8 @@ class Telemetry:
         settings = self._settings
         self._metrics = MetricsFile(self._metrics_path)
         if settings.telemetry.sample_interval > 0:
+            from agent.telemetry.sampler import SystemSampler  # psutil (~8 ms): only when sampling
+
             layout = self._job.layout
             paths = {"data": layout.data_dir, "model": layout.model_dir}
             self._sampler = SystemSampler(
