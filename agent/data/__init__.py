@@ -19,7 +19,7 @@ from agent.data.reading import ObjectReader
 from agent.data.staging import StageOptions, StageResult, stage
 from agent.errors import ChannelError
 from agent.job import Channel, Job
-from agent.storage import JobStorage
+from agent.storage import JobStorage, redact
 
 if TYPE_CHECKING:  # pragma: no cover
     from agent.data.pipes import PipeFeeder
@@ -129,7 +129,16 @@ def _entries_for(
 ) -> list[Entry]:
     assert channel.uri is not None
     storage = storages.for_uri(channel.uri)
+    started = time.monotonic()
     entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
+    log.info(
+        "channel %r: listed %d object(s) under %s in %.2f s (%s)",
+        channel.name,
+        len(entries),
+        redact(channel.uri),
+        time.monotonic() - started,
+        channel.s3_data_type,
+    )
     mine = select_shard(
         entries,
         channel.distribution,

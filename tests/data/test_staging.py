@@ -42,6 +42,7 @@ def test_nested_prefix_is_staged_byte_identical(s3_server, bucket, s3, tmp_path,
     staged = tree(tmp_path / "input/data/train")
     assert staged == {k[len("train/") :]: v for k, v in objects.items() if k.startswith("train/")}
     assert handle.staged["train"].fetched == 31
+    assert f"channel 'train': listed 31 object(s) under s3://{bucket}/train/ in" in caplog.text
     assert "staged 31 files" in caplog.text
     assert "testing-secret" not in caplog.text
     assert not list((tmp_path / "input/data/train").rglob("*.part"))
