@@ -3,7 +3,8 @@
 One job, as the named steps of :class:`_Lifecycle`, in this order:
 
 1. load_job (``main``), then the job's folders, its log and its storage;
-2. write the config files (not on SageMaker), fetch the code, install its requirements;
+2. write the config files (not on SageMaker), fetch the code, install its requirements, while the
+   channels are listed on a thread of their own;
 3. stage the channels, restore the checkpoints;
 4. wait for the hosts, plan the launch, start the log capture, start the user's process group;
 5. wait for the script, starting live sync and telemetry at the wait's first tick, off the
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from agent.code import fetch_code, install_requirements
-from agent.data import DataHandle, prepare_channels
+from agent.data import DataHandle, Listing, prepare_channels
 from agent.distributed import (
     Exchange,
     LaunchPlan,
@@ -253,6 +254,7 @@ class _Lifecycle:
         # What the steps started, for the steps after them and for the end of the job.
         self._agent_log: AgentLogHandler | None = None
         self._exchange: Exchange | None = None
+        self._listing: Listing | None = None
         self._data: DataHandle | None = None
         self._sync: LiveSync | None = None
         self._plan: LaunchPlan | None = None
@@ -305,6 +307,7 @@ class _Lifecycle:
         """The steps up to the end of the script; a stop request between two ends the run."""
         self._write_config_files()
         self._check_stop("setup")
+        self._start_listing()
         self._fetch_code()
         self._check_stop("the code download")
         self._install_requirements()
@@ -379,6 +382,12 @@ class _Lifecycle:
         if not self.job.on_sagemaker:  # on SageMaker the platform wrote them
             write_config_files(self.job)
 
+    def _start_listing(self) -> None:
+        """List the channels while the code is fetched and its requirements installed (a big
+        prefix takes as long as a pip install); _stage_channels takes the result."""
+        if any(channel.uri is not None for channel in self.job.channels):
+            self._listing = Listing(self.job, log=self.log, storages=self.storage)
+
     def _fetch_code(self) -> None:
         fetch_code(self.job, log=self.log, storage_for=self.storage.for_uri)
 
@@ -387,9 +396,11 @@ class _Lifecycle:
 
     def _stage_channels(self) -> None:
         """Stage File channels and start the Pipe feeders; on SageMaker the data is in place."""
-        if all(channel.uri is None for channel in self.job.channels):
+        if self._listing is None:
             return
-        self._data = prepare_channels(self.job, log=self.log, storages=self.storage)
+        self._data = prepare_channels(
+            self.job, log=self.log, storages=self.storage, planned=self._listing.result()
+        )
         self._check_stop("data staging")
 
     def _restore_checkpoints(self) -> None:

@@ -11,6 +11,7 @@ whose
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DataHandle",
+    "Listing",
     "S3IterableDataset",
     "S3MapDataset",
     "channel_uri_variable",
+    "list_channels",
     "prepare_channels",
 ]
 
@@ -64,26 +67,68 @@ class DataHandle:
         self._stopped = True
 
 
-def prepare_channels(
-    job: Job, *, log: logging.Logger, storages: JobStorage | None = None
-) -> DataHandle:
-    """Stage File/FastFile channels now and start feeders for Pipe channels.
+Planned = list[tuple[Channel, list[Entry]]]  # each channel with a URI, and this host's objects
 
-    ``storages`` is the job's (one S3 client for listing, staging and the Pipe feeders); None
-    makes one from the job's settings.
 
-    Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or
-    UnsafePathError;
-    on an error no feeder is left running.
-    """
-    handle = DataHandle()
+def list_channels(job: Job, *, log: logging.Logger, storages: JobStorage) -> Planned:
+    """Each channel that has a URI with the objects this host takes from it (listed, sharded).
+
+    Raises ChannelError (empty prefix, bad manifest) or StorageError."""
     planned = []
-    storages = storages or JobStorage.from_settings(job.settings)
     for channel in job.channels:
         if channel.uri is None:
             log.debug("channel %r: already in place (no URI); nothing to stage", channel.name)
             continue
         planned.append((channel, _entries_for(job, channel, log, storages)))
+    return planned
+
+
+class Listing:
+    """:func:`list_channels` on a thread of its own, so a job lists its channels while its code
+    is fetched and its requirements installed; :meth:`result` waits for it and raises what the
+    listing raised."""
+
+    def __init__(self, job: Job, *, log: logging.Logger, storages: JobStorage) -> None:
+        self._planned: Planned | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._planned = list_channels(job, log=log, storages=storages)
+            except BaseException as err:  # handed to the caller by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="torchbay-listing", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Planned:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._planned is not None
+        return self._planned
+
+
+def prepare_channels(
+    job: Job,
+    *,
+    log: logging.Logger,
+    storages: JobStorage | None = None,
+    planned: Planned | None = None,
+) -> DataHandle:
+    """Stage File/FastFile channels now and start feeders for Pipe channels.
+
+    ``storages`` is the job's (one S3 client for listing, staging and the Pipe feeders); None
+    makes one from the job's settings. ``planned``: what :func:`list_channels` gave (None lists
+    the channels here).
+
+    Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or
+    UnsafePathError; on an error no feeder is left running.
+    """
+    handle = DataHandle()
+    storages = storages or JobStorage.from_settings(job.settings)
+    if planned is None:
+        planned = list_channels(job, log=log, storages=storages)
     try:
         for channel, entries in planned:
             mode = channel.input_mode or job.input_mode

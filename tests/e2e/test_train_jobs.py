@@ -236,6 +236,31 @@ def test_failing_requirements(tmp_path: Path, bucket: str, s3, s3_env: dict) -> 
     assert "never" not in done.stdout.decode()
 
 
+def test_the_first_failing_step_is_the_jobs_failure_though_channels_are_listed_meanwhile(
+    tmp_path: Path, bucket: str, s3, s3_env: dict
+) -> None:
+    """Channels are listed on a thread while the code is fetched and its requirements installed:
+    a failed install is still the job's failure when the channel's prefix is empty too, and the
+    script never runs."""
+    _arrange(
+        s3,
+        bucket,
+        {
+            "train.py": b"print('never')\n",
+            "requirements.txt": b"torchbay-no-such-package-xyz==1.0\n",
+        },
+    )
+    spec = _spec(bucket)
+    spec["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = (
+        f"s3://{bucket}/data/absent/"
+    )
+    done = _run(_env(tmp_path, s3_env, spec, PIP_NO_INDEX="1"))
+    assert done.returncode == 75, done.stderr.decode()[-3000:]
+    failure = _failure(tmp_path)
+    assert "InstallError" in failure and "ChannelError" not in failure
+    assert "never" not in done.stdout.decode()
+
+
 def test_hostile_tarball(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket, {"train.py": b"print(1)\n", "../../escaped.txt": b"pwned"})
     done = _run(_env(tmp_path, s3_env, _spec(bucket)))
