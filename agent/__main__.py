@@ -1,8 +1,6 @@
 """``python -m agent SUBCOMMAND ...``: the same as the ``torchbay`` command."""
 
-import sys
-
-from agent.cli import main
+from agent.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
