@@ -498,11 +498,8 @@ class _Lifecycle:
         self._start_telemetry(group)
 
     def _start_telemetry(self, group: ProcessGroup) -> None:
-        try:
-            from agent.telemetry.service import Telemetry  # psutil and the sampler: after the start
-        except ImportError:
-            self.log.debug("telemetry sampler not available; system metrics are off")
-            return
+        from agent.telemetry.service import Telemetry  # tempfile, the shipper: after the start
+
         uri = self.job.job_output_uri
         if uri:
             self._log_storage = DeadlineStorage(

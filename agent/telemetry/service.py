@@ -89,34 +89,7 @@ class Telemetry:
         settings = self._settings
         self._metrics = MetricsFile(self._metrics_path)
         if settings.telemetry.sample_interval > 0:
-            from agent.telemetry.sampler import SystemSampler  # psutil (~8 ms): only when sampling
-
-            layout = self._job.layout
-            paths = {"data": layout.data_dir, "model": layout.model_dir}
-            self._sampler = SystemSampler(
-                root_pid=self._root_pid,
-                paths={k: p for k, p in paths.items() if p.exists()},
-                nvml=self._nvml,
-                log=self._log,
-            )
-            if settings.telemetry.prometheus_port is not None:
-                try:
-                    self._prometheus = PrometheusEndpoint(
-                        settings.telemetry.prometheus_port, addr=settings.telemetry.prometheus_addr
-                    )
-                except OSError as err:  # optional: the job runs on without the endpoint
-                    self._log.warning(
-                        "Prometheus endpoint off: cannot listen on %s:%s (%s); set "
-                        "TORCHBAY_PROMETHEUS_PORT to a free port",
-                        settings.telemetry.prometheus_addr,
-                        settings.telemetry.prometheus_port,
-                        err,
-                    )
-                else:
-                    self._log.info("Prometheus metrics at %s", self._prometheus.url)
-            self._take_sample()
-            self._thread = threading.Thread(target=self._run, name="torchbay-sampler", daemon=True)
-            self._thread.start()
+            self._start_sampling()
         uri = self._job.job_output_uri
         if uri is not None:
             given = self._storage
@@ -135,6 +108,42 @@ class Telemetry:
                 storage, files, interval=settings.telemetry.upload_interval, log=self._log
             )
             self._shipper.start()
+
+    def _start_sampling(self) -> None:
+        """The system sampler, its first sample and its thread, and the Prometheus endpoint when a
+        port is set; without psutil system metrics are off and the rest of telemetry runs on."""
+        try:
+            from agent.telemetry.sampler import SystemSampler  # psutil (~8 ms): only when sampling
+        except ImportError as err:
+            self._log.debug("telemetry sampler not available (%s); system metrics are off", err)
+            return
+        settings = self._settings
+        layout = self._job.layout
+        paths = {"data": layout.data_dir, "model": layout.model_dir}
+        self._sampler = SystemSampler(
+            root_pid=self._root_pid,
+            paths={k: p for k, p in paths.items() if p.exists()},
+            nvml=self._nvml,
+            log=self._log,
+        )
+        if settings.telemetry.prometheus_port is not None:
+            try:
+                self._prometheus = PrometheusEndpoint(
+                    settings.telemetry.prometheus_port, addr=settings.telemetry.prometheus_addr
+                )
+            except OSError as err:  # optional: the job runs on without the endpoint
+                self._log.warning(
+                    "Prometheus endpoint off: cannot listen on %s:%s (%s); set "
+                    "TORCHBAY_PROMETHEUS_PORT to a free port",
+                    settings.telemetry.prometheus_addr,
+                    settings.telemetry.prometheus_port,
+                    err,
+                )
+            else:
+                self._log.info("Prometheus metrics at %s", self._prometheus.url)
+        self._take_sample()
+        self._thread = threading.Thread(target=self._run, name="torchbay-sampler", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         interval = self._settings.telemetry.sample_interval

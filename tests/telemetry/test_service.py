@@ -179,3 +179,24 @@ def test_a_busy_prometheus_port_is_a_warning_not_a_crash(tmp_path, caplog):
         telemetry.close()
     assert "Prometheus endpoint off" in caplog.text
     assert default_paths(job)[1].exists()  # sampling went on
+
+
+def test_without_psutil_system_metrics_are_off_and_the_log_is_still_shipped(
+    tmp_path, s3_env, bucket, s3, monkeypatch, caplog
+):
+    """The sampler (psutil) is imported when sampling starts: where it cannot be, the job gets
+    no system metrics, says so, and its log is shipped all the same."""
+    monkeypatch.setitem(sys.modules, "agent.telemetry.sampler", None)  # import raises ImportError
+    job = _job(tmp_path, s3_env, f"s3://{bucket}/p", TORCHBAY_SAMPLE_INTERVAL="0.1")
+    job_log, metrics_file = default_paths(job)
+    job_log.parent.mkdir(parents=True)
+    job_log.write_text("line\n")
+    telemetry = Telemetry(job, root_pid=os.getpid)
+    with caplog.at_level("DEBUG"):
+        telemetry.start()
+        assert telemetry.close() == []
+    assert "telemetry sampler not available" in caplog.text
+    assert s3.get_object(Bucket=bucket, Key="p/job-1/output/job-algo-1.log")["Body"].read() == (
+        b"line\n"
+    )
+    assert not metrics_file.exists() or "node_" not in metrics_file.read_text()
