@@ -139,11 +139,16 @@ def raw(objects: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterator[
         server.shutdown()
 
 
+def _lean(server: RawServer) -> LeanGetter:
+    lean = LeanGetter.from_endpoint(server.endpoint, timeout=5)
+    assert lean is not None
+    return lean
+
+
 def _get_all(
     server: RawServer, keys: list[str], sizes: dict[str, int], **kwargs: object
 ) -> tuple[dict[str, bytes], Missed[str]]:
-    lean = LeanGetter.from_endpoint(server.endpoint, timeout=5)
-    assert lean is not None
+    lean = _lean(server)
     got: dict[str, bytes] = {}
 
     def deliver(key: str, body: CheckedRead) -> None:
@@ -199,8 +204,7 @@ def test_cancel_hands_back_what_was_not_delivered(raw, objects):
     server = raw()
     keys = sorted(objects)
     cancel = threading.Event()
-    lean = LeanGetter.from_endpoint(server.endpoint, timeout=5)
-    assert lean is not None
+    lean = _lean(server)
     got: list[str] = []
 
     def deliver(key: str, body: CheckedRead) -> None:
@@ -217,8 +221,7 @@ def test_cancel_hands_back_what_was_not_delivered(raw, objects):
 
 def test_an_error_from_deliver_propagates_and_closes_every_connection(raw, objects):
     server = raw()
-    lean = LeanGetter.from_endpoint(server.endpoint, timeout=5)
-    assert lean is not None
+    lean = _lean(server)
 
     def deliver(key: str, body: CheckedRead) -> None:
         raise OSError(28, "No space left on device")
@@ -230,8 +233,7 @@ def test_an_error_from_deliver_propagates_and_closes_every_connection(raw, objec
 
 def test_a_spoiled_read_in_deliver_is_spent(raw, objects):
     server = raw()
-    lean = LeanGetter.from_endpoint(server.endpoint, timeout=5)
-    assert lean is not None
+    lean = _lean(server)
 
     def deliver(key: str, body: CheckedRead) -> None:
         raise ShortRead(f"short read: {key}")
