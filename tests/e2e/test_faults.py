@@ -229,10 +229,12 @@ time.sleep(300)
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not). A process that ends between the open and the
+    read makes the read raise ProcessLookupError: that is gone too."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
