@@ -194,10 +194,11 @@ def test_a_stalled_answer_is_missed_after_the_timeout_not_waited_for(raw, object
     server.behaviour[keys[7]] = "stall"
     sizes = {k: len(v) for k, v in objects.items()}
     started = time.monotonic()
-    got, missed = _get_all(server, keys, sizes, connections=4, timeout=0.5)
+    # A timeout a busy 2-core machine never reaches on a healthy answer; the stall lasts 30 s.
+    got, missed = _get_all(server, keys, sizes, connections=4, timeout=2.0)
     assert missed.spent == [keys[7]] and missed.other == []
     assert len(got) == len(keys) - 1
-    assert time.monotonic() - started < 4  # the other connections went on meanwhile
+    assert time.monotonic() - started < 15  # the other connections went on meanwhile
 
 
 def test_cancel_hands_back_what_was_not_delivered(raw, objects):
