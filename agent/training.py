@@ -568,6 +568,8 @@ class _Lifecycle:
         and this host's report shipped."""
         deadline = time.monotonic() + self.job.settings.train.upload_timeout
         capture, data, sync = self._capture, self._data, self._sync
+        if self._listing is not None:  # a job that failed before staging: nobody waits for it
+            self._listing.abandon()
         if capture is not None:
             self._end_step("draining the logs", capture.close)
         if data is not None:

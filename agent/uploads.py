@@ -144,8 +144,8 @@ class DeadlineStorage(Storage):
                 self._inner = self._make()
             return self._inner
 
-    def list(self, uri: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(uri)
+    def list(self, uri: str, *, cancel: threading.Event | None = None) -> Iterator[ObjectInfo]:
+        return self.inner.list(uri, cancel=cancel)
 
     def head(self, uri: str) -> ObjectInfo | None:
         return self.inner.head(uri)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DataHandle",
     "Listing",
+    "ListingAbandoned",
     "S3IterableDataset",
     "S3MapDataset",
     "channel_uri_variable",
@@ -70,36 +71,60 @@ class DataHandle:
 Planned = list[tuple[Channel, list[Entry]]]  # each channel with a URI, and this host's objects
 
 
-def list_channels(job: Job, *, log: logging.Logger, storages: JobStorage) -> Planned:
+class ListingAbandoned(Exception):
+    """Raised in the listing thread once :meth:`Listing.abandon` was called: nobody waits for
+    its result."""
+
+
+def list_channels(
+    job: Job,
+    *,
+    log: logging.Logger,
+    storages: JobStorage,
+    abandoned: threading.Event | None = None,
+) -> Planned:
     """Each channel that has a URI with the objects this host takes from it (listed, sharded).
 
-    Raises ChannelError (empty prefix, bad manifest) or StorageError."""
+    Raises ChannelError (empty prefix, bad manifest) or StorageError; ListingAbandoned once
+    ``abandoned`` is set (checked between objects, and it ends the retries of a failing request).
+    """
     planned = []
     for channel in job.channels:
         if channel.uri is None:
             log.debug("channel %r: already in place (no URI); nothing to stage", channel.name)
             continue
-        planned.append((channel, _entries_for(job, channel, log, storages)))
+        planned.append((channel, _entries_for(job, channel, log, storages, abandoned)))
     return planned
 
 
 class Listing:
     """:func:`list_channels` on a thread of its own, so a job lists its channels while its code
     is fetched and its requirements installed; :meth:`result` waits for it and raises what the
-    listing raised."""
+    listing raised. A job that fails before it stages calls :meth:`abandon`."""
 
     def __init__(self, job: Job, *, log: logging.Logger, storages: JobStorage) -> None:
         self._planned: Planned | None = None
         self._error: BaseException | None = None
+        self._abandoned = threading.Event()
 
         def run() -> None:
             try:
-                self._planned = list_channels(job, log=log, storages=storages)
+                self._planned = list_channels(
+                    job, log=log, storages=storages, abandoned=self._abandoned
+                )
             except BaseException as err:  # handed to the caller by result()
                 self._error = err
 
         self._thread = threading.Thread(target=run, name="torchbay-listing", daemon=True)
         self._thread.start()
+
+    def abandon(self) -> None:
+        """Nobody will take the result: the listing stops at its next object or failed request
+        (without logging what it listed) instead of listing and retrying while the job ends."""
+        self._abandoned.set()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def result(self) -> Planned:
         self._thread.join()
@@ -170,12 +195,20 @@ def prepare_channels(
 
 
 def _entries_for(
-    job: Job, channel: Channel, log: logging.Logger, storages: JobStorage
+    job: Job,
+    channel: Channel,
+    log: logging.Logger,
+    storages: JobStorage,
+    abandoned: threading.Event | None = None,
 ) -> list[Entry]:
     assert channel.uri is not None
     storage = storages.for_uri(channel.uri)
     started = time.monotonic()
-    entries = list_channel(storage, channel.uri, channel.s3_data_type, channel=channel.name)
+    entries = list_channel(
+        storage, channel.uri, channel.s3_data_type, channel=channel.name, abandoned=abandoned
+    )
+    if abandoned is not None and abandoned.is_set():
+        raise ListingAbandoned(channel.name)
     log.info(
         "channel %r: listed %d object(s) under %s in %.2f s (%s)",
         channel.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,13 +58,18 @@ def _relative(key: str, prefix: str) -> str:
     return key[len(parent) :]
 
 
-def list_prefix(storage: Storage, uri: str) -> list[Entry]:
+def list_prefix(
+    storage: Storage, uri: str, *, abandoned: threading.Event | None = None
+) -> list[Entry]:
     """Every object under ``uri`` from one paginated listing (sizes and ETags from the listing, no
-    HEADs)."""
+    HEADs). ``abandoned`` set: the listing stops at the next object or failed page request, with
+    what it had."""
     loc = parse_uri(uri)
     entries = []
-    for info in storage.list(uri):
+    for info in storage.list(uri, cancel=abandoned):
         entries.append(Entry(info.uri, _relative(info.key, loc.key), info.size, info.etag))
+        if abandoned is not None and abandoned.is_set():
+            break
     return entries
 
 
@@ -116,11 +122,18 @@ def list_manifest(storage: Storage, uri: str, *, channel: str = "?") -> list[Ent
     return entries
 
 
-def list_channel(storage: Storage, uri: str, s3_data_type: str, *, channel: str) -> list[Entry]:
+def list_channel(
+    storage: Storage,
+    uri: str,
+    s3_data_type: str,
+    *,
+    channel: str,
+    abandoned: threading.Event | None = None,
+) -> list[Entry]:
     """The channel's objects; raises ChannelError when there are none or the data type is
-    unsupported."""
+    unsupported. ``abandoned``: see :func:`list_prefix` (the caller checks it)."""
     if s3_data_type == "S3Prefix":
-        entries = list_prefix(storage, uri)
+        entries = list_prefix(storage, uri, abandoned=abandoned)
     elif s3_data_type == "ManifestFile":
         entries = list_manifest(storage, uri, channel=channel)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -121,9 +122,9 @@ class Storage(ABC):
     """Operations every backend offers. URIs passed in must be of this backend's scheme."""
 
     @abstractmethod
-    def list(self, uri: str) -> Iterator[ObjectInfo]:
+    def list(self, uri: str, *, cancel: threading.Event | None = None) -> Iterator[ObjectInfo]:
         """Every object whose key starts with the URI's key (S3 prefix semantics; folders recurse),
-        in key order."""
+        in key order. ``cancel`` set ends the retries of a failing page request."""
 
     @abstractmethod
     def head(self, uri: str) -> ObjectInfo | None:
@@ -203,7 +204,7 @@ class Storage(ABC):
 class FileStorage(Storage):
     """``file://`` URIs: a local or mounted folder that looks like a bucket."""
 
-    def list(self, uri: str) -> Iterator[ObjectInfo]:
+    def list(self, uri: str, *, cancel: threading.Event | None = None) -> Iterator[ObjectInfo]:
         prefix = parse_uri(uri).key
         # A folder prefix lists the folder; otherwise match names that start with the prefix, like
         # S3.

@@ -153,7 +153,7 @@ class S3Storage(Storage):
 
         return with_retries(once, self.policy, what=uri, cancel=cancel)[0]
 
-    def list(self, uri: str) -> Iterator[ObjectInfo]:
+    def list(self, uri: str, *, cancel: threading.Event | None = None) -> Iterator[ObjectInfo]:
         loc = parse_uri(uri)
         token: str | None = None
         while True:
@@ -162,7 +162,9 @@ class S3Storage(Storage):
                 kwargs["ContinuationToken"] = token
             lean = self.lean()
             if lean is not None:
-                fast = self.call(uri, functools.partial(self._lean, lean.list_page, uri, token))
+                fast = self.call(
+                    uri, functools.partial(self._lean, lean.list_page, uri, token), cancel=cancel
+                )
                 if fast is not None:
                     for key, size, etag, mtime in fast.items:
                         if not (key.endswith("/") and size == 0):
@@ -171,7 +173,9 @@ class S3Storage(Storage):
                     if not token:
                         return
                     continue
-            page = self.call(uri, functools.partial(self.client.list_objects_v2, **kwargs))
+            page = self.call(
+                uri, functools.partial(self.client.list_objects_v2, **kwargs), cancel=cancel
+            )
             for item in page.get("Contents", ()):
                 if item["Key"].endswith("/") and item["Size"] == 0:
                     continue  # a console-made "folder" marker

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from agent.data import prepare_channels
+from agent.data import Listing, prepare_channels
 from agent.data.listing import Entry
 from agent.data.staging import StageOptions, stage
 from agent.errors import (
@@ -24,6 +24,8 @@ from agent.errors import (
     UnsafePathError,
 )
 from agent.job import Channel
+from agent.storage import JobStorage
+from tests.conftest import DUMMY_CREDS, free_port
 from tests.data.helpers import make_job, random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")
@@ -282,3 +284,27 @@ def test_stage_refuses_two_keys_for_one_path(tmp_path):
     entries = [Entry("file:///a", "x"), Entry("file:///b", "x/y")]
     with pytest.raises(ChannelError, match="needs it as a folder"):
         stage(entries, tmp_path / "d", options=StageOptions(), log=LOG)
+
+
+def test_an_abandoned_listing_stops_retrying_at_once(tmp_path, monkeypatch, caplog):
+    """A job that fails before it stages abandons its channel listing: against an endpoint that
+    is down, the listing thread stops in its backoff instead of retrying while the job ends,
+    and logs no listing."""
+    for name, value in DUMMY_CREDS.items():
+        monkeypatch.setenv(name, value)
+    job = make_job(
+        tmp_path,
+        [Channel("t", "s3://bucket/o/")],
+        endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens: every page is refused
+        data_attempts=8,
+    )
+    with caplog.at_level(logging.DEBUG):
+        listing = Listing(job, log=LOG, storages=JobStorage.from_settings(job.settings))
+        time.sleep(1.0)
+        assert listing.running()  # 8 attempts with backoff: several seconds of retries left
+        listing.abandon()
+        deadline = time.monotonic() + 2
+        while listing.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not listing.running()
+    assert "listed" not in caplog.text
