@@ -10,10 +10,10 @@ One job, as the named steps of :class:`_Lifecycle`, in this order:
 5. wait for the script, starting live sync and telemetry at the wait's first tick, off the
    script's start-up path (SIGTERM/SIGINT/MaxRuntimeInSeconds: SIGTERM to the group, SIGKILL after
    the grace period);
-6. at the end of every job, whatever failed before: drain the logs, stop the Pipe feeders, upload
-   model.tar.gz and output.tar.gz, finish the checkpoint sync, close telemetry, write the success
-   or failure file, ship this host's report; exit with the user's code (TorchBay errors:
-   agent/errors.py).
+6. at the end of every job, whatever failed before: abandon a channel listing nobody took, drain
+   the logs, stop the Pipe feeders, upload model.tar.gz and output.tar.gz, finish the checkpoint
+   sync, close telemetry, write the success or failure file, ship this host's report; exit with
+   the user's code (TorchBay errors: agent/errors.py).
 
 A stop request between two steps before the script starts ends the job there. This module never
 imports torch, and boto3 only when an s3:// URI is used.
