@@ -119,8 +119,9 @@ class Listing:
         self._thread.start()
 
     def abandon(self) -> None:
-        """Nobody will take the result: the listing stops at its next object or failed request
-        (without logging what it listed) instead of listing and retrying while the job ends."""
+        """Nobody will take the result: a prefix's listing stops at its next object or failed page
+        request (without logging what it listed) instead of listing and retrying while the job
+        ends; a manifest's one GET still makes its retries."""
         self._abandoned.set()
 
     def running(self) -> bool:
