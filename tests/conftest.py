@@ -245,6 +245,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def dummy_creds(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials in this test process's environment for a test with no S3 server of the
+    session's (a closed port, a raw-socket server): requests get signed and sent."""
+    for key, value in DUMMY_CREDS.items():
+        monkeypatch.setenv(key, value)
+    return DUMMY_CREDS
+
+
+@pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point this test process (and children given os.environ) at the session's S3 server."""
     env = s3_server.env()

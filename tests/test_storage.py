@@ -70,11 +70,9 @@ def test_errors_name_the_uri_and_fix(s3_env, bucket):
     store.delete(f"s3://{bucket}/missing-key")
 
 
-def test_unreachable_endpoint(monkeypatch):
-    from tests.conftest import DUMMY_CREDS, free_port
+def test_unreachable_endpoint(dummy_creds):
+    from tests.conftest import free_port
 
-    for k, v in DUMMY_CREDS.items():
-        monkeypatch.setenv(k, v)
     client = make_s3_client(f"http://127.0.0.1:{free_port()}")
     client.meta.config.retries["max_attempts"] = 1
     store = S3Storage(client)

@@ -21,7 +21,6 @@ from agent.storage.checked import CheckedRead
 from agent.storage.lean import LeanGetter
 from agent.storage.multiget import Missed, get_many
 from agent.storage.retry import ShortRead
-from tests.conftest import DUMMY_CREDS
 from tests.data.helpers import tree
 
 
@@ -125,9 +124,7 @@ def objects() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def raw(objects: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    for name, value in DUMMY_CREDS.items():
-        monkeypatch.setenv(name, value)
+def raw(objects: dict[str, bytes], dummy_creds: dict[str, str]) -> Iterator[object]:
     made: list[RawServer] = []
 
     def make(*args: object, **kwargs: object) -> RawServer:

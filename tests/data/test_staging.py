@@ -25,7 +25,7 @@ from agent.errors import (
 )
 from agent.job import Channel
 from agent.storage import JobStorage
-from tests.conftest import DUMMY_CREDS, free_port
+from tests.conftest import free_port
 from tests.data.helpers import make_job, random_objects, tree, upload
 
 LOG = logging.getLogger("test.data")
@@ -286,12 +286,10 @@ def test_stage_refuses_two_keys_for_one_path(tmp_path):
         stage(entries, tmp_path / "d", options=StageOptions(), log=LOG)
 
 
-def test_an_abandoned_listing_stops_retrying_at_once(tmp_path, monkeypatch, caplog):
+def test_an_abandoned_listing_stops_retrying_at_once(tmp_path, dummy_creds, caplog):
     """A job that fails before it stages abandons its channel listing: against an endpoint that
     is down, the listing thread stops in its backoff instead of retrying while the job ends,
     and logs no listing."""
-    for name, value in DUMMY_CREDS.items():
-        monkeypatch.setenv(name, value)
     job = make_job(
         tmp_path,
         [Channel("t", "s3://bucket/o/")],
