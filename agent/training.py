@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from agent.code import fetch_code, install_requirements
-from agent.data import DataHandle, Listing, prepare_channels
+from agent.data import DataHandle, Listing, StagingStopped, prepare_channels
 from agent.distributed import (
     Exchange,
     LaunchPlan,
@@ -398,10 +398,21 @@ class _Lifecycle:
         """Stage File channels and start the Pipe feeders; on SageMaker the data is in place."""
         if self._listing is None:
             return
-        self._data = prepare_channels(
-            self.job, log=self.log, storages=self.storage, planned=self._listing.result()
-        )
+        stop = self._stop_requested
+        try:
+            self._data = prepare_channels(
+                self.job,
+                log=self.log,
+                storages=self.storage,
+                planned=self._listing.result(stop),
+                stop=stop,
+            )
+        except StagingStopped:  # a long listing or staging ends within a second of a signal
+            raise _Stopped("data staging") from None
         self._check_stop("data staging")
+
+    def _stop_requested(self) -> bool:
+        return self.stop.requested
 
     def _restore_checkpoints(self) -> None:
         uri = self.job.checkpoint_uri

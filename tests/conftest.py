@@ -121,7 +121,8 @@ class OutageProxy:
     socket and resets every open connection (clients see "connection refused" / "connection reset");
     ``start()`` listens again. ``outage_after(nbytes, seconds)`` takes it down once ``nbytes`` more
     bytes went upstream (e.g. two parts into a multipart upload), and back up ``seconds`` later
-    (``None``: stays down). ``sent`` counts upstream bytes.
+    (``None``: stays down). ``sent`` counts upstream bytes. ``rate`` (bytes/s, None: as fast as
+    it goes) caps what comes back from the server, all connections together: a slow S3.
     """
 
     def __init__(self, upstream: str, port: int | None = None) -> None:
@@ -135,6 +136,8 @@ class OutageProxy:
         self._conns: set[socket.socket] = set()
         self._trigger: tuple[int, float | None] | None = None
         self.outages: list[float] = []
+        self.rate: float | None = None
+        self._free_at = 0.0  # when the capped downstream path is free again
 
     def start(self) -> None:
         listener = socket.socket()
@@ -202,6 +205,8 @@ class OutageProxy:
                 dst.sendall(data)
                 if counted:
                     self._count(len(data))
+                elif self.rate:
+                    self._throttle(len(data))
         except OSError:
             pass
         finally:
@@ -210,6 +215,15 @@ class OutageProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _throttle(self, n: int) -> None:
+        """Hold this connection until ``n`` bytes fit under ``rate``, shared by all connections."""
+        rate = self.rate or 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + n / rate
+            wait = self._free_at - now
+        time.sleep(wait)
 
     def _count(self, n: int) -> None:
         with self._lock:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.data.listing import Entry, list_channel, select_shard
 from agent.data.reading import ObjectReader
-from agent.data.staging import StageOptions, StageResult, stage
+from agent.data.staging import StageOptions, StageResult, StagingStopped, stage
 from agent.errors import ChannelError
 from agent.job import Channel, Job
 from agent.storage import JobStorage, redact
@@ -31,6 +32,7 @@ __all__ = [
     "ListingAbandoned",
     "S3IterableDataset",
     "S3MapDataset",
+    "StagingStopped",
     "channel_uri_variable",
     "list_channels",
     "prepare_channels",
@@ -127,7 +129,15 @@ class Listing:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def result(self) -> Planned:
+    def result(self, stop: Callable[[], bool] | None = None) -> Planned:
+        """What the listing gave, once it ended; raises what it raised. ``stop`` is asked every
+        0.2 s while the listing runs: once it says yes the listing is abandoned and StagingStopped
+        raised."""
+        while stop is not None and self._thread.is_alive():
+            self._thread.join(0.2)
+            if self._thread.is_alive() and stop():
+                self.abandon()
+                raise StagingStopped("the channel listing stopped on request")
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -141,12 +151,13 @@ def prepare_channels(
     log: logging.Logger,
     storages: JobStorage | None = None,
     planned: Planned | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> DataHandle:
     """Stage File/FastFile channels now and start feeders for Pipe channels.
 
     ``storages`` is the job's (one S3 client for listing, staging and the Pipe feeders); None
     makes one from the job's settings. ``planned``: what :func:`list_channels` gave (None lists
-    the channels here).
+    the channels here). ``stop``: see :func:`agent.data.staging.stage` (StagingStopped).
 
     Raises ChannelError (empty prefix, bad manifest or mode), StorageError, DiskFullError or
     UnsafePathError; on an error no feeder is left running.
@@ -185,6 +196,7 @@ def prepare_channels(
                 log=log,
                 channel=channel.name,
                 storage=storages.for_uri(channel.uri or "/"),
+                stop=stop,
             )
         for channel, entries in planned:
             if (channel.input_mode or job.input_mode) == "Pipe":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.data.options import StageOptions
-from agent.errors import ChannelError, DiskFullError, TorchBayError
+from agent.errors import ChannelError, DiskFullError, StorageError, TorchBayError
 from agent.storage import (
     CheckedRead,
     JobStorage,
@@ -241,20 +241,22 @@ class _Fetcher:
         policy = self._policy
         if spent:
             policy = dataclasses.replace(policy, attempts=max(1, policy.attempts - spent))
-        return with_retries(lambda: self._fetch_once(job), policy, what=job.uri, cancel=cancel)[0]
+        return with_retries(
+            lambda: self._fetch_once(job, cancel), policy, what=job.uri, cancel=cancel
+        )[0]
 
-    def _fetch_once(self, job: FetchJob) -> int:
+    def _fetch_once(self, job: FetchJob, cancel: threading.Event) -> int:
         if job.size is not None and job.size >= self._options.large_size:
             with self._large:  # a few whole streams at a time beat many on a couple of cores
-                return self._fetch_to_part(job)
-        return self._fetch_to_part(job)
+                return self._fetch_to_part(job, cancel)
+        return self._fetch_to_part(job, cancel)
 
-    def _fetch_to_part(self, job: FetchJob) -> int:
+    def _fetch_to_part(self, job: FetchJob, cancel: threading.Event) -> int:
         if self._ranged and job.size is not None and job.size >= self._options.range_threshold:
-            return _into_place(job, lambda part: self._get_ranged(job, part))
-        return _into_place(job, lambda part: self._get_whole(job, part))
+            return _into_place(job, lambda part: self._get_ranged(job, part, cancel))
+        return _into_place(job, lambda part: self._get_whole(job, part, cancel))
 
-    def _get_whole(self, job: FetchJob, part: str) -> int:
+    def _get_whole(self, job: FetchJob, part: str, cancel: threading.Event) -> int:
         """Fetch into ``part``, verified (ETag recorded as an xattr for resumption); the bytes."""
         body = self._storage.get_checked(job.uri, size=job.size, options=self.read_options)
         try:
@@ -266,6 +268,7 @@ class _Fetcher:
                     buffer = self._buffer()
                     view = memoryview(buffer)
                     while True:
+                        _check_cancel(cancel, job)  # a large body: between two reads
                         count = body.readinto(buffer)
                         if not count:
                             break
@@ -285,7 +288,7 @@ class _Fetcher:
             buffer = self._buffers.buffer = bytearray(max(64 * 1024, self._options.read_size))
         return buffer
 
-    def _get_ranged(self, job: FetchJob, part: str) -> int:
+    def _get_ranged(self, job: FetchJob, part: str, cancel: threading.Event) -> int:
         size = int(job.size or 0)
         step = max(1, self._options.range_size)
         ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
@@ -304,6 +307,7 @@ class _Fetcher:
                 ) as body:
                     etags.add(body.etag)
                     while True:
+                        _check_cancel(cancel, job)
                         chunk = body.read(self._options.read_size)
                         if not chunk:
                             break
@@ -328,6 +332,13 @@ class _Fetcher:
         finally:
             os.close(fd)
         return size
+
+
+def _check_cancel(cancel: threading.Event, job: FetchJob) -> None:
+    """Stop a large body between two reads once the staging is cancelled (a stop request, or
+    another object's failure); its ``.part`` file is removed by _into_place."""
+    if cancel.is_set():
+        raise StorageError(f"staging cancelled while {job.uri} was fetched")
 
 
 def _into_place(job: FetchJob, fill: Callable[[str], int]) -> int:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,19 @@ from agent.errors import ChannelError, DiskFullError
 from agent.safety import safe_join, safe_join_empty
 from agent.storage import Storage
 
-__all__ = ["StageOptions", "StageResult", "stage"]  # StageOptions lives in agent.data.options
+__all__ = [  # StageOptions lives in agent.data.options
+    "StageOptions",
+    "StageResult",
+    "StagingStopped",
+    "stage",
+]
 
 DEFAULT_OPTIONS = StageOptions()
+
+
+class StagingStopped(Exception):
+    """Staging (or the listing it waits for) ended early because a stop was asked for (a signal
+    to the agent); what was already in place stays, a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +71,17 @@ def stage(
     log: logging.Logger,
     channel: str = "?",
     storage: Storage | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> StageResult:
     """Download ``entries`` into ``dest`` (each at its ``relative`` path); returns counts once all
     are in place.
 
     ``storage``: the job's storage for the entries' scheme (the one that listed the channel),
     shared by this process's threads (None: one is made from ``options.endpoint_url``).
+
+    ``stop``: asked at every progress tick (every 0.2-0.5 s); once it says yes no new GET starts,
+    the worker processes are ended, and StagingStopped is raised (files already renamed into place
+    stay, no ``.part`` file is left by this process's fetchers).
 
     Raises UnsafePathError (a hostile key, before anything is written), ChannelError (two keys for
     one path),
@@ -106,13 +122,25 @@ def stage(
         channel, len(jobs), total_bytes, skipped, skipped_bytes, options.progress_interval, log
     )
     fetched_bytes = 0  # counted by the fetchers (each checked against its Content-Length)
-    if todo:
-        if processes > 1:
-            fetched_bytes = run_processes(todo, options, processes, progress)
-        else:
+    cancel = threading.Event()
+
+    def tick(files: int, nbytes: int) -> None:
+        if stop is not None and stop():
+            cancel.set()  # the fetchers and the workers' loop end on it
+        progress.tick(files, nbytes)
+
+    try:
+        if todo and processes > 1:
+            fetched_bytes = run_processes(todo, options, processes, tick, cancel)
+        elif todo:
             counters = Counters()
-            run_in_process(todo, options, counters, progress.tick, storage=storage)
+            run_in_process(todo, options, counters, tick, cancel, storage=storage)
             fetched_bytes = counters.bytes
+    except Exception:
+        # a fetch that gave up because of the cancel is no failure of its own
+        _raise_if_stopped(cancel, stop, channel)
+        raise
+    _raise_if_stopped(cancel, stop, channel)
     seconds = time.monotonic() - start
     result = StageResult(
         len(jobs), skipped_bytes + fetched_bytes, len(todo), skipped, seconds, processes
@@ -133,6 +161,13 @@ def stage(
         skipped,
     )
     return result
+
+
+def _raise_if_stopped(
+    cancel: threading.Event, stop: Callable[[], bool] | None, channel: str
+) -> None:
+    if cancel.is_set() and stop is not None and stop():
+        raise StagingStopped(f"channel {channel!r}: staging stopped on request")
 
 
 # --- planning ------------------------------------------------------------------------------------

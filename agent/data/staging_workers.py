@@ -15,14 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import agent.errors as errors_mod
 from agent.data.fetch import Counters, FetchJob, run_in_process
 from agent.data.options import StageOptions
-from agent.data.staging_progress import Progress
 from agent.errors import StorageError, TorchBayError
 from agent.storage import ShortRead, TransientError
 
@@ -30,10 +29,15 @@ __all__ = ["run_processes", "worker_main"]
 
 
 def run_processes(
-    jobs: Sequence[FetchJob], options: StageOptions, processes: int, progress: Progress
+    jobs: Sequence[FetchJob],
+    options: StageOptions,
+    processes: int,
+    tick: Callable[[int, int], None],
+    cancel: threading.Event | None = None,
 ) -> int:
     """Fetch ``jobs`` in ``processes`` worker processes; returns the bytes fetched. Raises the first
-    error a worker reports."""
+    error a worker reports. ``tick(files, bytes)`` gets the counts at least every 0.5 s; once
+    ``cancel`` is set the workers are ended and the bytes so far returned."""
     # Largest first, dealt round-robin, so every worker gets a similar share of bytes.
     ordered = sorted(jobs, key=lambda job: -(job.size or 0))
     threads = max(4, options.threads // processes)
@@ -79,10 +83,12 @@ def run_processes(
         nbytes = [0] * processes
         finished: set[int] = set()
         while len(finished) < processes:
+            if cancel is not None and cancel.is_set():
+                break  # the workers are ended below
             try:
                 index, message = messages.get(timeout=0.5)
             except queue_mod.Empty:
-                progress.tick(sum(files), sum(nbytes))
+                tick(sum(files), sum(nbytes))
                 continue
             kind = message.get("kind")
             if kind in ("progress", "done"):
@@ -100,7 +106,7 @@ def run_processes(
                     f"staging worker {index} exited with code {code} before finishing; "
                     "see its output above"
                 )
-            progress.tick(sum(files), sum(nbytes))
+            tick(sum(files), sum(nbytes))
         return sum(nbytes)
     finally:
         for child in children:

@@ -15,7 +15,7 @@ import pytest
 
 from agent.data import Listing, prepare_channels
 from agent.data.listing import Entry
-from agent.data.staging import StageOptions, stage
+from agent.data.staging import StageOptions, StagingStopped, stage
 from agent.errors import (
     ChannelError,
     DiskFullError,
@@ -306,3 +306,89 @@ def test_an_abandoned_listing_stops_retrying_at_once(tmp_path, dummy_creds, capl
             time.sleep(0.01)
         assert not listing.running()
     assert "listed" not in caplog.text
+
+
+# The stop asked for after 1 s; staging the whole channel through the capped proxy takes ~12 s.
+_STOP_AFTER = 1.0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        {},  # the multiplexed GETs
+        {"data_small_size": 0},  # every object on the threads
+        {"data_processes": 2},  # worker processes
+    ],
+    ids=["multiplexed", "threads", "processes"],
+)
+def test_a_stop_request_ends_staging_at_the_next_tick(s3_proxy, bucket, s3, tmp_path, path):
+    """A stop asked for while a slow channel stages (a signal to the agent) ends the staging at the
+    next progress tick instead of after the last object: StagingStopped, no new GET, the worker
+    processes ended; what was renamed into place is whole, and the fetchers in this process leave
+    no .part file."""
+    objects = random_objects("slow/", 48, 256 * 1024, nested=False)
+    upload(s3, bucket, objects)
+    s3_proxy.rate = 1024 * 1024  # 12 MiB at 1 MiB/s
+    job = make_job(
+        tmp_path,
+        [Channel("t", f"s3://{bucket}/slow/")],
+        endpoint=s3_proxy.endpoint,
+        data_threads=4,  # an object in flight takes ~1 s to finish at a quarter of the rate
+        **path,
+    )
+    asked = threading.Event()
+    timer = threading.Timer(_STOP_AFTER, asked.set)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(StagingStopped, match="channel 't': staging stopped on request"):
+            prepare_channels(job, log=LOG, stop=asked.is_set)
+    finally:
+        timer.cancel()
+    took = time.monotonic() - start
+    assert took < _STOP_AFTER + 4.0, f"staging went on for {took:.1f} s"
+    folder = tmp_path / "input/data/t"
+    staged = tree(folder)
+    staged = {k: v for k, v in staged.items() if not k.endswith(".part")}
+    assert len(staged) < len(objects)
+    assert all(objects["slow/" + name] == body for name, body in staged.items())
+    if "data_processes" not in path:  # a worker ended by SIGTERM may leave its .part behind
+        assert not list(folder.rglob("*.part"))
+
+
+def test_a_failure_while_no_stop_was_asked_is_still_the_failure(s3_proxy, bucket, s3, tmp_path):
+    """``stop`` is asked but never says yes: an object that cannot be fetched fails the staging
+    with its own error, not StagingStopped."""
+    upload(s3, bucket, random_objects("gone/", 6, 1000, nested=False))
+    job = make_job(
+        tmp_path,
+        [Channel("t", f"s3://{bucket}/gone/")],
+        endpoint=s3_proxy.endpoint,
+        data_attempts=2,
+    )
+    listing = Listing(job, log=LOG, storages=JobStorage.from_settings(job.settings))
+    planned = listing.result(lambda: False)
+    s3_proxy.stop()  # down for good once listed
+    with pytest.raises(StorageError):
+        prepare_channels(job, log=LOG, planned=planned, stop=lambda: False)
+
+
+def test_a_stop_request_ends_the_wait_for_a_listing(tmp_path, dummy_creds):
+    """The job waits for its channel listing with the stop asked every 0.2 s: against an endpoint
+    that is down, a stop ends the wait at once and abandons the listing."""
+    job = make_job(
+        tmp_path,
+        [Channel("t", "s3://bucket/o/")],
+        endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens: every page is refused
+        data_attempts=8,
+    )
+    listing = Listing(job, log=LOG, storages=JobStorage.from_settings(job.settings))
+    asked = time.monotonic() + 0.5
+    start = time.monotonic()
+    with pytest.raises(StagingStopped, match="listing stopped on request"):
+        listing.result(lambda: time.monotonic() >= asked)
+    assert time.monotonic() - start < 2.0
+    deadline = time.monotonic() + 2
+    while listing.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not listing.running()

@@ -293,6 +293,52 @@ def test_setsid_grandchild_is_stopped_and_named_at_a_normal_end(
     assert f"PID {grandchild} (sleep 301)" in stderr and "left its process group" in stderr
 
 
+def test_sigterm_while_a_slow_channel_stages(tmp_path, s3_proxy, s3, bucket) -> None:
+    """docker stop / StopTrainingJob / a spot reclaim while a big channel stages: the agent stops
+    the staging within a second or two instead of after the last object (docker's SIGKILL comes
+    10 s after its SIGTERM, and would leave neither outputs nor a failure file), then uploads the
+    outputs and writes a failure file naming the stop; exit 128+15."""
+    _source(s3, bucket, "print('never runs')\n")
+    for i in range(64):  # 16 MiB at 1 MiB/s: ~16 s of staging
+        s3.put_object(Bucket=bucket, Key=f"slow/{i:03d}.bin", Body=os.urandom(256 * 1024))
+    s3_proxy.rate = MiB
+    channel = {
+        "ChannelName": "train",
+        "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/slow/"}},
+    }
+    env = _env(
+        tmp_path,
+        s3_proxy.env(),
+        _spec(bucket, InputDataConfig=[channel]),
+        TORCHBAY_DATA_THREADS="4",
+    )
+    folder = tmp_path / "ml" / "input" / "data" / "train"
+    with open(tmp_path / "agent.err", "wb") as err:
+        agent = subprocess.Popen(
+            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.suffix == ".bin" for p in folder.glob("*")):  # staging is under way
+                assert agent.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
+                assert time.monotonic() < deadline, "staging never started"
+                time.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = agent.wait(60)
+            took = time.monotonic() - signalled
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    log = (tmp_path / "agent.err").read_text()
+    assert code == 143, log[-3000:]
+    assert took < 5, f"the agent took {took:.1f} s to end after SIGTERM:\n{log[-3000:]}"
+    assert len(list(folder.glob("*.bin"))) < 64
+    assert "stopped by SIGTERM during data staging" in _failure(tmp_path)
+    s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
+
+
 # --- 4. named errors
 # ---------------------------------------------------------------------------------------
 
