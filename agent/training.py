@@ -3,9 +3,9 @@
 One job, as the named steps of :class:`_Lifecycle`, in this order:
 
 1. load_job (``main``), then the job's folders, its log and its storage;
-2. write the config files (not on SageMaker), fetch the code, install its requirements, while the
-   channels are listed on a thread of their own;
-3. stage the channels, restore the checkpoints;
+2. write the config files (not on SageMaker), fetch the code while the channels are listed on a
+   thread of their own, then install its requirements while they are staged on another;
+3. take the staged channels, restore the checkpoints;
 4. wait for the hosts, plan the launch, start the log capture, start the user's process group;
 5. wait for the script, starting live sync and telemetry at the wait's first tick, off the
    script's start-up path (SIGTERM/SIGINT/MaxRuntimeInSeconds: SIGTERM to the group, SIGKILL after
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from agent.code import fetch_code, install_requirements
-from agent.data import DataHandle, Listing, StagingStopped, prepare_channels
+from agent.data import DataHandle, Listing, Staging, StagingStopped
 from agent.distributed import (
     Exchange,
     LaunchPlan,
@@ -255,6 +255,7 @@ class _Lifecycle:
         self._agent_log: AgentLogHandler | None = None
         self._exchange: Exchange | None = None
         self._listing: Listing | None = None
+        self._staging: Staging | None = None
         self._data: DataHandle | None = None
         self._sync: LiveSync | None = None
         self._plan: LaunchPlan | None = None
@@ -310,6 +311,7 @@ class _Lifecycle:
         self._start_listing()
         self._fetch_code()
         self._check_stop("the code download")
+        self._start_staging()
         self._install_requirements()
         self._check_stop("pip install")
         entry = resolve_entry_point(self.job)
@@ -383,30 +385,38 @@ class _Lifecycle:
             write_config_files(self.job)
 
     def _start_listing(self) -> None:
-        """List the channels while the code is fetched and its requirements installed (a big
-        prefix takes as long as a pip install); _stage_channels takes the result."""
+        """List the channels while the code is fetched (a big prefix takes seconds to minutes);
+        the staging takes the result."""
         if any(channel.uri is not None for channel in self.job.channels):
             self._listing = Listing(self.job, log=self.log, storages=self.storage)
 
     def _fetch_code(self) -> None:
         fetch_code(self.job, log=self.log, storage_for=self.storage.for_uri)
 
+    def _start_staging(self) -> None:
+        """Stage the channels on a thread while the requirements install, instead of after: the
+        downloads and pip overlap. _stage_channels takes the result; a failed install cancels it
+        (_finish)."""
+        if self._listing is not None:
+            self._staging = Staging(
+                self.job,
+                log=self.log,
+                storages=self.storage,
+                listing=self._listing,
+                stop=self._stop_requested,
+            )
+
     def _install_requirements(self) -> None:
         install_requirements(self.job, log=self.log, stop=self.stop)
 
     def _stage_channels(self) -> None:
-        """Stage File channels and start the Pipe feeders; on SageMaker the data is in place."""
-        if self._listing is None:
+        """Wait for the staged File channels and the started Pipe feeders; on SageMaker the data
+        is in place."""
+        if self._staging is None:
             return
-        stop = self._stop_requested
+        staging, self._staging = self._staging, None
         try:
-            self._data = prepare_channels(
-                self.job,
-                log=self.log,
-                storages=self.storage,
-                planned=self._listing.result(stop),
-                stop=stop,
-            )
+            self._data = staging.result()
         except StagingStopped:  # a long listing or staging ends within a second of a signal
             raise _Stopped("data staging") from None
         self._check_stop("data staging")
@@ -579,7 +589,9 @@ class _Lifecycle:
         and this host's report shipped."""
         deadline = time.monotonic() + self.job.settings.train.upload_timeout
         capture, data, sync = self._capture, self._data, self._sync
-        if self._listing is not None:  # a job that failed before staging: nobody waits for it
+        if self._staging is not None:  # a job that failed before it took its data
+            self._end_step("cancelling the staging", self._cancel_staging)
+        if self._listing is not None:  # nobody waits for it
             self._listing.abandon()
         if capture is not None:
             self._end_step("draining the logs", capture.close)
@@ -602,6 +614,12 @@ class _Lifecycle:
             self._end_step("closing telemetry", self._telemetry.close)
         self._write_status()
         self._ship_report()
+
+    def _cancel_staging(self) -> None:
+        assert self._staging is not None
+        finished = self._staging.cancel(10.0)
+        if finished is not None:  # staged before the failure: its Pipe feeders stop here
+            finished.stop(5.0)
 
     def _end_step(self, what: str, action: Callable[[], object]) -> None:
         # The end of a job is a top level of its own: one failing step must not skip the others or

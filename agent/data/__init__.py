@@ -32,6 +32,7 @@ __all__ = [
     "ListingAbandoned",
     "S3IterableDataset",
     "S3MapDataset",
+    "Staging",
     "StagingStopped",
     "channel_uri_variable",
     "list_channels",
@@ -143,6 +144,57 @@ class Listing:
             raise self._error
         assert self._planned is not None
         return self._planned
+
+
+class Staging:
+    """:func:`prepare_channels` on a thread of its own, started once the code is fetched, so a job
+    stages its channels while its requirements install (pip and the downloads overlap instead of
+    adding up); it takes the channels from ``listing``. :meth:`result` waits for it and raises
+    what it raised; :meth:`cancel` ends it at its next progress tick (a failed install, the end of
+    a job that failed before it staged). ``stop`` (the agent's stop request) ends it the same way,
+    with StagingStopped."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        log: logging.Logger,
+        storages: JobStorage,
+        listing: Listing,
+        stop: Callable[[], bool],
+    ) -> None:
+        self._handle: DataHandle | None = None
+        self._error: BaseException | None = None
+        self._cancelled = threading.Event()
+
+        def asked() -> bool:
+            return self._cancelled.is_set() or stop()
+
+        def run() -> None:
+            try:
+                self._handle = prepare_channels(
+                    job, log=log, storages=storages, planned=listing.result(asked), stop=asked
+                )
+            except BaseException as err:  # handed to the caller by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="torchbay-staging", daemon=True)
+        self._thread.start()
+
+    def result(self) -> DataHandle:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._handle is not None
+        return self._handle
+
+    def cancel(self, timeout: float) -> DataHandle | None:
+        """Nobody takes the result: stop at the next tick and wait up to ``timeout`` seconds (a
+        GET stalled mid-read can take longer; the thread is a daemon). Returns what it had
+        finished (its Pipe feeders are the caller's to stop), or None."""
+        self._cancelled.set()
+        self._thread.join(timeout)
+        return self._handle
 
 
 def prepare_channels(

@@ -261,6 +261,55 @@ def test_the_first_failing_step_is_the_jobs_failure_though_channels_are_listed_m
     assert "never" not in done.stdout.decode()
 
 
+def _logged_at(stderr: str, text: str) -> float:
+    """When the agent logged the first line holding ``text`` (its log's timestamp, in s)."""
+    for line in stderr.splitlines():
+        if text in line and " torchbay " in line:
+            stamp = time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+            return time.mktime(stamp) + int(line[20:23]) / 1000
+    raise AssertionError(f"no log line with {text!r}:\n{stderr[-3000:]}")
+
+
+def test_channels_are_staged_while_the_requirements_install(
+    tmp_path: Path, bucket: str, s3, s3_env: dict
+) -> None:
+    """Staging runs beside pip instead of after it: the channel is in place before pip is done
+    (pip's own start takes a second or more; two small objects take milliseconds)."""
+    _arrange(
+        s3,
+        bucket,
+        {"train.py": textwrap.dedent(TRAIN_PY).encode(), "requirements.txt": b"psutil\n"},
+    )
+    done = _run(_env(tmp_path, s3_env, _spec(bucket), PIP_NO_INDEX="1"))  # psutil is here
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr[-3000:]
+    staged = _logged_at(stderr, "channel 'train': staged 2 files")
+    assert staged <= _logged_at(stderr, "installed requirements.txt")  # not after pip
+    assert "data=['a.csv', 'b.csv']" in done.stdout.decode()
+
+
+def test_a_failed_install_cancels_a_slow_staging(tmp_path: Path, bucket: str, s3, s3_proxy) -> None:
+    """The install fails while a slow channel stages beside it: the job ends on the install's
+    failure at once, the staging cancelled, instead of downloading the rest first."""
+    _arrange(
+        s3,
+        bucket,
+        {"train.py": b"print('never')\n", "requirements.txt": b"torchbay-no-such-package-xyz\n"},
+    )
+    for i in range(64):  # 16 MiB at 1 MiB/s: ~16 s of staging
+        s3.put_object(Bucket=bucket, Key=f"data/train/slow-{i:03d}.bin", Body=os.urandom(256 << 10))
+    s3_proxy.rate = 1 << 20
+    start = time.monotonic()
+    done = _run(
+        _env(tmp_path, s3_proxy.env(), _spec(bucket), PIP_NO_INDEX="1", TORCHBAY_DATA_THREADS="4")
+    )
+    took = time.monotonic() - start
+    assert done.returncode == 75, done.stderr.decode()[-3000:]
+    assert "InstallError" in _failure(tmp_path)
+    assert took < 8, f"the job took {took:.1f} s"  # a cancel that failed: 10 s more
+    assert len(list((tmp_path / "ml" / "input" / "data" / "train").glob("slow-*"))) < 64
+
+
 def test_hostile_tarball(tmp_path: Path, bucket: str, s3, s3_env: dict) -> None:
     _arrange(s3, bucket, {"train.py": b"print(1)\n", "../../escaped.txt": b"pwned"})
     done = _run(_env(tmp_path, s3_env, _spec(bucket)))
