@@ -13,7 +13,6 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -317,6 +316,9 @@ class _Fetcher:
                             raise _local_error(err, job) from err
                         offset += len(chunk)
                     body.finish()
+
+            # concurrent.futures (~12 ms): only objects of range_threshold (1 GiB) or more need it
+            from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max(1, min(len(ranges), self._options.threads))) as pool:
                 for future in [pool.submit(one, r) for r in ranges]:
