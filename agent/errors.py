@@ -25,6 +25,7 @@ __all__ = [
     "ObjectMissing",
     "PackageConflictError",
     "RequestError",
+    "StoppedOnRequest",
     "StorageError",
     "TorchBayError",
     "TransformError",
@@ -35,6 +36,11 @@ __all__ = [
 
 EXIT_OK = 0
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in TorchBay itself
+
+
+class StoppedOnRequest(Exception):
+    """A step ended early because the agent was asked to stop (a signal): no failure of its own;
+    the train lifecycle ends the job as stopped (128+N, the step named in the failure file)."""
 
 
 class TorchBayError(Exception):

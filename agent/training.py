@@ -51,6 +51,7 @@ from agent.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
     DiskFullError,
+    StoppedOnRequest,
     StorageError,
     TorchBayError,
     exit_code_for,
@@ -428,7 +429,10 @@ class _Lifecycle:
         uri = self.job.checkpoint_uri
         if not uri:
             return
-        restored = self._live_sync().restore()
+        try:
+            restored = self._live_sync().restore(self._stop_requested)
+        except StoppedOnRequest:  # RestoreStopped: no new file starts once a signal came
+            raise _Stopped("checkpoint restore") from None
         if restored:
             self.log.info("restored %d checkpoint file(s) from %s", restored, redact(uri))
         self._check_stop("checkpoint restore")

@@ -32,7 +32,7 @@ from agent.data.listing import Entry
 from agent.data.options import StageOptions
 from agent.data.staging_progress import Progress, mib
 from agent.data.staging_workers import run_processes
-from agent.errors import ChannelError, DiskFullError
+from agent.errors import ChannelError, DiskFullError, StoppedOnRequest
 from agent.safety import safe_join, safe_join_empty
 from agent.storage import Storage
 
@@ -46,7 +46,7 @@ __all__ = [  # StageOptions lives in agent.data.options
 DEFAULT_OPTIONS = StageOptions()
 
 
-class StagingStopped(Exception):
+class StagingStopped(StoppedOnRequest):
     """Staging (or the listing it waits for) ended early because a stop was asked for (a signal
     to the agent); what was already in place stays, a rerun resumes."""
 

@@ -33,11 +33,11 @@ from agent.errors import TorchBayError
 from agent.job import Job
 from agent.storage import JobStorage, Location, Storage
 from agent.sync.folders import folder_prefix, plan_folders, remote_rel, walk_files
-from agent.sync.restore import restore_folder
+from agent.sync.restore import RestoreStopped, restore_folder
 from agent.sync.scheduler import UploadScheduler
 from agent.sync.watch import event_notes, start_observer
 
-__all__ = ["LiveSync"]
+__all__ = ["LiveSync", "RestoreStopped"]
 
 
 class LiveSync:
@@ -80,7 +80,7 @@ class LiveSync:
         """(local folder, remote URI) of every folder this sync mirrors."""
         return tuple((f.local, f.remote.uri) for f in self._folders)
 
-    def restore(self) -> int:
+    def restore(self, stop: Callable[[], bool] | None = None) -> int:
         """Download every object under the checkpoint URI into the local checkpoint folder; returns
         files restored.
 
@@ -88,7 +88,8 @@ class LiveSync:
         subclass)
         when the listing or a download fails, DiskFullError / StorageError naming the file on local
         errors,
-        UnsafePathError for a key that would land outside the folder.
+        UnsafePathError for a key that would land outside the folder. ``stop``: asked before each
+        file; yes raises RestoreStopped (agent.sync.restore).
         """
         folder = next((f for f in self._folders if f.name == "checkpoints"), None)
         if folder is None:
@@ -99,6 +100,7 @@ class LiveSync:
             workers=self._workers,
             done=self._scheduler.done,
             log=self._log,
+            stop=stop,
         )
 
     def start(self, *, watch: bool = True) -> None:

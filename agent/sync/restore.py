@@ -8,19 +8,31 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.errors import DiskFullError, StorageError
+from agent.errors import DiskFullError, StoppedOnRequest, StorageError
 from agent.safety import safe_join
 from agent.storage import Storage
 from agent.sync.folders import Folder, Sig, file_sig, folder_prefix, remote_rel
 from agent.sync.upload import run_parallel
 
-__all__ = ["restore_folder"]
+__all__ = ["RestoreStopped", "restore_folder"]
+
+
+class RestoreStopped(StoppedOnRequest):
+    """The restore ended early because a stop was asked for (a signal to the agent): no new file
+    was started; the files restored stay, a rerun fetches the rest."""
 
 
 def restore_folder(
-    folder: Folder, storage: Storage, *, workers: int, done: dict[Path, Sig], log: logging.Logger
+    folder: Folder,
+    storage: Storage,
+    *,
+    workers: int,
+    done: dict[Path, Sig],
+    log: logging.Logger,
+    stop: Callable[[], bool] | None = None,
 ) -> int:
     """Download every object under the folder's prefix that is missing locally; returns files
     restored.
@@ -29,7 +41,8 @@ def restore_folder(
     ``done`` with its signature (so it is not uploaded again). Raises StorageError (or a subclass)
     when
     the listing or a download fails, DiskFullError / StorageError naming the file on local errors,
-    UnsafePathError for a key that would land outside the folder.
+    UnsafePathError for a key that would land outside the folder. ``stop`` is asked before each
+    file: once it says yes no new file starts (those under way finish) and RestoreStopped is raised.
     """
     prefix = folder_prefix(folder.remote)
     folder.local.mkdir(parents=True, exist_ok=True)
@@ -52,6 +65,8 @@ def restore_folder(
 
     def fetch(item: tuple[str, Path, int]) -> None:
         uri, dest, size = item
+        if stop is not None and stop():
+            raise RestoreStopped(f"checkpoint restore from {prefix.uri} stopped on request")
         try:
             storage.get_file(uri, dest, expected_size=size)
         except PermissionError as err:

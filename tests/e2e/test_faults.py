@@ -339,6 +339,41 @@ def test_sigterm_while_a_slow_channel_stages(tmp_path, s3_proxy, s3, bucket) -> 
     s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
 
 
+def test_sigterm_while_checkpoints_are_restored(tmp_path, s3_proxy, s3, bucket) -> None:
+    """A spot reclaim while the checkpoints are restored: no new checkpoint file starts after the
+    SIGTERM, and the job ends as stopped during the restore (exit 143), its outputs uploaded."""
+    _source(s3, bucket, "print('never runs')\n")
+    for i in range(48):  # 12 MiB at 1 MiB/s: ~12 s of restore
+        s3.put_object(Bucket=bucket, Key=f"ckpt/shard-{i:02d}.pt", Body=os.urandom(256 * 1024))
+    s3_proxy.rate = MiB
+    spec = _spec(bucket, CheckpointConfig={"S3Uri": f"s3://{bucket}/ckpt"})
+    env = _env(tmp_path, s3_proxy.env(), spec, TORCHBAY_SYNC_WORKERS="2")
+    folder = tmp_path / "ml" / "checkpoints"
+    with open(tmp_path / "agent.err", "wb") as err:
+        agent = subprocess.Popen(
+            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.suffix == ".pt" for p in folder.glob("*")):  # the restore is under way
+                assert agent.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the restore never started"
+                time.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = agent.wait(60)
+            took = time.monotonic() - signalled
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    log = (tmp_path / "agent.err").read_text()
+    assert code == 143, log[-3000:]
+    assert took < 5, f"the agent took {took:.1f} s to end after SIGTERM:\n{log[-3000:]}"
+    assert "stopped by SIGTERM during checkpoint restore" in _failure(tmp_path)
+    s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
+
+
 # --- 4. named errors
 # ---------------------------------------------------------------------------------------
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
 
 from agent.errors import UnsafePathError
-from agent.sync import LiveSync
+from agent.sync import LiveSync, RestoreStopped
 from tests.sync.helpers import LOG, all_versions, make_job
 
 
@@ -39,3 +41,33 @@ def test_restore_refuses_a_key_that_escapes_the_folder(tmp_path, s3_server, s3, 
     with pytest.raises(UnsafePathError, match="evil"):
         LiveSync(job, log=LOG).restore()
     assert not (tmp_path.parent / "evil").exists()
+
+
+def test_a_stop_request_starts_no_new_checkpoint_file(tmp_path, s3_proxy, s3, bucket):
+    """A stop asked for while the checkpoints are restored (a signal to the agent, a spot reclaim)
+    starts no new file: the files under way finish, RestoreStopped is raised, and every file in
+    place is whole. 24 x 256 KiB at 1 MiB/s would take 6 s; the stop comes after 1 s."""
+    shards = {f"ckpt/shard-{i:02d}.pt": os.urandom(256 * 1024) for i in range(24)}
+    for key, body in shards.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    s3_proxy.rate = 1024 * 1024
+    job = make_job(
+        tmp_path,
+        s3_proxy.endpoint,
+        checkpoint_uri=f"s3://{bucket}/ckpt",
+        setting_sync_workers=2,
+    )
+    asked = threading.Event()
+    timer = threading.Timer(1.0, asked.set)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RestoreStopped, match="stopped on request"):
+            LiveSync(job, log=LOG).restore(asked.is_set)
+    finally:
+        timer.cancel()
+    took = time.monotonic() - start
+    assert took < 4.0, f"the restore went on for {took:.1f} s"
+    local = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir() if p.is_file()}
+    assert 0 < len(local) < len(shards)
+    assert all(shards[f"ckpt/{name}"] == body for name, body in local.items())
