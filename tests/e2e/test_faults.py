@@ -293,6 +293,34 @@ def test_setsid_grandchild_is_stopped_and_named_at_a_normal_end(
     assert f"PID {grandchild} (sleep 301)" in stderr and "left its process group" in stderr
 
 
+def _sigterm_once_under_way(tmp_path: Path, env: dict[str, str], folder: Path, suffix: str) -> str:
+    """Start the agent, SIGTERM it once a ``suffix`` file appeared in ``folder`` (the step is under
+    way), and check it ended as stopped (143) within 5 s with its outputs' upload done; returns
+    its failure file."""
+    with open(tmp_path / "agent.err", "wb") as err:
+        agent = subprocess.Popen(
+            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.suffix == suffix for p in folder.glob("*")):
+                assert agent.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"no {suffix} file came in {folder}"
+                time.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = agent.wait(60)
+            took = time.monotonic() - signalled
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    log = (tmp_path / "agent.err").read_text()
+    assert code == 143, log[-3000:]
+    assert took < 5, f"the agent took {took:.1f} s to end after SIGTERM:\n{log[-3000:]}"
+    return _failure(tmp_path)
+
+
 def test_sigterm_while_a_slow_channel_stages(tmp_path, s3_proxy, s3, bucket) -> None:
     """docker stop / StopTrainingJob / a spot reclaim while a big channel stages: the agent stops
     the staging within a second or two instead of after the last object (docker's SIGKILL comes
@@ -306,36 +334,12 @@ def test_sigterm_while_a_slow_channel_stages(tmp_path, s3_proxy, s3, bucket) -> 
         "ChannelName": "train",
         "DataSource": {"S3DataSource": {"S3Uri": f"s3://{bucket}/slow/"}},
     }
-    env = _env(
-        tmp_path,
-        s3_proxy.env(),
-        _spec(bucket, InputDataConfig=[channel]),
-        TORCHBAY_DATA_THREADS="4",
-    )
+    spec = _spec(bucket, InputDataConfig=[channel])
+    env = _env(tmp_path, s3_proxy.env(), spec, TORCHBAY_DATA_THREADS="4")
     folder = tmp_path / "ml" / "input" / "data" / "train"
-    with open(tmp_path / "agent.err", "wb") as err:
-        agent = subprocess.Popen(
-            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not any(p.suffix == ".bin" for p in folder.glob("*")):  # staging is under way
-                assert agent.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
-                assert time.monotonic() < deadline, "staging never started"
-                time.sleep(0.05)
-            agent.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            code = agent.wait(60)
-            took = time.monotonic() - signalled
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-    log = (tmp_path / "agent.err").read_text()
-    assert code == 143, log[-3000:]
-    assert took < 5, f"the agent took {took:.1f} s to end after SIGTERM:\n{log[-3000:]}"
+    failure = _sigterm_once_under_way(tmp_path, env, folder, ".bin")
+    assert "stopped by SIGTERM during data staging" in failure
     assert len(list(folder.glob("*.bin"))) < 64
-    assert "stopped by SIGTERM during data staging" in _failure(tmp_path)
     s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
 
 
@@ -348,29 +352,8 @@ def test_sigterm_while_checkpoints_are_restored(tmp_path, s3_proxy, s3, bucket) 
     s3_proxy.rate = MiB
     spec = _spec(bucket, CheckpointConfig={"S3Uri": f"s3://{bucket}/ckpt"})
     env = _env(tmp_path, s3_proxy.env(), spec, TORCHBAY_SYNC_WORKERS="2")
-    folder = tmp_path / "ml" / "checkpoints"
-    with open(tmp_path / "agent.err", "wb") as err:
-        agent = subprocess.Popen(
-            [str(TRAIN)], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO)
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not any(p.suffix == ".pt" for p in folder.glob("*")):  # the restore is under way
-                assert agent.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the restore never started"
-                time.sleep(0.05)
-            agent.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            code = agent.wait(60)
-            took = time.monotonic() - signalled
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-    log = (tmp_path / "agent.err").read_text()
-    assert code == 143, log[-3000:]
-    assert took < 5, f"the agent took {took:.1f} s to end after SIGTERM:\n{log[-3000:]}"
-    assert "stopped by SIGTERM during checkpoint restore" in _failure(tmp_path)
+    failure = _sigterm_once_under_way(tmp_path, env, tmp_path / "ml" / "checkpoints", ".pt")
+    assert "stopped by SIGTERM during checkpoint restore" in failure
     s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
 
 
