@@ -102,8 +102,9 @@ def list_channels(
 
 class Listing:
     """:func:`list_channels` on a thread of its own, so a job lists its channels while its code
-    is fetched and its requirements installed; :meth:`result` waits for it and raises what the
-    listing raised. A job that fails before it stages calls :meth:`abandon`."""
+    is fetched (:class:`Staging` then takes them while the requirements install); :meth:`result`
+    waits for it and raises what the listing raised. A job that fails before it stages calls
+    :meth:`abandon`."""
 
     def __init__(self, job: Job, *, log: logging.Logger, storages: JobStorage) -> None:
         self._planned: Planned | None = None
