@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from agent.code import fetch_code, install_requirements
-from agent.data import DataHandle, Listing, Staging, StagingStopped
+from agent.data import DataHandle, Listing, Staging
 from agent.distributed import (
     Exchange,
     LaunchPlan,
@@ -418,7 +418,7 @@ class _Lifecycle:
         staging, self._staging = self._staging, None
         try:
             self._data = staging.result()
-        except StagingStopped:  # a long listing or staging ends within a second of a signal
+        except StoppedOnRequest:  # StagingStopped: a long listing or staging ends on a signal
             raise _Stopped("data staging") from None
         self._check_stop("data staging")
 
@@ -442,7 +442,7 @@ class _Lifecycle:
             self.job,
             log=self.log,
             exchange=self._exchange,
-            should_stop=lambda: self.stop.requested,
+            should_stop=self._stop_requested,
         )
 
     def _plan_launch(self, entry: EntryPoint) -> LaunchPlan:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.data.listing import Entry, list_channel, select_shard
 from agent.data.reading import ObjectReader
@@ -72,6 +72,7 @@ class DataHandle:
 
 
 Planned = list[tuple[Channel, list[Entry]]]  # each channel with a URI, and this host's objects
+T = TypeVar("T")
 
 
 class ListingAbandoned(Exception):
@@ -100,27 +101,43 @@ def list_channels(
     return planned
 
 
-class Listing:
+class _OnAThread(Generic[T]):
+    """``work()`` on a daemon thread of its own; :meth:`_result` waits for it and returns what it
+    gave or raises what it raised."""
+
+    def __init__(self, name: str, work: Callable[[], T]) -> None:
+        self._got: T | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._got = work()
+            except BaseException as err:  # handed to the caller by _result()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def _result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._got is not None
+        return self._got
+
+
+class Listing(_OnAThread[Planned]):
     """:func:`list_channels` on a thread of its own, so a job lists its channels while its code
     is fetched (:class:`Staging` then takes them while the requirements install); :meth:`result`
     waits for it and raises what the listing raised. A job that fails before it stages calls
     :meth:`abandon`."""
 
     def __init__(self, job: Job, *, log: logging.Logger, storages: JobStorage) -> None:
-        self._planned: Planned | None = None
-        self._error: BaseException | None = None
         self._abandoned = threading.Event()
-
-        def run() -> None:
-            try:
-                self._planned = list_channels(
-                    job, log=log, storages=storages, abandoned=self._abandoned
-                )
-            except BaseException as err:  # handed to the caller by result()
-                self._error = err
-
-        self._thread = threading.Thread(target=run, name="torchbay-listing", daemon=True)
-        self._thread.start()
+        super().__init__(
+            "torchbay-listing",
+            lambda: list_channels(job, log=log, storages=storages, abandoned=self._abandoned),
+        )
 
     def abandon(self) -> None:
         """Nobody will take the result: a prefix's listing stops at its next object or failed page
@@ -140,14 +157,10 @@ class Listing:
             if self._thread.is_alive() and stop():
                 self.abandon()
                 raise StagingStopped("the channel listing stopped on request")
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._planned is not None
-        return self._planned
+        return self._result()
 
 
-class Staging:
+class Staging(_OnAThread[DataHandle]):
     """:func:`prepare_channels` on a thread of its own, started once the code is fetched, so a job
     stages its channels while its requirements install (pip and the downloads overlap instead of
     adding up); it takes the channels from ``listing``. :meth:`result` waits for it and raises
@@ -164,30 +177,20 @@ class Staging:
         listing: Listing,
         stop: Callable[[], bool],
     ) -> None:
-        self._handle: DataHandle | None = None
-        self._error: BaseException | None = None
         self._cancelled = threading.Event()
 
         def asked() -> bool:
             return self._cancelled.is_set() or stop()
 
-        def run() -> None:
-            try:
-                self._handle = prepare_channels(
-                    job, log=log, storages=storages, planned=listing.result(asked), stop=asked
-                )
-            except BaseException as err:  # handed to the caller by result()
-                self._error = err
-
-        self._thread = threading.Thread(target=run, name="torchbay-staging", daemon=True)
-        self._thread.start()
+        super().__init__(
+            "torchbay-staging",
+            lambda: prepare_channels(
+                job, log=log, storages=storages, planned=listing.result(asked), stop=asked
+            ),
+        )
 
     def result(self) -> DataHandle:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._handle is not None
-        return self._handle
+        return self._result()
 
     def cancel(self, timeout: float) -> DataHandle | None:
         """Nobody takes the result: stop at the next tick and wait up to ``timeout`` seconds (a
@@ -195,7 +198,7 @@ class Staging:
         finished (its Pipe feeders are the caller's to stop), or None."""
         self._cancelled.set()
         self._thread.join(timeout)
-        return self._handle
+        return self._got
 
 
 def prepare_channels(
