@@ -224,3 +224,51 @@ def test_failure_kinds_from_a_real_server(s3_env, bucket, s3):
         with pytest.raises(EndpointUnreachable, match="AWS_ENDPOINT_URL") as lost:
             dead.get_checked(f"s3://{bucket}/kinds/k", options=ReadOptions(lean=lean))
         assert retryable(lost.value)
+
+
+@pytest.mark.parametrize(
+    ("variables", "lean"),
+    [
+        ({}, True),
+        ({"HTTP_PROXY": "http://198.18.9.9:3128"}, False),
+        ({"http_proxy": "http://198.18.9.9:3128"}, False),
+        ({"http_proxy": "http://198.18.9.9:3128", "no_proxy": "127.0.0.1"}, True),
+        ({"HTTPS_PROXY": "http://198.18.9.9:3128"}, True),  # an http:// endpoint: not its scheme
+    ],
+)
+def test_the_lean_get_steps_aside_for_a_proxy_variable(monkeypatch, variables, lean) -> None:
+    """A proxy named by a *_proxy variable is boto3's to use (the lean GET does not speak to
+    proxies); with no such variable the check answers without loading urllib.request."""
+    from agent.storage.lean import LeanGetter
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    getter = LeanGetter.from_endpoint("http://127.0.0.1:9000")
+    assert (getter is not None) is lean
+
+
+def test_no_proxy_variable_keeps_urllib_request_off_the_listing_path() -> None:
+    """urllib.request (~3 ms with tempfile) was loaded by every job's first listing to learn that
+    there is no proxy."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test-secret")
+    env.pop("AWS_PROFILE", None)
+    code = (
+        "import sys\n"
+        "from agent.storage.lean import LeanGetter\n"
+        "assert LeanGetter.from_endpoint('http://127.0.0.1:9000') is not None\n"
+        "print('urllib.request' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
