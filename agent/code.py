@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,11 @@ def _clear(folder: Path) -> None:
 
 
 def fetch_code(
-    job: Job, *, log: logging.Logger, storage_for: Callable[[str], Storage] = open_storage
+    job: Job,
+    *,
+    log: logging.Logger,
+    storage_for: Callable[[str], Storage] = open_storage,
+    cancel: threading.Event | None = None,
 ) -> str:
     """Put ``sagemaker_submit_directory`` (an s3:// or file:// tar.gz, a folder or a file) into
     ``code/``.
@@ -76,6 +81,7 @@ def fetch_code(
     there, as on SageMaker images with baked-in code) or NOTHING (no source named). Archives are
     extracted
     with every member checked (UnsafePathError names a member that would land outside code/).
+    ``cancel`` set (a stop asked of the agent) ends a download under way with DownloadStopped.
     """
     code_dir = job.layout.code_dir
     source = job.hyperparameters.get("sagemaker_submit_directory")
@@ -120,7 +126,7 @@ def fetch_code(
         shutil.copytree(location.key, code_dir, dirs_exist_ok=True)
     elif location.key.endswith(_TARBALL_SUFFIXES):
         archive = _state(job, "sourcedir.tar.gz")
-        storage.get_file(source, archive, expected_size=size)
+        storage.get_file(source, archive, expected_size=size, cancel=cancel)
         try:
             count = safe_extract_tar(
                 archive,
@@ -137,7 +143,7 @@ def fetch_code(
         log.info("fetched %s into %s (%d members)", redact(source), code_dir, count)
     else:
         name = location.key.rstrip("/").rsplit("/", 1)[-1]
-        storage.get_file(source, code_dir / name, expected_size=size)
+        storage.get_file(source, code_dir / name, expected_size=size, cancel=cancel)
     _write_stamp(stamp_path, identity if identity is not None else [source, "folder"])
     return FETCHED
 

@@ -92,6 +92,11 @@ class StopRequest:
     def requested(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def event(self) -> threading.Event:
+        """Set once a stop is asked: for a wait or a download that takes an event to end on."""
+        return self._event
+
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 

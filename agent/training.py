@@ -395,7 +395,12 @@ class _Lifecycle:
             self._listing = Listing(self.job, log=self.log, storages=self.storage)
 
     def _fetch_code(self) -> None:
-        fetch_code(self.job, log=self.log, storage_for=self.storage.for_uri)
+        try:
+            fetch_code(
+                self.job, log=self.log, storage_for=self.storage.for_uri, cancel=self.stop.event
+            )
+        except StoppedOnRequest:  # DownloadStopped: a big source archive ends on a signal
+            raise _Stopped("the code download") from None
 
     def _start_staging(self) -> None:
         """Stage the channels on a thread while the requirements install, instead of after: the
@@ -433,7 +438,7 @@ class _Lifecycle:
         if not uri:
             return
         try:
-            restored = self._live_sync().restore(self._stop_requested)
+            restored = self._live_sync().restore(self.stop.event)
         except StoppedOnRequest:  # RestoreStopped: no new file starts once a signal came
             raise _Stopped("checkpoint restore") from None
         if restored:

@@ -19,6 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from agent.storage.base import (
+    DownloadStopped,
     FileStorage,
     Location,
     ObjectInfo,
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_READ",
     "ONE_TRY",
     "CheckedRead",
+    "DownloadStopped",
     "FileStorage",
     "JobStorage",
     "Location",

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
-from agent.errors import BucketMissing, DiskFullError, ObjectMissing, StorageError
+from agent.errors import BucketMissing, DiskFullError, ObjectMissing, StoppedOnRequest, StorageError
 from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions
 
 __all__ = [
+    "DownloadStopped",
     "FileStorage",
     "Location",
     "ObjectInfo",
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 _COPY_BUFFER = 1024 * 1024
+
+
+class DownloadStopped(StoppedOnRequest):
+    """:meth:`Storage.get_file` ended early because its ``cancel`` event was set (a stop asked
+    of the agent): neither the file nor its ``.part`` is left."""
 
 
 @dataclass(frozen=True)
@@ -166,11 +172,20 @@ class Storage(ABC):
                 return stream.read()
         return self.get_checked(uri).read_all()
 
-    def get_file(self, uri: str, dest: Path, expected_size: int | None = None) -> int:
+    def get_file(
+        self,
+        uri: str,
+        dest: Path,
+        expected_size: int | None = None,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> int:
         """Download to ``dest`` via ``dest.part`` and an atomic rename; returns the byte count.
 
         The bytes are verified (count, and a digest where S3 gives one); a byte count different
         from ``expected_size`` raises ShortRead (a StorageError) and leaves no file behind.
+        ``cancel`` is looked at between two reads (1 MiB at most): once it is set the download
+        ends with DownloadStopped, leaving no file behind.
         """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +195,8 @@ class Storage(ABC):
         try:
             with self.get_checked(uri, size=expected_size) as body, open(part, "wb") as out:
                 while True:
+                    if cancel is not None and cancel.is_set():
+                        raise DownloadStopped(f"the download of {uri} stopped on request")
                     count = body.readinto(buffer)
                     if not count:
                         break

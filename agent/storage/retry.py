@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from agent.errors import EndpointUnreachable, StorageError, TorchBayError
+from agent.errors import EndpointUnreachable, StoppedOnRequest, StorageError, TorchBayError
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -85,7 +85,7 @@ def retryable(err: BaseException) -> bool:
     """Whether another try may succeed where ``err`` failed."""
     if isinstance(err, (TransientError, EndpointUnreachable)):
         return True
-    if isinstance(err, TorchBayError):
+    if isinstance(err, (TorchBayError, StoppedOnRequest)):  # a stop asked for is no failure
         return False
     if isinstance(err, OSError):
         return isinstance(err, ConnectionError)  # a local file error does not heal by waiting

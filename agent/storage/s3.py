@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import EndpointUnreachable, ObjectMissing, StorageError
-from agent.storage.base import Location, ObjectInfo, Storage, parse_uri, redact
+from agent.storage.base import DownloadStopped, Location, ObjectInfo, Storage, parse_uri, redact
 from agent.storage.checked import DEFAULT_READ, CheckedRead, ReadOptions, plain_md5_etag
 from agent.storage.client import make_s3_client, translate_s3_error
 from agent.storage.multipart import MultipartUpload
@@ -282,11 +282,27 @@ class S3Storage(Storage):
             options=options,
         )
 
-    def get_file(self, uri: str, dest: Path, expected_size: int | None = None) -> int:
-        """As :meth:`Storage.get_file`, the whole download retried under this storage's policy."""
-        return with_retries(
-            lambda: Storage.get_file(self, uri, dest, expected_size), self.policy, what=uri
-        )[0]
+    def get_file(
+        self,
+        uri: str,
+        dest: Path,
+        expected_size: int | None = None,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> int:
+        """As :meth:`Storage.get_file`, the whole download retried under this storage's policy;
+        ``cancel`` also ends a pause between two tries (DownloadStopped)."""
+        try:
+            return with_retries(
+                lambda: Storage.get_file(self, uri, dest, expected_size, cancel=cancel),
+                self.policy,
+                what=uri,
+                cancel=cancel,
+            )[0]
+        except StorageError as err:
+            if cancel is not None and cancel.is_set():  # retries ended by the stop, not spent
+                raise DownloadStopped(f"the download of {uri} stopped on request") from err
+            raise
 
     def read_checked(
         self,

@@ -24,6 +24,7 @@ Parts: ``folders`` (what mirrors where), ``restore``, ``watch`` (watchdog events
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +81,7 @@ class LiveSync:
         """(local folder, remote URI) of every folder this sync mirrors."""
         return tuple((f.local, f.remote.uri) for f in self._folders)
 
-    def restore(self, stop: Callable[[], bool] | None = None) -> int:
+    def restore(self, stop: threading.Event | None = None) -> int:
         """Download every object under the checkpoint URI into the local checkpoint folder; returns
         files restored.
 
@@ -88,8 +89,9 @@ class LiveSync:
         subclass)
         when the listing or a download fails, DiskFullError / StorageError naming the file on local
         errors,
-        UnsafePathError for a key that would land outside the folder. ``stop``: asked before each
-        file; yes raises RestoreStopped (agent.sync.restore).
+        UnsafePathError for a key that would land outside the folder. ``stop`` set: no new file
+        starts, the files under way end between two reads, RestoreStopped is raised
+        (agent.sync.restore).
         """
         folder = next((f for f in self._folders if f.name == "checkpoints"), None)
         if folder is None:

@@ -8,12 +8,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import DiskFullError, StoppedOnRequest, StorageError
 from agent.safety import safe_join
-from agent.storage import Storage
+from agent.storage import DownloadStopped, Storage
 from agent.sync.folders import Folder, Sig, file_sig, folder_prefix, remote_rel
 from agent.sync.upload import run_parallel
 
@@ -32,7 +31,7 @@ def restore_folder(
     workers: int,
     done: dict[Path, Sig],
     log: logging.Logger,
-    stop: Callable[[], bool] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Download every object under the folder's prefix that is missing locally; returns files
     restored.
@@ -41,8 +40,9 @@ def restore_folder(
     ``done`` with its signature (so it is not uploaded again). Raises StorageError (or a subclass)
     when
     the listing or a download fails, DiskFullError / StorageError naming the file on local errors,
-    UnsafePathError for a key that would land outside the folder. ``stop`` is asked before each
-    file: once it says yes no new file starts (those under way finish) and RestoreStopped is raised.
+    UnsafePathError for a key that would land outside the folder. ``stop`` (a stop asked of the
+    agent) is looked at before each file and between two reads of one: once it is set no new file
+    starts, those under way end without leaving a partial file, and RestoreStopped is raised.
     """
     prefix = folder_prefix(folder.remote)
     folder.local.mkdir(parents=True, exist_ok=True)
@@ -65,10 +65,13 @@ def restore_folder(
 
     def fetch(item: tuple[str, Path, int]) -> None:
         uri, dest, size = item
-        if stop is not None and stop():
-            raise RestoreStopped(f"checkpoint restore from {prefix.uri} stopped on request")
+        stopped = RestoreStopped(f"checkpoint restore from {prefix.uri} stopped on request")
+        if stop is not None and stop.is_set():
+            raise stopped
         try:
-            storage.get_file(uri, dest, expected_size=size)
+            storage.get_file(uri, dest, expected_size=size, cancel=stop)
+        except DownloadStopped:
+            raise stopped from None
         except PermissionError as err:
             raise StorageError(
                 f"cannot write {dest} while restoring {uri}: permission denied; make "

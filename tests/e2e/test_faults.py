@@ -357,6 +357,22 @@ def test_sigterm_while_checkpoints_are_restored(tmp_path, s3_proxy, s3, bucket) 
     s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
 
 
+def test_sigterm_while_a_big_source_archive_downloads(tmp_path, s3_proxy, s3, bucket) -> None:
+    """docker stop while a 12 MiB source archive downloads at 1 MiB/s: the download ends at its
+    next read instead of its last byte (the agent took 12 s to stop before, past docker's 10 s),
+    and the job ends as stopped during the code download, its outputs uploaded."""
+    body = tar_gz({"train.py": b"print('never runs')\n", "weights.bin": os.urandom(12 * MiB)})
+    _source(s3, bucket, "", body=body)
+    s3_proxy.rate = MiB
+    env = _env(tmp_path, s3_proxy.env(), _spec(bucket))
+    agent_dir = tmp_path / "ml" / "output" / "torchbay"
+    failure = _sigterm_once_under_way(tmp_path, env, agent_dir, ".part")
+    assert "stopped by SIGTERM during the code download" in failure
+    assert not list(agent_dir.glob("sourcedir.tar.gz*"))  # no partial archive left
+    assert not (tmp_path / "ml" / "code" / "train.py").exists()
+    s3.head_object(Bucket=bucket, Key="out/fault-job/output/model.tar.gz")  # outputs uploaded
+
+
 # --- 4. named errors
 # ---------------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def test_restore_refuses_a_key_that_escapes_the_folder(tmp_path, s3_server, s3, 
 
 def test_a_stop_request_starts_no_new_checkpoint_file(tmp_path, s3_proxy, s3, bucket):
     """A stop asked for while the checkpoints are restored (a signal to the agent, a spot reclaim)
-    starts no new file: the files under way finish, RestoreStopped is raised, and every file in
+    starts no new file: the files under way end, RestoreStopped is raised, and every file in
     place is whole. 24 x 256 KiB at 1 MiB/s would take 6 s; the stop comes after 1 s."""
     shards = {f"ckpt/shard-{i:02d}.pt": os.urandom(256 * 1024) for i in range(24)}
     for key, body in shards.items():
@@ -63,7 +63,7 @@ def test_a_stop_request_starts_no_new_checkpoint_file(tmp_path, s3_proxy, s3, bu
     start = time.monotonic()
     try:
         with pytest.raises(RestoreStopped, match="stopped on request"):
-            LiveSync(job, log=LOG).restore(asked.is_set)
+            LiveSync(job, log=LOG).restore(asked)
     finally:
         timer.cancel()
     took = time.monotonic() - start
@@ -71,3 +71,24 @@ def test_a_stop_request_starts_no_new_checkpoint_file(tmp_path, s3_proxy, s3, bu
     local = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir() if p.is_file()}
     assert 0 < len(local) < len(shards)
     assert all(shards[f"ckpt/{name}"] == body for name, body in local.items())
+
+
+def test_a_stop_request_ends_a_big_checkpoint_file_under_way(tmp_path, s3_proxy, s3, bucket):
+    """One 12 MiB checkpoint at 1 MiB/s (12 s): a stop after 1 s ends it between two reads, with
+    neither the file nor a .part left (before, the file under way finished: 11.6 s for a job's
+    SIGTERM, past docker stop's 10 s)."""
+    s3.put_object(Bucket=bucket, Key="ckpt/model.pt", Body=os.urandom(12 * 1024 * 1024))
+    s3_proxy.rate = 1024 * 1024
+    job = make_job(tmp_path, s3_proxy.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
+    asked = threading.Event()
+    timer = threading.Timer(1.0, asked.set)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RestoreStopped, match="stopped on request"):
+            LiveSync(job, log=LOG).restore(asked)
+    finally:
+        timer.cancel()
+    took = time.monotonic() - start
+    assert took < 3.0, f"the restore went on for {took:.1f} s"
+    assert [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == []
