@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 
-__all__ = ["tar_gz"]
+import pytest
+
+__all__ = ["raises_once_stopped", "tar_gz"]
 
 
 def tar_gz(files: Mapping[str, bytes], links: Mapping[str, str] = {}) -> bytes:
@@ -23,3 +27,23 @@ def tar_gz(files: Mapping[str, bytes], links: Mapping[str, str] = {}) -> bytes:
             info.linkname = target
             archive.addfile(info)
     return buf.getvalue()
+
+
+def raises_once_stopped(
+    expected: type[BaseException],
+    after: float,
+    work: Callable[[threading.Event], object],
+    match: str = "stopped on request",
+) -> float:
+    """``work(stop)`` with ``stop`` set ``after`` seconds in: checks it raised ``expected`` (its
+    message matching ``match``) and returns the seconds it took in all."""
+    stop = threading.Event()
+    timer = threading.Timer(after, stop.set)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(expected, match=match):
+            work(stop)
+    finally:
+        timer.cancel()
+    return time.monotonic() - start

@@ -10,6 +10,7 @@ import pytest
 
 from agent.errors import BucketMissing, EndpointUnreachable, ObjectMissing, StorageError
 from agent.storage import FileStorage, S3Storage, make_s3_client, open_storage, parse_uri, redact
+from tests.helpers import raises_once_stopped
 
 
 def test_parse_uri_forms():
@@ -284,22 +285,14 @@ def test_a_cancelled_download_ends_between_two_reads(s3_env, s3_proxy, s3, bucke
     """A stop asked of the agent while a big object downloads (a source archive, a checkpoint):
     the download ends at its next read, not after its last byte, and leaves no file behind.
     12 MiB at 1 MiB/s would take 12 s; the stop comes after 1 s."""
-    import threading
-    import time
-
     from agent.storage import DownloadStopped
 
     store = _slow_object(s3, bucket, s3_proxy, 12 * 1024 * 1024)
-    cancel = threading.Event()
-    timer = threading.Timer(1.0, cancel.set)
-    timer.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(DownloadStopped, match="big.bin stopped on request"):
-            store.get_file(f"s3://{bucket}/big.bin", tmp_path / "big.bin", cancel=cancel)
-    finally:
-        timer.cancel()
-    took = time.monotonic() - start
+    took = raises_once_stopped(
+        DownloadStopped,
+        1.0,
+        lambda stop: store.get_file(f"s3://{bucket}/big.bin", tmp_path / "big.bin", cancel=stop),
+    )
     assert took < 3.0, f"the download went on for {took:.1f} s"
     assert list(tmp_path.iterdir()) == []  # neither the file nor its .part
 
@@ -307,9 +300,6 @@ def test_a_cancelled_download_ends_between_two_reads(s3_env, s3_proxy, s3, bucke
 def test_a_cancel_ends_the_pause_between_two_tries(s3_env, s3_proxy, s3, bucket, tmp_path):
     """S3 down, the download pausing before its next try: the stop ends the pause at once with
     DownloadStopped (a stop, not the outage's error), instead of waiting out the retries."""
-    import threading
-    import time
-
     from agent.storage import DownloadStopped, RetryPolicy, retryable
 
     s3.put_object(Bucket=bucket, Key="k.bin", Body=b"x" * 1000)
@@ -317,15 +307,11 @@ def test_a_cancel_ends_the_pause_between_two_tries(s3_env, s3_proxy, s3, bucket,
     store = S3Storage(make_s3_client(s3_proxy.endpoint)).with_policy(
         RetryPolicy(attempts=0, backoff=5.0, max_pause=5.0, jitter=False)
     )
-    cancel = threading.Event()
-    timer = threading.Timer(1.0, cancel.set)
-    timer.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(DownloadStopped):
-            store.get_file(f"s3://{bucket}/k.bin", tmp_path / "k.bin", cancel=cancel)
-    finally:
-        timer.cancel()
-    assert time.monotonic() - start < 3.0
+    took = raises_once_stopped(
+        DownloadStopped,
+        1.0,
+        lambda stop: store.get_file(f"s3://{bucket}/k.bin", tmp_path / "k.bin", cancel=stop),
+    )
+    assert took < 3.0
     assert list(tmp_path.iterdir()) == []
     assert not retryable(DownloadStopped("s3://b/k.bin"))  # a stop is never tried again

@@ -27,6 +27,7 @@ from agent.job import Channel
 from agent.storage import JobStorage
 from tests.conftest import free_port
 from tests.data.helpers import make_job, random_objects, tree, upload
+from tests.helpers import raises_once_stopped
 
 LOG = logging.getLogger("test.data")
 
@@ -336,16 +337,12 @@ def test_a_stop_request_ends_staging_at_the_next_tick(s3_proxy, bucket, s3, tmp_
         data_threads=4,  # an object in flight takes ~1 s to finish at a quarter of the rate
         **path,
     )
-    asked = threading.Event()
-    timer = threading.Timer(_STOP_AFTER, asked.set)
-    timer.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(StagingStopped, match="channel 't': staging stopped on request"):
-            prepare_channels(job, log=LOG, stop=asked.is_set)
-    finally:
-        timer.cancel()
-    took = time.monotonic() - start
+    took = raises_once_stopped(
+        StagingStopped,
+        _STOP_AFTER,
+        lambda asked: prepare_channels(job, log=LOG, stop=asked.is_set),
+        match="channel 't': staging stopped on request",
+    )
     assert took < _STOP_AFTER + 4.0, f"staging went on for {took:.1f} s"
     folder = tmp_path / "input/data/t"
     staged = tree(folder)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 
 from agent.errors import UnsafePathError
 from agent.sync import LiveSync, RestoreStopped
+from tests.helpers import raises_once_stopped
 from tests.sync.helpers import LOG, all_versions, make_job
 
 
@@ -57,16 +57,7 @@ def test_a_stop_request_starts_no_new_checkpoint_file(tmp_path, s3_proxy, s3, bu
         checkpoint_uri=f"s3://{bucket}/ckpt",
         setting_sync_workers=2,
     )
-    asked = threading.Event()
-    timer = threading.Timer(1.0, asked.set)
-    timer.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(RestoreStopped, match="stopped on request"):
-            LiveSync(job, log=LOG).restore(asked)
-    finally:
-        timer.cancel()
-    took = time.monotonic() - start
+    took = raises_once_stopped(RestoreStopped, 1.0, LiveSync(job, log=LOG).restore)
     assert took < 4.0, f"the restore went on for {took:.1f} s"
     local = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir() if p.is_file()}
     assert 0 < len(local) < len(shards)
@@ -80,15 +71,6 @@ def test_a_stop_request_ends_a_big_checkpoint_file_under_way(tmp_path, s3_proxy,
     s3.put_object(Bucket=bucket, Key="ckpt/model.pt", Body=os.urandom(12 * 1024 * 1024))
     s3_proxy.rate = 1024 * 1024
     job = make_job(tmp_path, s3_proxy.endpoint, checkpoint_uri=f"s3://{bucket}/ckpt")
-    asked = threading.Event()
-    timer = threading.Timer(1.0, asked.set)
-    timer.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(RestoreStopped, match="stopped on request"):
-            LiveSync(job, log=LOG).restore(asked)
-    finally:
-        timer.cancel()
-    took = time.monotonic() - start
+    took = raises_once_stopped(RestoreStopped, 1.0, LiveSync(job, log=LOG).restore)
     assert took < 3.0, f"the restore went on for {took:.1f} s"
     assert [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == []
