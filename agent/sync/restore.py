@@ -63,15 +63,16 @@ def restore_folder(
     errors: list[BaseException] = []
     lock = threading.Lock()
 
+    stopped = f"checkpoint restore from {prefix.uri} stopped on request"
+
     def fetch(item: tuple[str, Path, int]) -> None:
         uri, dest, size = item
-        stopped = RestoreStopped(f"checkpoint restore from {prefix.uri} stopped on request")
         if stop is not None and stop.is_set():
-            raise stopped
+            raise RestoreStopped(stopped)
         try:
             storage.get_file(uri, dest, expected_size=size, cancel=stop)
         except DownloadStopped:
-            raise stopped from None
+            raise RestoreStopped(stopped) from None
         except PermissionError as err:
             raise StorageError(
                 f"cannot write {dest} while restoring {uri}: permission denied; make "
