@@ -123,6 +123,7 @@ class OutageProxy:
     bytes went upstream (e.g. two parts into a multipart upload), and back up ``seconds`` later
     (``None``: stays down). ``sent`` counts upstream bytes. ``rate`` (bytes/s, None: as fast as
     it goes) caps what comes back from the server, all connections together: a slow S3.
+    ``peak`` is the most client connections that were open at once.
     """
 
     def __init__(self, upstream: str, port: int | None = None) -> None:
@@ -137,6 +138,8 @@ class OutageProxy:
         self._trigger: tuple[int, float | None] | None = None
         self.outages: list[float] = []
         self.rate: float | None = None
+        self.peak = 0
+        self._open = 0
         self._free_at = 0.0  # when the capped downstream path is free again
 
     def start(self) -> None:
@@ -193,6 +196,8 @@ class OutageProxy:
                     upstream.close()
                     return
                 self._conns.update((client, upstream))
+                self._open += 1
+                self.peak = max(self.peak, self._open)
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
@@ -215,6 +220,9 @@ class OutageProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            if counted:  # the client's side of the pair ended: one connection fewer open
+                with self._lock:
+                    self._open -= 1
 
     def _throttle(self, n: int) -> None:
         """Hold this connection until ``n`` bytes fit under ``rate``, shared by all connections."""

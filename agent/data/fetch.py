@@ -76,10 +76,10 @@ def run_in_process(
 ) -> None:
     """Fetch ``jobs``; raises the first error after stopping the rest.
 
-    Objects up to ``options.small_size`` go over one thread's multiplexed connections
-    (agent.storage.multiget) where the lean path reaches the bucket over plain HTTP, the others
-    meanwhile on ``options.threads`` threads; an object the multiplexed GETs could not deliver is
-    fetched again on the threads, under the retry policy.
+    Objects up to ``options.small_size`` go over one thread's ``options.small_connections``
+    multiplexed connections (agent.storage.multiget) where the lean path reaches the bucket over
+    plain HTTP, the others meanwhile on ``options.threads`` threads; an object the multiplexed GETs
+    could not deliver is fetched again on the threads, under the retry policy.
 
     ``storage`` is the job's storage for the jobs' scheme (the one that listed the channel); None
     makes one from ``options.endpoint_url``."""
@@ -122,7 +122,7 @@ def run_in_process(
             lean,
             ((job.uri, job.size, job) for job in small),
             deliver,
-            connections=options.threads,
+            connections=options.small_connections,
             options=fetcher.read_options,
             cancel=cancel,
             tick=progress,

@@ -30,9 +30,11 @@ class StageOptions:
     read_size: int = 1024**2
     # no CRC32/SHA from S3: bodies up to this size are checked by the MD5 of a plain ETag
     md5_max_size: int = 1024**3
-    # objects up to this size are fetched on one thread over ``threads`` multiplexed connections
-    # (agent.storage.multiget; plain-HTTP endpoints, lean GETs); 0: every object on the threads
+    # objects up to this size are fetched on one thread over ``small_connections`` multiplexed
+    # connections (agent.storage.multiget; plain-HTTP endpoints, lean GETs); 0: every object on
+    # the threads
     small_size: int = 1024**2
+    small_connections: int = 64
     large_size: int = 16 * 1024**2  # objects this big or bigger ...
     large_streams: int = 4  # ... are fetched at most this many at a time per process
     # processes=0: a worker process per this many objects (up to one per core)
@@ -58,6 +60,7 @@ class StageOptions:
             read_size=settings.data.data_read_size,
             md5_max_size=settings.data.data_md5_max_size,
             small_size=settings.data.data_small_size,
+            small_connections=settings.data.data_small_connections,
             large_size=settings.data.data_large_size,
             large_streams=settings.data.data_large_streams,
             objects_per_process=settings.data.data_objects_per_process,

@@ -389,3 +389,24 @@ def test_a_stop_request_ends_the_wait_for_a_listing(tmp_path, dummy_creds):
     while listing.running() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not listing.running()
+
+
+@pytest.mark.parametrize("connections", [3, 24])
+def test_the_small_objects_go_over_data_small_connections(
+    s3_proxy, bucket, s3, tmp_path, connections
+) -> None:
+    """The one thread that fetches the small objects keeps up to data_small_connections connections
+    open at once (64 by default; it was data_threads, 16, before 64 measured faster): the server
+    never sees more at a time, besides the listing's, and sees that many when the objects are
+    plenty."""
+    objects = random_objects("many/", 120, 4 * 1024, nested=False)
+    upload(s3, bucket, objects)
+    job = make_job(
+        tmp_path,
+        [Channel("t", f"s3://{bucket}/many/")],
+        endpoint=s3_proxy.endpoint,
+        data_small_connections=connections,
+    )
+    prepare_channels(job, log=LOG)
+    assert len(tree(tmp_path / "input/data/t")) == len(objects)
+    assert connections <= s3_proxy.peak <= connections + 1
