@@ -439,7 +439,7 @@ class _Lifecycle:
             return
         try:
             restored = self._live_sync().restore(self.stop.event)
-        except StoppedOnRequest:  # RestoreStopped: no new file starts once a signal came
+        except StoppedOnRequest:  # RestoreStopped: a signal ends the files under way, starts none
             raise _Stopped("checkpoint restore") from None
         if restored:
             self.log.info("restored %d checkpoint file(s) from %s", restored, redact(uri))

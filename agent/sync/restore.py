@@ -21,7 +21,8 @@ __all__ = ["RestoreStopped", "restore_folder"]
 
 class RestoreStopped(StoppedOnRequest):
     """The restore ended early because a stop was asked for (a signal to the agent): no new file
-    was started; the files restored stay, a rerun fetches the rest."""
+    was started and those under way ended without a partial file; the files restored stay, a rerun
+    fetches the rest."""
 
 
 def restore_folder(
